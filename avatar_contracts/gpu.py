@@ -1,0 +1,187 @@
+"""Wire models of the GPU service (speech, health; video and lip-sync join them later).
+
+Only pydantic lives here: no torch, no engine code, so the runtime can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTRACT_VERSION = "1.0"
+"""Bumped on any incompatible change of the models below."""
+
+DeviceName = Literal["cpu", "cuda", "mps"]
+
+
+class PhonemeTiming(BaseModel):
+    """One phoneme of the synthesized speech and where it lies in the audio.
+
+    ``phoneme`` is IPA; ``" "`` marks a word boundary and ``"_"`` a pause (sentence start or
+    end, punctuation). Stress and length marks are folded into the phoneme they modify.
+    """
+
+    phoneme: str
+    start_s: float = Field(ge=0)
+    end_s: float = Field(ge=0)
+
+
+class TTSRequest(BaseModel):
+    """Body of ``POST /tts/generate`` and ``POST /tts/stream``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="Text to speak; not empty, at most the service's max_text_chars.")
+    language: str = Field(default="en", description="Language code, e.g. en, de, fr.")
+    engine: Optional[str] = Field(default=None, description="Speech engine; the service default when absent.")
+    voice: Optional[str] = Field(default=None, description="Voice of the engine; its default when absent.")
+    speaker_wav: Optional[str] = Field(
+        default=None, description="Base64 audio clip (WAV/FLAC/OGG) to clone, for engines that clone voices."
+    )
+    speed: Optional[float] = Field(default=None, ge=0.5, le=2.0, description="Speaking rate, 1.0 is normal.")
+
+
+class TTSResponse(BaseModel):
+    """Result of ``POST /tts/generate`` as JSON; the audio itself is behind ``audio_url``."""
+
+    success: bool = True
+    audio_url: str
+    duration_s: float
+    sample_rate: int
+    generation_time_ms: float
+    engine: str
+    voice: str
+    language: str
+    device: DeviceName
+    phonemes: list[PhonemeTiming] = Field(default_factory=list)
+
+
+class Capabilities(BaseModel):
+    """Accelerators present on the GPU service's machine."""
+
+    cuda: bool
+    mps: bool
+
+
+class ModelsStatus(BaseModel):
+    """Whether each capability has a loaded, warmed engine."""
+
+    tts: bool
+    video: bool
+    lipsync: bool
+
+
+class EngineInfo(BaseModel):
+    """Per-engine status reported by ``/health``."""
+
+    name: str
+    capability: Literal["tts", "video", "lipsync"]
+    available: bool
+    loaded: bool
+    reason: Optional[str] = None
+    voices: list[str] = Field(default_factory=list)
+    languages: list[str] = Field(default_factory=list)
+    slots: int = 0
+    busy: int = 0
+    queued: int = 0
+
+
+class HealthResponse(BaseModel):
+    """Body of ``GET /health``."""
+
+    status: Literal["healthy", "loading", "unhealthy"]
+    device: DeviceName
+    capabilities: Capabilities
+    models: ModelsStatus
+    active_workers: int
+    available_slots: int
+    contract_version: str = CONTRACT_VERSION
+    engines: list[EngineInfo] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error answer of the GPU service and the runtime."""
+
+    error: str
+    error_type: str
+    request_id: str
+
+
+# -- talking head -----------------------------------------------------------------------------
+
+EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised", "fearful", "disgusted")
+
+
+class AvatarInfo(BaseModel):
+    """An encoded avatar (preset or uploaded)."""
+
+    avatar_id: str
+    face_box: list[int] = Field(description="x, y, width, height of the face in the image, in pixels")
+    image_size: list[int] = Field(description="width, height of the portrait")
+    preset: bool = False
+    encode_time_ms: float = 0.0
+    cached: bool = False
+
+
+class VideoRequest(BaseModel):
+    """Body of ``POST /video/generate``: exactly one of avatar_id/avatar_image, one of audio/audio_url."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    avatar_id: Optional[str] = None
+    avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
+    audio: Optional[str] = Field(default=None, description="Base64 audio (WAV/FLAC/OGG/MP3).")
+    audio_url: Optional[str] = Field(default=None, description="An audio_url returned by this service's /tts.")
+    phonemes: Optional[list[PhonemeTiming]] = None
+    text: Optional[str] = Field(default=None, description="The spoken text, used by emotion='auto'.")
+    emotion: str = "neutral"
+    fps: int = Field(default=25, ge=5, le=60)
+    include_audio: bool = True
+    head_motion: bool = True
+    seed: int = 0
+    response: Literal["mp4", "json"] = Field(
+        default="mp4", description="mp4: the video bytes; json: a VideoResponse with video_url."
+    )
+
+
+class VideoResponse(BaseModel):
+    """JSON answer of ``POST /video/generate`` when ``response='json'`` (or Accept: application/json)."""
+
+    success: bool = True
+    video_url: str
+    duration_s: float
+    fps: int
+    frames: int
+    width: int
+    height: int
+    avatar_id: Optional[str] = None
+    device: DeviceName
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+# -- lip-sync ---------------------------------------------------------------------------------
+
+LENGTH_POLICIES = ("trim", "loop", "pingpong")
+
+
+class LipSyncResponse(BaseModel):
+    """JSON answer of ``POST /lipsync/generate`` when ``response=json`` (or Accept: application/json).
+
+    The request itself is multipart (a video upload does not fit JSON): ``video``, then ``audio``
+    or ``audio_url``, optional ``phonemes`` (JSON list of PhonemeTiming), ``fps``, ``length_policy``.
+    """
+
+    success: bool = True
+    video_url: str
+    duration_s: float
+    fps: float
+    frames: int
+    frames_without_face: int = Field(description="Frames passed through unchanged: no face (or one too small) found.")
+    source_frames: int
+    width: int
+    height: int
+    length_policy: Literal["trim", "loop", "pingpong"]
+    engine: str
+    device: DeviceName
+    timings_ms: dict[str, float] = Field(default_factory=dict)

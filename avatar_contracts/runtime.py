@@ -1,0 +1,76 @@
+"""Wire models of the runtime's public API (``/api/v1``): text in, a talking-avatar MP4 out.
+
+Pure pydantic, like the GPU service's contracts, so clients and the evaluator can import them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RUNTIME_API_VERSION = "v1"
+"""Path version of the public API; bumped on an incompatible change."""
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class GenerateRequest(BaseModel):
+    """Body of ``POST /api/v1/generate``: exactly one of avatar_id / avatar_image.
+
+    Unknown fields are rejected (422 naming the field) rather than ignored, so a typo such as
+    ``avatar`` for ``avatar_id`` is caught at the boundary instead of silently using a default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="Text to speak; not empty, at most the runtime's MAX_TEXT_CHARS.")
+    language: str = Field(default="en", min_length=2, max_length=16, description="Language code, e.g. en.")
+    avatar_id: Optional[str] = Field(default=None, max_length=128, description="A preset or uploaded avatar.")
+    avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
+    voice: Optional[str] = Field(default=None, max_length=128, description="Voice of the speech engine.")
+    engine: Optional[str] = Field(default=None, max_length=64, description="Speech engine (piper, xtts).")
+    speaker_wav: Optional[str] = Field(default=None, description="Base64 voice clip to clone (xtts).")
+    emotion: Optional[str] = Field(default=None, max_length=32, description="Facial emotion; neutral if absent.")
+    webhook_url: Optional[str] = Field(default=None, max_length=2048, description="Notified on success/failure.")
+
+
+class JobAccepted(BaseModel):
+    """202 answer of an asynchronous submit."""
+
+    task_id: str
+    status: JobStatus
+    status_url: str
+
+
+class JobResult(BaseModel):
+    """A job's state as ``GET /api/v1/jobs/{task_id}`` reports it (and the 200 of a sync submit)."""
+
+    task_id: str
+    status: JobStatus
+    progress: float = Field(default=0.0, ge=0, le=1, description="Share of text chunks finished.")
+    chunks_done: int = 0
+    chunks_total: int = 0
+    detail: Optional[str] = Field(default=None, description="What a running job is doing or waiting for.")
+    reason: Optional[str] = Field(default=None, description="Why a failed job failed.")
+    error_type: Optional[str] = None
+    attempts: int = 0
+    created_at: float
+    updated_at: float
+    video_url: Optional[str] = None
+    captions_url: Optional[str] = None
+    thumbnail_url: Optional[str] = None
+    timing_url: Optional[str] = Field(
+        default=None,
+        description="Phoneme and word timings in seconds of the final video (JSON); absent from older runtimes.",
+    )
+    duration_s: Optional[float] = None
+    timings: dict[str, float] = Field(default_factory=dict, description="Milliseconds per stage.")
+
+
+class WebhookEvent(BaseModel):
+    """Body POSTed to a job's webhook_url; signed with HMAC-SHA256 (header X-Avatar-Signature)."""
+
+    event: Literal["job.succeeded", "job.failed"]
+    timestamp: int
+    job: JobResult
