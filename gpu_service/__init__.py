@@ -1,0 +1,1 @@
+"""The GPU service: speech, talking-head video and lip-sync engines behind one HTTP API."""

@@ -1,0 +1,28 @@
+"""`python -m gpu_service`: serve on HOST:PORT from the settings."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from gpu_service.errors import ConfigurationError
+from gpu_service.settings import get_settings
+
+
+def main() -> int:
+    """Start uvicorn with the app; a misconfiguration exits 2 with the message."""
+    settings = get_settings()
+    try:
+        from gpu_service.app import create_app
+
+        app = create_app(settings)
+    except ConfigurationError as exc:
+        print(f"gpu_service: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

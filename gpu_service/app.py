@@ -1,0 +1,105 @@
+"""The GPU service's FastAPI application: lifespan loads engines, routers stay thin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from avatar_contracts.errors import error_response, guarded_call
+from avatar_contracts.logs import setup_logging
+from gpu_service.artifacts import ArtifactStore
+from gpu_service.device import resolve_device
+from gpu_service.engines.manager import EngineManager
+from gpu_service.errors import PayloadTooLarge, ServiceError
+from gpu_service.settings import Settings, get_settings
+
+log = logging.getLogger("gpu_service")
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    """One readable line per problem, naming the field."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        if err.get("type") == "json_invalid":
+            parts.append(f"body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
+        elif err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {loc!r}")
+        else:
+            parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(settings: Optional[Settings] = None) -> FastAPI:
+    """Build the app; engines load in the lifespan, so /ready is 503 until they are warm."""
+    settings = settings or get_settings()
+    setup_logging(settings.log_level)
+    device = resolve_device(settings.device)  # an impossible DEVICE fails here, before serving
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        log.info("starting", extra={"device": device.name, "detail": device.detail, "port": settings.port})
+        manager = app.state.manager
+        loader = asyncio.create_task(asyncio.to_thread(manager.load_all))
+        pruner = asyncio.create_task(_prune_forever(app.state.artifacts))
+        try:
+            yield
+        finally:
+            pruner.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(loader, timeout=0.1)
+
+    app = FastAPI(title="Avatar GPU service", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.device = device
+    app.state.manager = EngineManager(settings, device.name)
+    app.state.artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes, settings.artifact_ttl_s)
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid
+        length = request.headers.get("content-length")
+        limit = settings.max_request_bytes
+        if request.url.path.startswith("/lipsync/"):  # video uploads: each part is also limited while it streams
+            limit = max(limit, settings.lipsync_max_request_bytes)
+        if length and length.isdigit() and int(length) > limit:
+            exc = PayloadTooLarge(f"request body is {int(length)} bytes; the limit is {limit}")
+            return error_response(request, exc.status_code, exc.error_type, exc.message)
+        return await guarded_call(request, call_next, log)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        if exc.status_code >= 500:
+            log.error("request failed", extra={"error_type": exc.error_type, "why": exc.message})
+        return error_response(request, exc.status_code, exc.error_type, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(request, 422, "validation_error", _describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(request, exc.status_code, "http_error", str(exc.detail))
+
+    from gpu_service.routers import health, lipsync, tts, video
+
+    app.include_router(health.router)
+    app.include_router(tts.router)
+    app.include_router(video.router)
+    app.include_router(lipsync.router)
+    return app
+
+
+async def _prune_forever(store: ArtifactStore, every_s: float = 60.0) -> None:
+    """Expire old artifacts even when nothing new is written."""
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(store.prune)

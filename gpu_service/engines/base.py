@@ -1,0 +1,130 @@
+"""Engine protocols, one per capability. Engines never read HTTP; routers never import torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Phone:
+    """A phoneme and its span in the audio, in seconds."""
+
+    phoneme: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class SpeechRequest:
+    """What a speech engine needs, already validated by the service."""
+
+    text: str
+    language: str = "en"
+    voice: Optional[str] = None
+    speed: float = 1.0
+    speaker_audio: Optional[np.ndarray] = None
+    """Mono float32 clip to clone, at `speaker_sample_rate`."""
+    speaker_sample_rate: Optional[int] = None
+
+
+@dataclass
+class SpeechResult:
+    """Mono float32 audio in [-1, 1], with phoneme timings where the engine knows them."""
+
+    audio: np.ndarray
+    sample_rate: int
+    voice: str
+    phonemes: list[Phone] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        """Length of the audio in seconds."""
+        return len(self.audio) / float(self.sample_rate)
+
+
+@dataclass
+class SpeechChunk:
+    """A piece of streamed speech; phoneme times are relative to the start of the whole stream."""
+
+    audio: np.ndarray
+    sample_rate: int
+    phonemes: list[Phone] = field(default_factory=list)
+
+
+@runtime_checkable
+class SpeechEngine(Protocol):
+    """Text in, speech out."""
+
+    name: str
+
+    def load(self, device: str) -> None:
+        """Load weights onto `device`; raise EngineUnavailable when they are missing."""
+
+    def warmup(self) -> None:
+        """Run one real inference so the first request is not slow."""
+
+    def health(self) -> dict:
+        """Report `available`, `loaded`, `reason`, `voices`, `languages`."""
+
+    def validate(self, request: SpeechRequest) -> None:
+        """Raise ValidationFailed naming the valid choices if voice or language is unknown."""
+
+    def synthesize(self, request: SpeechRequest) -> SpeechResult:
+        """Synthesize the whole text."""
+
+    def stream(self, request: SpeechRequest) -> Iterator[SpeechChunk]:
+        """Yield audio as it is made, sentence by sentence or finer."""
+
+
+# -- lip-sync ----------------------------------------------------------------------------------
+@dataclass
+class LipSyncJob:
+    """A validated lip-sync request: a probed source video (a temp file) and the new speech."""
+
+    video: object
+    """A gpu_service.lipsync.stream_io.VideoSource: path, probed facts, decode fps and size."""
+    audio: np.ndarray
+    sample_rate: int
+    length_policy: str = "pingpong"
+    """trim | loop | pingpong: what to do with the video when the audio is longer."""
+    phonemes: Optional[list] = None
+    """(phoneme, start_s, end_s) timings of the new speech, when known."""
+
+
+@dataclass
+class LipSyncResult:
+    """The re-voiced MP4 and the facts that describe it."""
+
+    mp4: bytes
+    frames: int
+    frames_without_face: int
+    fps: float
+    width: int
+    height: int
+    duration_s: float
+    source_frames: int
+    length_policy: str
+    engine: str
+    timings_ms: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class LipSyncEngine(Protocol):
+    """A video and new speech in, the video re-voiced out (landmark warp now, a neural engine later)."""
+
+    name: str
+
+    def load(self, device: str) -> None:
+        """Load models onto `device`; raise EngineUnavailable when they are missing."""
+
+    def warmup(self) -> None:
+        """Run one real inference so the first request is not slow."""
+
+    def health(self) -> dict:
+        """Report `available` and `loaded`."""
+
+    def lipsync(self, job: LipSyncJob) -> LipSyncResult:
+        """Re-voice the whole video (blocking; runs on an engine slot's worker thread)."""

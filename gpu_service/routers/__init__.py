@@ -1,0 +1,1 @@
+"""HTTP routers: decode, call a service, encode. No engine code here."""

@@ -1,0 +1,86 @@
+"""Speech orchestration between the router and the engines: validation, slots, artifacts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from avatar_contracts import PhonemeTiming, TTSRequest
+from gpu_service.audio import decode_audio, decode_base64, pcm16, wav_bytes, wav_stream_header
+from gpu_service.engines.base import SpeechRequest, SpeechResult
+from gpu_service.engines.manager import EngineEntry, EngineManager
+from gpu_service.errors import ValidationFailed
+from gpu_service.settings import Settings
+
+
+@dataclass
+class SpeechOutcome:
+    """A finished synthesis and the facts the response reports."""
+
+    result: SpeechResult
+    engine: str
+    language: str
+    generation_time_ms: float
+
+    def phoneme_timings(self) -> list[PhonemeTiming]:
+        """Phonemes in the contract's shape."""
+        return [PhonemeTiming(phoneme=p.phoneme, start_s=round(p.start_s, 4), end_s=round(p.end_s, 4)) for p in self.result.phonemes]
+
+    def wav(self) -> bytes:
+        """The audio as a WAV file."""
+        return wav_bytes(self.result.audio, self.result.sample_rate)
+
+
+class SpeechService:
+    """Turns a validated TTSRequest into audio on the right engine."""
+
+    def __init__(self, manager: EngineManager, settings: Settings) -> None:
+        self.manager = manager
+        self.settings = settings
+
+    def prepare(self, body: TTSRequest) -> tuple[EngineEntry, SpeechRequest]:
+        """Check the request against limits and the engine; decode any speaker clip."""
+        text = body.text.strip()
+        if not text:
+            raise ValidationFailed("text is empty; send the words to speak")
+        if len(body.text) > self.settings.max_text_chars:
+            raise ValidationFailed(
+                f"text is {len(body.text)} characters; the maximum is {self.settings.max_text_chars} "
+                "(split it, or raise MAX_TEXT_CHARS)"
+            )
+        entry = self.manager.get("tts", body.engine)
+        speaker_audio = speaker_rate = None
+        if body.speaker_wav is not None:
+            raw = decode_base64(body.speaker_wav, "speaker_wav")
+            speaker_audio, speaker_rate = decode_audio(
+                raw, "speaker_wav", self.settings.speaker_wav_min_s, self.settings.speaker_wav_max_s
+            )
+        request = SpeechRequest(
+            text=text,
+            language=body.language,
+            voice=body.voice,
+            speed=body.speed or 1.0,
+            speaker_audio=speaker_audio,
+            speaker_sample_rate=speaker_rate,
+        )
+        entry.engine.validate(request)
+        return entry, request
+
+    async def synthesize(self, body: TTSRequest) -> SpeechOutcome:
+        """Whole-text synthesis on an engine slot."""
+        entry, request = self.prepare(body)
+        started = time.perf_counter()
+        result = await entry.slots.run(entry.engine.synthesize, request)
+        elapsed = (time.perf_counter() - started) * 1000
+        return SpeechOutcome(result=result, engine=entry.name, language=request.language, generation_time_ms=elapsed)
+
+    async def stream_wav(self, entry: EngineEntry, request: SpeechRequest) -> AsyncIterator[bytes]:
+        """A streaming WAV: the header with the first chunk, then 16-bit PCM as the engine makes it."""
+        first = True
+        async for chunk in entry.slots.stream(lambda: entry.engine.stream(request)):
+            if first:
+                yield wav_stream_header(chunk.sample_rate) + pcm16(chunk.audio)
+                first = False
+            else:
+                yield pcm16(chunk.audio)

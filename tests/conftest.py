@@ -1,0 +1,48 @@
+"""Fixtures shared by every test tier. Engines are real; nothing here mocks a model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import AsyncIterator
+
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="session")
+def piper_engine():
+    """The real Piper engine with the bundled voice, loaded once for the session."""
+    from gpu_service.engines.tts_piper import PiperEngine
+
+    engine = PiperEngine()
+    engine.load("cpu")
+    return engine
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The GPU service app in process (lifespan run), ready, behind an httpx client."""
+    from gpu_service.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gpu.test", timeout=120) as client:
+            for _ in range(1200):  # bounded: 120 s
+                if (await client.get("/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise TimeoutError("app never became ready: " + (await client.get("/health")).text)
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+@pytest.fixture
+def gpu_settings(tmp_path: Path):
+    """Settings for an in-process GPU service with only Piper and a private data dir."""
+    from gpu_service.settings import Settings
+
+    return Settings(tts_engines=["piper"], data_dir=tmp_path / "data", preset_avatars_dir=tmp_path / "presets")

@@ -1,0 +1,172 @@
+"""Tier 2: the GPU service app in process (ASGI transport), with the real Piper engine."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import running_app
+
+
+def run(coro):
+    """Run one async scenario to completion."""
+    return asyncio.run(coro)
+
+
+def test_health_ready_and_speech_roundtrip(gpu_settings):
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            health = (await client.get("/health")).json()
+            assert health["status"] == "healthy" and health["device"] == "cpu"
+            assert health["capabilities"] == {"cuda": False, "mps": False}
+            assert health["models"]["tts"] is True
+            assert health["available_slots"] >= 1 and health["active_workers"] == 0
+            piper = next(e for e in health["engines"] if e["name"] == "piper")
+            assert piper["voices"] == ["en_US-joe-medium"] and piper["languages"] == ["en"]
+
+            resp = await client.post("/tts/generate", json={"text": "Good morning, my friend."})
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            assert body["success"] and body["engine"] == "piper" and body["voice"] == "en_US-joe-medium"
+            assert body["sample_rate"] == 22050 and body["device"] == "cpu"
+            assert body["audio_url"].startswith("http://gpu.test/artifacts/") and not body["audio_url"].startswith("/")
+            assert body["phonemes"][-1]["end_s"] == pytest.approx(body["duration_s"], abs=0.02)
+            wav = await client.get(body["audio_url"])
+            assert wav.status_code == 200 and wav.headers["content-type"] == "audio/wav"
+            audio, rate = sf.read(io.BytesIO(wav.content))
+            assert rate == 22050 and len(audio) / rate == pytest.approx(body["duration_s"], abs=0.01)
+
+            direct = await client.post(
+                "/tts/generate", json={"text": "Good morning, my friend."}, headers={"Accept": "audio/wav"}
+            )
+            assert direct.status_code == 200 and direct.content[:4] == b"RIFF"
+            assert float(direct.headers["X-Duration-S"]) == pytest.approx(body["duration_s"], rel=0.2)  # Piper samples durations
+
+    run(scenario())
+
+
+def _b64_wav(seconds: float, amp: float = 0.3) -> str:
+    t = np.arange(int(seconds * 16000)) / 16000
+    buf = io.BytesIO()
+    sf.write(buf, (amp * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000, format="WAV")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+BAD_REQUESTS = [
+    ({"text": ""}, 422, "text is empty"),
+    ({"text": "   \n\t "}, 422, "text is empty"),
+    ({"text": "a" * 5001}, 422, "maximum is 5000"),
+    ({"text": "hi", "engine": "nope"}, 422, "valid engines"),
+    ({"text": "hi", "voice": "nobody"}, 422, "valid voices"),
+    ({"text": "hi", "language": "xx"}, 422, "languages of engine"),
+    ({"text": "hi", "engine": "xtts"}, 422, "xtts"),
+    ({"text": "hi", "speaker_wav": "%%%"}, 422, "speaker_wav is not valid base64"),
+    ({"text": "hi", "speaker_wav": base64.b64encode(b"plain text, no audio").decode()}, 422, "not a readable audio"),
+    ({"text": "hi", "speaker_wav": _b64_wav(0.2)}, 422, "at least 1 s"),
+    ({"text": "hi", "speaker_wav": _b64_wav(40)}, 422, "at most 30 s"),
+    ({"text": "hi", "speed": 9}, 422, "speed"),
+    ({"text": "hi", "colour": "red"}, 422, "unknown field 'colour'"),
+    ({"language": "en"}, 422, "text"),
+]
+
+
+def test_bad_requests_get_named_4xx_and_service_stays_healthy(gpu_settings, tmp_path):
+    gpu_settings.tts_engines = ["piper", "xtts"]
+    gpu_settings.avatar_model_dir = tmp_path / "no-models"
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            for body, status, needle in BAD_REQUESTS:
+                resp = await client.post("/tts/generate", json=body)
+                assert resp.status_code == status, (body, resp.text)
+                err = resp.json()
+                assert needle in err["error"], (body, err)
+                assert err["error_type"] and len(err["request_id"]) >= 16
+                assert resp.headers["X-Request-ID"] == err["request_id"]
+                assert "Traceback" not in resp.text
+                assert (await client.get("/health")).json()["status"] == "healthy"
+            assert (await client.post("/tts/generate", json={"text": "Still speaking."})).status_code == 200
+
+    run(scenario())
+
+
+def test_transport_errors_and_unavailable_engine(gpu_settings, tmp_path):
+    gpu_settings.tts_engines = ["piper", "xtts"]
+    gpu_settings.avatar_model_dir = tmp_path / "no-models"
+    gpu_settings.max_request_bytes = 4096
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            resp = await client.post("/tts/generate", content=b'{"text": "hi"', headers={"content-type": "application/json"})
+            assert resp.status_code == 422 and "not valid JSON" in resp.json()["error"]
+            resp = await client.post("/tts/generate", content=b"text=hi", headers={"content-type": "text/plain"})
+            assert resp.status_code == 415 and "application/json" in resp.json()["error"]
+            resp = await client.post("/tts/generate", json={"text": "word " * 2000})
+            assert resp.status_code == 413 and "limit is 4096" in resp.json()["error"]
+            health = (await client.get("/health")).json()
+            xtts = next(e for e in health["engines"] if e["name"] == "xtts")
+            assert xtts["available"] is False and "xtts" in xtts["reason"].lower()
+            resp = await client.post("/tts/generate", json={"text": "hi", "engine": "xtts"})
+            assert resp.status_code == 422 and resp.json()["error_type"] == "engine_unavailable"
+            assert (await client.get("/artifacts/0123456789abcdef0123456789abcdef.wav")).status_code == 404
+            assert (await client.get("/ready")).status_code == 200
+
+    run(scenario())
+
+
+def test_stream_is_one_valid_wav_of_the_whole_text(gpu_settings):
+    # httpx's ASGI transport buffers bodies, so the timing of first bytes is checked in the process tier.
+    text = " ".join(["Streaming speech arrives sentence by sentence, so a listener hears it early."] * 6)
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            resp = await client.post("/tts/stream", json={"text": text})
+            assert resp.status_code == 200 and resp.headers["content-type"] == "audio/wav"
+            data = resp.content
+            assert data[:4] == b"RIFF" and data[36:40] == b"data"
+            pcm = np.frombuffer(data[44:], dtype="<i2").astype(np.float32) / 32767
+            assert len(pcm) / 22050 > 20 and np.sqrt(np.mean(pcm**2)) > 0.02
+            bad = await client.post("/tts/stream", json={"text": " "})
+            assert bad.status_code == 422 and "text is empty" in bad.json()["error"]
+
+    run(scenario())
+
+
+def test_overload_gives_429_with_retry_after(gpu_settings):
+    gpu_settings.engine_slots = 1
+    gpu_settings.engine_queue = 0
+    text = "This request keeps the only slot busy for a little while, long enough for others to arrive."
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            results = await asyncio.gather(*[client.post("/tts/generate", json={"text": text}) for _ in range(3)])
+            codes = sorted(r.status_code for r in results)
+            assert codes[0] == 200 and 429 in codes, codes
+            refused = next(r for r in results if r.status_code == 429)
+            assert refused.headers["Retry-After"] == "1" and refused.json()["error_type"] == "overloaded"
+            assert (await client.post("/tts/generate", json={"text": "still fine"})).status_code == 200
+
+    run(scenario())
+
+
+def test_unexpected_failure_is_a_500_with_request_id_and_no_trace(gpu_settings):
+    import shutil
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            # a real fault: the artifact folder vanishes under the running service (disk wiped)
+            shutil.rmtree(gpu_settings.artifacts_dir)
+            resp = await client.post("/tts/generate", json={"text": "Where did my disk go?"})
+            assert resp.status_code == 500
+            body = resp.json()
+            assert body["error_type"] == "internal_error" and body["request_id"] in body["error"]
+            assert "Traceback" not in resp.text and "FileNotFoundError" not in resp.text
+            assert (await client.get("/health")).json()["status"] == "healthy"
+            ok = await client.post("/tts/generate", json={"text": "Still here."}, headers={"Accept": "audio/wav"})
+            assert ok.status_code == 200
+
+    run(scenario())

@@ -1,0 +1,69 @@
+"""Tier 3: the real `run_gpu_service.sh` process on a free port, polled until /ready."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import REPO, free_port, service_process
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gpu_url(tmp_path_factory):
+    """A real GPU service process (Piper only) for this module."""
+    tmp = tmp_path_factory.mktemp("gpu")
+    port = free_port()
+    env = {"PORT": str(port), "DATA_DIR": str(tmp / "data"), "TTS_ENGINES": "piper", "PRESET_AVATARS_DIR": str(tmp / "presets")}
+    url = f"http://127.0.0.1:{port}"
+    with service_process([str(REPO / "run_gpu_service.sh")], env, f"{url}/ready", tmp / "gpu.log"):
+        yield url
+
+
+def test_process_serves_speech_and_artifacts(gpu_url):
+    health = httpx.get(f"{gpu_url}/health").json()
+    assert health["status"] == "healthy" and health["models"]["tts"] is True
+    resp = httpx.post(f"{gpu_url}/tts/generate", json={"text": "The service is running as a real process."}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["audio_url"].startswith(gpu_url + "/artifacts/")
+    wav = httpx.get(body["audio_url"])
+    assert wav.status_code == 200 and wav.content[:4] == b"RIFF"
+    bad = httpx.post(f"{gpu_url}/tts/generate", content=b"{", headers={"content-type": "application/json"})
+    assert bad.status_code == 422 and bad.json()["request_id"]
+
+
+def test_stream_first_audio_arrives_long_before_the_end(gpu_url):
+    text = " ".join(["Streaming speech arrives sentence by sentence, so a listener hears it early."] * 8)
+    started = time.perf_counter()
+    first_at = None
+    received = 0
+    with httpx.stream("POST", f"{gpu_url}/tts/stream", json={"text": text}, timeout=120) as resp:
+        assert resp.status_code == 200
+        for piece in resp.iter_bytes():
+            received += len(piece)
+            if first_at is None and received > 44:
+                first_at = time.perf_counter() - started
+    total = time.perf_counter() - started
+    assert (received - 44) / 2 / 22050 > 25
+    assert first_at is not None and first_at < total / 4, f"first audio at {first_at:.3f}s of {total:.3f}s"
+
+
+def test_impossible_cuda_device_fails_at_start_with_a_clear_message(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = {"PORT": str(free_port()), "DEVICE": "cuda", "DATA_DIR": str(tmp_path)}
+    import os
+
+    proc = subprocess.run(
+        [str(REPO / "run_gpu_service.sh")], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "DEVICE=cuda was requested but no CUDA device" in proc.stderr
+    assert "Traceback" not in proc.stderr

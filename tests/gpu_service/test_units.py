@@ -1,0 +1,183 @@
+"""Tier 1: units of the GPU service (real Piper, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from gpu_service.artifacts import ArtifactStore
+from gpu_service.audio import decode_audio, decode_base64
+from gpu_service.device import resolve_device
+from gpu_service.engines.base import SpeechRequest
+from gpu_service.engines.tts_piper import fold_alignments
+from gpu_service.errors import BadMedia, ConfigurationError, NotFound, Overloaded, ValidationFailed
+from gpu_service.scheduler import EngineSlots
+from gpu_service.settings import Settings
+
+
+def test_fold_alignments_merges_marks_and_pauses():
+    pairs = [("^", 100), ("h", 100), ("ˈ", 50), ("a", 100), ("ː", 50), (" ", 100), ("b", 100), (".", 100), ("$", 100)]
+    phones = fold_alignments(pairs, sample_rate=1000)
+    assert [p.phoneme for p in phones] == ["_", "h", "aː", " ", "b", "_"]
+    aa = phones[2]
+    assert (aa.start_s, aa.end_s) == (0.2, 0.4)  # stress folded forward, length mark backward
+    assert phones[-1].start_s == 0.6 and phones[-1].end_s == 0.8  # "." and "$" merged into one pause
+    assert all(a.end_s == b.start_s for a, b in zip(phones, phones[1:]))
+
+
+def test_device_auto_is_cpu_here_and_forced_cuda_fails_clearly():
+    assert resolve_device("auto").name in ("cpu", "cuda", "mps")
+    assert resolve_device("cpu").name == "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigurationError, match="DEVICE=cuda was requested"):
+            resolve_device("cuda")
+
+
+def test_settings_are_bounded_and_parse_csv(monkeypatch):
+    monkeypatch.setenv("TTS_ENGINES", "piper, xtts")
+    monkeypatch.setenv("PORT", "9001")
+    s = Settings()
+    assert s.tts_engines == ["piper", "xtts"] and s.port == 9001
+    monkeypatch.setenv("PORT", "0")
+    with pytest.raises(Exception, match="port"):
+        Settings()
+    monkeypatch.setenv("PORT", "8001")
+    monkeypatch.setenv("DEVICE", "tpu")
+    with pytest.raises(Exception, match="device"):
+        Settings()
+
+
+def test_artifacts_expire_and_respect_the_size_budget(tmp_path):
+    store = ArtifactStore(tmp_path, max_bytes=2500, ttl_s=3600)
+    ids = []
+    for i in range(3):
+        ids.append(store.put(bytes([i]) * 1000, "wav"))
+        past = time.time() - 10 + i  # distinct mtimes, oldest first
+        os.utime(tmp_path / ids[-1], (past, past))
+    store.prune()
+    with pytest.raises(NotFound):
+        store.read(ids[0])  # oldest removed to fit 2500 bytes
+    assert store.read(ids[2]) == bytes([2]) * 1000
+    store.ttl_s = 1
+    old = time.time() - 5
+    os.utime(tmp_path / ids[2], (old, old))
+    with pytest.raises(NotFound, match="expired"):
+        store.read(ids[2])
+    with pytest.raises(NotFound):
+        store.path("../../etc/passwd")
+
+
+def test_slots_queue_then_refuse_with_retry_after():
+    async def scenario():
+        slots = EngineSlots("t", slots=1, queue_size=1)
+        release = asyncio.Event()
+
+        async def hold():
+            async with slots.acquire():
+                await release.wait()
+
+        first = asyncio.create_task(hold())
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(hold())  # waits in the queue
+        await asyncio.sleep(0.01)
+        assert (slots.busy, slots.waiting) == (1, 1)
+        with pytest.raises(Overloaded) as info:
+            async with slots.acquire():
+                pass
+        assert info.value.headers["Retry-After"] == "1"
+        release.set()
+        await asyncio.gather(first, second)
+        assert (slots.busy, slots.waiting) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def _wav(seconds: float, rate: int = 16000, amp: float = 0.3) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (amp * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate, format="WAV")
+    return buf.getvalue()
+
+
+def test_decode_audio_bounds():
+    audio, rate = decode_audio(_wav(2.0), "clip", 1.0, 30.0)
+    assert rate == 16000 and abs(len(audio) / rate - 2.0) < 1e-3
+    with pytest.raises(BadMedia, match="at least 1 s"):
+        decode_audio(_wav(0.3), "clip", 1.0, 30.0)
+    with pytest.raises(BadMedia, match="at most 30 s"):
+        decode_audio(_wav(31), "clip", 1.0, 30.0)
+    with pytest.raises(BadMedia, match="silent"):
+        decode_audio(_wav(2.0, amp=0.0), "clip", 1.0, 30.0)
+    with pytest.raises(BadMedia, match="not a readable audio"):
+        decode_audio(b"GIF89a not audio at all", "clip", 1.0, 30.0)
+    with pytest.raises(BadMedia, match="not valid base64"):
+        decode_base64("@@@not-base64@@@", "clip")
+
+
+def _assert_speech_like(audio: np.ndarray, rate: int) -> None:
+    assert audio.dtype == np.float32 and np.isfinite(audio).all()
+    rms = np.sqrt(np.mean(audio**2))
+    assert rms > 0.02, f"audio too quiet to be speech (rms {rms:.4f})"
+    frames = audio[: len(audio) // 441 * 441].reshape(-1, 441)  # 20 ms at 22.05 kHz
+    energy = np.sqrt((frames**2).mean(axis=1))
+    voiced = energy > 0.1 * energy.max()
+    assert 0.3 < voiced.mean() < 0.98, "speech has both voiced stretches and quieter gaps"
+
+
+def test_piper_speaks_with_ordered_covering_phonemes(piper_engine):
+    short = piper_engine.synthesize(SpeechRequest(text="Hello there."))
+    long = piper_engine.synthesize(
+        SpeechRequest(text="My big puppy ate a bumblebee, and then we all went home for a long quiet nap.")
+    )
+    for result in (short, long):
+        _assert_speech_like(result.audio, result.sample_rate)
+        phones = result.phonemes
+        assert phones and phones[0].start_s == 0.0
+        assert all(p.end_s > p.start_s for p in phones)
+        assert all(abs(a.end_s - b.start_s) < 1e-6 for a, b in zip(phones, phones[1:])), "contiguous, ordered"
+        assert abs(phones[-1].end_s - result.duration_s) < 0.02, "timings cover the whole audio"
+    assert 0.5 < short.duration_s < 2.5
+    assert long.duration_s > 2.5 * short.duration_s
+    symbols = [p.phoneme for p in long.phonemes]
+    assert symbols.count("b") >= 3 and "m" in symbols and "p" in symbols
+
+
+def test_piper_speed_and_validation(piper_engine):
+    base = piper_engine.synthesize(SpeechRequest(text="One two three four five six."))
+    fast = piper_engine.synthesize(SpeechRequest(text="One two three four five six.", speed=1.6))
+    assert fast.duration_s < 0.8 * base.duration_s
+    with pytest.raises(ValidationFailed, match="valid voices"):
+        piper_engine.validate(SpeechRequest(text="hi", voice="nobody"))
+    with pytest.raises(ValidationFailed, match="languages of engine 'piper'"):
+        piper_engine.validate(SpeechRequest(text="hi", language="fr"))
+
+
+def test_piper_stream_matches_whole_synthesis(piper_engine):
+    text = "This first sentence is long enough, with a clause, to be cut early. The second one follows. A third!"
+    chunks = list(piper_engine.stream(SpeechRequest(text=text)))
+    assert len(chunks) >= 3
+    total = sum(len(c.audio) for c in chunks) / chunks[0].sample_rate
+    whole = piper_engine.synthesize(SpeechRequest(text=text)).duration_s
+    assert abs(total - whole) / whole < 0.25
+    starts = [c.phonemes[0].start_s for c in chunks if c.phonemes]
+    assert starts == sorted(starts), "streamed phoneme times are absolute and increasing"
+
+
+def test_every_setting_is_documented_and_numbers_are_bounded():
+    import annotated_types
+
+    for name, field in Settings.model_fields.items():
+        assert field.description and len(field.description) > 10, f"{name} has no docstring"
+        if field.annotation in (int, float):
+            kinds = {type(m) for m in field.metadata}
+            has_low = kinds & {annotated_types.Ge, annotated_types.Gt}
+            has_high = kinds & {annotated_types.Le, annotated_types.Lt}
+            assert has_low and has_high, f"{name} is a number without both bounds"
