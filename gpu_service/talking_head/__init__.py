@@ -1,0 +1,1 @@
+"""Talking head: one portrait and speech in, a talking face out."""

@@ -1,0 +1,521 @@
+"""Driving: speech (phoneme timings and/or audio) to per-frame face controls.
+
+Pure numpy/scipy and fast (a 60 s clip drives in a few milliseconds). The output is sampled at
+frame centres, t_i = (i + 0.5) / fps, so frame i shows what is heard in the middle of its span.
+
+Mouth from phonemes: every phoneme has a viseme (targets + dominances, see visemes.py). The mouth
+parameters at time t are the dominance-weighted average of the targets of all phonemes
+(Cohen-Massaro coarticulation), each dominance easing in before its phoneme and out after it.
+Two hard constraints are then applied as multiplicative gates: the lips are sealed at the centre
+of every m/b/p (the frame containing the centre reads exactly 0), and inside pauses the mouth
+relaxes to closed over ~100 ms. The opening and the seals run _LIP_LEAD_S ahead of the phoneme
+timings, as lips run ahead of the sound they shape.
+
+Mouth from audio alone: log-energy envelope in 30 ms windows centred on frame centres, noise
+gated and normalised by percentiles, accented at the syllable rate (2-8 Hz), given a fast
+attack/slow release run forwards and backwards (so opening anticipates and closing lingers, yet
+the shape stays symmetric: its correlation with the audio peaks at zero lag), then zero-phase
+smoothed. Rounding vs spreading comes from the balance of the F2 band (1.7-3 kHz) against the
+low band (300-1000 Hz) in voiced frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from scipy import fft as sp_fft
+from scipy import signal
+
+from gpu_service.errors import ValidationFailed
+from gpu_service.talking_head.controls import Controls
+from gpu_service.talking_head.visemes import PAUSE, WORD_BOUNDARY, table_arrays
+
+log = logging.getLogger(__name__)
+
+# emotion -> (smile, brow, eye_open, mouth dynamics scale)
+EMOTIONS: dict[str, tuple[float, float, float, float]] = {
+    "neutral": (0.0, 0.0, 0.0, 1.0),
+    "happy": (0.7, 0.15, 0.05, 1.05),
+    "sad": (-0.5, -0.25, -0.3, 0.8),
+    "angry": (-0.3, -0.8, -0.2, 1.1),
+    "surprised": (0.0, 0.9, 0.8, 1.15),
+    "fearful": (-0.3, 0.6, 0.6, 0.9),
+    "disgusted": (-0.45, -0.5, -0.4, 0.9),
+}
+VALID_EMOTIONS = tuple(EMOTIONS) + ("auto",)
+
+# Keyword lexicon for emotion="auto". A word scores 1 for its emotion; emoticons score 2.
+# Punctuation adds small cues: "?!" or "!?" -> surprised +1. Highest score wins; ties and no
+# evidence fall back to neutral. Deliberately small: it catches explicit wording, nothing subtle.
+_LEXICON: dict[str, tuple[str, ...]] = {
+    "happy": ("happy", "glad", "great", "wonderful", "love", "lovely", "delighted", "awesome", "fantastic",
+              "joy", "excited", "yay", "thanks", "thank", "congratulations", "enjoy", "smile", "fun", "cheerful"),
+    "sad": ("sad", "sorry", "unfortunately", "miss", "lost", "cry", "crying", "unhappy", "grief", "regret",
+            "lonely", "depressed", "heartbroken", "tragic", "alas"),
+    "angry": ("angry", "furious", "hate", "mad", "annoyed", "outrageous", "unacceptable", "stop", "damn",
+              "irritated", "rage", "enough"),
+    "surprised": ("wow", "whoa", "surprised", "surprise", "unbelievable", "incredible", "amazing", "really",
+                  "oh", "suddenly", "astonishing"),
+    "fearful": ("afraid", "scared", "fear", "terrified", "frightened", "worried", "nervous", "danger", "help",
+                "panic", "anxious"),
+    "disgusted": ("disgusting", "gross", "yuck", "eww", "ew", "revolting", "nasty", "disgusted", "sick"),
+}
+_EMOTICONS = {":)": "happy", ":-)": "happy", ":D": "happy", ":(": "sad", ":-(": "sad", ":o": "surprised"}
+_WORD = re.compile(r"[a-z']+")
+
+
+class UnknownEmotion(ValidationFailed, ValueError):
+    """An emotion name that driving does not know (a 422 through the service's error table)."""
+
+
+def infer_emotion(text: Optional[str]) -> str:
+    """Pick an emotion from text with the small keyword/emoticon/punctuation lexicon; neutral if unsure."""
+    if not text:
+        return "neutral"
+    scores = dict.fromkeys(_LEXICON, 0.0)
+    for icon, emo in _EMOTICONS.items():
+        scores[emo] += 2.0 * text.count(icon)
+    words = [w.strip("'").removesuffix("'s") for w in _WORD.findall(text.lower())]
+    words = [w[:-1] if w.endswith("'m") else w for w in words]
+    for emo, keys in _LEXICON.items():
+        scores[emo] += sum(1.0 for w in words if w in keys)
+    if "?!" in text or "!?" in text:
+        scores["surprised"] += 1.0
+    best = max(scores.values())
+    winners = [e for e, s in scores.items() if s == best]
+    return winners[0] if best > 0 and len(winners) == 1 else "neutral"
+
+
+def resolve_emotion(emotion: str, text: Optional[str] = None) -> str:
+    """Validate an emotion name (or resolve "auto" from text); UnknownEmotion names the valid ones."""
+    name = (emotion or "neutral").strip().lower()
+    if name == "auto":
+        return infer_emotion(text)
+    if name not in EMOTIONS:
+        raise UnknownEmotion(f"unknown emotion {emotion!r}; valid emotions: {list(VALID_EMOTIONS)}")
+    return name
+
+
+# -- small signal helpers ---------------------------------------------------------------------
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _zero_phase_lowpass(x: np.ndarray, fps: float, cutoff_hz: float, order: int = 2) -> np.ndarray:
+    """Butterworth low-pass run forwards and backwards (no lag); returns x when too short."""
+    nyq = 0.5 * fps
+    if cutoff_hz >= 0.95 * nyq or len(x) < 3 * (2 * order + 1) + 1:
+        return x.copy()
+    sos = signal.butter(order, cutoff_hz / nyq, btype="low", output="sos")
+    return signal.sosfiltfilt(sos, x)
+
+
+def _zero_phase_bandpass(x: np.ndarray, fps: float, lo_hz: float, hi_hz: float, order: int = 2) -> np.ndarray:
+    nyq = 0.5 * fps
+    hi = min(hi_hz, 0.9 * nyq)
+    if lo_hz >= hi or len(x) < 6 * (2 * order + 1) + 1:
+        return np.zeros_like(x)
+    sos = signal.butter(order, [lo_hz / nyq, hi / nyq], btype="band", output="sos")
+    return signal.sosfiltfilt(sos, x)
+
+
+def _follower(x: np.ndarray, attack: float, release: float) -> np.ndarray:
+    """One-pole envelope follower: coefficient `attack` when rising, `release` when falling."""
+    y = np.empty_like(x)
+    acc = x[0] if len(x) else 0.0
+    for i, v in enumerate(x):
+        a = attack if v > acc else release
+        acc += a * (v - acc)
+        y[i] = acc
+    return y
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def _phone_tuples(phonemes: Iterable) -> list[tuple[str, float, float]]:
+    """Accept Phone objects or (phoneme, start_s, end_s) tuples; ValidationFailed on bad spans."""
+    out = []
+    for i, p in enumerate(phonemes):
+        if hasattr(p, "phoneme"):
+            sym, s, e = p.phoneme, p.start_s, p.end_s
+        else:
+            try:
+                sym, s, e = p
+            except (TypeError, ValueError):
+                raise ValidationFailed(f"phonemes[{i}] must be a Phone or (phoneme, start_s, end_s)") from None
+        s, e = float(s), float(e)
+        if not (np.isfinite(s) and np.isfinite(e)) or e < s or s < 0:
+            raise ValidationFailed(f"phonemes[{i}] {sym!r} has an invalid span [{s}, {e}]")
+        out.append((str(sym), s, e))
+    return out
+
+
+def _mono(audio, sample_rate) -> tuple[np.ndarray, int]:
+    if sample_rate is None or not np.isfinite(sample_rate) or int(sample_rate) < 1000:
+        raise ValidationFailed(f"sample_rate must be given with audio and be >= 1000 Hz, got {sample_rate!r}")
+    a = np.asarray(audio, dtype=np.float32)
+    if a.ndim == 2:
+        # Either (samples, channels) or (channels, samples): the longer axis is time.
+        a = a.mean(axis=1) if a.shape[0] >= a.shape[1] else a.mean(axis=0)
+    if a.ndim != 1 or a.size == 0:
+        raise ValidationFailed("audio must be a non-empty mono or multi-channel array")
+    if not np.all(np.isfinite(a)):
+        raise ValidationFailed("audio contains NaN or infinite samples")
+    return a, int(sample_rate)
+
+
+# -- mouth from phonemes ----------------------------------------------------------------------
+_ANTICIPATION_S = 0.06  # dominance decay constant before a phoneme (lips prepare early)
+_CARRYOVER_S = 0.045  # and after it
+_CLOSURE_RAMP_S = 0.06  # lips approach a bilabial closure over this
+_RELEASE_S = 0.04  # and release it faster
+_PAUSE_RELAX_S = 0.10  # the mouth relaxes to closed over this after speech stops
+_PAUSE_PREPARE_S = 0.10  # and reopens this long before speech resumes
+# Phoneme timings mark acoustic segments, but the lips reach each shape a little before its sound
+# (a CV syllable's energy starts with the consonant, while the jaw is already opening for the vowel).
+# On Piper speech the phoneme spans lag the speech envelope by 10-30 ms (a stop's silence comes
+# ~20 ms before its span's centre) and the mouth read one frame late; the opening and the m/b/p
+# seals lead by this much, and the frame holding each m/b/p centre is still closed exactly.
+_LIP_LEAD_S = 0.025
+
+
+def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, float]]:
+    """Silent spans: runs of adjacent pauses and word boundaries that contain at least one pause.
+
+    Piper ends one sentence with "_" and starts the next with another, often with a word
+    boundary in between; together they are one silence.
+    """
+    spans: list[tuple[float, float]] = []
+    run: list[tuple[str, float, float]] = []
+    for p in phones + [("x", np.inf, np.inf)]:
+        if p[0] in (PAUSE, WORD_BOUNDARY) and (not run or p[1] - run[-1][2] < 1e-3):
+            run.append(p)
+            continue
+        if any(q[0] == PAUSE for q in run):
+            spans.append((run[0][1], run[-1][2]))
+        run = [p] if p[0] in (PAUSE, WORD_BOUNDARY) else []
+    return spans
+
+
+def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray, fps: float) -> np.ndarray:
+    """(T, 4) open/round/spread/tuck by dominance blending plus closure and pause gates."""
+    spoken = [p for p in phones if p[0] != WORD_BOUNDARY]
+    out = np.zeros((len(t), 4))
+    if not spoken:
+        return out
+    syms = [p[0] for p in spoken]
+    start = np.array([p[1] for p in spoken])
+    end = np.array([p[2] for p in spoken])
+    targets, dominance, kinds = table_arrays(syms)
+    kinds_arr = np.array(kinds)
+    centre = 0.5 * (start + end)
+    half = 0.5 * (end - start)
+
+    # Dominance shape: flat over the middle 60% of the phoneme, exponential decay outside,
+    # with a longer tail before (anticipation) than after (carry-over). Banded: each phoneme
+    # only touches frames within 8 decay constants of it (its weight beyond is < 4e-4).
+    lead = _LIP_LEAD_S
+    i0 = np.clip(np.floor((start - lead - 8 * _ANTICIPATION_S) * fps - 0.5).astype(np.int64), 0, len(t))
+    i1 = np.clip(np.ceil((end + 8 * _CARRYOVER_S) * fps - 0.5).astype(np.int64) + 1, 0, len(t))
+    counts = np.maximum(i1 - i0, 0)
+    k_idx = np.repeat(np.arange(len(spoken)), counts)
+    offsets = np.cumsum(counts) - counts
+    f_idx = np.arange(counts.sum()) - np.repeat(offsets, counts) + np.repeat(i0, counts)
+
+    def weights(shift: np.ndarray) -> np.ndarray:
+        dt = t[f_idx] + shift[k_idx] - centre[k_idx]
+        dist = np.maximum(np.abs(dt) - 0.6 * half[k_idx], 0.0)
+        return np.exp(-dist / np.where(dt < 0, _ANTICIPATION_S, _CARRYOVER_S))
+
+    # The opening leads its sound; silences keep their own timing, and so do the lip shapes
+    # (round, spread, tuck), which carry no energy of their own to run ahead of.
+    w_open = weights(np.where(kinds_arr == "pause", 0.0, lead))
+    w_shape = weights(np.zeros(len(spoken)))
+    rest = 1e-3  # a faint pull towards the closed rest shape far from any phoneme
+    out = np.empty((len(t), 4))
+    for j in range(4):
+        w = w_open if j == 0 else w_shape
+        num = np.bincount(f_idx, weights=w * dominance[k_idx, j] * targets[k_idx, j], minlength=len(t))
+        den = np.bincount(f_idx, weights=w * dominance[k_idx, j], minlength=len(t)) + rest
+        out[:, j] = num / den
+
+    gate = np.ones(len(t))
+    # Pauses (and the silence before the first / after the last phoneme): relax to closed.
+    pauses = _pause_spans(phones)
+    for s, e in [(-np.inf, spoken[0][1])] + pauses + [(spoken[-1][2], np.inf)]:
+        a = max(0, int(np.floor(s * fps - 0.5))) if np.isfinite(s) else 0
+        b = min(len(t), int(np.ceil(e * fps)) + 1) if np.isfinite(e) else len(t)
+        if a >= b:
+            continue
+        tt = t[a:b]
+        closing = _smoothstep((tt - s) / _PAUSE_RELAX_S) if np.isfinite(s) else 1.0
+        opening = _smoothstep((e - tt) / _PAUSE_PREPARE_S) if np.isfinite(e) else 1.0
+        gate[a:b] = np.minimum(gate[a:b], 1.0 - np.minimum(closing, opening))
+    out *= gate[:, None]
+
+    # Bilabials: the lips are sealed over most of the phoneme (acoustically, the closure is the
+    # phoneme), approach over _CLOSURE_RAMP_S before it and release faster after it. The frame
+    # whose span contains the centre is closed exactly: that is the frame a viewer and a metric
+    # look at, even when the phoneme is shorter than a frame.
+    closure = np.ones(len(t))
+    for c, h in zip(centre[kinds_arr == "bilabial"], half[kinds_arr == "bilabial"]):
+        a = max(0, int(np.floor((c - lead - h - _CLOSURE_RAMP_S) * fps)))
+        b = min(len(t), int(np.ceil((c + h + _RELEASE_S) * fps)) + 1)
+        tt = t[a:b]
+        # The seal leads with the opening; the centre frame below is closed whatever the lead.
+        before = (c - lead - 0.7 * h - tt) / _CLOSURE_RAMP_S
+        after = (tt - (c - lead + 0.7 * h)) / _RELEASE_S
+        closure[a:b] = np.minimum(closure[a:b], _smoothstep(np.maximum(before, after)))
+        k = int(np.floor(c * fps))
+        if 0 <= k < len(t):
+            closure[k] = 0.0
+    out[:, 0] *= closure
+    out[:, 3] *= closure  # no tuck while the lips press together
+    # Pressed lips spread less (and a spread seal parts at the seam): keep 40 % of the spread.
+    out[:, 2] *= 0.4 + 0.6 * closure
+    return out
+
+
+def _stress_times(phones: list[tuple[str, float, float]], targets_open: np.ndarray, min_gap_s: float = 0.9) -> list[tuple[float, float]]:
+    """(time, strength) of stressed-looking syllables: long, open vowels, greedily spaced."""
+    cand = []
+    for (sym, s, e), o in zip(phones, targets_open):
+        if o >= 0.4 and e - s >= 0.06:
+            cand.append(((s + e) / 2, (e - s) * o))
+    cand.sort(key=lambda c: -c[1])
+    if not cand:
+        return []
+    top = cand[0][1]
+    chosen: list[tuple[float, float]] = []
+    for tc, strength in cand:
+        if all(abs(tc - x) >= min_gap_s for x, _ in chosen):
+            chosen.append((tc, strength / top))
+    return sorted(chosen)
+
+
+# -- mouth from audio -------------------------------------------------------------------------
+def _frame_windows(audio: np.ndarray, sr: int, t: np.ndarray, win_s: float) -> np.ndarray:
+    """Mean square energy in a window centred on each time.
+
+    Energy is first summed in 2.5 ms blocks (one cheap pass over the samples), then windows are
+    cumulative sums of blocks: centres are exact to +-1.25 ms, far below a frame.
+    """
+    block = max(1, int(round(sr * 0.0025)))
+    n_blocks = len(audio) // block
+    sq = np.square(audio[: n_blocks * block], dtype=np.float32).reshape(n_blocks, block)
+    energy = sq.sum(axis=1, dtype=np.float64)
+    tail = np.square(audio[n_blocks * block:], dtype=np.float64).sum()
+    energy = np.append(energy, tail)
+    counts = np.full(len(energy), float(block))
+    counts[-1] = max(len(audio) - n_blocks * block, 1)
+    ce = np.concatenate([[0.0], np.cumsum(energy)])
+    cn = np.concatenate([[0.0], np.cumsum(counts)])
+    half = max(1, int(round(win_s * sr / block / 2)))
+    c = np.round(t * sr / block).astype(np.int64)
+    lo = np.clip(c - half, 0, len(energy))
+    hi = np.clip(c + half, 0, len(energy))
+    return (ce[hi] - ce[lo]) / np.maximum(cn[hi] - cn[lo], 1.0)
+
+
+def audio_envelope(audio: np.ndarray, sr: int, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised envelope in [0, 1], speech mask) at times t: 30 ms log-energy, percentile-normalised, noise gated."""
+    ms = _frame_windows(audio, sr, t, 0.03)
+    db = 10.0 * np.log10(ms + 1e-12)
+    if db.size == 0:
+        return db, db.astype(bool)
+    peak = np.percentile(db, 95)
+    if peak < -60.0:  # digital silence or near it: nothing to say
+        return np.zeros_like(db), np.zeros(len(db), bool)
+    gate = max(np.percentile(db, 10) + 6.0, peak - 35.0)
+    env = np.clip((db - gate) / max(peak - gate, 1e-6), 0.0, 1.0)
+    return env, db > gate
+
+
+def _spectral_shape(audio: np.ndarray, sr: int, t: np.ndarray, voiced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(round, spread) in [0, 1] from the F2-band vs low-band balance in voiced frames."""
+    rnd = np.zeros(len(t))
+    spr = np.zeros(len(t))
+    if voiced.sum() < 3:
+        return rnd, spr
+    n_fft = int(2 ** np.ceil(np.log2(max(64, 0.04 * sr))))
+    # Only voiced frames are analysed: that is where vowel shape is audible, and it is cheaper.
+    sel = np.flatnonzero(voiced)
+    a32 = np.asarray(audio, dtype=np.float32)
+    if len(a32) < n_fft:
+        a32 = np.pad(a32, (0, n_fft - len(a32)))
+    # Windows centred on frame centres; the few at the very ends are clamped inside the audio.
+    starts = np.clip(np.round(t[sel] * sr).astype(np.int64) - n_fft // 2, 0, len(a32) - n_fft)
+    frames = np.lib.stride_tricks.sliding_window_view(a32, n_fft)[starts]
+    spec = np.abs(sp_fft.rfft(frames * np.hanning(n_fft).astype(np.float32), axis=1)) ** 2
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
+    low = spec[:, (freqs >= 300) & (freqs < 1000)].sum(axis=1) + 1e-12
+    f2 = spec[:, (freqs >= 1700) & (freqs < min(3000, sr / 2))].sum(axis=1) + 1e-12
+    ratio = np.log(f2 / low)
+    z = (ratio - np.median(ratio)) / max(np.percentile(ratio, 90) - np.percentile(ratio, 10), 1e-6)
+    spr[sel] = np.clip(1.5 * z, 0, 1) * 0.6
+    rnd[sel] = np.clip(-1.5 * z, 0, 1) * 0.6
+    return rnd, spr
+
+
+def _mouth_from_audio(audio: np.ndarray, sr: int, t: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 4) mouth from audio alone, and the normalised envelope used for it."""
+    env, speech = audio_envelope(audio, sr, t)
+    out = np.zeros((len(t), 4))
+    if not speech.any():
+        return out, env
+    smooth = _zero_phase_lowpass(env, fps, 8.0)
+    # Accent the syllable rhythm: deepen the dips between syllables, lift their nuclei.
+    syll = _zero_phase_bandpass(env, fps, 2.0, 8.0)
+    shaped = np.clip(smooth + 0.7 * syll, 0.0, 1.0)
+    # Fast attack / slower release, run both ways and averaged: the lips open ahead of the sound
+    # and close after it, symmetrically, so there is no net lag.
+    a = 1.0 - np.exp(-1.0 / (0.02 * fps))
+    r = 1.0 - np.exp(-1.0 / (0.06 * fps))
+    fwd = _follower(shaped, a, r)
+    bwd = _follower(shaped[::-1], a, r)[::-1]
+    shaped = 0.5 * (fwd + bwd)
+    # Gate: silence (including brief gaps) relaxes to closed.
+    gate = _zero_phase_lowpass(speech.astype(float), fps, 5.0)
+    mouth = 0.9 * np.clip(shaped, 0.0, 1.0) ** 0.85 * np.clip(gate, 0.0, 1.0)
+    mouth[mouth < 0.02] = 0.0
+    rnd, spr = _spectral_shape(audio, sr, t, env > 0.25)
+    out[:, 0] = mouth
+    out[:, 1] = _zero_phase_lowpass(rnd, fps, 4.0).clip(0, 1) * np.clip(gate, 0, 1)
+    out[:, 2] = _zero_phase_lowpass(spr, fps, 4.0).clip(0, 1) * np.clip(gate, 0, 1)
+    return out, env
+
+
+# -- eyes and head ----------------------------------------------------------------------------
+def _blinks(t: np.ndarray, fps: float, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Blinks every ~4 s (10-20 per minute), irregular; each closes in ~50 ms and opens in ~80 ms."""
+    out = np.zeros(len(t))
+    peak = 0.5 + rng.uniform(0.4, 3.5)
+    while peak < duration_s:
+        close_s = rng.uniform(0.045, 0.06)
+        hold_s = rng.uniform(0.0, 0.02)
+        open_s = rng.uniform(0.07, 0.09)
+        # Snap the fully-closed instant to a frame centre so a rendered frame shows it closed.
+        pk = (np.floor(peak * fps) + 0.5) / fps
+        if pk - close_s >= 0.5:
+            down = _smoothstep((t - (pk - close_s)) / close_s)
+            up = 1.0 - _smoothstep((t - (pk + hold_s)) / open_s)
+            out = np.maximum(out, np.where(t <= pk, down, np.where(t <= pk + hold_s, 1.0, up)))
+        peak += float(np.clip(rng.gamma(8.0, 4.2 / 8.0), 2.0, 8.0))
+    return out
+
+
+def _drift(t: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """Slow band-limited drift: three sines of 0.05-0.3 Hz, zero at t=0, peak |x| ~ amplitude.
+
+    Scaled by its peak over a fixed 20 s reference, so the amplitude does not depend on the
+    clip's length (a short clip is not exaggerated).
+    """
+    freqs = rng.uniform(0.05, 0.3, 3)
+    phases = rng.uniform(0, 2 * np.pi, 3)
+    weights = rng.dirichlet(np.ones(3))
+
+    def wave(tt: np.ndarray) -> np.ndarray:
+        return sum(wt * (np.sin(2 * np.pi * f * tt + p) - np.sin(p)) for f, p, wt in zip(freqs, phases, weights))
+
+    ref = np.abs(wave(np.linspace(0.0, 20.0, 401))).max()
+    return amplitude * wave(t) / max(ref, 1e-9)
+
+
+def _nods(t: np.ndarray, events: Sequence[tuple[float, float]]) -> np.ndarray:
+    """A raised-cosine bump of 0.5 s per (time, strength) event, peaking just after it."""
+    out = np.zeros(len(t))
+    width = 0.5
+    for tc, strength in events:
+        x = (t - (tc + 0.05)) / (width / 2)
+        bump = np.where(np.abs(x) < 1, 0.5 * (1 + np.cos(np.pi * x)), 0.0)
+        out = np.maximum(out, strength * bump)
+    return out
+
+
+def drive(
+    duration_s: float,
+    fps: float,
+    *,
+    phonemes: Optional[Iterable] = None,
+    audio: Optional[np.ndarray] = None,
+    sample_rate: Optional[int] = None,
+    emotion: str = "neutral",
+    text: Optional[str] = None,
+    seed: int = 0,
+    head_motion: bool = True,
+) -> Controls:
+    """Per-frame face controls for speech given as phoneme timings, audio, or both."""
+    t0 = time.perf_counter()
+    if not (np.isfinite(duration_s) and duration_s > 0):
+        raise ValidationFailed(f"duration_s must be > 0, got {duration_s!r}")
+    if not (np.isfinite(fps) and 1 <= fps <= 120):
+        raise ValidationFailed(f"fps must be within [1, 120], got {fps!r}")
+    emo = resolve_emotion(emotion, text)
+    n = int(round(duration_s * fps))
+    ctl = Controls.neutral(n, float(fps))
+    if n == 0:
+        return ctl
+    t = (np.arange(n) + 0.5) / fps
+    rng = np.random.default_rng(seed)
+    smile, brow, eye_open, scale = EMOTIONS[emo]
+
+    phones = _phone_tuples(phonemes) if phonemes is not None else []
+    has_phones = any(p[0] not in (PAUSE, WORD_BOUNDARY) for p in phones)
+    wav = None
+    if audio is not None:
+        wav, sr = _mono(audio, sample_rate)
+
+    env = None
+    if has_phones:
+        mouth = _mouth_from_phonemes(phones, t, fps)
+        spoken = [p for p in phones if p[0] not in (PAUSE, WORD_BOUNDARY)]
+        targets, _, _ = table_arrays([p[0] for p in spoken])
+        stress = _stress_times(spoken, targets[:, 0])
+        if wav is not None:
+            env, speech = audio_envelope(wav, sr, t)
+            # Audio modulates loudness of articulation only; the phonemes keep the shape and closures.
+            level = _zero_phase_lowpass(env, fps, 4.0)
+            mouth[:, 0] *= np.clip(0.8 + 0.35 * level, 0.75, 1.15)
+        mode = "phonemes+audio" if wav is not None else "phonemes"
+    elif wav is not None:
+        mouth, env = _mouth_from_audio(wav, sr, t, fps)
+        smooth = _zero_phase_lowpass(env, fps, 3.0)
+        peaks, props = signal.find_peaks(smooth, distance=max(1, int(0.9 * fps)), prominence=0.15)
+        top = props["prominences"].max() if len(peaks) else 1.0
+        stress = [(t[p], pr / top) for p, pr in zip(peaks, props["prominences"])]
+        mode = "audio"
+    else:
+        mouth = np.zeros((n, 4))
+        stress = []
+        mode = "idle"
+
+    mouth[:, 0] *= scale
+    ctl.mouth_open[:] = np.clip(mouth[:, 0], 0.0, 1.0)
+    ctl.mouth_round[:] = np.clip(mouth[:, 1], 0.0, 1.0)
+    ctl.mouth_spread[:] = np.clip(mouth[:, 2], 0.0, 1.0)
+    ctl.lip_tuck[:] = np.clip(mouth[:, 3], 0.0, 1.0)
+
+    nod = _nods(t, stress)
+    ctl.smile[:] = smile
+    # Brows lift a little on stressed syllables: speakers emphasise with them.
+    ctl.brow[:] = np.clip(brow + 0.12 * nod, -1.0, 1.0)
+    ctl.eye_open[:] = eye_open
+    ctl.blink[:] = _blinks(t, fps, n / fps, rng)
+
+    if head_motion:
+        ctl.head_dx[:] = _drift(t, 0.015, rng)
+        ctl.head_dy[:] = _drift(t, 0.008, rng) + 0.004 * nod
+        ctl.head_yaw[:] = _drift(t, 0.02, rng)
+        ctl.head_pitch[:] = _drift(t, 0.01, rng) + 0.012 * nod
+        ctl.head_roll[:] = _drift(t, 0.012, rng)
+
+    log.debug(
+        "driven",
+        extra={"mode": mode, "frames": n, "fps": fps, "emotion": emo, "nods": len(stress),
+               "ms": round(1000 * (time.perf_counter() - t0), 2)},
+    )
+    return ctl

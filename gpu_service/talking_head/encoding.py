@@ -1,0 +1,525 @@
+"""Avatar encoding: everything a frame needs, computed once per portrait.
+
+The face is described in a face-aligned frame (u along the eye line, v down the face,
+origin at the mouth centre). Each deformation mode (jaw, upper lip, spread, smile, tuck,
+blinks, brows) is a precomputed backward displacement field over the face-region crop, so a
+frame is a weighted sum of fields and one remap. The fields are built to be exact where it
+matters (rigid lip and jaw translation) and to fade smoothly to zero before the face outline
+and the crop border, so pixels outside the animated region are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from gpu_service.errors import BadMedia
+from gpu_service.talking_head import landmarks as L
+
+ENCODING_VERSION = 7
+MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow")
+BLINK_SKIN_SHARE = 0.3
+"""Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see renderer.shade_eyes)."""
+MIN_FACE_PX = 40
+"""Faces narrower than this have too few pixels for a mouth to be drawn."""
+
+
+def smoothstep(e0: float, e1, x):
+    """Hermite ramp from 0 at e0 to 1 at e1 (works on arrays and broadcasts)."""
+    t = np.clip((x - e0) / np.maximum(np.asarray(e1, np.float32) - e0, 1e-6), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+@dataclass
+class Encoding:
+    """One portrait ready to animate; every array is float32 unless noted."""
+
+    image: np.ndarray
+    """(H, W, 3) uint8 RGB portrait."""
+    landmarks: np.ndarray
+    """(478, 2) pixel coordinates."""
+    crop: np.ndarray
+    """(4,) int: x0, y0, x1, y1 of the animated region."""
+    bases: np.ndarray
+    """(K, h, w, 2) backward displacement per unit amount of each mode in MODES, in pixels."""
+    head_mask: np.ndarray
+    """(h, w) weight of the head's similarity transform (1 on the face, 0 at the crop border)."""
+    head_center: np.ndarray
+    """(2,) centre of head rotation, crop coordinates."""
+    patch: np.ndarray
+    """(4,) int: x0, y0, x1, y1 of the mouth patch inside the crop."""
+    patch_side: np.ndarray
+    """(ph, pw) 1 where a pixel belongs to the jaw side of the lip midline, 0 on the upper-lip side."""
+    frame: np.ndarray
+    """(6,) mouth centre x, y (crop coordinates), cos, sin of the face roll, LUT origin u0, LUT step."""
+    lut_upper: np.ndarray
+    """(N,) v of the upper inner lip as a function of u (LUT)."""
+    lut_lower: np.ndarray
+    """(N,) v of the lower inner lip as a function of u (LUT)."""
+    teeth_rgb: np.ndarray
+    """(3,) teeth colour in 0..255 (the portrait's own when visible)."""
+    palette: np.ndarray
+    """(3, 3) mouth-interior colours in 0..255: cavity at the lips, cavity at the back, tongue (from the portrait's lips)."""
+    dims: np.ndarray
+    """(8,) face width, face height, mouth half-width, rest gap, max gap, lower-lip height, own-teeth strip, brow scale."""
+    mouth_geo: np.ndarray
+    """(4,) u of the visible mouth's middle, head yaw 0 (frontal)..1 (profile), frontalness 0..1, landmark mouth half-width."""
+    patch_mask: np.ndarray
+    """(ph, pw) 1 inside the face (its oval and lips, swept by the jaw), 0 outside, over the mouth patch."""
+    eye_patch: np.ndarray
+    """(4,) int: x0, y0, x1, y1 of the patch over both eyes inside the crop."""
+    eye_map: np.ndarray
+    """(3, eh, ew) per eye-patch pixel: pixels below the rest upper lid, that column's eye opening, 1 for the image-right eye."""
+    eye_skin: np.ndarray
+    """(eh, ew, 3) the upper lid's skin colour (sampled just above the lid) for each eye-patch pixel's column."""
+
+    @property
+    def face_box(self) -> tuple[int, int, int, int]:
+        """x, y, width, height of the face."""
+        return L.face_box(self.landmarks)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the arrays of this encoding."""
+        return int(sum(getattr(self, f.name).nbytes for f in fields(self)))
+
+    def save(self, path: Path) -> None:
+        """Write the encoding as an uncompressed npz (fast to reload)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, version=np.int32(ENCODING_VERSION), **{f.name: getattr(self, f.name) for f in fields(self)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Optional["Encoding"]:
+        """Read an encoding written by save(); None when missing, stale or unreadable."""
+        try:
+            with np.load(path) as data:
+                if int(data["version"]) != ENCODING_VERSION:
+                    return None
+                return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+def image_key(raw: bytes) -> str:
+    """Cache key of an uploaded image (its content hash and the encoding version)."""
+    return f"{hashlib.sha256(raw).hexdigest()[:40]}-v{ENCODING_VERSION}"
+
+
+def decode_image(raw: bytes, max_bytes: int, field: str = "image") -> np.ndarray:
+    """JPEG/PNG/WebP bytes to an RGB uint8 array, or BadMedia saying what is wrong."""
+    if not raw:
+        raise BadMedia(f"{field} is empty")
+    if len(raw) > max_bytes:
+        raise BadMedia(f"{field} is {len(raw)} bytes; the limit is {max_bytes} bytes")
+    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise BadMedia(f"{field} is not a readable image (JPEG, PNG or WebP expected)")
+    h, w = arr.shape[:2]
+    if min(h, w) < 64 or max(h, w) > 4096:
+        raise BadMedia(f"{field} is {w}x{h}; each side must be between 64 and 4096 pixels")
+    # Output video is yuv420p, which needs even sides.
+    arr = arr[: h - h % 2, : w - w % 2]
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def find_landmarks(image: np.ndarray, pick_largest: bool = False) -> np.ndarray:
+    """The one face of a portrait, or BadMedia (no face / several faces / too small)."""
+    faces = L.detect_faces(image)
+    if not faces:
+        raise BadMedia("no face found in the image; use a frontal, well-lit portrait")
+    if len(faces) > 1 and not pick_largest:
+        raise BadMedia(f"{len(faces)} faces found in the image; send a portrait with one face or set pick_largest")
+    return faces[0]
+
+
+def _curve(points: np.ndarray, lo: float, hi: float, step: float) -> np.ndarray:
+    """v(u) through points sorted by u, flat beyond the ends, sampled on [lo, hi)."""
+    order = np.argsort(points[:, 0])
+    us = np.arange(lo, hi, step, dtype=np.float32)
+    return np.interp(us, points[order, 0], points[order, 1]).astype(np.float32)
+
+
+def _polygon_mask(shape: tuple[int, int], pts: np.ndarray) -> np.ndarray:
+    """Boolean mask of a closed polygon given in (x, y) pixel coordinates."""
+    mask = np.zeros(shape, np.uint8)
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def hull_distance(hull: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Signed distance of points from a convex polygon (positive outside): the largest over its edge lines.
+
+    Exact inside and along edges, a slight underestimate beside vertices; smooth, unlike a
+    distance transform of a rasterised mask.
+    """
+    a = hull.astype(np.float32)
+    b = np.roll(a, -1, axis=0)
+    n = np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], 1)
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-6)
+    if float(((a.mean(0) - a) * n).sum(1).mean()) > 0:  # make the normals point outwards
+        n = -n
+    c = (n * a).sum(1)
+    out = np.full(xs.shape, -np.inf, np.float32)
+    for k in range(len(a)):
+        np.maximum(out, xs * n[k, 0] + ys * n[k, 1] - c[k], out=out)
+    return out
+
+
+def face_mask(xs: np.ndarray, ys: np.ndarray, lm: np.ndarray, sweep: np.ndarray, feather: float) -> np.ndarray:
+    """1 inside the face oval's hull swept by `sweep` pixels, falling smoothly to 0 at `feather` pixels outside it."""
+    hull = L.face_hull(lm)
+    swept = cv2.convexHull(np.concatenate([hull, hull + sweep[None, :]]).astype(np.float32))[:, 0]
+    return (1.0 - smoothstep(0.0, feather, hull_distance(swept, xs, ys))).astype(np.float32)
+
+
+def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.ndarray, which: np.ndarray,
+                e_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The eye patch, its per-pixel lid geometry and the lid skin colour a blink draws (crop coordinates).
+
+    The lid colour of a column is the median of a few blurred samples 0.5-1.1 eye openings above
+    its upper lid: lid skin, clear of the lashes and of the crease's shadow.
+    """
+    h, w = eye_t.shape
+    pts = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER + L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER]
+    g_max = max(1.0, float(eye_g.max()))
+    pad = 2.0 + 0.6 * g_max
+    ex0, ey0 = np.floor(pts.min(0) - pad).astype(int)
+    ex1, ey1 = np.ceil(pts.max(0) + pad).astype(int)
+    ex0, ey0, ex1, ey1 = max(ex0, 0), max(ey0, 0), min(ex1, w), min(ey1, h)
+    t = eye_t[ey0:ey1, ex0:ex1]
+    g = eye_g[ey0:ey1, ex0:ex1]
+    eye_map = np.ascontiguousarray(np.stack([t, g, which[ey0:ey1, ex0:ex1]]), dtype=np.float32)
+    blurred = cv2.GaussianBlur(crop.astype(np.float32), (0, 0), max(0.7, 0.2 * g_max))
+    ys, xs = np.mgrid[ey0:ey1, ex0:ex1].astype(np.float32)
+    samples = []
+    for above in (0.5, 0.8, 1.1):
+        lift = t + above * g_max + 1.0  # distance back up to the sample point, along -e_v
+        mx = (xs - lift * e_v[0]).astype(np.float32)
+        my = (ys - lift * e_v[1]).astype(np.float32)
+        samples.append(cv2.remap(blurred, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+    samples = np.stack(samples)
+    # The median sample: the lid skin, not a lash or crease (darkest) nor a highlight (brightest).
+    lum = samples @ np.array([0.299, 0.587, 0.114], np.float32)
+    order = np.argsort(lum, axis=0)[1]
+    skin = np.take_along_axis(samples, order[None, ..., None], axis=0)[0]
+    return np.array([ex0, ey0, ex1, ey1], np.int32), eye_map, np.ascontiguousarray(skin, dtype=np.float32)
+
+
+def interior_palette(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mouth-interior colours (cavity edge, cavity back, tongue) and fallback teeth colour, from the portrait.
+
+    Every colour is a darkened or lightened copy of the portrait's own lip or skin colour, so the
+    interior has the photo's hue and colourfulness: a grey photo gets a grey mouth, a warm one a warm one.
+    `lm` are the landmarks in `crop`'s pixel coordinates.
+    """
+    shape = crop.shape[:2]
+    outer = _polygon_mask(shape, lm[L.OUTER_UPPER + L.OUTER_LOWER[::-1]])
+    inner = _polygon_mask(shape, lm[L.INNER_UPPER + L.INNER_LOWER[::-1]])
+    inner = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    face = _polygon_mask(shape, cv2.convexHull(lm[L.FACE_OVAL].astype(np.float32))[:, 0])
+    skin_pix = crop[face].astype(np.float32)
+    skin = np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)
+    lip_pix = crop[outer & ~inner].astype(np.float32)
+    # Too few lip pixels (a tiny or profile face): the skin, slightly darker, stands in for the lips.
+    lip = np.median(lip_pix, 0) if len(lip_pix) >= 8 else 0.85 * skin
+    # Shadowed flesh reads a little richer than lit lips: the tint (the deviation from grey) is raised
+    # by a fixed gain, which keeps a grey portrait exactly grey.
+    def tinted(scale: float, gain: float) -> np.ndarray:
+        c = scale * lip
+        return np.clip(c.mean() + gain * (c - c.mean()), 0, 255)
+
+    palette = np.stack([tinted(0.4, 1.4), tinted(0.1, 1.4), tinted(0.6, 1.5)]).astype(np.float32)
+    # Drawn teeth: a light neutral a little brighter than the face, carrying a trace of the skin's tint.
+    lum = skin_pix @ np.array([0.299, 0.587, 0.114], np.float32) if len(skin_pix) else np.array([160.0])
+    level = float(np.clip(1.05 * np.percentile(lum, 90), 120.0, 225.0))
+    teeth = np.clip(level + 0.2 * (skin - skin.mean()), 0, 255).astype(np.float32)
+    return palette, teeth
+
+
+MOUTH_MODES = ("jaw", "upper", "spread", "tuck")
+"""The modes a `mouth_only` encoding builds; the others stay zero."""
+
+
+def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, follow_gap: bool = False, *,
+                          mouth_only: bool = False) -> Encoding:
+    """Build the encoding of `image` for face landmarks `lm` (478x2), e.g. for one video frame.
+
+    `seam` is where the jaw's pixels begin, as a fraction of the inner-lip gap down from the upper
+    lip (0.5: the midline). Closing a gap, the lips meet exactly at the seam only when the upper
+    lip's share of the closing (`mode_weights(close_upper=...)`) equals it. `follow_gap` (for a
+    video frame whose mouth may be wide open) makes the lips' lateral fall-off at least this
+    frame's own inner-lip gap profile, so closing shuts every column, not just the middle.
+    `mouth_only` (for re-voicing, where eyes, brows and smile stay as filmed) builds only
+    MOUTH_MODES, over the part of the crop they can reach; their fields equal the full
+    encoding's. The smile, blink and brow fields are zero and the eye patch is an empty 1x1, so
+    blinks draw no lid on such an encoding.
+    """
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    lm = np.asarray(lm, np.float32)
+    H, W = image.shape[:2]
+    bx, by, bw, bh = L.face_box(lm)
+    if bw < MIN_FACE_PX:
+        raise BadMedia(f"the face is too small to animate ({bw} px wide; at least {MIN_FACE_PX} px needed)")
+
+    # Face-aligned frame: u along the eye line, v downwards; origin at the mouth centre.
+    eye_l = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER].mean(0)
+    eye_r = lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER].mean(0)
+    axis = eye_r - eye_l
+    roll = float(np.arctan2(axis[1], axis[0]))
+    cs, sn = np.cos(roll), np.sin(roll)
+    mouth = (lm[L.INNER_UPPER].mean(0) + lm[L.INNER_LOWER].mean(0)) / 2
+
+    def to_uv(p: np.ndarray) -> np.ndarray:
+        d = p - mouth
+        return np.stack([d[..., 0] * cs + d[..., 1] * sn, -d[..., 0] * sn + d[..., 1] * cs], -1)
+
+    uv = to_uv(lm)
+    oval = uv[L.FACE_OVAL]
+    fw = float(oval[:, 0].max() - oval[:, 0].min())
+    fh = float(uv[L.CHIN, 1] - uv[L.FOREHEAD, 1])
+    hw_lm = float(abs(uv[L.MOUTH_RIGHT, 0] - uv[L.MOUTH_LEFT, 0]) / 2)
+    # The visible mouth: the corners' span clipped to the face oval. On a turned face MediaPipe puts
+    # the far corner out in the background; the oval's far side follows the silhouette instead.
+    # Everything lateral (jaw profile, corners, interior) is centred on this span, so a profile's
+    # opening tapers to nothing at the silhouette instead of ending in a wall.
+    hull_uv = L.face_hull(uv)
+    us = np.arange(float(uv[L.MOUTH_LEFT, 0]), float(uv[L.MOUTH_RIGHT, 0]) + 0.25, 0.25, dtype=np.float32)
+    seen = us[hull_distance(hull_uv, us, np.zeros_like(us)) < -1.0]
+    c_left, c_right = (float(seen.min()), float(seen.max())) if len(seen) >= 8 else (-1.0, 1.0)
+    u_mid = (c_left + c_right) / 2
+    hw_m = max(1.5, (c_right - c_left) / 2)
+    # Yaw from how far the nose tip sits from the middle of the face oval: 0 frontal, 1 profile.
+    yaw = float(np.clip(abs(uv[L.NOSE_TIP, 0] - (oval[:, 0].max() + oval[:, 0].min()) / 2) / max(fw / 2, 1.0), 0.0, 1.0))
+    frontal = float(1.0 - smoothstep(0.3, 0.7, yaw))
+    v_chin = float(uv[L.CHIN, 1])
+
+    g0 = float(max(0.0, np.mean(uv[[14, 317, 87], 1]) - np.mean(uv[[13, 312, 82], 1])))
+    v_uo = float(uv[L.OUTER_UPPER, 1].min())
+    v_lo = float(uv[L.OUTER_LOWER, 1].max())
+    v_li0 = float(np.mean(uv[[14, 317, 87], 1]))
+    lip_lo_h = max(2.0, v_lo - v_li0)
+    # The widest opening shrinks as the face turns and is bounded by the visible mouth width, so a
+    # profile opens a little rather than swinging a jaw the photo cannot show.
+    g_max = 0.22 * fh * (1.0 - 0.6 * float(smoothstep(0.15, 0.85, yaw)))
+    g_max = max(min(g_max, 2.8 * hw_m), 1.25 * g0, 2.0)
+
+    # The crop holds the head mask and the jaw's fade below the chin.
+    center = lm[L.FACE_OVAL].mean(0)
+    x0 = int(max(0, np.floor(center[0] - 0.9 * fw)))
+    x1 = int(min(W, np.ceil(center[0] + 0.9 * fw)))
+    y0 = int(max(0, np.floor(center[1] - 0.95 * fh)))
+    y1 = int(min(H, np.ceil(center[1] + 0.95 * fh)))
+    h, w = y1 - y0, x1 - x0
+    off = np.array([x0, y0], np.float32)
+    mouth_c = mouth - off
+
+    # The LUTs span the whole crop whatever part of it the fields are built over (U is linear: its extremes are corners).
+    cx = np.array([0, w - 1, 0, w - 1], np.float32)
+    cy = np.array([0, 0, h - 1, h - 1], np.float32)
+    u_corners = (cx - mouth_c[0]) * cs + (cy - mouth_c[1]) * sn
+    step = 0.25
+    u_lo, u_hi = float(u_corners.min()) - 4, float(u_corners.max()) + 4
+    lut_up = _curve(uv[L.INNER_UPPER], u_lo, u_hi, step)
+    lut_lo = _curve(uv[L.INNER_LOWER], u_lo, u_hi, step)
+    e_u = np.array([cs, sn], np.float32)
+    e_v = np.array([-sn, cs], np.float32)
+    # Mouth patch: everything the opened mouth can cover.
+    corners = []
+    for uu in (u_mid - 1.25 * hw_m, u_mid + 1.25 * hw_m):
+        for vv in (v_uo - 0.15 * g_max - 3, v_li0 + 1.1 * g_max + 4):
+            corners.append(mouth_c + uu * e_u + vv * e_v)
+    corners = np.array(corners)
+    px0, py0 = np.floor(corners.min(0)).astype(int)
+    px1, py1 = np.ceil(corners.max(0)).astype(int) + 1
+    px0, py0, px1, py1 = max(px0, 0), max(py0, 0), min(px1, w), min(py1, h)
+
+    sx0, sy0, sx1, sy1 = 0, 0, w, h
+    if mouth_only:
+        # The mouth modes vanish beyond these bounds (u: the jaw's widest reach and the corners' fall-off;
+        # v: from the nose, where the upper lip's pull ends, to the jaw's fade below the chin).
+        d_reach = max(1.0, -v_uo) + 2.0 - float(uv[L.SUBNASALE, 1]) + max(2.0, (v_lo - v_uo) / 2) * 2.2
+        v_top = float(min(lut_up.min(), lut_lo.min())) - d_reach - 2.0
+        lip_v = float(max(lut_up.max(), lut_lo.max()))
+        v_bot = max(v_chin + 0.2 * fh, lip_v + 1.8 * lip_lo_h, lip_v + 2.2 * max(2.0, (v_lo - v_uo) / 2)) + 2.0
+        u_half = max(0.4 * fw, 2.2 * hw_m, 1.25 * hw_m) + 2.0
+        box = np.array([[u_mid + a * u_half, b] for a in (-1, 1) for b in (v_top, v_bot)], np.float32)
+        pts = mouth_c + box[:, :1] * e_u + box[:, 1:] * e_v
+        sx0, sy0 = (int(v) for v in np.maximum(np.floor(pts.min(0)).astype(int) - 1, 0))
+        sx1, sy1 = (int(v) for v in np.minimum(np.ceil(pts.max(0)).astype(int) + 2, [w, h]))
+        # The patch's own arrays (side, face mask) are cut from these fields.
+        sx0, sy0, sx1, sy1 = min(sx0, px0), min(sy0, py0), max(sx1, px1), max(sy1, py1)
+    ys, xs = np.mgrid[sy0:sy1, sx0:sx1].astype(np.float32)
+    U = (xs - mouth_c[0]) * cs + (ys - mouth_c[1]) * sn
+    V = -(xs - mouth_c[0]) * sn + (ys - mouth_c[1]) * cs
+    AU = np.abs(U - u_mid)  # lateral distance from the visible mouth's middle
+
+    def at(lut: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return np.interp(u, np.arange(len(lut)) * step + u_lo, lut).astype(np.float32)
+
+    v_ui, v_li = at(lut_up, U), at(lut_lo, U)
+    v_mid = (v_ui + v_li) / 2
+    below = (V > v_ui + seam * (v_li - v_ui)).astype(np.float32)
+    above = 1.0 - below
+
+    bases = np.zeros((len(MODES), h, w, 2), np.float32)
+    sub = bases[:, sy0:sy1, sx0:sx1]
+
+    def put(k: int, weight: np.ndarray, direction: np.ndarray) -> None:
+        sub[k] = weight[..., None] * direction
+
+    # Jaw: lower lip, chin and lower cheeks move down as one piece; the moving region widens
+    # from the mouth corners to the jaw and fades out below the chin.
+    dv_mid = V - v_mid
+    ramp = smoothstep(0.0, max(v_chin - v_li0, 1.0), dv_mid)
+    # On a turned face the side the nose points to is the silhouette, with background just past it:
+    # there the moving region stays as narrow as the mouth instead of widening to the jaw.
+    far = np.sign(uv[L.NOSE_TIP, 0] - (oval[:, 0].max() + oval[:, 0].min()) / 2) * (U - u_mid) > 0
+    hw = hw_m + (0.40 * fw - hw_m) * ramp * np.where(far, frontal, 1.0)
+    # A wide fall-off at the lips gives an oval opening rather than a box.
+    lat = 1.0 - smoothstep((0.2 + 0.3 * ramp) * hw, hw, AU)
+    if follow_gap:  # the oval fall-off left an open frame's sides open (0.10 of the face height at full opening)
+        gap_profile = np.clip((v_li - v_ui) / max(g0, 1.0), 0.0, 1.0) * (1.0 - smoothstep(0.9 * hw_m, 1.1 * hw_m, AU))
+        lat = np.maximum(lat, gap_profile * (1.0 - ramp))
+    # A frontal chin drops below its outline; a turned face keeps its chin and silhouette, and the
+    # lower lip's travel is taken up by the skin between lip and chin.
+    fade_from = v_chin - (1.0 - frontal) * 0.6 * max(v_chin - v_li0, 1.0)
+    vfade = 1.0 - smoothstep(fade_from, v_chin + frontal * 0.2 * fh, V)
+    put(0, -(below * lat * vfade), e_v)
+    # Upper lip: rigid near the mouth, fading out at the nose.
+    d_lip = max(1.0, -v_uo)
+    d_nose = max(d_lip + 2.0, -float(uv[L.SUBNASALE, 1]))
+    lat_up = 1.0 - smoothstep(0.2 * hw_m, hw_m, AU)
+    if follow_gap:
+        lat_up = np.maximum(lat_up, gap_profile)
+    put(1, -(above * lat_up * (1.0 - smoothstep(d_lip, d_nose, -dv_mid))), e_v)
+    # Corners: spread (outwards along u) and smile (up); both fade away from the lips.
+    lip_h = max(2.0, (v_lo - v_uo) / 2)
+    vband = 1.0 - smoothstep(0.8 * lip_h, 2.2 * lip_h, np.abs(dv_mid))
+    f_spread = np.clip((U - u_mid) / hw_m, -1.0, 1.0) * (1.0 - smoothstep(hw_m, 2.2 * hw_m, AU))
+    put(2, -(f_spread * vband), e_u)
+    if not mouth_only:
+        f_smile = np.clip(AU / hw_m, 0.0, 1.2) ** 2 * (1.0 - smoothstep(1.1 * hw_m, 2.2 * hw_m, AU))
+        put(3, f_smile * (1.0 - smoothstep(1.0 * lip_h, 3.0 * lip_h, np.abs(dv_mid))), e_v)
+    # Tuck (f, v): the lower lip slides up under the upper teeth.
+    lat_t = 1.0 - smoothstep(0.6 * hw_m, 1.1 * hw_m, AU)
+    put(4, below * lat_t * (1.0 - smoothstep(0.8 * lip_lo_h, 1.8 * lip_lo_h, V - v_li)), e_v)
+    if not mouth_only:
+        # Blinks: the upper lid sweeps down by the eye's own opening. The warp moves the skin only part
+        # of the way (BLINK_SKIN_SHARE; at full strength the lashes and crease smear); the renderer draws
+        # the lid over the rest from the columns below.
+        eye_t = np.zeros((h, w), np.float32)
+        eye_g = np.zeros((h, w), np.float32)
+        eye_which = (U > (uv[L.EYE_LEFT_UPPER, 0].max() + uv[L.EYE_RIGHT_UPPER, 0].min()) / 2).astype(np.float32)
+        for k, (upper, lower, brow) in ((5, (L.EYE_LEFT_UPPER, L.EYE_LEFT_LOWER, L.BROW_LEFT)),
+                                        (6, (L.EYE_RIGHT_UPPER, L.EYE_RIGHT_LOWER, L.BROW_RIGHT))):
+            up_pts, lo_pts = uv[upper], uv[lower]
+            eu0, eu1 = float(up_pts[:, 0].min()), float(up_pts[:, 0].max())
+            e_lut_up = _curve(up_pts, u_lo, u_hi, step)
+            e_lut_lo = _curve(lo_pts, u_lo, u_hi, step)
+            v_ul, v_ll = at(e_lut_up, U), at(e_lut_lo, U)
+            inside = ((U > eu0) & (U < eu1)).astype(np.float32)
+            gap = np.maximum(v_ll - v_ul, 0.0) * inside
+            mine = eye_which == (k - 5)
+            eye_t[mine], eye_g[mine] = (V - v_ul)[mine], gap[mine]
+            lid_to_brow = max(3.0, float(up_pts[:, 1].min() - uv[brow, 1].mean()))
+            # The stretch above the lid must stay gentle (slope < 1) or the skin folds over itself.
+            reach = max(0.8 * lid_to_brow, 2.2 * float(gap.max()))
+            # Above the lid the lens-shaped sweep widens into a broad, flat pull, so creases stay straight.
+            ew = eu1 - eu0
+            broad = float(gap.max()) * (1.0 - smoothstep(0.5 * ew, 0.9 * ew, np.abs(U - (eu0 + eu1) / 2)))
+            t_up = smoothstep(0.0, 0.5 * reach, v_ul - V)
+            amount = np.where(V < v_ul, gap * (1.0 - t_up) + broad * t_up, gap)
+            vprof = np.where(
+                V < v_ul,
+                1.0 - smoothstep(0.0, reach, v_ul - V),
+                1.0 - smoothstep(0.0, 1.5, V - v_ll),
+            )
+            gap = amount
+            # A softer lateral edge so the lid corners do not crease.
+            soft = smoothstep(eu0, eu0 + 0.15 * (eu1 - eu0), U) * (1.0 - smoothstep(eu1 - 0.15 * (eu1 - eu0), eu1, U))
+            put(k, -BLINK_SKIN_SHARE * (gap * vprof * np.maximum(soft, 0.6 * inside * (V >= v_ul) + (V < v_ul))), e_v)
+        # Brows: raised (positive) with the forehead above them, fading to the upper lids.
+        brow_w = np.zeros((h, w), np.float32)
+        for brow, upper in ((L.BROW_LEFT, L.EYE_LEFT_UPPER), (L.BROW_RIGHT, L.EYE_RIGHT_UPPER)):
+            pts = uv[brow]
+            bu, bv = pts[:, 0].mean(), pts[:, 1].mean()
+            half = (pts[:, 0].max() - pts[:, 0].min()) / 2 * 1.3
+            lid_v = float(uv[upper, 1].min())
+            lat_b = 1.0 - smoothstep(0.6 * half, half, np.abs(U - bu))
+            down = 1.0 - smoothstep(bv, lid_v, V)
+            up = 1.0 - smoothstep(0.0, 1.6 * (lid_v - bv), bv - V)
+            brow_w = np.maximum(brow_w, lat_b * np.where(V > bv, down, up))
+        put(7, brow_w, e_v)
+
+    # Nothing moves at the crop border, so the pasted crop meets the portrait seamlessly.
+    margin = 4.0
+    border = smoothstep(0, margin, np.minimum(np.minimum(xs, w - 1 - xs), np.minimum(ys, h - 1 - ys)))
+    # Nor outside the face oval, which on a frontal face is swept down by the chin's travel.
+    jaw_travel = 0.85 * max(0.0, 1.2 * g_max - g0) * frontal
+    face = face_mask(xs, ys, lm - off, jaw_travel * e_v, max(2.0, 0.035 * fw))
+    built = [MODES.index(m) for m in MOUTH_MODES] if mouth_only else slice(None)
+    sub[built] *= (border * face)[None, ..., None]
+
+    # Head: an ellipse over face and hair, feathered out well inside the crop.
+    hc = center - off
+    if mouth_only:  # the head mask spans the whole crop
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        border = smoothstep(0, margin, np.minimum(np.minimum(xs, w - 1 - xs), np.minimum(ys, h - 1 - ys)))
+    rx, ry = 0.62 * fw, 0.62 * fh
+    r = np.sqrt(((xs - hc[0]) / rx) ** 2 + ((ys - hc[1]) / ry) ** 2)
+    head_mask = ((1.0 - smoothstep(0.85, 1.4, r)) * border).astype(np.float32)
+
+    if mouth_only:
+        eye_patch = np.array([0, 0, 1, 1], np.int32)
+        eye_map = np.zeros((3, 1, 1), np.float32)
+        eye_skin = np.zeros((1, 1, 3), np.float32)
+    else:
+        eye_patch, eye_map, eye_skin = _eye_layers(image[y0:y1, x0:x1], lm - off, eye_t, eye_g, eye_which, e_v)
+
+    # The portrait's own teeth: a bright, unsaturated band between the inner lips.
+    own = 0.0
+    palette, teeth = interior_palette(image[y0:y1, x0:x1], lm - off)
+    if g0 >= 2.5:
+        band = (V > v_ui + 0.5) & (V < v_li - 0.5) & (AU < 0.6 * hw_m)
+        pix = image[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1][band].astype(np.float32)
+        if len(pix) >= 6:
+            lum = pix @ np.array([0.299, 0.587, 0.114], np.float32)
+            sat = pix.max(1) - pix.min(1)
+            bright = pix[lum >= np.median(lum)]
+            if np.median(lum) > 100 and np.median(sat) < 90:
+                own = g0 / 2
+                teeth = np.clip(bright.mean(0) * 1.02, 0, 255).astype(np.float32)
+
+    return Encoding(
+        image=image,
+        landmarks=lm,
+        crop=np.array([x0, y0, x1, y1], np.int32),
+        bases=bases,
+        head_mask=head_mask,
+        head_center=hc.astype(np.float32),
+        patch=np.array([px0, py0, px1, py1], np.int32),
+        patch_side=np.ascontiguousarray(below[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0]),
+        frame=np.array([mouth_c[0], mouth_c[1], cs, sn, u_lo, step], np.float32),
+        lut_upper=lut_up,
+        lut_lower=lut_lo,
+        teeth_rgb=teeth,
+        palette=palette,
+        dims=np.array([fw, fh, hw_m, g0, g_max, lip_lo_h, own, 0.035 * fh], np.float32),
+        mouth_geo=np.array([u_mid, yaw, frontal, hw_lm], np.float32),
+        patch_mask=np.ascontiguousarray(face[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0], dtype=np.float32),
+        eye_patch=eye_patch,
+        eye_map=eye_map,
+        eye_skin=eye_skin,
+    )
+
+
+def encode_image(image: np.ndarray, pick_largest: bool = False) -> Encoding:
+    """Find the face once with MediaPipe and build its encoding."""
+    return encode_from_landmarks(image, find_landmarks(image, pick_largest))

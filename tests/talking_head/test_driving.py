@@ -1,0 +1,251 @@
+"""Driving on real Piper speech: closures, openings, pauses, flow, blinks, head, emotion, audio-only sync."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from evaluator.metrics.sync import av_offset, speech_envelope, syllable_smooth
+from gpu_service.engines.base import SpeechRequest
+from gpu_service.talking_head.controls import Controls
+from gpu_service.talking_head.driving import UnknownEmotion, drive, infer_emotion
+from gpu_service.talking_head.visemes import is_bilabial, is_vowel
+from gpu_service.errors import ValidationFailed
+
+FPS = 25.0
+TEXT = (
+    "Please bring me the map of the moon. Well, we will meet them by the pool at noon, "
+    "and then, maybe, we shall see who wins the big prize."
+)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    """Real Piper speech with phoneme timings."""
+    from gpu_service.engines.tts_piper import PiperEngine
+
+    engine = PiperEngine()
+    engine.load("cpu")
+    return engine.synthesize(SpeechRequest(text=TEXT))
+
+
+def _centre_frame(p, fps=FPS) -> int:
+    return int(np.floor(0.5 * (p.start_s + p.end_s) * fps))
+
+
+def test_frame_count_and_types(speech):
+    ctl = drive(speech.duration_s, FPS, phonemes=speech.phonemes)
+    assert ctl.n_frames == round(speech.duration_s * FPS)
+    assert ctl.fps == FPS
+    for name in Controls.names():
+        arr = getattr(ctl, name)
+        assert arr.dtype == np.float32 and arr.shape == (ctl.n_frames,), name
+        assert np.all(np.isfinite(arr)), name
+    assert drive(2.0, 30, phonemes=speech.phonemes).n_frames == 60
+
+
+def test_bilabials_closed_vowels_open_pauses_closed(speech):
+    ctl = drive(speech.duration_s, FPS, phonemes=speech.phonemes)
+    mo = ctl.mouth_open
+    bil = [p for p in speech.phonemes if is_bilabial(p.phoneme)]
+    assert len(bil) >= 10  # the sentence is full of m/b/p
+    assert all(mo[_centre_frame(p)] <= 0.02 for p in bil), [(p.phoneme, float(mo[_centre_frame(p)])) for p in bil]
+
+    vowels = [p for p in speech.phonemes if is_vowel(p.phoneme)]
+    open_share = np.mean([mo[_centre_frame(p)] >= 0.12 for p in vowels])
+    assert open_share >= 0.85, open_share
+    # Long vowels are clearly open.
+    long_open = [mo[_centre_frame(p)] for p in vowels if p.end_s - p.start_s >= 0.09 and p.phoneme[0] in "aɑæʌɔɛ"]
+    assert long_open and min(long_open) >= 0.35, long_open
+
+    # Inside pauses, once ~100 ms have passed and before the mouth prepares the next word: closed.
+    t = (np.arange(ctl.n_frames) + 0.5) / FPS
+    settled = np.zeros(ctl.n_frames, bool)
+    for s, e in _silences(speech.phonemes):
+        settled |= (t >= s + 0.12) & (t <= e - 0.08)
+    assert settled.sum() >= 3
+    assert np.all(mo[settled] <= 0.02), mo[settled]
+    # Before the first phoneme and after the last, closed too.
+    assert mo[-1] <= 0.02
+
+
+def _silences(phones) -> list[tuple[float, float]]:
+    """Runs of adjacent "_" and " " containing a pause (Piper splits a silence into pieces)."""
+    out, run = [], []
+    for p in list(phones) + [None]:
+        if p is not None and p.phoneme in ("_", " ") and (not run or abs(p.start_s - run[-1].end_s) < 1e-3):
+            run.append(p)
+            continue
+        if any(q.phoneme == "_" for q in run):
+            out.append((run[0].start_s, run[-1].end_s))
+        run = [p] if p is not None and p.phoneme in ("_", " ") else []
+    return out
+
+
+def test_flow_has_no_jumps_except_at_bilabial_closures(speech):
+    ctl = drive(speech.duration_s, FPS, phonemes=speech.phonemes)
+    mo = ctl.mouth_open
+    near_closure = np.zeros(ctl.n_frames, bool)
+    for p in speech.phonemes:
+        if is_bilabial(p.phoneme):
+            # The lips seal over the phoneme's span: frames touching it may move fast (closure, release).
+            near_closure[max(0, int(p.start_s * FPS) - 1): int(p.end_s * FPS) + 2] = True
+    jumps = np.abs(np.diff(mo))
+    free = ~(near_closure[:-1] | near_closure[1:])
+    assert jumps[free].max() <= 0.35, jumps[free].max()
+    # Lip shapes (rounding, spreading, tuck) never snap.
+    for name in ("mouth_round", "mouth_spread", "lip_tuck"):
+        assert np.abs(np.diff(getattr(ctl, name))).max() <= 0.6, name
+    # And the mouth does move: a frozen face would pass the jump bound trivially.
+    assert mo.std() >= 0.12
+
+
+def test_labiodentals_tuck_and_rounding_follows_rounded_vowels(speech):
+    ctl = drive(speech.duration_s, FPS, phonemes=speech.phonemes)
+    rounded = [ctl.mouth_round[_centre_frame(p)] for p in speech.phonemes if p.phoneme.startswith(("u", "o", "w"))]
+    spread = [ctl.mouth_spread[_centre_frame(p)] for p in speech.phonemes if p.phoneme.startswith(("i", "ɪ"))]
+    assert rounded and np.mean(rounded) >= 0.5, rounded
+    assert spread and np.mean(spread) >= 0.4, spread
+    ph = [("_", 0.0, 0.2), ("f", 0.2, 0.3), ("a", 0.3, 0.5), ("v", 0.5, 0.6), ("_", 0.6, 1.0)]
+    c2 = drive(1.0, FPS, phonemes=ph)
+    assert c2.lip_tuck[int(0.25 * FPS)] >= 0.7 and c2.lip_tuck[int(0.4 * FPS)] <= 0.3
+
+
+def test_blinks_rate_shape_and_start():
+    counts = []
+    for seed in range(8):
+        ctl = drive(20.0, FPS, seed=seed)
+        b = ctl.blink
+        closed = b >= 0.9
+        onsets = np.flatnonzero(closed & ~np.concatenate([[False], closed[:-1]]))
+        counts.append(len(onsets))
+        assert np.all(b[: int(0.5 * FPS)] == 0)
+        # Each blink is short: the lid is moving or closed for at most ~200 ms.
+        moving = b > 0.05
+        runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], moving.astype(int), [0]]))))[::2]
+        assert runs.max() <= round(0.2 * FPS) + 1, runs
+    per_minute = np.array(counts) * 3
+    assert np.all((per_minute >= 6) & (per_minute <= 24)), per_minute
+    assert 10 <= per_minute.mean() <= 20, per_minute
+    assert len(set(counts)) > 1 or len({tuple(drive(20.0, FPS, seed=s).blink) for s in range(3)}) == 3
+
+
+def test_head_motion_is_small_smooth_and_switchable(speech):
+    ctl = drive(speech.duration_s, FPS, phonemes=speech.phonemes, seed=3)
+    for name in ("head_yaw", "head_pitch", "head_roll"):
+        x = getattr(ctl, name)
+        assert np.abs(x).max() < 0.03, name
+        # Smooth: the frame-to-frame change is a small fraction of the range (no jitter).
+        assert np.abs(np.diff(x, 2)).max() < 0.002, name
+    assert 0.005 <= np.abs(ctl.head_dx).max() <= 0.02
+    assert np.abs(ctl.head_dx).max() + np.abs(ctl.head_yaw).max() > 0.01  # it does move
+    still = drive(speech.duration_s, FPS, phonemes=speech.phonemes, head_motion=False)
+    for name in ("head_yaw", "head_pitch", "head_roll", "head_dx", "head_dy"):
+        assert not np.any(getattr(still, name)), name
+
+
+def test_deterministic_and_seeded(speech):
+    a = drive(speech.duration_s, FPS, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate, seed=7)
+    b = drive(speech.duration_s, FPS, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate, seed=7)
+    c = drive(speech.duration_s, FPS, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate, seed=8)
+    assert np.array_equal(a.as_matrix(), b.as_matrix())
+    assert not np.array_equal(a.blink, c.blink)
+    assert np.array_equal(a.mouth_open, c.mouth_open)  # the seed varies eyes and head, not speech
+
+
+def test_audio_only_mouth_follows_speech_at_zero_lag(speech):
+    ctl = drive(speech.duration_s, FPS, audio=speech.audio, sample_rate=speech.sample_rate)
+    env = speech_envelope(speech.audio, speech.sample_rate, FPS, n_frames=ctl.n_frames)
+    off = av_offset(ctl.mouth_open, env, FPS, max_lag_frames=8)
+    assert abs(off.lag_frames) <= 1, off
+    assert off.corr_at_lag >= 0.5, off
+    # Silence is closed; it is not a mere volume meter (shaped: dips between syllables deepen).
+    quiet = env <= np.percentile(env, 5) + 3.0
+    # Frames well inside silence (quiet themselves and two frames either side).
+    deep = quiet & np.roll(quiet, 1) & np.roll(quiet, -1) & np.roll(quiet, 2) & np.roll(quiet, -2)
+    assert deep.sum() >= 3
+    assert np.all(ctl.mouth_open[deep] <= 0.05), ctl.mouth_open[deep]
+    raw = np.clip((env - env.min()) / (np.ptp(env) + 1e-9), 0, 1)
+    assert np.corrcoef(ctl.mouth_open, raw)[0, 1] < 0.99
+    # Rounding and spreading come from the spectrum, not zero.
+    assert ctl.mouth_round.max() > 0.2 and ctl.mouth_spread.max() > 0.2
+    # Resampled audio of another rate drives the same way.
+    import scipy.signal as ss
+
+    a16 = ss.resample_poly(speech.audio, 160, 441)
+    c16 = drive(speech.duration_s, FPS, audio=a16, sample_rate=8000)
+    assert np.corrcoef(c16.mouth_open, ctl.mouth_open)[0, 1] > 0.9
+
+
+def test_audio_only_silence_is_closed():
+    sr = 16000
+    noise = np.random.default_rng(0).normal(0, 1e-4, sr * 2).astype(np.float32)
+    ctl = drive(2.0, FPS, audio=noise, sample_rate=sr)
+    assert ctl.mouth_open.max() <= 0.05
+
+
+def test_phonemes_and_audio_together_keep_closures(speech):
+    ctl = drive(speech.duration_s, FPS, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate)
+    bil = [p for p in speech.phonemes if is_bilabial(p.phoneme)]
+    assert all(ctl.mouth_open[_centre_frame(p)] <= 0.02 for p in bil)
+    only = drive(speech.duration_s, FPS, phonemes=speech.phonemes)
+    assert np.corrcoef(ctl.mouth_open, only.mouth_open)[0, 1] > 0.9
+
+
+def test_emotions():
+    assert infer_emotion("I'm so happy to see you!") == "happy"
+    assert infer_emotion("I am so sorry, I miss her.") == "sad"
+    assert infer_emotion("The meeting is at noon.") == "neutral"
+    happy = drive(1.0, FPS, emotion="auto", text="I'm so happy to see you!")
+    assert happy.smile.min() > 0.3
+    sad = drive(1.0, FPS, emotion="sad")
+    assert sad.smile.max() < 0 and sad.eye_open.max() < 0
+    surprised = drive(1.0, FPS, emotion="surprised")
+    assert surprised.brow.min() > 0.5 and surprised.eye_open.min() > 0.5
+    assert np.all(drive(1.0, FPS, emotion="auto").smile == 0)  # no text: neutral
+    with pytest.raises(UnknownEmotion) as err:
+        drive(1.0, FPS, emotion="bored")
+    assert isinstance(err.value, ValueError) and isinstance(err.value, ValidationFailed)
+    assert "happy" in str(err.value) and "auto" in str(err.value)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValidationFailed, match="fps"):
+        drive(1.0, 0)
+    with pytest.raises(ValidationFailed, match="duration_s"):
+        drive(-1.0, 25)
+    with pytest.raises(ValidationFailed, match="sample_rate"):
+        drive(1.0, 25, audio=np.zeros(100, np.float32))
+    with pytest.raises(ValidationFailed, match="span"):
+        drive(1.0, 25, phonemes=[("a", 0.5, 0.2)])
+
+
+def test_fast(speech):
+    reps = int(np.ceil(60.0 / speech.duration_s))
+    audio = np.tile(speech.audio, reps)[: 60 * speech.sample_rate]
+    phones = [(p.phoneme, p.start_s + i * speech.duration_s, p.end_s + i * speech.duration_s)
+              for i in range(reps) for p in speech.phonemes]
+    phones = [p for p in phones if p[2] <= 60.0]
+    for kw in (dict(phonemes=phones), dict(audio=audio, sample_rate=speech.sample_rate),
+               dict(phonemes=phones, audio=audio, sample_rate=speech.sample_rate)):
+        drive(60.0, FPS, **kw)
+        best = min(_timed(lambda: drive(60.0, FPS, **kw)) for _ in range(3))
+        assert best < 0.05, (list(kw), best)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def test_phoneme_driven_mouth_does_not_lag_the_speech(speech):
+    """The opening keeps up with the sound (measured at 100 fps, 10 ms steps); without the lip lead it trails by 30-40 ms."""
+    fps = 100.0
+    ctl = drive(speech.duration_s, fps, phonemes=speech.phonemes)
+    env = speech_envelope(speech.audio, speech.sample_rate, fps, n_frames=ctl.n_frames)
+    off = av_offset(ctl.mouth_open, env, fps, max_lag_frames=8)
+    assert -40.0 <= off.lag_ms <= 20.0, off
+    assert off.corr_at_lag >= 0.4, off

@@ -1,0 +1,220 @@
+"""Renderer on real faces: encoding, exact rest frame, untouched background, MediaPipe-measured mouth and lids, CPU vs torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage import data
+from skimage.metrics import structural_similarity
+
+from gpu_service.engines.base import SpeechRequest
+from gpu_service.talking_head import landmarks as L
+from gpu_service.talking_head.controls import Controls
+from gpu_service.talking_head.encoding import Encoding, encode_from_landmarks, encode_image
+from gpu_service.talking_head.renderer import Renderer, mode_weights
+
+
+@pytest.fixture(scope="module")
+def astro() -> Encoding:
+    return encode_image(data.astronaut())
+
+
+@pytest.fixture(scope="module")
+def cam() -> Encoding:
+    return encode_image(np.stack([data.camera()] * 3, -1))
+
+
+@pytest.fixture(scope="module")
+def cpu() -> Renderer:
+    return Renderer("cpu")
+
+
+def rest_controls(enc: Encoding, n: int) -> Controls:
+    """Controls that reproduce the portrait's own rest mouth."""
+    c = Controls.neutral(n, 25.0)
+    c.mouth_open[:] = float(enc.dims[3] / enc.dims[4])
+    return c
+
+
+def inner_gap(frame: np.ndarray) -> float:
+    lm = L.detect_faces(frame)[0]
+    return float(np.mean(lm[[14, 317, 87], 1]) - np.mean(lm[[13, 312, 82], 1]))
+
+
+def eye_aperture(frame: np.ndarray) -> float:
+    lm = L.detect_faces(frame)[0]
+    return float((lm[145, 1] - lm[159, 1]) + (lm[374, 1] - lm[386, 1])) / 2
+
+
+def test_encoding_of_real_portraits(astro, cam, tmp_path):
+    assert astro.landmarks.shape == (478, 2)
+    x, y, w, h = astro.face_box
+    assert 150 < x < 220 and 50 < y < 110 and 80 < w < 120  # the astronaut's face, upper middle
+    assert astro.nbytes <= 20 * 1024 * 1024
+    assert astro.dims[3] > 4  # she smiles with her teeth: the rest mouth is open
+    assert astro.dims[6] > 0  # and those teeth are recognised as the portrait's own
+    path = tmp_path / "a.npz"
+    astro.save(path)
+    again = Encoding.load(path)
+    assert np.array_equal(again.bases, astro.bases) and np.array_equal(again.image, astro.image)
+    # The cameraman's face is small and grey; MediaPipe finds it after upscaling.
+    cx, cy, cw, ch = cam.face_box
+    assert 180 < cx < 230 and 100 < cy < 150 and 50 < cw < 90
+    assert cam.dims[3] < 2  # closed mouth
+    # Per-frame encoding from given landmarks (what lip-sync reuses) is the same encoding.
+    same = encode_from_landmarks(astro.image, astro.landmarks)
+    assert np.array_equal(same.bases, astro.bases)
+
+
+def test_rest_controls_reproduce_the_portrait_exactly(astro, cpu):
+    frames = cpu.render(astro, rest_controls(astro, 3), head_motion=False)
+    assert np.array_equal(frames[0], astro.image)
+
+
+def test_pixels_outside_the_face_region_never_change(astro, cpu):
+    rng = np.random.default_rng(1)
+    c = Controls.neutral(12, 25.0)
+    for name in c.names():
+        getattr(c, name)[:] = rng.uniform(-1, 1, 12) * (0.05 if name.startswith("head") else 1.0)
+    c.mouth_open[:] = np.abs(c.mouth_open)
+    frames = cpu.render(astro, c, head_motion=True)
+    x0, y0, x1, y1 = astro.crop
+    outside = np.ones(astro.image.shape[:2], bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(frames[:, outside], np.broadcast_to(astro.image[outside], frames[:, outside].shape))
+    assert not np.array_equal(frames[0], astro.image)
+
+
+def test_mouth_opens_and_closes_as_mediapipe_measures(astro, cam, cpu):
+    c = Controls.neutral(3, 25.0)
+    # mouth_open=1 is the widest opening (about a fifth of the face height), which MediaPipe still follows.
+    c.mouth_open[:] = [0.0, 0.5, 1.0]
+    closed, half, wide = cpu.render(astro, c, head_motion=False)
+    rest = inner_gap(astro.image)
+    g_closed, g_half, g_wide = inner_gap(closed), inner_gap(half), inner_gap(wide)
+    assert g_closed < 0.5 * rest  # her smiling mouth is closed
+    assert rest < g_half < g_wide
+    assert g_wide > 2.5 * rest
+    # The closed-mouthed cameraman opens too (the interior is drawn, not found).
+    cam_open = cpu.render(cam, Controls(**{**vars(Controls.neutral(1, 25.0)), "mouth_open": np.ones(1, np.float32)}), False)[0]
+    region = (slice(int(cam.landmarks[13, 1]), int(cam.landmarks[14, 1]) + 8), slice(int(cam.landmarks[61, 0]), int(cam.landmarks[291, 0])))
+    darker = cam.image[region].astype(int).mean(axis=-1) - cam_open[region].astype(int).mean(axis=-1)
+    assert (darker > 40).sum() >= 15, "a dark cavity appeared where the lips were"
+
+
+def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation 0..1 of RGB pixels (any leading shape)."""
+    px = rgb.astype(np.float32)
+    hi, lo = px.max(-1), px.min(-1)
+    return (hi - lo) / np.maximum(hi, 1.0)
+
+
+def open_mouth(enc: Encoding, cpu: Renderer, amounts) -> np.ndarray:
+    c = Controls.neutral(len(amounts), 25.0)
+    c.mouth_open[:] = amounts
+    return cpu.render(enc, c, head_motion=False)
+
+
+def test_mouth_interior_takes_the_portraits_colourfulness(astro, cam, cpu):
+    # The grey cameraman gets a grey mouth: the drawn interior's saturation stays at the photo's.
+    for frame in open_mouth(cam, cpu, [0.4, 0.7, 1.0]):
+        changed = np.abs(frame.astype(np.int16) - cam.image).max(-1) > 12
+        assert changed.sum() > 15  # the mouth did open
+        drawn, photo = hsv_saturation(frame[changed]), hsv_saturation(cam.image[changed])
+        assert abs(drawn.mean() - photo.mean()) < 0.02
+        assert np.percentile(drawn, 95) < np.percentile(photo, 95) + 0.05  # no tinted patch, however small
+    # The astronaut's interior is warm like her lips (red over blue), and not much richer than them.
+    wide = open_mouth(astro, cpu, [1.0])[0]
+    inside = np.abs(wide.astype(np.int16) - astro.image).max(-1) > 40
+    px = wide[inside].astype(np.float32)
+    lip = astro.image[int(astro.landmarks[17, 1]) - 2 : int(astro.landmarks[17, 1]) + 1, int(astro.landmarks[84, 0]) : int(astro.landmarks[314, 0])]
+    assert inside.sum() > 200 and px[:, 0].mean() > px[:, 2].mean() + 5
+    assert hsv_saturation(px).mean() < 1.6 * hsv_saturation(lip).mean()
+
+
+def test_turned_face_opens_inside_its_oval(cam, cpu):
+    # The cameraman is near profile: his opening (and everything else) stays inside the face oval,
+    # so no background beside the lips or below the chin is dragged or painted over.
+    import cv2
+
+    n = 4
+    c = Controls.neutral(n, 25.0)
+    c.mouth_open[:] = 1.0
+    c.mouth_round[:] = [0.0, 1.0, 0.0, 0.0]  # rounding opens a little further
+    c.mouth_spread[:] = [0.0, 0.0, 1.0, 0.0]
+    c.smile[:] = [0.0, 0.0, 1.0, -1.0]
+    c.blink[:] = [0.0, 0.0, 0.0, 1.0]
+    c.brow[:] = [0.0, 0.0, 1.0, -1.0]
+    frames = cpu.render(cam, c, head_motion=False)
+    hull = np.zeros(cam.image.shape[:2], np.uint8)
+    cv2.fillConvexPoly(hull, np.round(L.face_hull(cam.landmarks)).astype(np.int32), 1)
+    pad = int(np.ceil(0.06 * cam.dims[0]))  # a few pixels: the feather of the motion at the outline
+    allowed = cv2.dilate(hull, np.ones((2 * pad + 1, 2 * pad + 1), np.uint8)).astype(bool)
+    for frame in frames:
+        changed = np.any(frame != cam.image, -1)
+        assert changed[hull.astype(bool)].sum() > 20  # the face did move
+        assert not changed[~allowed].any(), np.argwhere(changed & ~allowed)[:5]
+    # Turned away, the widest opening is a small fraction of the face height, not a third of it.
+    assert cam.dims[4] < 0.15 * cam.dims[1]
+
+
+def test_blink_closes_the_eyes(astro, cpu):
+    c = rest_controls(astro, 2)
+    c.blink[:] = [0.0, 1.0]
+    open_, shut = cpu.render(astro, c, head_motion=False)
+    assert eye_aperture(shut) < 0.5 * eye_aperture(open_)
+    # The shut eye is covered by smooth lid skin like the skin above it, not a smear of iris and lashes.
+    import cv2
+
+    lm = astro.landmarks
+    for upper, lower in ((L.EYE_LEFT_UPPER, L.EYE_LEFT_LOWER), (L.EYE_RIGHT_UPPER, L.EYE_RIGHT_LOWER)):
+        eye = np.zeros(astro.image.shape[:2], np.uint8)
+        cv2.fillPoly(eye, [np.round(lm[upper + lower[::-1]]).astype(np.int32)], 1)
+        eye = cv2.erode(eye, np.ones((3, 3), np.uint8)).astype(bool)
+        lum = shut.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        rows = np.nonzero(eye.any(1))[0]
+        lid = eye & (np.arange(eye.shape[0])[:, None] < rows[0] + 0.6 * (rows[-1] - rows[0] + 1))  # above the lash line
+        x0, x1 = np.nonzero(eye.any(0))[0][[0, -1]]
+        skin_above = lum[int(lm[upper, 1].min()) - 6 : int(lm[upper, 1].min()) - 3, x0 + 2 : x1 - 1]
+        assert lid.sum() > 10 and abs(lum[lid].mean() - skin_above.mean()) < 25 and lum[lid].std() < 12
+
+
+def test_speech_driven_clip_keeps_the_rest_of_the_face(astro, cpu, piper_engine):
+    from gpu_service.talking_head.driving import drive
+
+    speech = piper_engine.synthesize(SpeechRequest(text="Maybe we should open the window."))
+    c = drive(speech.duration_s, 25, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate, head_motion=False)
+    assert c.n_frames == round(speech.duration_s * 25)
+    frames = cpu.render(astro, c, head_motion=False)
+    assert len(frames) == c.n_frames
+    lm = astro.landmarks
+    keep = np.ones(astro.image.shape[:2], bool)
+    for group, pad in ((L.OUTER_UPPER + L.OUTER_LOWER, 0.45), (L.EYE_LEFT_UPPER + L.BROW_LEFT, 0.25), (L.EYE_RIGHT_UPPER + L.BROW_RIGHT, 0.25)):
+        pts = lm[group]
+        lo, hi = pts.min(0), pts.max(0)
+        m = pad * astro.dims[1]
+        keep[int(lo[1] - m) : int(hi[1] + m * (2.2 if group[0] == 61 else 1.0)), int(lo[0] - m) : int(hi[0] + m)] = False
+    grey = lambda im: im.astype(np.float32).mean(-1)  # noqa: E731
+    scores = []
+    for frame in frames[:: max(1, len(frames) // 12)]:
+        _, smap = structural_similarity(grey(astro.image), grey(frame), data_range=255, full=True)
+        scores.append(float(smap[keep].mean()))
+    assert min(scores) >= 0.95, scores
+    gaps = np.array(mode_weights(astro, c)[:, 0])
+    assert gaps.max() > 0  # the speech opened the mouth past its rest
+
+
+def test_cpu_and_torch_paths_agree(astro, cpu):
+    rng = np.random.default_rng(0)
+    n = 10
+    c = Controls.neutral(n, 25.0)
+    c.mouth_open[:] = rng.uniform(0, 1, n)
+    c.blink[:] = rng.uniform(0, 1, n)
+    c.smile[:] = rng.uniform(-1, 1, n)
+    c.mouth_round[:] = rng.uniform(0, 1, n)
+    c.head_roll[:] = rng.uniform(-0.05, 0.05, n)
+    c.head_dy[:] = rng.uniform(-0.03, 0.03, n)
+    a = cpu.render(astro, c).astype(np.int16)
+    b = Renderer("cpu", backend="torch", batch=4).render(astro, c).astype(np.int16)
+    diff = np.abs(a - b)
+    assert diff.mean() < 0.1 and diff.max() <= 12

@@ -1,0 +1,137 @@
+"""The video endpoints in process: presets at start, real Piper speech to MP4, and a 4xx for each bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+from skimage import data
+
+from gpu_service.talking_head.video import probe_mp4, read_frames
+from tests.conftest import running_app
+
+
+def png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    assert ok
+    return buf.tobytes()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def wav_b64(seconds: float) -> str:
+    t = np.arange(int(seconds * 16000)) / 16000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32), 16000, format="WAV")
+    return b64(buf.getvalue())
+
+
+@pytest.fixture
+def video_settings(gpu_settings, tmp_path):
+    presets = gpu_settings.preset_avatars_dir
+    (presets / "astro").mkdir(parents=True)
+    (presets / "astro" / "portrait.png").write_bytes(png(data.astronaut()))
+    (presets / "broken").mkdir()
+    (presets / "broken" / "face.jpg").write_bytes(b"not a jpeg at all")
+    (presets / "empty").mkdir()
+    return gpu_settings.model_copy(update={"max_image_bytes": 2 * 1024 * 1024, "max_video_audio_s": 20.0})
+
+
+def test_presets_speech_to_mp4_and_json(video_settings):
+    async def scenario():
+        async with running_app(video_settings) as client:
+            health = (await client.get("/health")).json()
+            assert health["models"]["video"] is True
+            avatars = (await client.get("/avatars")).json()
+            assert [a["avatar_id"] for a in avatars] == ["astro"]  # the broken and empty presets were skipped
+            assert avatars[0]["preset"] and avatars[0]["image_size"] == [512, 512]
+
+            tts = (await client.post("/tts/generate", json={"text": "Hello there, I build rockets."})).json()
+            resp = await client.post("/video/generate", json={"avatar_id": "astro", "audio_url": tts["audio_url"],
+                                                              "phonemes": tts["phonemes"], "head_motion": False})
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["content-type"] == "video/mp4"
+            info = probe_mp4(resp.content)
+            assert "h264" in info["video"] and "yuv420p" in info["video"] and "512x512" in info["video"]
+            assert "aac" in info["audio"]
+            assert info["duration_s"] == pytest.approx(tts["duration_s"], abs=0.05)
+            assert int(resp.headers["X-Frames"]) == round(tts["duration_s"] * 25)
+            assert resp.content[:64].find(b"ftyp") >= 0 and resp.content.find(b"moov") < resp.content.find(b"mdat")
+            frames = read_frames(resp.content, (512, 512))
+            assert len(frames) == round(tts["duration_s"] * 25)
+            x0, y0, x1, y1 = 20, 300, 120, 500  # background, far from the face: as the portrait (up to codec loss)
+            assert np.abs(frames[:, y0:y1, x0:x1].astype(int) - data.astronaut()[y0:y1, x0:x1]).mean() < 4
+
+            # An inline portrait, base64 audio, no audio track, JSON answer with an artifact URL.
+            cam = np.stack([data.camera()] * 3, -1)
+            resp = await client.post("/video/generate", json={"avatar_image": b64(png(cam)), "audio": wav_b64(1.0),
+                                                              "include_audio": False, "fps": 20, "response": "json"})
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            assert body["frames"] == 20 and body["fps"] == 20 and body["width"] == 512 and body["device"] == "cpu"
+            assert body["avatar_id"].startswith("img_") and body["timings_ms"]["total"] > 0
+            video = await client.get(body["video_url"])
+            assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+            assert probe_mp4(video.content)["audio"] is None
+
+            # Upload, list, use, delete.
+            up = await client.post("/avatars", files={"image": ("cam.png", png(cam), "image/png")})
+            assert up.status_code == 200, up.text
+            cam_id = up.json()["avatar_id"]
+            assert cam_id == body["avatar_id"] and up.json()["cached"] is True  # same image: encoded once
+            assert cam_id in [a["avatar_id"] for a in (await client.get("/avatars")).json()]
+            assert (await client.delete(f"/avatars/{cam_id}")).status_code == 200
+            assert (await client.post("/video/generate", json={"avatar_id": cam_id, "audio": wav_b64(1.0)})).status_code == 404
+
+    asyncio.run(scenario())
+
+
+def test_each_bad_input_gets_its_4xx(video_settings):
+    astro = data.astronaut()
+    face = astro[30:250, 130:330]
+    two = np.ascontiguousarray(np.concatenate([face, face[:, ::-1]], axis=1))  # two faces side by side
+    tiny = cv2.resize(astro, (160, 160), interpolation=cv2.INTER_AREA)
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    big = np.random.default_rng(1).integers(0, 255, (1100, 1100, 3), dtype=np.uint8)
+
+    async def upload(client, raw, **form):
+        return await client.post("/avatars", files={"image": ("x.png", raw, "image/png")}, data=form)
+
+    async def scenario():
+        async with running_app(video_settings) as client:
+            cases = [
+                (await upload(client, png(noise)), 422, "no face"),
+                (await upload(client, png(two)), 422, "2 faces"),
+                (await upload(client, png(tiny)), 422, "too small"),
+                (await upload(client, b"hello, not an image"), 422, "not a readable image"),
+                (await upload(client, png(big)), 422, "limit"),
+            ]
+            ok = await upload(client, png(two), pick_largest="true")
+            assert ok.status_code == 200, ok.text
+            audio = wav_b64(1.0)
+            gen = lambda body: client.post("/video/generate", json=body)  # noqa: E731
+            cases += [
+                (await gen({"avatar_id": "nobody", "audio": audio}), 404, "unknown avatar_id"),
+                (await gen({"avatar_id": "../../etc/passwd", "audio": audio}), 422, "invalid"),
+                (await gen({"avatar_id": "astro", "audio": ""}), 422, "empty"),
+                (await gen({"avatar_id": "astro", "audio": b64(b"RIFF....garbage")}), 422, "not a readable audio"),
+                (await gen({"avatar_id": "astro", "audio": wav_b64(21.0)}), 422, "at most 20"),
+                (await gen({"avatar_id": "astro", "audio_url": "http://evil.example/x.wav"}), 422, "audio_url must be"),
+                (await gen({"avatar_id": "astro", "audio_url": "/artifacts/" + "0" * 32 + ".wav"}), 404, "does not exist"),
+                (await gen({"avatar_id": "astro", "audio": audio, "emotion": "smug"}), 422, "unknown emotion"),
+                (await gen({"audio": audio}), 422, "exactly one of avatar_id or avatar_image"),
+                (await gen({"avatar_image": b64(png(noise)), "audio": audio}), 422, "no face"),
+                (await client.delete("/avatars/astro"), 422, "preset"),
+            ]
+            for resp, status, words in cases:
+                assert resp.status_code == status, (words, resp.text)
+                assert words in resp.json()["error"], (words, resp.text)
+
+    asyncio.run(scenario())
