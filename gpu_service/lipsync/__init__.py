@@ -1,0 +1,1 @@
+"""Lip-sync: re-voice an existing video with new speech, reusing the talking-head renderer."""

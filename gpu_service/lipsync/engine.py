@@ -1,0 +1,232 @@
+"""Landmark lip-sync engine: re-voices a video by re-rendering each frame's mouth with the talking head.
+
+Per output frame: track the face (smoothed mesh), encode that frame as a talking-head avatar
+(`encode_from_landmarks`), and render it with controls driven from the NEW speech. Because the
+renderer maps absolute controls onto each avatar's own rest state, a per-frame encoding makes
+mouth_open=0 mean "close this frame's mouth, however open it is": the source's mouth motion is
+replaced, not added to. The source's mouth width is neutralised the same way (see
+`_width_correction`). Head motion is the source's own (no synthetic head motion); eyes, brows and
+expression are left as filmed. Frames without a usable face pass through untouched and are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Iterator, Optional
+
+import numpy as np
+
+from gpu_service.engines.base import LipSyncJob, LipSyncResult
+from gpu_service.errors import BadMedia
+from gpu_service.lipsync.mouth import inner_gap, refine_inner_lips
+from gpu_service.lipsync.stream_io import VideoSource, frames_in_order, plan_length
+from gpu_service.lipsync.tracking import FaceTracker
+from gpu_service.talking_head.controls import Controls
+from gpu_service.talking_head.driving import drive
+from gpu_service.talking_head.encoding import MODES, Encoding, encode_from_landmarks
+from gpu_service.talking_head.renderer import Renderer, mode_weights
+from gpu_service.talking_head.video import encode_mp4
+
+log = logging.getLogger(__name__)
+
+_SPREAD = MODES.index("spread")
+# Controls the source keeps as filmed: its own blinks, brows and expression.
+CLOSE_SEAM = 0.15
+"""Where the source's open lips meet when closed, as a fraction of its inner-lip gap down from the upper lip.
+
+A mouth opens mostly with the jaw (the talking head lifts the upper lip by 0.15 of an opening), so
+closing it must drop the upper lip by about as little. Closing at the midline instead dragged the
+upper lip down by 0.4 of the gap: the stretched lip above the seam read as an opening to face
+trackers, and the source's old mouth motion leaked into the output. Measured on the astronaut clip
+re-voiced with every frame closed (MediaPipe gap of the output against the source's true gap, px
+per px): 0.21 at the midline with a 0.4/0.6 split, 0.12 at this seam, 0.08 adding the visible-edge
+refinement (mouth.py), 0.01 adding `follow_gap` (each column closed by its own gap).
+"""
+_KEEP_SOURCE = ("smile", "brow", "eye_open", "blink", "head_yaw", "head_pitch", "head_roll", "head_dx", "head_dy")
+
+
+def speech_controls(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int,
+                    phonemes: Optional[list] = None) -> Controls:
+    """Mouth controls for n_frames of the new speech; every non-mouth control zero (the source keeps its own)."""
+    ctl = drive(n_frames / float(fps), float(fps), phonemes=phonemes, audio=audio, sample_rate=sample_rate,
+                head_motion=False)
+    if ctl.n_frames != n_frames:  # rounding of duration * fps: pad with rest or cut
+        full = Controls.neutral(n_frames, float(fps))
+        k = min(n_frames, ctl.n_frames)
+        for name in Controls.names():
+            getattr(full, name)[:k] = getattr(ctl, name)[:k]
+        ctl = full
+    for name in _KEEP_SOURCE:
+        getattr(ctl, name)[:] = 0.0
+    return ctl
+
+
+class MouthWidthReference:
+    """The source's rest mouth width, as a fraction of the face width: the median of recent frames."""
+
+    def __init__(self, window: int = 250) -> None:
+        self._ratios: deque[float] = deque(maxlen=window)
+
+    def update(self, enc: Encoding) -> float:
+        """Add this frame's mouth-width ratio and return the reference ratio."""
+        fw, hw_m = float(enc.dims[0]), float(enc.dims[2])
+        self._ratios.append(hw_m / max(fw, 1.0))
+        return float(np.median(self._ratios))
+
+
+def _width_correction(enc: Encoding, c: Controls, ref_ratio: float) -> Controls:
+    """Controls whose spread also undoes the source's own widening or narrowing of the mouth.
+
+    The spread mode moves the corners in pixels; its pixels per unit of mouth_spread are read
+    from the renderer's own mapping (it is linear in spread), so this stays right if the
+    mapping's constants change.
+    """
+    fw, hw_m = float(enc.dims[0]), float(enc.dims[2])
+    target = ref_ratio * fw
+    base = mode_weights(enc, c)[0, _SPREAD]
+    probe = replace(c, mouth_spread=c.mouth_spread + 1.0)
+    per_unit = float(mode_weights(enc, probe)[0, _SPREAD] - base)
+    if abs(per_unit) < 1e-6:
+        return c
+    extra = np.clip((target - hw_m) / per_unit, -1.5, 1.5)
+    return replace(c, mouth_spread=(c.mouth_spread + extra).astype(np.float32))
+
+
+def closes(prev: Optional[Encoding], c: Controls, gap: float) -> bool:
+    """Whether controls `c` (one frame) ask for less opening than this frame's inner-lip gap (px).
+
+    The previous frame's encoding stands in for this one's face size and widest opening (they
+    change slowly); without one, closing is assumed.
+    """
+    if prev is None:
+        return True
+    dims = prev.dims.copy()
+    dims[3] = gap
+    return float(mode_weights(replace(prev, dims=dims), c)[0, 0]) < 0.0
+
+
+class LandmarkLipSync:
+    """Lip-sync by per-frame landmark warping with the talking-head renderer (CPU remap or torch)."""
+
+    name = "landmark"
+
+    def __init__(self, *, preset: str = "veryfast", crf: int = 16, chunk_bytes: int = 64 * 1024 * 1024,
+                 backend: str = "auto") -> None:
+        self.x264_preset = preset
+        self.crf = crf
+        self.chunk_bytes = chunk_bytes
+        self.backend = backend
+        self.renderer: Optional[Renderer] = None
+        self.device = "cpu"
+
+    def load(self, device: str) -> None:
+        """Pick the render path for the device."""
+        self.device = device
+        self.renderer = Renderer(device, backend=self.backend)
+        log.info("lipsync loaded", extra={"device": device, "backend": self.renderer.backend})
+
+    def warmup(self) -> None:
+        """Start a face tracker (loads MediaPipe's graph) and encode two frames, so the first request is not slow."""
+        frame = np.full((128, 128, 3), 128, np.uint8)
+        with FaceTracker(25.0) as tracker:
+            tracker.track(frame)
+        encode_mp4([frame, frame], 25, (128, 128), preset=self.x264_preset, crf=self.crf)
+
+    def health(self) -> dict:
+        """Engine facts for /health."""
+        ready = self.renderer is not None
+        return {"available": ready, "loaded": ready, "voices": [], "languages": []}
+
+    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
+        """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered."""
+        chunk = max(4, min(64, self.chunk_bytes // src.frame_bytes))
+        widths = MouthWidthReference(window=int(10 * float(src.fps)))
+        prev: Optional[Encoding] = None
+        with FaceTracker(float(src.fps)) as tracker:
+            for i, (_, frame) in enumerate(frames_in_order(src, controls.n_frames, policy, chunk)):
+                stats["frames"] = i + 1
+                t0 = time.perf_counter()
+                lm = tracker.track(frame)
+                t1 = time.perf_counter()
+                stats["track_ms"] += (t1 - t0) * 1000
+                if lm is None:
+                    stats["frames_without_face"] += 1
+                    yield frame
+                    continue
+                ctl = controls.slice(i, i + 1)
+                # The mesh reads an open mouth as less open than it is: its inner lips go to the visible edges.
+                lm = refine_inner_lips(frame, lm)
+                # Closing this frame's mouth needs the low seam and per-column closing (CLOSE_SEAM); opening
+                # it keeps the midline, where the drawn upper teeth belong to the upper lip's side.
+                closing = closes(prev, ctl, inner_gap(lm))
+                try:
+                    # Eyes, brows and smile stay as filmed: only the mouth's fields are built (4x faster, same fields).
+                    enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing,
+                                                mouth_only=True)
+                except BadMedia:  # face too small to animate: leave it as filmed
+                    stats["frames_without_face"] += 1
+                    yield frame
+                    continue
+                t2 = time.perf_counter()
+                prev = enc
+                c = _width_correction(enc, ctl, widths.update(enc))
+                out = next(iter(self.renderer.frames(enc, c, head_motion=False,
+                                                     close_upper=CLOSE_SEAM if closing else 0.4)))
+                stats["encode_ms"] += (t2 - t1) * 1000
+                stats["render_ms"] += (time.perf_counter() - t2) * 1000
+                yield out
+
+    def lipsync(self, job: LipSyncJob) -> LipSyncResult:
+        """Re-voice the job's video with its audio and encode the MP4 with the new audio (blocking)."""
+        started = time.perf_counter()
+        src: VideoSource = job.video  # type: ignore[assignment]
+        fps = float(src.fps)
+        n_audio = max(1, int(round(len(job.audio) / job.sample_rate * fps)))
+        # The source's real frame count is known only after decoding; trim can shorten to the probed estimate.
+        n_out = plan_length(max(src.estimated_frames(), 1), n_audio, job.length_policy)
+        controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes)
+        stats = {"frames": 0, "frames_without_face": 0, "track_ms": 0.0, "encode_ms": 0.0, "render_ms": 0.0}
+        t_drive = time.perf_counter()
+        w, h = src.size
+        frames = self.revoice_frames(src, controls, job.length_policy, stats)
+        # The audio is cut or padded to whole frames after the frames are known: write it lazily.
+        mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
+                                sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf)
+        n = stats["frames"]
+        if n == 0:
+            raise BadMedia("video has no decodable frames")
+        if stats["frames_without_face"] == n:
+            raise BadMedia(f"no face found in any of the video's {n} frames; send a video of a visible, frontal face")
+        if n < n_out:  # trim with a source shorter than probed: re-encode the audio to the frames we have
+            mp4, facts = self._reencode_short(job, src, n, stats)
+        total = (time.perf_counter() - started) * 1000
+        timings = {"drive": (t_drive - started) * 1000, "track": stats["track_ms"], "encode_face": stats["encode_ms"],
+                   "render": stats["render_ms"], "total": total}
+        log.info("lipsync done", extra={"frames": n, "no_face": stats["frames_without_face"], "fps": fps,
+                                        "policy": job.length_policy, "ms": round(total)})
+        return LipSyncResult(
+            mp4=mp4, frames=n, frames_without_face=stats["frames_without_face"], fps=fps, width=w, height=h,
+            duration_s=n / fps, source_frames=min(n, src.estimated_frames()) if job.length_policy == "trim" else src.estimated_frames(),
+            length_policy=job.length_policy, engine=self.name, timings_ms={k: round(v, 2) for k, v in timings.items()},
+        )
+
+    def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict) -> tuple[bytes, dict]:
+        """Redo a job whose source turned out shorter than probed, with the audio cut to its n frames."""
+        fps = float(src.fps)
+        controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes)
+        for key in stats:
+            stats[key] = 0 if key.startswith("frames") else 0.0
+        frames = self.revoice_frames(src, controls, "trim", stats)
+        return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
+                          sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf)
+
+
+def _fit(audio: np.ndarray, sample_rate: int, n_frames: int, fps: float) -> np.ndarray:
+    """Audio cut or zero-padded to exactly n_frames / fps seconds, so the streams end together."""
+    n = int(round(n_frames / fps * sample_rate))
+    if len(audio) >= n:
+        return audio[:n]
+    return np.pad(audio, (0, n - len(audio)))

@@ -1,0 +1,210 @@
+"""Lip-sync orchestration between the router and the engine: streamed uploads, validation, slots.
+
+Uploads are parsed from the request stream as they arrive and written to temp files, counting
+bytes: a part past its limit is refused (413) before the rest of the body is read, and nothing
+larger than a form field is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+from pydantic import TypeAdapter, ValidationError
+
+from avatar_contracts.gpu import LENGTH_POLICIES, PhonemeTiming
+from gpu_service.engines.base import LipSyncJob, LipSyncResult
+from gpu_service.engines.manager import EngineEntry, EngineManager
+from gpu_service.errors import BadMedia, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from gpu_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FILE_FIELDS = ("video", "audio")
+TEXT_FIELDS = ("audio_url", "phonemes", "fps", "length_policy", "response", "engine")
+FIELD_MAX_BYTES = 1024 * 1024
+"""A form field (phoneme JSON included) larger than this is refused."""
+DEFAULT_POLICY = "pingpong"
+"""Audio longer than the video: play the video forwards then backwards, as users of such tools expect
+(no jump cut at the loop point, and a talking head reads naturally in reverse)."""
+
+_AUDIO_ARTIFACT = re.compile(r"^/(?:.*/)?artifacts/([0-9a-f]{32}\.wav)$")
+_PHONEMES = TypeAdapter(list[PhonemeTiming])
+
+
+@dataclass
+class LipSyncForm:
+    """The parsed multipart request: text fields and the paths of the uploaded files."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+async def read_multipart(request, folder: Path, limits: dict[str, int]) -> LipSyncForm:
+    """Stream a multipart body into `folder`, enforcing each file's byte limit as it is read."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype = request.headers.get("content-type", "")
+    kind, params = parse_options_header(ctype)
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data with a boundary, got {ctype or 'none'!r}")
+    form = LipSyncForm()
+    part: dict = {}
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, name=None, sink=None, size=0, text=bytearray(), hname=b"", hvalue=b"")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["hname"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["hvalue"] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][part["hname"].lower()] = part["hvalue"]
+        part["hname"], part["hvalue"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        name = disp.get(b"name", b"").decode(errors="replace")
+        if name in FILE_FIELDS:
+            if name in form.files:
+                raise ValidationFailed(f"{name} was sent twice")
+            path = folder / f"{name}.upload"
+            part["sink"] = open(path, "wb")
+            form.files[name] = path
+        elif name not in TEXT_FIELDS:
+            raise ValidationFailed(f"unknown form field {name!r}; known: {', '.join(FILE_FIELDS + TEXT_FIELDS)}")
+        part["name"] = name
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        name = part["name"]
+        part["size"] += end - start
+        if part["sink"] is not None:
+            if part["size"] > limits[name]:
+                raise PayloadTooLarge(f"{name} is larger than {limits[name]} bytes (the limit)")
+            part["sink"].write(data[start:end])
+        else:
+            if part["size"] > FIELD_MAX_BYTES:
+                raise PayloadTooLarge(f"form field {name} is larger than {FIELD_MAX_BYTES} bytes")
+            part["text"] += data[start:end]
+
+    def on_part_end() -> None:
+        name = part["name"]
+        if part["sink"] is not None:
+            part["sink"].close()
+            form.sizes[name] = part["size"]
+        elif name is not None:
+            form.fields[name] = part["text"].decode("utf-8", errors="replace")
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    })
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except ValueError as exc:  # python-multipart's parse errors
+        raise ValidationFailed(f"malformed multipart body: {exc}") from None
+    finally:
+        if part.get("sink") is not None and not part["sink"].closed:
+            part["sink"].close()
+    return form
+
+
+class LipSyncService:
+    """Turns a multipart lip-sync request into an MP4 on the lip-sync engine."""
+
+    def __init__(self, manager: EngineManager, settings: Settings, artifacts) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.artifacts = artifacts
+
+    def entry(self, name: Optional[str] = None) -> EngineEntry:
+        """The loaded lip-sync engine, or a 4xx/503 saying why not."""
+        return self.manager.get("lipsync", name)
+
+    def audio_artifact(self, url: str) -> Path:
+        """The file of an audio artifact this service made; any other URL is refused, never fetched."""
+        path = urlparse(url).path if "://" in url else url
+        match = _AUDIO_ARTIFACT.match(path or "")
+        if not match:
+            raise ValidationFailed("audio_url must be an audio_url returned by this service's /tts (…/artifacts/<id>.wav)")
+        try:
+            return self.artifacts.path(match.group(1))
+        except NotFound as exc:
+            raise NotFound(f"audio_url: {exc.message}") from None
+
+    @staticmethod
+    def options(form: LipSyncForm) -> tuple[Optional[float], str, Optional[list]]:
+        """fps, length policy and phoneme timings from the form, or a 422 naming the bad field."""
+        fps = None
+        if form.fields.get("fps", "").strip():
+            try:
+                fps = float(form.fields["fps"])
+            except ValueError:
+                raise ValidationFailed(f"fps must be a number, got {form.fields['fps']!r}") from None
+            if not 5.0 <= fps <= 60.0:
+                raise ValidationFailed(f"fps must be within [5, 60], got {fps:g}")
+        policy = form.fields.get("length_policy", "").strip() or DEFAULT_POLICY
+        if policy not in LENGTH_POLICIES:
+            raise ValidationFailed(f"length_policy must be one of {', '.join(LENGTH_POLICIES)}, got {policy!r}")
+        phonemes = None
+        if form.fields.get("phonemes", "").strip():
+            try:
+                items = _PHONEMES.validate_python(json.loads(form.fields["phonemes"]))
+            except (json.JSONDecodeError, ValidationError) as exc:
+                raise ValidationFailed(
+                    f"phonemes must be a JSON list of {{phoneme, start_s, end_s}}: {str(exc).splitlines()[0]}") from None
+            phonemes = [(p.phoneme, p.start_s, p.end_s) for p in items]
+        return fps, policy, phonemes
+
+    async def generate(self, request) -> tuple[LipSyncResult, str]:
+        """Read, validate and re-voice one request -> (result, response kind "mp4" or "json"); temp files always go."""
+        from gpu_service.lipsync.stream_io import decode_audio_file, open_video
+
+        s = self.settings
+        tmp_root = s.data_dir / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="lipsync_", dir=tmp_root))
+        try:
+            self.entry()  # an unavailable engine is refused before the upload is read
+            form = await read_multipart(request, folder, {"video": s.lipsync_max_video_bytes,
+                                                          "audio": s.lipsync_max_audio_bytes})
+            entry = self.entry(form.fields.get("engine") or None)
+            if "video" not in form.files:
+                raise ValidationFailed("the form needs a `video` file (MP4, MOV, WebM or MKV)")
+            has_audio, has_url = "audio" in form.files, bool(form.fields.get("audio_url", "").strip())
+            if has_audio == has_url:
+                raise ValidationFailed("send exactly one of `audio` (a file) or `audio_url` (from this service's /tts)")
+            for name in form.files:
+                if form.sizes.get(name, 0) == 0:
+                    raise BadMedia(f"{name} is empty")
+            fps, policy, phonemes = self.options(form)
+            kind = form.fields.get("response", "").strip() or "mp4"
+            if kind not in ("mp4", "json"):
+                raise ValidationFailed(f"response must be mp4 or json, got {kind!r}")
+            audio_path = form.files["audio"] if has_audio else self.audio_artifact(form.fields["audio_url"].strip())
+            field_name = "audio" if has_audio else "audio_url"
+            video = await asyncio.to_thread(open_video, form.files["video"], max_s=s.lipsync_max_video_s,
+                                            max_pixels=s.lipsync_max_pixels, fps=fps)
+            audio, rate = await asyncio.to_thread(decode_audio_file, audio_path, field_name, s.lipsync_max_audio_s)
+            job = LipSyncJob(video=video, audio=audio, sample_rate=rate, length_policy=policy, phonemes=phonemes)
+            log.info("lipsync request", extra={"video_bytes": form.sizes["video"], "size": video.size,
+                                               "fps": float(video.fps), "audio_s": round(len(audio) / rate, 3),
+                                               "policy": policy})
+            return await entry.slots.run(entry.engine.lipsync, job), kind
+        finally:
+            await asyncio.to_thread(shutil.rmtree, folder, True)

@@ -1,0 +1,319 @@
+"""Media probing and streaming IO for lip-sync: ffmpeg pipes in and out, never a whole video in memory.
+
+Probing parses `ffmpeg -i` (the bundled binary has no ffprobe). Decoding is one ffmpeg process
+per pass writing rawvideo rgb24 to a pipe, read one frame at a time. Longer audio than video is
+met by replaying the source in the order of the length policy; a reversed (pingpong) pass is
+decoded in short chunks from the end, each chunk held in memory and yielded backwards, so memory
+stays at one chunk whatever the clip's length.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import numpy as np
+
+from gpu_service.errors import BadMedia, GenerationFailed, UnsupportedMediaType
+from gpu_service.talking_head.video import ffmpeg_exe
+
+log = logging.getLogger(__name__)
+
+LengthPolicy = Literal["trim", "loop", "pingpong"]
+LENGTH_POLICIES: tuple[str, ...] = ("trim", "loop", "pingpong")
+
+# Containers as ffmpeg names them ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm").
+VIDEO_CONTAINERS = ("mov", "mp4", "matroska", "webm")
+# Camera, phone and web codecs the bundled ffmpeg decodes; anything else (ffv1, rawvideo, gif...) is refused
+# up front rather than failing or crawling half way through a long job.
+VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg", "prores")
+AUDIO_CONTAINERS = ("wav", "mp3", "flac", "ogg")
+
+_DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
+_SIZE = re.compile(r"\b(\d{2,5})x(\d{2,5})\b")
+_FPS = re.compile(r"([\d.]+)\s*(?:fps|tbr)\b")
+_RATE = re.compile(r"(\d+)\s*Hz")
+_ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
+
+
+@dataclass
+class MediaInfo:
+    """What `ffmpeg -i` says about a file: container, streams, duration."""
+
+    container: str = ""
+    duration_s: Optional[float] = None
+    video_codec: Optional[str] = None
+    width: int = 0
+    height: int = 0
+    fps: Optional[float] = None
+    rotation: float = 0.0
+    audio_codec: Optional[str] = None
+    sample_rate: Optional[int] = None
+    text: str = field(default="", repr=False)
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """Width, height as decoded frames come out (ffmpeg applies the rotation metadata)."""
+        if round(abs(self.rotation)) % 180 == 90:
+            return self.height, self.width
+        return self.width, self.height
+
+
+def probe(path: Path) -> MediaInfo:
+    """Parse `ffmpeg -i` on a file; BadMedia when ffmpeg cannot read it at all."""
+    try:
+        res = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True,
+                             errors="replace", timeout=30)
+    except subprocess.TimeoutExpired:
+        raise BadMedia(f"{path.name}: probing took too long; the file is likely corrupt") from None
+    text = res.stderr
+    info = MediaInfo(text=text)
+    m = re.search(r"Input #0, ([^ ]+?), from", text)
+    if not m:
+        return info
+    info.container = m.group(1)
+    m = _DURATION.search(text)
+    if m:
+        info.duration_s = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("Stream #0"):
+            m = _ROTATION.search(line)
+            if m:
+                info.rotation = float(m.group(1))
+            continue
+        if "Video:" in line and info.video_codec is None and "(attached pic)" not in line:
+            desc = line.split("Video:", 1)[1].strip()
+            info.video_codec = desc.split()[0].rstrip(",")
+            size = _SIZE.search(desc)
+            if size:
+                info.width, info.height = int(size.group(1)), int(size.group(2))
+            fps = _FPS.search(desc)
+            if fps:
+                info.fps = float(fps.group(1))
+        elif "Audio:" in line and info.audio_codec is None:
+            desc = line.split("Audio:", 1)[1].strip()
+            info.audio_codec = desc.split()[0].rstrip(",")
+            rate = _RATE.search(desc)
+            if rate:
+                info.sample_rate = int(rate.group(1))
+    return info
+
+
+def exact_fps(fps: float) -> Fraction:
+    """A frame rate as a fraction, recognising the NTSC rates ffmpeg prints rounded (29.97 -> 30000/1001)."""
+    for base in (24, 30, 60, 120):
+        ntsc = Fraction(base * 1000, 1001)
+        if abs(float(ntsc) - fps) < 0.006:
+            return ntsc
+    return Fraction(fps).limit_denominator(1001)
+
+
+@dataclass
+class VideoSource:
+    """A validated input video, decoded as rgb24 frames of `size` at `fps`."""
+
+    path: Path
+    info: MediaInfo
+    fps: Fraction
+    size: tuple[int, int]
+    """Width, height of the decoded (and output) frames; even, as H.264 yuv420p needs."""
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one decoded frame."""
+        return self.size[0] * self.size[1] * 3
+
+    def estimated_frames(self) -> int:
+        """Frames the decoder should deliver, from the probed duration (the real count comes from decoding)."""
+        return int(round((self.info.duration_s or 0.0) * float(self.fps)))
+
+    def _cmd(self, start_s: float = 0.0, max_frames: Optional[int] = None) -> list[str]:
+        w, h = self.size
+        cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin"]
+        if start_s > 0:
+            cmd += ["-ss", f"{start_s:.6f}"]
+        # The fps filter makes variable-rate phone video constant-rate; crop keeps sides even.
+        vf = f"fps={self.fps.numerator}/{self.fps.denominator},crop={w}:{h}:0:0"
+        cmd += ["-i", str(self.path), "-an", "-sn", "-vf", vf, "-threads", "1"]
+        if max_frames is not None:
+            cmd += ["-frames:v", str(max_frames)]
+        return cmd + ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+
+    def _frames(self, start_s: float = 0.0, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+        """Decode frames from `start_s` on through a pipe, one frame in memory at a time."""
+        w, h = self.size
+        proc = subprocess.Popen(self._cmd(start_s, max_frames), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=0)
+        errors: list[bytes] = []
+        reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+        reader.start()
+        n = 0
+        try:
+            while True:
+                buf = _read_exact(proc.stdout, self.frame_bytes)
+                if buf is None:
+                    break
+                n += 1
+                yield np.frombuffer(buf, np.uint8).reshape(h, w, 3)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            reader.join(5)
+        if proc.returncode not in (0, None) and n == 0 and not (max_frames and proc.returncode < 0):
+            detail = (errors[0] if errors else b"").decode(errors="replace").strip()[-300:]
+            raise BadMedia(f"video could not be decoded (corrupt or truncated file): {detail}")
+
+    def forward(self) -> Iterator[np.ndarray]:
+        """Every frame, first to last."""
+        yield from self._frames()
+
+    def backward(self, n_frames: int, first: int, last: int, chunk: int) -> Iterator[np.ndarray]:
+        """Frames `last` down to `first` (inclusive), decoded `chunk` frames at a time from the end."""
+        stop = last + 1
+        while stop > first:
+            start = max(first, stop - chunk)
+            # Seek half a frame early: ffmpeg keeps frames at or after the seek time, so frame `start` is the first.
+            seek = max(0.0, (start - 0.5) / float(self.fps))
+            got = list(self._frames(seek, stop - start)) if start > 0 else list(self._frames(0.0, stop))
+            if len(got) < stop - start:
+                raise GenerationFailed(f"re-reading frames {start}..{stop - 1} gave {len(got)} frames")
+            yield from reversed(got[: stop - start])
+            stop = start
+
+
+def _read_exact(stream, size: int) -> Optional[bytes]:
+    """`size` bytes from a pipe, or None at its end (a partial last frame is dropped)."""
+    parts, got = [], 0
+    while got < size:
+        piece = stream.read(size - got)
+        if not piece:
+            return None
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def plan_length(n_source: int, n_target: int, policy: str) -> int:
+    """Output frames for a source of n_source frames and audio worth n_target frames under `policy`."""
+    if n_target <= n_source or policy != "trim":
+        return n_target
+    return n_source
+
+
+def source_index(i: int, n_source: int, policy: str) -> int:
+    """The source frame shown at output frame i (pingpong bounces without repeating the end frames)."""
+    if i < n_source or n_source <= 1:
+        return min(i, n_source - 1) if n_source > 0 else 0
+    if policy == "loop":
+        return i % n_source
+    if policy == "pingpong":
+        period = 2 * n_source - 2
+        k = i % period
+        return k if k < n_source else period - k
+    raise ValueError(f"policy {policy!r} does not extend past the source")
+
+
+def frames_in_order(src: VideoSource, n_target: int, policy: str, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(source index, frame) for each output frame: the source once, then replayed as the policy says.
+
+    The source's true frame count is only known once it is decoded, so the first pass streams
+    while counting and the replays are planned from the count.
+    """
+    n = 0
+    for frame in src.forward():
+        if n >= n_target:
+            return
+        yield n, frame
+        n += 1
+    if n == 0:
+        raise BadMedia("video has no decodable frames")
+    i = n
+    total = plan_length(n, n_target, policy)
+    while i < total:
+        if policy == "loop" or n == 1:
+            for frame in src.forward():
+                if i >= total:
+                    return
+                yield source_index(i, n, policy), frame
+                i += 1
+        else:  # pingpong: down from n-2 to 1, then up again from 0
+            k = i % (2 * n - 2)
+            if k >= n:
+                top = (2 * n - 2) - k
+                for frame in src.backward(n, 1, top, chunk):
+                    if i >= total:
+                        return
+                    yield source_index(i, n, policy), frame
+                    i += 1
+            else:
+                for frame in src.forward():
+                    if i >= total:
+                        return
+                    yield source_index(i, n, policy), frame
+                    i += 1
+
+
+def decode_audio_file(path: Path, field: str = "audio", max_s: float = 600.0) -> tuple[np.ndarray, int]:
+    """Any audio ffmpeg reads as mono float32 at its own rate; BadMedia when unreadable, empty or too long."""
+    info = probe(path)
+    if not info.container or info.audio_codec is None:
+        raise BadMedia(f"{field} is not an audio file (WAV, MP3, FLAC or OGG expected)")
+    if not any(c in info.container.split(",") for c in AUDIO_CONTAINERS):
+        raise UnsupportedMediaType(f"{field} is a {info.container!r} file; WAV, MP3, FLAC or OGG expected")
+    if info.duration_s is not None and info.duration_s > max_s:
+        raise BadMedia(f"{field} is {info.duration_s:.1f} s long; at most {max_s:g} s is accepted")
+    rate = info.sample_rate or 22050
+    res = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(path), "-vn", "-ac", "1",
+         "-ar", str(rate), "-f", "f32le", "pipe:1"],
+        capture_output=True, timeout=120,
+    )
+    if res.returncode != 0:
+        raise BadMedia(f"{field} could not be decoded (corrupt audio): {res.stderr.decode(errors='replace')[-200:]}")
+    audio = np.frombuffer(res.stdout, np.float32).copy()
+    if audio.size == 0:
+        raise BadMedia(f"{field} contains no audio samples")
+    if len(audio) / rate > max_s:
+        raise BadMedia(f"{field} is {len(audio) / rate:.1f} s long; at most {max_s:g} s is accepted")
+    if float(np.max(np.abs(audio))) < 1e-4:
+        raise BadMedia(f"{field} is silent; lip-sync needs speech")
+    return audio, rate
+
+
+def open_video(path: Path, *, max_s: float, max_pixels: int, fps: Optional[float] = None,
+               field: str = "video") -> VideoSource:
+    """Probe and validate an input video; 4xx naming the problem (not a video, codec, limits)."""
+    info = probe(path)
+    if not info.container:
+        raise BadMedia(f"{field} is not a readable media file (MP4, MOV, WebM or MKV expected)")
+    if info.video_codec is None:
+        raise BadMedia(f"{field} has no video stream (is it an audio or image file?)")
+    containers = info.container.split(",")
+    if not any(c in containers for c in VIDEO_CONTAINERS):
+        raise UnsupportedMediaType(f"{field} is a {info.container!r} file; MP4, MOV, WebM or MKV expected")
+    if info.video_codec not in VIDEO_CODECS:
+        raise UnsupportedMediaType(
+            f"{field} uses the {info.video_codec!r} codec; supported: {', '.join(VIDEO_CODECS)}")
+    if not info.width or not info.height:
+        raise BadMedia(f"{field}: the frame size could not be read (corrupt file?)")
+    w, h = info.display_size
+    if w < 64 or h < 64:
+        raise BadMedia(f"{field} is {w}x{h}; each side must be at least 64 pixels")
+    if w * h > max_pixels:
+        raise BadMedia(f"{field} is {w}x{h} ({w * h} pixels); at most {max_pixels} pixels per frame are accepted")
+    if info.duration_s is None or info.duration_s <= 0:
+        raise BadMedia(f"{field} has no duration (corrupt or still image)")
+    if info.duration_s > max_s:
+        raise BadMedia(f"{field} is {info.duration_s:.1f} s long; at most {max_s:g} s is accepted")
+    rate = fps if fps is not None else info.fps
+    if rate is None or not (1.0 <= rate <= 120.0):
+        raise BadMedia(f"{field}: frame rate {rate!r} is unreadable or out of range; pass fps explicitly")
+    return VideoSource(path=path, info=info, fps=exact_fps(rate), size=(w - w % 2, h - h % 2))

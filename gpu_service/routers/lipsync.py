@@ -1,0 +1,48 @@
+"""Lip-sync endpoint: re-voice an uploaded video with new speech (multipart in, MP4 or JSON out)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from avatar_contracts.gpu import LipSyncResponse
+from gpu_service.lipsync.service import LipSyncService
+
+router = APIRouter(tags=["lipsync"])
+
+
+@router.post("/lipsync/generate", response_model=LipSyncResponse)
+async def generate_lipsync(request: Request):
+    """Multipart `video` + `audio` (or `audio_url`) [+ `phonemes`, `fps`, `length_policy`, `response`] -> MP4.
+
+    The body is parsed by the service as it streams (size limits hold while reading), so the
+    fields are not declared to FastAPI; see LipSyncResponse for the field list.
+    """
+    service = LipSyncService(request.app.state.manager, request.app.state.settings, request.app.state.artifacts)
+    result, kind = await service.generate(request)
+    wants_json = kind == "json" or "application/json" in request.headers.get("accept", "")
+    if not wants_json:
+        return Response(
+            result.mp4,
+            media_type="video/mp4",
+            headers={
+                "X-Frames": str(result.frames),
+                "X-Frames-Without-Face": str(result.frames_without_face),
+                "X-Source-Frames": str(result.source_frames),
+                "X-Fps": f"{result.fps:g}",
+                "X-Width": str(result.width),
+                "X-Height": str(result.height),
+                "X-Duration-S": f"{result.duration_s:.4f}",
+                "X-Length-Policy": result.length_policy,
+                "X-Engine": result.engine,
+                "X-Timings-Ms": ",".join(f"{k}={v}" for k, v in result.timings_ms.items()),
+            },
+        )
+    art_id = request.app.state.artifacts.put(result.mp4, "mp4")
+    return LipSyncResponse(
+        video_url=str(request.url_for("get_artifact", art_id=art_id)),
+        duration_s=round(result.duration_s, 4), fps=result.fps, frames=result.frames,
+        frames_without_face=result.frames_without_face, source_frames=result.source_frames,
+        width=result.width, height=result.height, length_policy=result.length_policy, engine=result.engine,
+        device=request.app.state.device.name, timings_ms=result.timings_ms,
+    )
