@@ -1,0 +1,51 @@
+"""`python -m runtime`: serve the API on HOST:PORT from the settings (`python -m runtime worker`: jobs only)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import uvicorn
+from pydantic import ValidationError
+
+from runtime.settings import Settings
+
+
+def _worker_only(settings: Settings) -> int:
+    """Run job workers without the HTTP API (scale-out with REDIS_URL)."""
+    from avatar_contracts.logs import setup_logging
+    from runtime.jobs import Runtime
+
+    if not settings.redis_url:
+        print("runtime worker: REDIS_URL must be set for a separate worker process", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    rt = Runtime(settings.model_copy(update={"run_worker": True}))
+    rt.start()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    rt.stop()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Start uvicorn with the app; a misconfiguration exits 2 with the message."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"runtime: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if argv[:1] == ["worker"]:
+        return _worker_only(settings)
+    from runtime.app import create_app
+
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

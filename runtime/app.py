@@ -1,0 +1,347 @@
+"""The runtime's FastAPI application: the product's front door (text in, MP4 out).
+
+Everything a request can get wrong is refused here, before a job exists. Unknown body fields
+are rejected with a 422 naming them (and logged), so a misspelt option never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from avatar_contracts.gpu import EMOTIONS
+from avatar_contracts.errors import error_response, guarded_call
+from avatar_contracts.logs import setup_logging
+from avatar_contracts.runtime import GenerateRequest, JobAccepted
+from runtime import pipeline, webhooks
+from runtime.db import TERMINAL
+from runtime.errors import (
+    BadMedia,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from runtime.jobs import Runtime, job_view
+from runtime.settings import Settings, get_settings
+
+log = logging.getLogger("runtime")
+
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
+_AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _describe(exc: ValidationError) -> tuple[str, list[str]]:
+    """One readable clause per problem, naming the field; and the unknown fields."""
+    parts, unknown = [], []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        if err.get("type") == "extra_forbidden":
+            unknown.append(loc)
+            parts.append(f"unknown field {loc!r}")
+        else:
+            parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request", unknown
+
+
+def decode_b64(value: str, field: str, limit: int) -> bytes:
+    """Strict base64 (a data: URL prefix allowed) within a size limit, else a 422 naming the field."""
+    text = value.strip()
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    if len(text) > (limit * 4) // 3 + 8:
+        raise BadMedia(f"{field} is larger than the {limit} byte limit")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadMedia(f"{field} is not valid base64") from None
+    if not raw:
+        raise BadMedia(f"{field} is empty")
+    return raw
+
+
+def validate_request(req: GenerateRequest, settings: Settings) -> None:
+    """Checks that need no network: text, avatar choice, media, language, emotion, webhook scheme."""
+    if not req.text.strip():
+        raise ValidationFailed("text is empty; send the words to speak")
+    if len(req.text) > settings.max_text_chars:
+        raise ValidationFailed(
+            f"text is {len(req.text)} characters; the maximum is {settings.max_text_chars} (raise MAX_TEXT_CHARS)"
+        )
+    if (req.avatar_id is None) == (req.avatar_image is None):
+        raise ValidationFailed("send exactly one of avatar_id or avatar_image" + (
+            " (both were given)" if req.avatar_id is not None else " (neither was given)"))
+    if req.avatar_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", req.avatar_id):
+        raise ValidationFailed(f"avatar_id {req.avatar_id!r} is not a valid id (letters, digits, . _ -)")
+    if req.avatar_image is not None:
+        raw = decode_b64(req.avatar_image, "avatar_image", settings.max_image_bytes)
+        if not raw.startswith(_IMAGE_MAGIC) or (raw.startswith(b"RIFF") and raw[8:12] != b"WEBP"):
+            raise BadMedia("avatar_image is not a JPEG, PNG or WebP image")
+    if req.speaker_wav is not None:
+        raw = decode_b64(req.speaker_wav, "speaker_wav", settings.max_speaker_wav_bytes)
+        if not raw.startswith(_AUDIO_MAGIC):
+            raise BadMedia("speaker_wav is not a WAV, FLAC, OGG or MP3 file")
+    if not _LANGUAGE.match(req.language):
+        raise ValidationFailed(f"language {req.language!r} is not a language code such as en or en-US")
+    if req.emotion is not None and req.emotion not in (*EMOTIONS, "auto"):
+        raise ValidationFailed(f"emotion {req.emotion!r} is not one of {', '.join((*EMOTIONS, 'auto'))}")
+    if req.webhook_url is not None:
+        webhooks.check_target(req.webhook_url, settings)
+
+
+def create_app(settings: Optional[Settings] = None) -> FastAPI:
+    """Build the app; the job worker and restart recovery start in the lifespan."""
+    settings = settings or get_settings()
+    setup_logging(settings.log_level)
+    keys = [k.encode() for k in settings.runtime_api_keys]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        rt = Runtime(settings)
+        app.state.runtime = rt
+        await asyncio.to_thread(rt.start)
+        log.info("runtime started", extra={"port": settings.port, "broker": rt.broker_name,
+                                            "gpu_service_url": settings.gpu_service_url, "owner": rt.owner})
+        pruner = asyncio.create_task(_prune_forever(rt))
+        reaper = asyncio.create_task(_reap_forever(rt)) if settings.run_worker else None
+        try:
+            yield
+        finally:
+            pruner.cancel()
+            if reaper is not None:
+                reaper.cancel()
+            await asyncio.to_thread(rt.stop)
+
+    app = FastAPI(title="Avatar runtime", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_request_bytes:
+            return error_response(request, 413, "payload_too_large",
+                          f"request body is {int(length)} bytes; the limit is {settings.max_request_bytes}")
+        if keys and request.url.path.startswith("/api/"):
+            supplied = request.headers.get("x-api-key") or ""
+            auth = request.headers.get("authorization", "")
+            if not supplied and auth.lower().startswith("bearer "):
+                supplied = auth[7:].strip()
+            if not any(hmac.compare_digest(supplied.encode(), k) for k in keys):
+                exc = Unauthorized("a valid API key is required (X-API-Key or Authorization: Bearer)")
+                return error_response(request, exc.status_code, exc.error_type, exc.message, {"WWW-Authenticate": "Bearer"})
+        return await guarded_call(request, call_next, log)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return error_response(request, exc.status_code, exc.error_type, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(request, exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        rid = getattr(request.state, "request_id", "")
+        log.exception("unhandled error", extra={"request_id": rid, "path": request.url.path})
+        return error_response(request, 500, "internal_error", f"unexpected server error; quote request id {rid}")
+
+    def base_url(request: Request) -> str:
+        return (settings.public_url or str(request.base_url)).rstrip("/")
+
+    def runtime(request: Request) -> Runtime:
+        return request.app.state.runtime
+
+    @app.post("/api/v1/generate")
+    async def generate(request: Request):
+        """Submit text; 200 with the finished job (sync, default) or 202 with its status_url (?async=true)."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype or 'none'!r}")
+        raw = bytearray()
+        async for piece in request.stream():  # bounded even when no Content-Length was sent
+            raw.extend(piece)
+            if len(raw) > settings.max_request_bytes:
+                raise PayloadTooLarge(f"request body is over the {settings.max_request_bytes} byte limit")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValidationFailed(f"body is not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise ValidationFailed("body must be a JSON object")
+        try:
+            req = GenerateRequest.model_validate(body)
+        except ValidationError as exc:
+            message, unknown = _describe(exc)
+            if unknown:
+                log.warning("unknown request fields", extra={"fields": ",".join(unknown),
+                                                             "request_id": request.state.request_id})
+            raise ValidationFailed(message) from None
+        mode = request.query_params.get("async", "false").lower()
+        if mode not in ("true", "false", "1", "0"):
+            raise ValidationFailed("async must be true or false")
+        is_async = mode in ("true", "1")
+        key = request.headers.get("idempotency-key")
+        if key is not None and not (1 <= len(key) <= 255):
+            raise ValidationFailed("Idempotency-Key must be 1 to 255 characters")
+        await asyncio.to_thread(validate_request, req, settings)
+        rt = runtime(request)
+        if req.avatar_id is not None:
+            known = await asyncio.to_thread(rt.gpu.avatar_ids)
+            # None: the GPU service cannot say right now; the job then waits for it like any other
+            if known is not None and req.avatar_id not in known:
+                shown = ", ".join(sorted(known)[:20]) or "none"
+                raise ValidationFailed(f"unknown avatar_id {req.avatar_id!r}; known avatars: {shown}")
+        canonical = req.model_dump(exclude_none=True)
+        row, created = await asyncio.to_thread(rt.store.create, uuid.uuid4().hex, canonical, key, base_url(request))
+        if created:
+            await asyncio.to_thread(rt.enqueue, row["id"])
+            log.info("job queued", extra={"job_id": row["id"], "chars": len(req.text), "async": is_async,
+                                          "request_id": request.state.request_id})
+        status_url = f"{base_url(request)}/api/v1/jobs/{row['id']}"
+        headers = {"Location": status_url}
+        if is_async:
+            accepted = JobAccepted(task_id=row["id"], status=row["status"], status_url=status_url)
+            return JSONResponse(accepted.model_dump(), status_code=202, headers=headers)
+        deadline = time.monotonic() + settings.sync_timeout_s
+        finished = rt.watch(row["id"])
+        try:
+            while row["status"] not in TERMINAL and time.monotonic() < deadline:
+                # woken at once when this process finishes it; the DB poll covers workers elsewhere (Redis)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(finished.wait(), timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+                row = await asyncio.to_thread(rt.store.get, row["id"])
+        finally:
+            rt.unwatch(row["id"], finished)
+        view = job_view(row, base_url(request))
+        if row["status"] not in TERMINAL:  # the sync wait ran out: hand over to polling
+            body = {**view.model_dump(), "status_url": status_url}
+            return JSONResponse(body, status_code=202, headers=headers)
+        if row["status"] == "failed":
+            return JSONResponse(
+                {**view.model_dump(), "error": row["reason"], "error_type": row["error_type"] or "generation_failed",
+                 "request_id": request.state.request_id},
+                status_code={"internal_error": 500, "gpu_service_unavailable": 502}.get(row["error_type"], 422),
+                headers=headers,
+            )
+        return JSONResponse(view.model_dump(), status_code=200, headers=headers)
+
+    def _job(request: Request, task_id: str) -> dict:
+        if not _JOB_ID.match(task_id):
+            raise NotFound(f"no job {task_id!r}")
+        row = runtime(request).store.get(task_id)
+        if row is None:
+            raise NotFound(f"no job {task_id!r}")
+        return row
+
+    @app.get("/api/v1/jobs/{task_id}")
+    def job_status(task_id: str, request: Request):
+        """A job's status: queued, running (with progress), succeeded (with URLs) or failed (with the reason)."""
+        return job_view(_job(request, task_id), base_url(request)).model_dump()
+
+    def _output(request: Request, task_id: str, name: str, media_type: str) -> FileResponse:
+        row = _job(request, task_id)
+        if row["status"] != "succeeded":
+            why = f": {row['reason']}" if row["status"] == "failed" else ""
+            raise Conflict(f"job {task_id} is {row['status']}{why}; its outputs exist once it has succeeded")
+        path = settings.jobs_dir / task_id / name
+        if not path.exists():
+            raise NotFound(f"the outputs of job {task_id} have expired")
+        return FileResponse(path, media_type=media_type)
+
+    @app.get("/api/v1/jobs/{task_id}/video")
+    def job_video(task_id: str, request: Request):
+        """The finished MP4 (H.264 + AAC, faststart)."""
+        return _output(request, task_id, pipeline.VIDEO_NAME, "video/mp4")
+
+    @app.get("/api/v1/jobs/{task_id}/captions.vtt")
+    def job_captions(task_id: str, request: Request):
+        """WebVTT captions timed from the speech's word timings."""
+        return _output(request, task_id, pipeline.CAPTIONS_NAME, "text/vtt")
+
+    @app.get("/api/v1/jobs/{task_id}/timing.json")
+    def job_timing(task_id: str, request: Request):
+        """Phoneme and word timings in seconds of the final video (fps, duration_s, phonemes, words, chunks)."""
+        return _output(request, task_id, pipeline.TIMING_NAME, "application/json")
+
+    @app.get("/api/v1/jobs/{task_id}/thumbnail.jpg")
+    def job_thumbnail(task_id: str, request: Request):
+        """A JPEG frame of the video."""
+        return _output(request, task_id, pipeline.THUMBNAIL_NAME, "image/jpeg")
+
+    @app.get("/health")
+    async def health(request: Request):
+        """Always 200 while the process runs: the runtime's parts and whether the GPU service answers."""
+        rt = runtime(request)
+        answers, body = await asyncio.to_thread(rt.gpu.health)
+        counts = await asyncio.to_thread(rt.store.counts)
+        return {
+            "status": "healthy" if answers else "degraded",
+            "broker": rt.broker_name,
+            "worker": rt.worker is not None,
+            "jobs": counts,
+            "gpu_service": {"url": settings.gpu_service_url, "reachable": answers, "health": body},
+        }
+
+    @app.get("/ready")
+    async def ready(request: Request):
+        """200 when the job store, broker and worker work; reports whether the GPU service is ready too."""
+        rt = runtime(request)
+        problems = []
+        try:
+            await asyncio.to_thread(rt.store.ping)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"job database: {exc}")
+        if settings.run_worker and rt.worker is None:
+            problems.append("worker not running")
+        if settings.redis_url:
+            try:
+                await asyncio.to_thread(rt.broker.client.ping)
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"redis: {exc}")
+        gpu_ready = await asyncio.to_thread(rt.gpu.ready)
+        body = {"ready": not problems, "gpu_service_ready": gpu_ready, "problems": problems}
+        return JSONResponse(body, status_code=200 if not problems else 503, headers={} if not problems else {"Retry-After": "1"})
+
+    return app
+
+
+async def _prune_forever(rt: Runtime, every_s: float = 600.0) -> None:
+    """Remove finished jobs (record and files) older than JOB_TTL_S."""
+    while True:
+        with contextlib.suppress(Exception):
+            for job_id in await asyncio.to_thread(rt.store.expired, time.time() - rt.settings.job_ttl_s):
+                await asyncio.to_thread(pipeline.remove_outputs, rt.settings, job_id)
+                await asyncio.to_thread(rt.store.delete, job_id)
+        await asyncio.sleep(every_s)
+
+
+async def _reap_forever(rt: Runtime) -> None:
+    """Every lease period, re-send jobs whose worker vanished without recording an outcome."""
+    while True:
+        await asyncio.sleep(rt.settings.job_lease_s)
+        try:
+            await asyncio.to_thread(rt.reap)
+        except Exception:  # noqa: BLE001 - the sweep must survive a locked or briefly missing DB
+            log.exception("reaper sweep failed")

@@ -1,0 +1,191 @@
+"""Media assembly with the bundled ffmpeg: joining chunks, muxing, thumbnails, probing.
+
+Audio is joined as PCM (each chunk padded or trimmed to its video chunk's exact length) and
+encoded to AAC once, so chunk boundaries have no encoder gap or click and the audio track is
+exactly as long as the video track. Video chunks are joined without re-encoding.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import soundfile as sf
+
+FADE_S = 0.004
+"""Short fade at each chunk edge: a sample step at a boundary is an audible click."""
+
+
+@lru_cache
+def ffmpeg_exe() -> str:
+    """Path of the ffmpeg binary shipped with imageio-ffmpeg (libx264 + aac)."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+class MediaError(RuntimeError):
+    """ffmpeg failed; the message carries the tail of its output."""
+
+
+def run_ffmpeg(args: Sequence[str], timeout_s: float = 600.0) -> str:
+    """Run ffmpeg quietly; return its stderr, raise MediaError on failure."""
+    proc = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if proc.returncode != 0:
+        raise MediaError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc.stderr
+
+
+@dataclass
+class Probe:
+    """What `ffmpeg -i` says about a file."""
+
+    duration_s: Optional[float]
+    video_codec: Optional[str]
+    audio_codec: Optional[str]
+    fps: Optional[float]
+    width: Optional[int]
+    height: Optional[int]
+
+
+def probe(path: Path) -> Probe:
+    """Container duration, codecs, frame rate and size, parsed from `ffmpeg -i`."""
+    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True, timeout=60)
+    text = proc.stderr
+    dur = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
+    duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else None
+    video = re.search(r"Stream #\S+.*?: Video: (\w+).*?, (\d{2,5})x(\d{2,5})", text)
+    audio = re.search(r"Stream #\S+.*?: Audio: (\w+)", text)
+    fps = re.search(r"(\d+(?:\.\d+)?) fps", text)
+    return Probe(
+        duration_s=duration,
+        video_codec=video.group(1) if video else None,
+        audio_codec=audio.group(1) if audio else None,
+        fps=float(fps.group(1)) if fps else None,
+        width=int(video.group(2)) if video else None,
+        height=int(video.group(3)) if video else None,
+    )
+
+
+def stream_duration(path: Path, kind: str) -> float:
+    """Decoded duration in seconds of the first video ('v') or audio ('a') stream."""
+    err = run_ffmpeg(["-i", str(path), "-map", f"0:{kind}:0", "-f", "null", "-"])
+    if kind == "v":
+        frames = re.findall(r"frame=\s*(\d+)", err)
+        rate = probe(path).fps
+        if frames and rate:
+            return int(frames[-1]) / rate
+    times = re.findall(r"time=(\d+):(\d+):(\d+(?:\.\d+)?)", err)
+    if not times:
+        raise MediaError(f"cannot measure the {kind} stream of {path.name}")
+    h, m, s = times[-1]
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def count_frames(path: Path) -> int:
+    """Frames of the first video stream (decoded, so exact)."""
+    err = run_ffmpeg(["-i", str(path), "-map", "0:v:0", "-f", "null", "-"])
+    frames = re.findall(r"frame=\s*(\d+)", err)
+    if not frames:
+        raise MediaError(f"no video frames in {path.name}")
+    return int(frames[-1])
+
+
+def fit_audio(audio: np.ndarray, sample_rate: int, seconds: float) -> np.ndarray:
+    """Pad with silence or trim to exactly `seconds`, with short fades so joins do not click."""
+    target = int(round(seconds * sample_rate))
+    out = np.zeros(target, dtype=np.float32)
+    n = min(target, len(audio))
+    out[:n] = audio[:n]
+    fade = min(int(FADE_S * sample_rate), n // 2)
+    if fade > 0:
+        ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
+        out[:fade] *= ramp
+        out[n - fade:n] *= ramp[::-1]
+    return out
+
+
+def read_wav(data_or_path) -> tuple[np.ndarray, int]:
+    """Mono float32 samples and rate of a WAV (bytes or path)."""
+    import io
+
+    src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else str(data_or_path)
+    audio, rate = sf.read(src, dtype="float32", always_2d=True)
+    return audio.mean(axis=1), int(rate)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes so that readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def concat_video(parts: Sequence[Path], out: Path) -> None:
+    """Join video-only chunks of equal encoding without re-encoding (concat demuxer, stream copy)."""
+    if len(parts) == 1:
+        run_ffmpeg(["-i", str(parts[0]), "-map", "0:v:0", "-c", "copy", str(out)])
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=out.parent, delete=False) as listing:
+        for part in parts:
+            listing.write(f"file '{Path(part).resolve()}'\n")
+    try:
+        run_ffmpeg(["-f", "concat", "-safe", "0", "-i", listing.name, "-map", "0:v:0", "-c", "copy", str(out)])
+    finally:
+        os.unlink(listing.name)
+
+
+def mux(video: Path, wav: Path, out: Path) -> None:
+    """Final MP4: the video stream copied, the audio encoded to AAC once, moov first (faststart)."""
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    run_ffmpeg([
+        "-i", str(video), "-i", str(wav),
+        "-map", "0:v:0", "-map", "1:a:0",
+        "-c:v", "copy", "-c:a", "aac", "-b:a", "128k",
+        "-movflags", "+faststart", str(tmp),
+    ])
+    os.replace(tmp, out)
+
+
+def thumbnail(video: Path, out: Path, at_s: float) -> None:
+    """One JPEG frame from `at_s` seconds in."""
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    run_ffmpeg(["-ss", f"{max(0.0, at_s):.3f}", "-i", str(video), "-frames:v", "1", "-q:v", "3", str(tmp)])
+    os.replace(tmp, out)
+
+
+class _Pending:
+    """An ffmpeg run in the background; wait() raises MediaError on failure and moves the output in place."""
+
+    def __init__(self, proc: subprocess.Popen, tmp: Path, out: Path) -> None:
+        self.proc, self.tmp, self.out = proc, tmp, out
+
+    def wait(self, timeout_s: float = 120.0) -> None:
+        """Block until done."""
+        _, err = self.proc.communicate(timeout=timeout_s)
+        if self.proc.returncode != 0:
+            raise MediaError(f"ffmpeg failed ({self.proc.returncode}): {err.strip()[-800:]}")
+        os.replace(self.tmp, self.out)
+
+
+def start_thumbnail(video: Path, out: Path, at_s: float) -> _Pending:
+    """Begin extracting one JPEG frame from `at_s` seconds in; call wait() on the result."""
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    proc = subprocess.Popen(
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", "-ss", f"{max(0.0, at_s):.3f}", "-i", str(video),
+         "-frames:v", "1", "-q:v", "3", str(tmp)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    return _Pending(proc, tmp, out)

@@ -1,0 +1,262 @@
+"""One job's generation: text -> chunks -> (speech -> video) per chunk -> one MP4 + captions + timings + thumbnail.
+
+Each finished chunk is saved in the job's folder (its metadata file written last, atomically),
+so a retried or recovered job resumes at the first missing chunk and never generates a
+finished one again. The final files are written atomically under fixed names: however many
+times a job runs, it has one output.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import soundfile as sf
+
+from avatar_contracts.gpu import TTSRequest, TTSResponse, VideoRequest
+from avatar_contracts.runtime import GenerateRequest
+from runtime import media
+from runtime.captions import Word, align_words, to_webvtt
+from runtime.gpu_client import GPUClient
+from runtime.settings import Settings
+from runtime.text import chunk_text
+
+log = logging.getLogger("runtime.pipeline")
+
+VIDEO_NAME = "video.mp4"
+CAPTIONS_NAME = "captions.vtt"
+TIMING_NAME = "timing.json"
+THUMBNAIL_NAME = "thumbnail.jpg"
+
+Progress = Callable[[int, int, str], None]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    media.write_atomic(path, json.dumps(data).encode("utf-8"))
+
+
+def _chunk_paths(workdir: Path, index: int) -> tuple[Path, Path, Path]:
+    stem = f"chunk_{index:04d}"
+    return workdir / f"{stem}.wav", workdir / f"{stem}.mp4", workdir / f"{stem}.json"
+
+
+@dataclass
+class Speech:
+    """One chunk's synthesized speech, waiting for its video."""
+
+    tts: TTSResponse
+    wav: bytes
+    elapsed_ms: float
+
+
+def synthesize_chunk(gpu: GPUClient, req: GenerateRequest, text: str) -> Speech:
+    """Speech for one chunk: the JSON (phonemes) and the WAV bytes."""
+    t0 = time.perf_counter()
+    speech = gpu.tts(
+        TTSRequest(text=text, language=req.language, engine=req.engine, voice=req.voice, speaker_wav=req.speaker_wav)
+    )
+    wav = gpu.fetch(speech.audio_url, "speech download")
+    return Speech(speech, wav, (time.perf_counter() - t0) * 1000)
+
+
+def render_chunk(
+    gpu: GPUClient, req: GenerateRequest, text: str, speech: Speech, fps: int, workdir: Path, index: int
+) -> dict:
+    """Video for one chunk's speech; saves wav, mp4 and (last) the metadata json."""
+    wav_path, mp4_path, meta_path = _chunk_paths(workdir, index)
+    t1 = time.perf_counter()
+    meta, mp4 = gpu.video(
+        VideoRequest(
+            avatar_id=req.avatar_id,
+            avatar_image=req.avatar_image,
+            audio=base64.b64encode(speech.wav).decode("ascii"),
+            phonemes=speech.tts.phonemes,
+            text=text,
+            emotion=req.emotion or "neutral",
+            fps=fps,
+            include_audio=False,
+            response="json",
+        )
+    )
+    t2 = time.perf_counter()
+    media.write_atomic(wav_path, speech.wav)
+    media.write_atomic(mp4_path, mp4)
+    if meta is not None:
+        frames, rate, width, height = meta.frames, meta.fps, meta.width, meta.height
+    else:  # the service sent the bytes only: measure them
+        info = media.probe(mp4_path)
+        frames, rate, width, height = media.count_frames(mp4_path), int(round(info.fps or fps)), info.width, info.height
+    record = {
+        "index": index,
+        "text": text,
+        "frames": frames,
+        "fps": rate,
+        "width": width,
+        "height": height,
+        "speech_s": speech.tts.duration_s,
+        "phonemes": [p.model_dump() for p in speech.tts.phonemes],
+        "timings_ms": {"tts": speech.elapsed_ms, "video": (t2 - t1) * 1000},
+    }
+    _write_json(meta_path, record)
+    return record
+
+
+def _round(t: float) -> float:
+    return round(t, 4)
+
+
+def speech_timeline(records: list[dict]) -> dict:
+    """Phoneme, word and chunk timings in seconds of the final video, from each chunk's engine timings.
+
+    A chunk starts where the previous one's video ends (frames / fps). Its speech is padded with
+    silence (or trimmed) to that length, so the padding is a pause ("_") and phonemes past a
+    trimmed end are cut: the phonemes then tile the whole video without gaps. An engine that
+    gives no phoneme timings (XTTS) leaves its chunks without phonemes rather than inventing them.
+    """
+    phonemes: list[dict] = []
+    words: list[Word] = []
+    chunks: list[dict] = []
+    offset = 0.0
+    for rec in records:
+        seconds = rec["frames"] / rec["fps"]
+        first = len(phonemes)
+        cursor = 0.0
+        for ph in rec["phonemes"]:
+            start, end = float(ph["start_s"]), min(float(ph["end_s"]), seconds)
+            if start >= seconds:
+                break  # speech trimmed to the video: this phoneme is not in the final file
+            if start > cursor + 1e-6:  # unlabelled audio before this phoneme: silence by the engine's account
+                phonemes.append({"phoneme": "_", "start_s": offset + cursor, "end_s": offset + start})
+            phonemes.append({"phoneme": ph["phoneme"], "start_s": offset + start, "end_s": offset + end})
+            cursor = max(cursor, end)
+        speech_end = cursor if rec["phonemes"] else None
+        if rec["phonemes"] and seconds - cursor > 1e-6:  # the silence the audio was padded with to fill the chunk's video
+            if len(phonemes) > first and phonemes[-1]["phoneme"] == "_":
+                phonemes[-1]["end_s"] = offset + seconds
+            else:
+                phonemes.append({"phoneme": "_", "start_s": offset + cursor, "end_s": offset + seconds})
+        words.extend(align_words(rec["text"], rec["phonemes"], offset, seconds))
+        chunks.append({"index": rec["index"], "start_s": _round(offset), "end_s": _round(offset + seconds),
+                       "speech_end_s": None if speech_end is None else _round(offset + speech_end)})
+        offset += seconds
+    return {
+        "fps": records[0]["fps"],
+        "duration_s": _round(offset),
+        "phonemes": [{**p, "start_s": _round(p["start_s"]), "end_s": _round(p["end_s"])} for p in phonemes],
+        "words": [{"text": w.text, "start_s": _round(w.start_s), "end_s": _round(w.end_s)} for w in words],
+        "chunks": chunks,
+    }
+
+
+def assemble(workdir: Path, records: list[dict]) -> dict:
+    """Join the chunks into the final MP4 (+ captions, speech timings and thumbnail); returns facts about it."""
+    t0 = time.perf_counter()
+    fps = records[0]["fps"]
+    parts, pcm = [], []
+    rate: Optional[int] = None
+    offset = 0.0
+    for rec in records:
+        wav_path, mp4_path, _ = _chunk_paths(workdir, rec["index"])
+        seconds = rec["frames"] / rec["fps"]
+        audio, sr = media.read_wav(wav_path)
+        if rate is None:
+            rate = sr
+        elif sr != rate:  # engines of one job share a rate; guard anyway rather than play it at the wrong speed
+            raise media.MediaError(f"chunk {rec['index']} has sample rate {sr}, expected {rate}")
+        pcm.append(media.fit_audio(audio, sr, seconds))
+        parts.append(mp4_path)
+        offset += seconds
+    full_wav = workdir / "speech.wav"
+    sf.write(full_wav, np.concatenate(pcm), rate, subtype="PCM_16")
+    if len(parts) == 1:  # nothing to join: the mux takes the chunk's video stream as it is
+        video_only = parts[0]
+    else:
+        video_only = workdir / "video_only.mp4"
+        media.concat_video(parts, video_only)
+    t1 = time.perf_counter()
+    # the thumbnail comes from the same frames as the final video; extracting it beside the mux saves a step
+    thumb = media.start_thumbnail(video_only, workdir / THUMBNAIL_NAME, min(1.0, offset / 2))
+    media.mux(video_only, full_wav, workdir / VIDEO_NAME)
+    t2 = time.perf_counter()
+    timeline = speech_timeline(records)
+    words = [Word(w["text"], w["start_s"], w["end_s"]) for w in timeline["words"]]
+    media.write_atomic(workdir / CAPTIONS_NAME, to_webvtt(words).encode("utf-8"))
+    _write_json(workdir / TIMING_NAME, timeline)
+    thumb.wait()
+    t3 = time.perf_counter()
+    return {
+        "duration_s": round(offset, 4),
+        "frames": sum(r["frames"] for r in records),
+        "fps": fps,
+        "width": records[0].get("width"),
+        "height": records[0].get("height"),
+        "speech_timing": True,
+        "timings_ms": {"join": (t1 - t0) * 1000, "mux": (t2 - t1) * 1000, "captions_thumbnail": (t3 - t2) * 1000},
+    }
+
+
+def run(
+    gpu: GPUClient,
+    settings: Settings,
+    job_id: str,
+    body: dict,
+    progress: Progress,
+) -> dict:
+    """Generate a job's outputs in its folder, resuming from finished chunks; returns its result record."""
+    req = GenerateRequest.model_validate(body)
+    workdir = settings.jobs_dir / job_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    chunks = chunk_text(req.text, settings.chunk_chars, settings.first_chunk_chars or None)
+    total = len(chunks)
+    records: list[dict] = []
+    resumed = 0
+    pending = [i for i in range(total) if not _chunk_paths(workdir, i)[2].exists()]
+    # speech runs one chunk ahead of video: the next chunk's TTS overlaps this chunk's rendering
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tts-{job_id[:8]}") as ahead:
+        futures = {}
+        if pending:
+            futures[pending[0]] = ahead.submit(synthesize_chunk, gpu, req, chunks[pending[0]])
+        for index, text in enumerate(chunks):
+            meta_path = _chunk_paths(workdir, index)[2]
+            if meta_path.exists():  # finished in an earlier attempt
+                records.append(json.loads(meta_path.read_text()))
+                resumed += 1
+                continue
+            progress(index, total, f"generating chunk {index + 1} of {total}")
+            speech = futures.pop(index).result()
+            following = pending[pending.index(index) + 1] if pending.index(index) + 1 < len(pending) else None
+            if following is not None:
+                futures[following] = ahead.submit(synthesize_chunk, gpu, req, chunks[following])
+            records.append(render_chunk(gpu, req, text, speech, settings.fps, workdir, index))
+            log.info("chunk done", extra={"job_id": job_id, "chunk": index + 1, "chunks": total})
+    progress(total, total, "joining chunks")
+    facts = assemble(workdir, records)
+    # tts and video are each summed over chunks; after the first chunk they overlap in time
+    timings = {
+        "tts": sum(r["timings_ms"]["tts"] for r in records),
+        "video": sum(r["timings_ms"]["video"] for r in records),
+        **facts.pop("timings_ms"),
+    }
+    return {**facts, "chunks": total, "chunks_resumed": resumed, "timings_ms": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def drop_scratch(settings: Settings, job_id: str) -> None:
+    """Remove a finished job's chunk files (called once its success is recorded, so a crash before that resumes)."""
+    workdir = settings.jobs_dir / job_id
+    for path in workdir.glob("chunk_*"):
+        path.unlink(missing_ok=True)
+    for scratch in ("speech.wav", "video_only.mp4"):
+        (workdir / scratch).unlink(missing_ok=True)
+
+
+def remove_outputs(settings: Settings, job_id: str) -> None:
+    """Delete a job's folder (expired or abandoned)."""
+    shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)

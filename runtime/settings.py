@@ -1,0 +1,150 @@
+"""The runtime's one settings object, read from the environment (and `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Every knob of the runtime; the environment variable is the field name in capitals."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, use_attribute_docstrings=True)
+
+    host: str = Field(default="127.0.0.1", max_length=255)
+    """Interface to listen on; 0.0.0.0 inside a container."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port of the public API."""
+
+    gpu_service_url: str = Field(default="http://127.0.0.1:8001", pattern=r"^https?://", max_length=2048)
+    """Base URL of the GPU service (speech, video, avatars)."""
+
+    data_dir: Path = Field(default=_REPO_ROOT / ".data" / "runtime")
+    """Holds the job database (jobs.db) and each job's work folder and outputs."""
+
+    redis_url: Optional[str] = Field(default=None, pattern=r"^rediss?://", max_length=2048)
+    """When set, jobs go through Redis (RedisBroker) so several workers can share them; else in-process."""
+
+    run_worker: bool = True
+    """Run job workers inside the API process. Off for an API-only process in a Redis scale-out."""
+
+    worker_threads: int = Field(default=2, ge=1, le=64)
+    """Jobs one process runs at the same time."""
+
+    max_text_chars: int = Field(default=20_000, ge=1, le=1_000_000)
+    """Longest text accepted; longer is a 422 naming the limit."""
+
+    chunk_chars: int = Field(default=400, ge=50, le=5000)
+    """Target size of one generation chunk (whole sentences are grouped up to about this many characters)."""
+
+    first_chunk_chars: int = Field(default=100, ge=0, le=5000)
+    """Cap on the first chunk (0: no cap). A short first chunk lets the next chunk's speech overlap its video."""
+
+    max_request_bytes: int = Field(default=25 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    """Largest request body accepted (base64 media included); larger is a 413."""
+
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    """Largest decoded avatar_image."""
+
+    max_speaker_wav_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    """Largest decoded speaker_wav."""
+
+    fps: int = Field(default=25, ge=5, le=60)
+    """Frame rate of the generated video."""
+
+    sync_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    """How long a synchronous submit waits; past that it answers 202 with the status_url instead."""
+
+    job_max_retries: int = Field(default=20, ge=0, le=1000)
+    """Times a job is retried after a transient failure (GPU service down, 5xx, 429) before it fails."""
+
+    retry_min_backoff_s: float = Field(default=0.5, gt=0, le=600)
+    """First retry delay; it doubles each time up to retry_max_backoff_s."""
+
+    retry_max_backoff_s: float = Field(default=15.0, gt=0, le=3600)
+    """Longest delay between two retries."""
+
+    gpu_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    """Read timeout of one GPU-service call (generation of one chunk)."""
+
+    gpu_connect_timeout_s: float = Field(default=3.0, gt=0, le=120)
+    """Connect timeout of a GPU-service call."""
+
+    job_time_limit_s: float = Field(default=3600.0, ge=10, le=24 * 3600)
+    """Longest a job may run once started; past it the attempt is aborted and retried."""
+
+    job_lease_s: float = Field(default=30.0, ge=2, le=3600)
+    """A running job's lease; renewed while it runs. A dead worker's job is taken over once it lapses."""
+
+    job_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=60, le=365 * 24 * 3600)
+    """Age after which a finished job's outputs are removed (its URLs then answer 404)."""
+
+    webhook_secret: Optional[str] = Field(default=None, min_length=16, max_length=512)
+    """Key of the webhook signature (HMAC-SHA256 of the raw body). Webhooks are refused while unset."""
+
+    webhook_allow_private: bool = False
+    """Allow webhook targets on private, loopback or link-local addresses (SSRF guard off)."""
+
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Hosts or IPs allowed as webhook targets even when private (comma-separated), e.g. 127.0.0.1."""
+
+    webhook_max_attempts: int = Field(default=6, ge=1, le=100)
+    """Deliveries tried for one webhook (with backoff) before it is given up."""
+
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    """Timeout of one webhook delivery."""
+
+    runtime_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """API keys (comma-separated). When set, every /api call needs one (X-API-Key or Authorization: Bearer)."""
+
+    public_url: Optional[str] = Field(default=None, pattern=r"^https?://", max_length=2048)
+    """Base URL clients reach the runtime at, for the URLs in answers; the request's own base when unset."""
+
+    avatar_cache_s: float = Field(default=10.0, ge=0, le=3600)
+    """How long the GPU service's avatar list is trusted when checking avatar_id."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Level of the structured (JSON) logs."""
+
+    @field_validator("runtime_api_keys", "webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        """Accept `A,B` as well as a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("redis_url", "webhook_secret", "public_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        """An empty variable (as compose writes `REDIS_URL=`) means unset."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite job database."""
+        return self.data_dir / "jobs.db"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Parent of every job's work folder."""
+        return self.data_dir / "jobs"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own `Settings` and pass it to `create_app`."""
+    return Settings()

@@ -1,0 +1,164 @@
+"""Real processes for the runtime's end-to-end tests: the GPU service and runtimes on free ports."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import pytest
+
+from tests.helpers import REPO, free_port, stop_process, wait_ready
+
+API_KEY = "test-key-0123456789"
+WEBHOOK_SECRET = "webhook-secret-0123456789abcdef"
+
+
+class Proc:
+    """A service process that a test may kill (any signal) and start again on the same port and data."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], url: str, log: Path, ready_timeout_s: float = 120):
+        self.name, self.argv, self.env, self.url, self.log = name, argv, env, url, log
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, wait: bool = True, **env_overrides: str) -> "Proc":
+        """Start it (with optional env changes) and, by default, poll /ready until it answers 200."""
+        self.env.update(env_overrides)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, cwd=REPO, env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        if wait:
+            try:
+                wait_ready(f"{self.url}/ready", self.ready_timeout_s, self.proc)
+            except BaseException:
+                sys.stderr.write(self.log.read_text(errors="replace")[-4000:])
+                raise
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group and reap it."""
+        if self.proc is not None:
+            stop_process(self.proc, sig)
+
+    def stop(self) -> None:
+        """Graceful stop."""
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+def gpu_argv() -> list[str]:
+    """How the GPU service is launched: `python -m gpu_service` (RUNTIME_TEST_GPU_ARGV, a JSON list, overrides)."""
+    override = os.environ.get("RUNTIME_TEST_GPU_ARGV")
+    return json.loads(override) if override else [sys.executable, "-m", "gpu_service"]
+
+
+@pytest.fixture(scope="session")
+def gpu(tmp_path_factory) -> Proc:
+    """One real GPU service (Piper speech) for the session; the GPU-restart test kills and restarts it."""
+    tmp = tmp_path_factory.mktemp("gpu")
+    port = free_port()
+    env = {"HOST": "127.0.0.1", "PORT": str(port), "DATA_DIR": str(tmp / "data"), "TTS_ENGINES": "piper"}
+    proc = Proc("gpu", gpu_argv(), env, f"http://127.0.0.1:{port}", tmp / "gpu.log", ready_timeout_s=180).start()
+    probe = httpx.post(f"{proc.url}/video/generate", json={}, timeout=30)
+    if probe.status_code in (404, 405):
+        proc.stop()
+        pytest.skip("the GPU service has no POST /video/generate yet; the runtime's end-to-end tests need it")
+    yield proc
+    proc.stop()
+
+
+def runtime_proc(tmp: Path, gpu_url: str, **env: str) -> Proc:
+    """A runtime process description (not started) with its own data dir and port."""
+    port = free_port()
+    base = {
+        "HOST": "127.0.0.1", "PORT": str(port), "GPU_SERVICE_URL": gpu_url, "DATA_DIR": str(tmp / "runtime"),
+        "RUNTIME_API_KEYS": API_KEY, "WEBHOOK_SECRET": WEBHOOK_SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "RETRY_MIN_BACKOFF_S": "0.3", "RETRY_MAX_BACKOFF_S": "2", "JOB_LEASE_S": "3", "REDIS_URL": "",
+    }
+    return Proc("runtime", [sys.executable, "-m", "runtime"], {**base, **env}, f"http://127.0.0.1:{port}", tmp / "runtime.log")
+
+
+@pytest.fixture(scope="session")
+def runtime(gpu, tmp_path_factory) -> Proc:
+    """One real runtime (in-process broker, API keys on) for the session."""
+    proc = runtime_proc(tmp_path_factory.mktemp("rt"), gpu.url, CHUNK_CHARS="120").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def avatar(gpu) -> dict:
+    """The avatar fields of a request: a preset when the GPU service has one, else the astronaut portrait."""
+    listing = httpx.get(f"{gpu.url}/avatars", timeout=30)
+    if listing.status_code == 200:
+        body = listing.json()
+        items = body.get("avatars", []) if isinstance(body, dict) else body
+        if items:
+            return {"avatar_id": items[0]["avatar_id"]}
+    return {"avatar_image": astronaut_b64()}
+
+
+def astronaut_b64() -> str:
+    """skimage's astronaut portrait as base64 PNG."""
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def client(url: str) -> httpx.Client:
+    """An HTTP client with the test API key."""
+    return httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=300)
+
+
+def wait_job(http: httpx.Client, task_id: str, timeout_s: float = 150, seen: Optional[list] = None) -> dict:
+    """Poll a job until it is finished (bounded); every status seen is appended to `seen`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = http.get(f"/api/v1/jobs/{task_id}").json()
+        if seen is not None:
+            seen.append(job)
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(f"job {task_id} unfinished after {timeout_s}s: {job}")
+
+
+def stream_lengths(path: Path) -> dict:
+    """Codecs and decoded durations of the video and audio streams, from ffmpeg's own output."""
+    from runtime.media import probe, stream_duration
+
+    info = probe(path)
+    return {
+        "video_codec": info.video_codec, "audio_codec": info.audio_codec,
+        "video_s": stream_duration(path, "v"), "audio_s": stream_duration(path, "a"),
+    }
+
+
+def moov_before_mdat(path: Path) -> bool:
+    """Whether the MP4's index comes before its media (faststart)."""
+    data = path.read_bytes()
+    return 0 <= data.find(b"moov") < data.find(b"mdat")
+
+
+def vtt_cues(text: str) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each WebVTT cue."""
+    def secs(stamp: str) -> float:
+        h, m, s = stamp.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+
+    return [(secs(a), secs(b), t) for a, b, t in re.findall(r"([\d:.]+) --> ([\d:.]+)\n(.+)", text)]

@@ -1,0 +1,430 @@
+"""Tier 1-2 of the runtime: pure units and the app in process (no GPU service needed)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sqlite3
+import sys
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from runtime.captions import align_words, spoken_words, to_webvtt
+from runtime.db import JobStore, request_hash
+from runtime.errors import Conflict, ValidationFailed
+from runtime.media import fit_audio
+from runtime.pipeline import speech_timeline
+from runtime.settings import Settings
+from runtime.text import chunk_text, split_sentences
+from runtime.webhooks import check_target, sign, verify
+
+
+def _png() -> str:
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()[::4, ::4]).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+
+def test_sentences_respect_abbreviations_and_initials():
+    text = "Dr. Smith met J. R. Tolkien. Did he?  Yes!\n\"Quite so.\" The end"
+    assert split_sentences(text) == ["Dr. Smith met J. R. Tolkien.", "Did he?", "Yes!", '"Quite so."', "The end"]
+
+
+def test_chunks_group_whole_sentences_and_lose_nothing():
+    sentences = [f"Sentence number {i} says something useful about the weather." for i in range(80)]
+    text = " ".join(sentences)
+    chunks = chunk_text(text, 300)
+    assert len(chunks) > 5
+    assert " ".join(chunks) == text
+    assert all(len(c) <= 300 for c in chunks)
+    assert all(c.endswith(".") for c in chunks)  # never cut mid-sentence
+
+
+def test_an_endless_sentence_is_cut_at_spaces_within_bounds():
+    text = ", ".join(["word"] * 1000) + "."
+    chunks = chunk_text(text, 200)
+    assert all(len(c) <= 400 for c in chunks)
+    assert " ".join(chunks).replace(" ", "") == text.replace(" ", "")
+
+
+# -- captions -----------------------------------------------------------------------------------
+
+
+def _phones(words: list[list[str]], step: float = 0.1) -> list[dict]:
+    out, t = [{"phoneme": "_", "start_s": 0.0, "end_s": 0.2}], 0.2
+    for i, word in enumerate(words):
+        if i:
+            out.append({"phoneme": " ", "start_s": t, "end_s": t})
+        for ph in word:
+            out.append({"phoneme": ph, "start_s": t, "end_s": t + step})
+            t += step
+    out.append({"phoneme": "_", "start_s": t, "end_s": t + 0.2})
+    return out
+
+
+def test_words_take_the_engine_timings_and_the_chunk_offset():
+    phones = _phones([["h", "ɛ", "l", "oʊ"], ["w", "ɜː", "l", "d"]])
+    assert spoken_words(phones) == [pytest.approx((0.2, 0.6)), pytest.approx((0.6, 1.0))]
+    words = align_words("Hello world.", phones, offset_s=10.0, duration_s=1.2)
+    assert [(w.text, round(w.start_s, 3), round(w.end_s, 3)) for w in words] == [("Hello", 10.2, 10.6), ("world.", 10.6, 11.0)]
+    vtt = to_webvtt(words)
+    assert vtt.startswith("WEBVTT\n\n1\n00:00:10.200 --> 00:00:11.000\nHello world.")
+
+
+def test_mismatched_word_counts_spread_over_the_spoken_span():
+    phones = _phones([["t", "uː"], ["θ", "aʊ"], ["z", "ə", "n", "d"]])
+    words = align_words("2000 cats.", phones, offset_s=0.0, duration_s=1.5)
+    assert len(words) == 2 and words[0].start_s == pytest.approx(0.2) and words[-1].end_s == pytest.approx(1.0)
+
+
+def test_a_two_chunk_timeline_is_shifted_by_each_chunks_video_and_tiles_it():
+    # chunk 0: 1.2 s of speech cut to its 26 frames (1.04 s); chunk 1: 0.9 s of speech padded to 34 frames (1.36 s)
+    first = {"index": 0, "text": "Hello world.", "frames": 26, "fps": 25,
+             "phonemes": _phones([["h", "ɛ", "l", "oʊ"], ["w", "ɜː", "l", "d"]])}
+    second = {"index": 1, "text": "Bye mum.", "frames": 34, "fps": 25,
+              "phonemes": _phones([["b", "aɪ"], ["m", "ʌ", "m"]])}
+    timeline = speech_timeline([first, second])
+    assert timeline["fps"] == 25 and timeline["duration_s"] == pytest.approx(60 / 25)
+    phones = timeline["phonemes"]
+    # contiguous from 0 to the end of the video, in order
+    assert phones[0]["start_s"] == 0.0 and phones[-1]["end_s"] == pytest.approx(2.4)
+    assert all(a["end_s"] == pytest.approx(b["start_s"]) for a, b in zip(phones, phones[1:]))
+    spoken = [(p["phoneme"], p["start_s"], p["end_s"]) for p in phones if p["phoneme"] not in ("_", " ")]
+    # chunk 0 as the engine timed it; its closing pause cut where its video ends
+    assert spoken[:8] == [(ph, pytest.approx(0.2 + 0.1 * i), pytest.approx(0.3 + 0.1 * i))
+                          for i, ph in enumerate(["h", "ɛ", "l", "oʊ", "w", "ɜː", "l", "d"])]
+    assert {"phoneme": "_", "start_s": 1.0, "end_s": 1.04} in phones
+    # chunk 1 starts at 26/25 s: "b" at 1.04 + 0.2; its closing pause runs on over the padding to the end
+    assert spoken[8:] == [(ph, pytest.approx(1.24 + 0.1 * i), pytest.approx(1.34 + 0.1 * i))
+                          for i, ph in enumerate(["b", "aɪ", "m", "ʌ", "m"])]
+    assert phones[-1] == {"phoneme": "_", "start_s": 1.74, "end_s": 2.4}
+    assert timeline["chunks"] == [{"index": 0, "start_s": 0.0, "end_s": 1.04, "speech_end_s": 1.04},
+                                  {"index": 1, "start_s": 1.04, "end_s": 2.4, "speech_end_s": 1.94}]
+    # the words are the captions' words, shifted the same way
+    assert [(w["text"], w["start_s"], w["end_s"]) for w in timeline["words"]] == [
+        ("Hello", 0.2, 0.6), ("world.", 0.6, 1.0), ("Bye", 1.24, 1.44), ("mum.", 1.44, 1.74)]
+
+
+def test_a_chunk_without_engine_phonemes_gets_none_invented():
+    silent = {"index": 0, "text": "Hello there.", "frames": 25, "fps": 25, "phonemes": []}
+    timeline = speech_timeline([silent])
+    assert timeline["phonemes"] == [] and timeline["chunks"][0]["speech_end_s"] is None
+    assert [w["text"] for w in timeline["words"]] == ["Hello", "there."]
+
+
+# -- audio joins --------------------------------------------------------------------------------
+
+
+def test_fit_audio_pads_trims_and_fades_edges():
+    tone = np.ones(1000, dtype=np.float32)
+    padded = fit_audio(tone, 1000, 1.5)
+    assert len(padded) == 1500 and padded[0] == 0.0 and padded[999] == pytest.approx(0.0) and padded[500] == 1.0
+    assert np.all(padded[1000:] == 0)
+    trimmed = fit_audio(tone, 1000, 0.5)
+    assert len(trimmed) == 500 and trimmed[250] == 1.0
+
+
+# -- webhooks -----------------------------------------------------------------------------------
+
+
+def test_signature_is_hmac_sha256_of_the_raw_body():
+    import hashlib
+    import hmac
+
+    body = b'{"event":"job.succeeded"}'
+    secret = "s" * 32
+    assert sign(body, secret) == "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert verify(body, secret, sign(body, secret))
+    assert not verify(body + b" ", secret, sign(body, secret))
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x", "http://localhost/x", "http://10.1.2.3/", "http://169.254.169.254/latest",
+                                 "http://[::1]/", "http://192.168.0.1/"])
+def test_private_webhook_targets_are_refused(url):
+    settings = Settings(webhook_secret="x" * 32)
+    with pytest.raises(ValidationFailed, match="non-public"):
+        check_target(url, settings)
+
+
+def test_webhook_allow_list_and_schemes():
+    allowed = Settings(webhook_secret="x" * 32, webhook_allowed_hosts="127.0.0.1")
+    check_target("http://127.0.0.1:9/hook", allowed)
+    with pytest.raises(ValidationFailed, match="http"):
+        check_target("ftp://example.com/x", allowed)
+    with pytest.raises(ValidationFailed, match="WEBHOOK_SECRET"):
+        check_target("http://127.0.0.1:9/hook", Settings(webhook_allow_private=True))
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def test_settings_are_bounded_and_parse_lists(monkeypatch):
+    monkeypatch.setenv("RUNTIME_API_KEYS", "alpha, beta")
+    monkeypatch.setenv("REDIS_URL", "")
+    settings = Settings()
+    assert settings.runtime_api_keys == ["alpha", "beta"] and settings.redis_url is None
+    assert settings.port == 8000 and settings.gpu_service_url == "http://127.0.0.1:8001"
+    with pytest.raises(Exception):
+        Settings(port=70000)
+    with pytest.raises(Exception):
+        Settings(gpu_service_url="ftp://x")
+    missing = [name for name, field in Settings.model_fields.items() if not field.description and name not in _documented()]
+    assert not missing, f"undocumented settings: {missing}"
+
+
+def _documented() -> set[str]:
+    """Fields with a docstring under them in settings.py (how this codebase documents settings)."""
+    import ast
+    import inspect
+
+    import runtime.settings as mod
+
+    tree = ast.parse(inspect.getsource(mod))
+    names: set[str] = set()
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings").body
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            names.add(stmt.target.id)
+    return names
+
+
+# -- the job store ------------------------------------------------------------------------------
+
+
+def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    body = {"text": "hello", "avatar_id": "a"}
+    results, errors = [], []
+    barrier = threading.Barrier(20)
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        try:
+            results.append(JobStore(tmp_path / "jobs.db").create(f"{i:032x}", body, "key-1"))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(created for _, created in results) == 1
+    assert len({row["id"] for row, _ in results}) == 1
+    assert store.count_idempotent("key-1") == 1
+    with pytest.raises(Conflict, match="different body"):
+        store.create("f" * 32, {**body, "text": "other"}, "key-1")
+    with pytest.raises(sqlite3.IntegrityError):  # the constraint itself lives in the schema
+        store._conn().execute("INSERT INTO jobs (id, idempotency_key, request_hash, request_json, status,"
+                              " created_at, updated_at) VALUES ('z', 'key-1', 'h', '{}', 'queued', 0, 0)")
+
+
+def test_request_hash_ignores_key_order():
+    assert request_hash({"a": 1, "b": [1, 2]}) == request_hash({"b": [1, 2], "a": 1})
+
+
+def test_leases_decide_who_runs_a_job(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    store.create("a" * 32, {"text": "x"}, None)
+    first = store.claim("a" * 32, "w1", lease_s=60)
+    assert first and first["status"] == "running" and first["attempts"] == 1
+    assert store.claim("a" * 32, "w2", lease_s=60) is None  # live lease elsewhere
+    assert store.progress("a" * 32, "w1", 1, 3, "chunk 2 of 3")
+    assert not store.progress("a" * 32, "w2", 1, 3, "chunk 2 of 3")
+    store._conn().execute("UPDATE jobs SET lease_until = 0")  # w1 died: its lease lapses
+    second = store.claim("a" * 32, "w2", lease_s=60)
+    assert second and second["attempts"] == 2
+    assert not store.succeed("a" * 32, "w1", {"duration_s": 1})  # the dead owner cannot finish it
+    assert store.succeed("a" * 32, "w2", {"duration_s": 1})
+    assert store.claim("a" * 32, "w3", lease_s=60) is None  # finished jobs are never taken again
+    assert store.get("a" * 32)["status"] == "succeeded"
+
+
+def test_release_requeues_and_fail_records_the_reason(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    store.create("b" * 32, {"text": "x"}, None)
+    store.claim("b" * 32, "w1", 60)
+    assert store.release("b" * 32, "w1", "waiting")
+    assert store.get("b" * 32)["status"] == "queued"
+    assert [r["id"] for r in store.unfinished()] == ["b" * 32]
+    assert store.fail("b" * 32, "speech: 422 bad voice", "validation_error")
+    row = store.get("b" * 32)
+    assert row["status"] == "failed" and row["reason"] == "speech: 422 bad voice"
+    assert store.unfinished() == []
+
+
+# -- the app in process (boundary validation; no GPU service is running) ------------------------
+
+
+@pytest.fixture
+def client(tmp_path):
+    from runtime.app import create_app
+
+    settings = Settings(
+        data_dir=tmp_path, gpu_service_url="http://127.0.0.1:9", runtime_api_keys=["k1", "k2"],
+        max_text_chars=500, max_request_bytes=200_000, webhook_secret="w" * 32,
+    )
+    with TestClient(create_app(settings)) as c:
+        c.headers["X-API-Key"] = "k1"
+        yield c
+
+
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        ({"text": "", "avatar_id": "a"}, 422, "text is empty"),
+        ({"text": "   ", "avatar_id": "a"}, 422, "text is empty"),
+        ({"text": "x" * 501, "avatar_id": "a"}, 422, "maximum is 500"),
+        ({"text": "hi"}, 422, "neither"),
+        ({"text": "hi", "avatar_id": "a", "avatar_image": "aGk="}, 422, "both"),
+        ({"text": "hi", "avatar_image": "not base64!"}, 422, "not valid base64"),
+        ({"text": "hi", "avatar_image": base64.b64encode(b"GIF89a....").decode()}, 422, "not a JPEG, PNG or WebP"),
+        ({"text": "hi", "avatar_id": "a", "speaker_wav": base64.b64encode(b"hello").decode()}, 422, "speaker_wav"),
+        ({"text": "hi", "avatar_id": "a", "webhook_url": "ftp://example.com/x"}, 422, "http(s)"),
+        ({"text": "hi", "avatar_id": "a", "webhook_url": "http://127.0.0.1:1/x"}, 422, "non-public"),
+        ({"text": "hi", "avatar_id": "a", "emotion": "bored"}, 422, "emotion"),
+        ({"text": "hi", "avatar_id": "a", "language": "english!"}, 422, "language"),
+        ({"text": "hi", "avatar_id": "a", "avatar": "x"}, 422, "unknown field 'avatar'"),
+        ({"text": 5, "avatar_id": "a"}, 422, "text"),
+    ],
+)
+def test_bad_input_is_refused_before_any_job_exists(client, body, status, fragment):
+    resp = client.post("/api/v1/generate", json=body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()
+    assert fragment in err["error"] and err["error_type"] and err["request_id"]
+    assert client.app.state.runtime.store.counts() == {}
+
+
+def test_oversized_malformed_and_wrongly_typed_bodies(client):
+    big = client.post("/api/v1/generate", content=b"x" * 300_000, headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error_type"] == "payload_too_large"
+    assert client.post("/api/v1/generate", content=b"{", headers={"content-type": "application/json"}).status_code == 422
+    assert client.post("/api/v1/generate", content=b"[]", headers={"content-type": "application/json"}).status_code == 422
+    assert client.post("/api/v1/generate", content=b"text=hi", headers={"content-type": "text/plain"}).status_code == 415
+
+
+def test_api_keys_are_enforced_on_api_routes_only(client):
+    anon = client.get("/api/v1/jobs/" + "0" * 32, headers={"X-API-Key": ""})
+    assert anon.status_code == 401 and anon.json()["error_type"] == "unauthorized"
+    wrong = client.get("/api/v1/jobs/" + "0" * 32, headers={"X-API-Key": "nope"})
+    assert wrong.status_code == 401
+    bearer = client.get("/api/v1/jobs/" + "0" * 32, headers={"X-API-Key": "", "Authorization": "Bearer k2"})
+    assert bearer.status_code == 404 and bearer.json()["error_type"] == "not_found"
+    assert client.get("/health", headers={"X-API-Key": ""}).status_code == 200
+
+
+def test_health_reports_an_unreachable_gpu_service_and_ready_is_about_the_runtime(client):
+    health = client.get("/health").json()
+    assert health["gpu_service"]["reachable"] is False and health["status"] == "degraded"
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["gpu_service_ready"] is False
+
+
+def test_a_valid_async_submit_is_queued_and_waits_for_the_gpu_service(client):
+    resp = client.post("/api/v1/generate?async=true", json={"text": "Hello there.", "avatar_image": _png()})
+    assert resp.status_code == 202, resp.text
+    job = client.get(resp.json()["status_url"].replace("http://testserver", "")).json()
+    assert job["status"] in ("queued", "running") and job["video_url"] is None
+    assert job["timing_url"] is None
+    for output in ("video", "timing.json"):
+        early = client.get(f"/api/v1/jobs/{job['task_id']}/{output}")
+        assert early.status_code == 409 and early.json()["error_type"] == "conflict"
+    assert client.get(f"/api/v1/jobs/{'0' * 32}/timing.json").status_code == 404
+    assert client.get(f"/api/v1/jobs/{job['task_id']}/timing.json", headers={"X-API-Key": ""}).status_code == 401
+
+
+def test_the_runtime_never_imports_torch_or_the_gpu_service():
+    import subprocess
+
+    code = "import sys, runtime.app, runtime.jobs, runtime.__main__; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gpu_service'))))"
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_a_short_first_chunk_lets_speech_run_ahead():
+    text = "Good morning, and welcome to the update. " + " ".join(f"Sentence {i} carries on for a while here." for i in range(10))
+    chunks = chunk_text(text, 400, first_chars=60)
+    assert chunks[0] == "Good morning, and welcome to the update."
+    assert all(len(c) <= 400 for c in chunks[1:]) and " ".join(chunks) == text
+
+
+def test_reaper_resends_a_job_whose_worker_vanished(tmp_path):
+    from runtime.jobs import Runtime
+
+    rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, job_lease_s=2, retry_max_backoff_s=1))
+    try:
+        rt.store.create("c" * 32, {"text": "x"}, None)
+        rt.store.claim("c" * 32, "dead-worker", lease_s=60)
+        assert rt.reap() == 0  # its lease is live: leave it alone
+        rt.store._conn().execute("UPDATE jobs SET lease_until = 1")
+        assert rt.reap() == 1
+        assert rt.broker.queues["avatar_jobs"].qsize() == 1
+    finally:
+        rt.stop()
+
+
+def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
+    import http.server
+
+    from runtime.errors import GPUServiceError
+    from runtime.gpu_client import GPUClient
+    from runtime.jobs import Runtime
+    from tests.helpers import free_port
+
+    answers = {"/tts/generate": (429, {"Retry-After": "7"}, b'{"error":"busy","error_type":"overloaded"}'),
+               "/video/generate": (422, {}, b'{"error":"no face found","error_type":"bad_media"}'),
+               "/avatars": (503, {}, b"down")}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            status, headers, body = answers[self.path]
+            self.send_response(status)
+            for k, v in {**headers, "Content-Type": "application/json"}.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gpu = GPUClient(Settings(gpu_service_url=f"http://127.0.0.1:{server.server_port}", avatar_cache_s=0))
+    try:
+        from avatar_contracts.gpu import TTSRequest, VideoRequest
+
+        with pytest.raises(GPUServiceError) as busy:
+            gpu.tts(TTSRequest(text="hi"))
+        assert busy.value.transient and busy.value.status == 429 and busy.value.retry_after_s == 7.0
+        with pytest.raises(GPUServiceError) as bad:
+            gpu.video(VideoRequest(avatar_id="a", audio="aGk="))
+        assert not bad.value.transient and "no face found" in bad.value.message and bad.value.error_type == "bad_media"
+        assert gpu.avatar_ids() is None  # 5xx: cannot tell, so the submit is not refused for it
+    finally:
+        server.shutdown()
+        gpu.close()
+    down = GPUClient(Settings(gpu_service_url=f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(GPUServiceError) as refused:
+        down.tts(TTSRequest(text="hi"))
+    assert refused.value.transient and "unreachable" in refused.value.message
+    rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, retry_min_backoff_s=0.5, retry_max_backoff_s=4))
+    try:
+        assert [rt._backoff_s(n, None) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+        assert rt._backoff_s(1, 7.0) == 7.0  # Retry-After wins over a shorter backoff
+    finally:
+        rt.stop()
