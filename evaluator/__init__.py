@@ -1,0 +1,1 @@
+"""Evaluator: measures rendered talking-head videos (no torch, no gpu_service imports)."""
