@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     piper_voice_path: Path | None = None
     """Piper ONNX voice to load instead of the bundled en_US-joe-medium (its .onnx.json beside it)."""
 
+    piper_noise_scale: float | None = Field(default=None, ge=0, le=2)
+    """Piper's voice-quality sampling noise; unset keeps the voice's own (0.667 for the bundled one)."""
+
+    piper_noise_w_scale: float | None = Field(default=None, ge=0, le=2)
+    """Piper's phoneme-duration sampling noise; unset keeps the voice's own (0.8). At 0 the same
+    text always gets the same timing (set both to 0 for byte-identical speech on one machine)."""
+
     xtts_model_subdir: str = "xtts_v2"
     """Subdirectory of avatar_model_dir with XTTS-v2's config.json, model.pth and vocab.json."""
 

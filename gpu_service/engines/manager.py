@@ -36,7 +36,12 @@ def _build_tts(name: str, settings: Settings) -> Any:
     if name == "piper":
         from gpu_service.engines.tts_piper import PiperEngine
 
-        return PiperEngine(voice_path=settings.piper_voice_path, extra_voice_dir=settings.avatar_model_dir / "piper")
+        return PiperEngine(
+            voice_path=settings.piper_voice_path,
+            extra_voice_dir=settings.avatar_model_dir / "piper",
+            noise_scale=settings.piper_noise_scale,
+            noise_w_scale=settings.piper_noise_w_scale,
+        )
     if name == "xtts":
         from gpu_service.engines.tts_xtts import XttsEngine
 

@@ -81,8 +81,19 @@ class PiperEngine:
 
     name = "piper"
 
-    def __init__(self, voice_path: Optional[Path] = None, extra_voice_dir: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        voice_path: Optional[Path] = None,
+        extra_voice_dir: Optional[Path] = None,
+        *,
+        noise_scale: Optional[float] = None,
+        noise_w_scale: Optional[float] = None,
+    ) -> None:
+        """`noise_scale` / `noise_w_scale` override the voices' sampling noise (None keeps theirs);
+        `noise_w_scale=0` makes phoneme timings repeatable, run after run."""
         self._voice_path = voice_path
+        self._noise_scale = noise_scale
+        self._noise_w_scale = noise_w_scale
         self._extra_voice_dir = extra_voice_dir
         self._voices: dict = {}
         self._default_voice: Optional[str] = None
@@ -163,7 +174,11 @@ class PiperEngine:
     def _syn_config(self, voice, speed: float):
         from piper import SynthesisConfig
 
-        return SynthesisConfig(length_scale=voice.config.length_scale / max(speed, 1e-3))
+        return SynthesisConfig(
+            length_scale=voice.config.length_scale / max(speed, 1e-3),
+            noise_scale=self._noise_scale,
+            noise_w_scale=self._noise_w_scale,
+        )
 
     def _chunks(self, voice_name: str, text: str, speed: float, offset_s: float) -> Iterator[SpeechChunk]:
         """Synthesize `text`, one chunk per sentence Piper finds, with absolute phoneme times."""
