@@ -123,7 +123,32 @@ def main() -> None:
     print(f"baseline encode    : {fps_enc:7.1f} fps  (libx264 veryfast, {n} still frames, same encode_mp4 path; "
           f"runs: {', '.join(f'{n / x:.1f}' for x in enc_only)})")
     print(f"(render+encode) / encode-only : {fps_full / fps_enc:5.3f}  (1.0 = the encoder's ceiling)")
+    drive_ms = bench_driving(args.runs)
+    print(f"driving 60 s speech: {drive_ms:7.1f} ms  (phoneme timings + audio, 1500 frames; "
+          f"{60_000 / drive_ms:.0f}x real time)")
     print(f"runs per figure: {args.runs} (medians)")
+
+
+def bench_driving(runs: int) -> float:
+    """Median ms to turn a minute of real Piper speech (timings and audio) into face controls."""
+    from gpu_service.engines.base import SpeechRequest
+    from gpu_service.engines.tts_piper import PiperEngine
+    from gpu_service.talking_head.driving import drive
+
+    piper = PiperEngine()
+    piper.load("cpu")
+    sp = piper.synthesize(SpeechRequest(text="Please bring me the map of the moon. Well, we will meet them by the pool at noon."))
+    reps = int(np.ceil(60.0 / sp.duration_s))
+    audio = np.tile(sp.audio, reps)[: 60 * sp.sample_rate]
+    phones = [(p.phoneme, p.start_s + i * sp.duration_s, p.end_s + i * sp.duration_s) for i in range(reps) for p in sp.phonemes]
+    phones = [p for p in phones if p[2] <= 60.0]
+    drive(60.0, 25.0, phonemes=phones, audio=audio, sample_rate=sp.sample_rate)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        drive(60.0, 25.0, phonemes=phones, audio=audio, sample_rate=sp.sample_rate)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,10 @@ _PAUSE_PREPARE_S = 0.10  # and reopens this long before speech resumes
 # ~20 ms before its span's centre) and the mouth read one frame late; the opening and the m/b/p
 # seals lead by this much, and the frame holding each m/b/p centre is still closed exactly.
 _LIP_LEAD_S = 0.025
+# The jaw's top speed in mouth_open units per second (0 -> 1 in ~140 ms). The pause gates are
+# smoothsteps of ~100 ms, whose steepest part, times a wide-open vowel, would move the mouth by a
+# third of its range in one 25 fps frame after a short pause; _limit_speed spreads such edges.
+_JAW_SPEED = 7.0
 
 
 def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, float]]:
@@ -256,6 +260,7 @@ def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray, 
         opening = _smoothstep((e - tt) / _PAUSE_PREPARE_S) if np.isfinite(e) else 1.0
         gate[a:b] = np.minimum(gate[a:b], 1.0 - np.minimum(closing, opening))
     out *= gate[:, None]
+    out[:, 0] = _limit_speed(out[:, 0], _JAW_SPEED / fps)
 
     # Bilabials: the lips are sealed over most of the phoneme (acoustically, the closure is the
     # phoneme), approach over _CLOSURE_RAMP_S before it and release faster after it. The frame
@@ -278,6 +283,20 @@ def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray, 
     # Pressed lips spread less (and a spread seal parts at the seam): keep 40 % of the spread.
     out[:, 2] *= 0.4 + 0.6 * closure
     return out
+
+
+def _limit_speed(x: np.ndarray, step: float) -> np.ndarray:
+    """Raise x where it rises or falls faster than step per frame, never lower it.
+
+    Openings start earlier (a backward pass: the jaw leaves in time to reach the vowel as it
+    sounds) and closings end later (a forward pass), so every target is still reached on time.
+    """
+    y = np.asarray(x, dtype=np.float64).copy()
+    for i in range(len(y) - 2, -1, -1):
+        y[i] = max(y[i], y[i + 1] - step)
+    for i in range(1, len(y)):
+        y[i] = max(y[i], y[i - 1] - step)
+    return y
 
 
 def _stress_times(phones: list[tuple[str, float, float]], targets_open: np.ndarray, min_gap_s: float = 0.9) -> list[tuple[float, float]]:
