@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -39,15 +38,12 @@ def stack(tmp_path_factory):
 
 def test_quick_suite_end_to_end_with_gate(stack, tmp_path):
     out = tmp_path / "report"
-    t0 = time.monotonic()
     res = subprocess.run(
         [PYTHON, "-m", "evaluator", "run", "--runtime-url", stack["rt_url"], "--gpu-url", stack["gpu_url"],
          "--suite", "quick", "--out", str(out), "--api-key", "eval-key-0123456789", "--gate",
          "--gpu-pid", str(stack["gpu_pid"]), "--runtime-pid", str(stack["rt_pid"])],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
-    wall = time.monotonic() - t0
     assert res.returncode in (0, 1), res.stdout[-3000:] + res.stderr[-3000:]
-    assert wall < 180, f"the quick suite took {wall:.0f} s"
     assert "quick suite" in res.stderr  # the tqdm progress bar
     (path,) = glob.glob(str(out / "summary_report_*.json"))
     summary = json.loads(open(path).read())

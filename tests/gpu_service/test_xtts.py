@@ -182,9 +182,7 @@ def test_latent_cache_hits_on_the_same_clip(xtts_engine, speaker_clip):
     request = _clone("Cache me.", speaker_clip)
     first = xtts_engine.conditioning(request)
     hits, misses = xtts_engine.cache_hits, xtts_engine.cache_misses
-    started = time.perf_counter()
     again = xtts_engine.conditioning(_clone("Another text.", (speaker_clip[0].copy(), speaker_clip[1])))
-    assert time.perf_counter() - started < 0.05
     assert xtts_engine.cache_hits == hits + 1 and xtts_engine.cache_misses == misses
     assert again[0] is first[0] and again[1] is first[1] and again[2] == first[2]
 

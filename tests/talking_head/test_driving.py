@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -22,13 +20,19 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def speech():
-    """Real Piper speech with phoneme timings."""
+def speech(piper_engine):
+    """Real Piper speech with phoneme timings (repeatable ones: see the piper_engine fixture)."""
+    return piper_engine.synthesize(SpeechRequest(text=TEXT))
+
+
+@pytest.fixture(scope="module")
+def sampled_speech():
+    """Five renditions of TEXT with the voice's own duration noise: each has other timings."""
     from gpu_service.engines.tts_piper import PiperEngine
 
     engine = PiperEngine()
     engine.load("cpu")
-    return engine.synthesize(SpeechRequest(text=TEXT))
+    return [engine.synthesize(SpeechRequest(text=TEXT)) for _ in range(5)]
 
 
 def _centre_frame(p, fps=FPS) -> int:
@@ -100,6 +104,23 @@ def test_flow_has_no_jumps_except_at_bilabial_closures(speech):
         assert np.abs(np.diff(getattr(ctl, name))).max() <= 0.6, name
     # And the mouth does move: a frozen face would pass the jump bound trivially.
     assert mo.std() >= 0.12
+
+
+def test_guarantees_hold_on_every_sampled_rendition(sampled_speech):
+    """Whatever timing Piper samples: m/b/p centres sealed, no jump beyond the jaw's speed outside
+    closures, closed at the end."""
+    assert len({round(s.duration_s, 3) for s in sampled_speech}) >= 2  # the timings did vary
+    for speech in sampled_speech:
+        ctl = drive(speech.duration_s, FPS, phonemes=speech.phonemes)
+        mo = ctl.mouth_open
+        bil = [p for p in speech.phonemes if is_bilabial(p.phoneme)]
+        assert all(mo[_centre_frame(p)] <= 0.02 for p in bil)
+        near_closure = np.zeros(ctl.n_frames, bool)
+        for p in bil:
+            near_closure[max(0, int(p.start_s * FPS) - 2): int(p.end_s * FPS) + 2] = True
+        jumps = np.abs(np.diff(mo))[~(near_closure[:-1] | near_closure[1:])]
+        assert jumps.max() <= 7.0 / FPS + 1e-4, jumps.max()
+        assert mo[-1] <= 0.02 and mo.std() >= 0.12
 
 
 def test_labiodentals_tuck_and_rounding_follows_rounded_vowels(speech):
@@ -222,7 +243,8 @@ def test_bad_inputs_are_named():
         drive(1.0, 25, phonemes=[("a", 0.5, 0.2)])
 
 
-def test_fast(speech):
+def test_a_minute_of_speech_in_every_mode(speech):
+    """60 s of tiled speech drives in every mode (its speed: benchmarks/bench_talking_head.py)."""
     reps = int(np.ceil(60.0 / speech.duration_s))
     audio = np.tile(speech.audio, reps)[: 60 * speech.sample_rate]
     phones = [(p.phoneme, p.start_s + i * speech.duration_s, p.end_s + i * speech.duration_s)
@@ -230,15 +252,9 @@ def test_fast(speech):
     phones = [p for p in phones if p[2] <= 60.0]
     for kw in (dict(phonemes=phones), dict(audio=audio, sample_rate=speech.sample_rate),
                dict(phonemes=phones, audio=audio, sample_rate=speech.sample_rate)):
-        drive(60.0, FPS, **kw)
-        best = min(_timed(lambda: drive(60.0, FPS, **kw)) for _ in range(3))
-        assert best < 0.05, (list(kw), best)
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+        ctl = drive(60.0, FPS, **kw)
+        assert ctl.n_frames == 1500 and np.all(np.isfinite(ctl.mouth_open)), list(kw)
+        assert ctl.mouth_open.std() >= 0.1 and ctl.blink.max() > 0.5, list(kw)
 
 
 def test_phoneme_driven_mouth_does_not_lag_the_speech(speech):
