@@ -9,9 +9,12 @@ import threading
 import time
 from pathlib import Path
 
-from gpu_service.errors import NotFound
+from urllib.parse import urlparse
+
+from gpu_service.errors import NotFound, ValidationFailed
 
 _ID = re.compile(r"^[0-9a-f]{32}\.(wav|mp4|png|json|vtt)$")
+_AUDIO_URL_PATH = re.compile(r"^/(?:.*/)?artifacts/([0-9a-f]{32}\.wav)$")
 MEDIA_TYPES = {"wav": "audio/wav", "mp4": "video/mp4", "png": "image/png", "json": "application/json", "vtt": "text/vtt"}
 
 
@@ -47,6 +50,16 @@ class ArtifactStore:
             path.unlink(missing_ok=True)
             raise NotFound(f"artifact {art_id!r} has expired")
         return path
+
+    def audio_url_path(self, url: str) -> Path:
+        """The file behind an audio_url this service's /tts returned; any other URL is refused, never fetched."""
+        match = _AUDIO_URL_PATH.match((urlparse(url).path if "://" in url else url) or "")
+        if not match:
+            raise ValidationFailed("audio_url must be an audio_url returned by this service's /tts (…/artifacts/<id>.wav)")
+        try:
+            return self.path(match.group(1))
+        except NotFound as exc:
+            raise NotFound(f"audio_url: {exc.message}") from None
 
     def read(self, art_id: str) -> bytes:
         """The bytes of a live artifact."""

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
-from urllib.parse import urlparse
 
 import numpy as np
 
@@ -12,12 +10,11 @@ from avatar_contracts.gpu import VideoRequest
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.audio import decode_audio, decode_base64
 from gpu_service.engines.manager import EngineEntry, EngineManager
-from gpu_service.errors import BadMedia, NotFound, ValidationFailed
+from gpu_service.errors import BadMedia, ValidationFailed
 from gpu_service.settings import Settings
 from gpu_service.talking_head.avatars import AvatarRecord
 from gpu_service.talking_head.engine import VideoJob, VideoResult
 
-_AUDIO_ARTIFACT = re.compile(r"^/(?:.*/)?artifacts/([0-9a-f]{32}\.wav)$")
 
 
 def _ffmpeg_decode(raw: bytes, field: str) -> bytes:
@@ -44,17 +41,6 @@ class VideoService:
     def entry(self) -> EngineEntry:
         """The loaded talking-head engine, or a 4xx/503 saying why not."""
         return self.manager.get("video", None)
-
-    def resolve_audio_url(self, url: str) -> bytes:
-        """The bytes of an audio artifact this service made; any other URL is refused, never fetched."""
-        path = urlparse(url).path if "://" in url else url
-        match = _AUDIO_ARTIFACT.match(path or "")
-        if not match:
-            raise ValidationFailed("audio_url must be an audio_url returned by this service's /tts (…/artifacts/<id>.wav)")
-        try:
-            return self.artifacts.read(match.group(1))
-        except NotFound as exc:
-            raise NotFound(f"audio_url: {exc.message}") from None
 
     def decode_audio(self, raw: bytes, field: str) -> tuple[np.ndarray, int]:
         """Mono float32 audio within the length limit (MP3 through ffmpeg)."""
@@ -92,7 +78,7 @@ class VideoService:
             raw_audio = decode_base64(body.audio, "audio")
             field = "audio"
         else:
-            raw_audio = self.resolve_audio_url(body.audio_url)
+            raw_audio = self.artifacts.audio_url_path(body.audio_url).read_bytes()
             field = "audio_url"
         audio, rate = self.decode_audio(raw_audio, field)
         job = VideoJob(

@@ -10,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
 
 from pydantic import TypeAdapter, ValidationError
 
 from avatar_contracts.gpu import LENGTH_POLICIES, PhonemeTiming
 from gpu_service.engines.base import LipSyncJob, LipSyncResult
 from gpu_service.engines.manager import EngineEntry, EngineManager
-from gpu_service.errors import BadMedia, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from gpu_service.errors import BadMedia, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from gpu_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,7 +34,6 @@ DEFAULT_POLICY = "pingpong"
 """Audio longer than the video: play the video forwards then backwards, as users of such tools expect
 (no jump cut at the loop point, and a talking head reads naturally in reverse)."""
 
-_AUDIO_ARTIFACT = re.compile(r"^/(?:.*/)?artifacts/([0-9a-f]{32}\.wav)$")
 _PHONEMES = TypeAdapter(list[PhonemeTiming])
 
 
@@ -136,17 +133,6 @@ class LipSyncService:
         """The loaded lip-sync engine, or a 4xx/503 saying why not."""
         return self.manager.get("lipsync", name)
 
-    def audio_artifact(self, url: str) -> Path:
-        """The file of an audio artifact this service made; any other URL is refused, never fetched."""
-        path = urlparse(url).path if "://" in url else url
-        match = _AUDIO_ARTIFACT.match(path or "")
-        if not match:
-            raise ValidationFailed("audio_url must be an audio_url returned by this service's /tts (…/artifacts/<id>.wav)")
-        try:
-            return self.artifacts.path(match.group(1))
-        except NotFound as exc:
-            raise NotFound(f"audio_url: {exc.message}") from None
-
     @staticmethod
     def options(form: LipSyncForm) -> tuple[Optional[float], str, Optional[list]]:
         """fps, length policy and phoneme timings from the form, or a 422 naming the bad field."""
@@ -196,7 +182,7 @@ class LipSyncService:
             kind = form.fields.get("response", "").strip() or "mp4"
             if kind not in ("mp4", "json"):
                 raise ValidationFailed(f"response must be mp4 or json, got {kind!r}")
-            audio_path = form.files["audio"] if has_audio else self.audio_artifact(form.fields["audio_url"].strip())
+            audio_path = form.files["audio"] if has_audio else self.artifacts.audio_url_path(form.fields["audio_url"].strip())
             field_name = "audio" if has_audio else "audio_url"
             video = await asyncio.to_thread(open_video, form.files["video"], max_s=s.lipsync_max_video_s,
                                             max_pixels=s.lipsync_max_pixels, fps=fps)
