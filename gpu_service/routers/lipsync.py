@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from avatar_contracts.gpu import LipSyncResponse
 from gpu_service.lipsync.service import LipSyncService
+from gpu_service.routers.deps import mp4_response, wants_json
 
 router = APIRouter(tags=["lipsync"])
 
@@ -20,12 +20,11 @@ async def generate_lipsync(request: Request):
     """
     service = LipSyncService(request.app.state.manager, request.app.state.settings, request.app.state.artifacts)
     result, kind = await service.generate(request)
-    wants_json = kind == "json" or "application/json" in request.headers.get("accept", "")
-    if not wants_json:
-        return Response(
+    if not wants_json(request, kind):
+        return mp4_response(
             result.mp4,
-            media_type="video/mp4",
-            headers={
+            result.timings_ms,
+            {
                 "X-Frames": str(result.frames),
                 "X-Frames-Without-Face": str(result.frames_without_face),
                 "X-Source-Frames": str(result.source_frames),
@@ -35,7 +34,6 @@ async def generate_lipsync(request: Request):
                 "X-Duration-S": f"{result.duration_s:.4f}",
                 "X-Length-Policy": result.length_policy,
                 "X-Engine": result.engine,
-                "X-Timings-Ms": ",".join(f"{k}={v}" for k, v in result.timings_ms.items()),
             },
         )
     art_id = request.app.state.artifacts.put(result.mp4, "mp4")

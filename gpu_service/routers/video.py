@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import Response
 
 from avatar_contracts.gpu import AvatarInfo, VideoRequest, VideoResponse
 from gpu_service.errors import BadMedia
-from gpu_service.routers.deps import require_json
+from gpu_service.routers.deps import mp4_response, require_json, wants_json
 from gpu_service.video_service import VideoService
 
 router = APIRouter(tags=["video"])
@@ -49,18 +48,11 @@ async def delete_avatar(avatar_id: str, request: Request) -> dict:
 async def generate_video(body: VideoRequest, request: Request):
     """A talking-head MP4 the length of the audio; JSON with video_url when asked (response=json or Accept)."""
     result, avatar_id = await _service(request).generate(body)
-    wants_json = body.response == "json" or "application/json" in request.headers.get("accept", "")
-    timing_header = ",".join(f"{k}={v}" for k, v in result.timings_ms.items())
-    if not wants_json:
-        return Response(
+    if not wants_json(request, body.response):
+        return mp4_response(
             result.mp4,
-            media_type="video/mp4",
-            headers={
-                "X-Frames": str(result.frames),
-                "X-Duration-S": f"{result.duration_s:.4f}",
-                "X-Avatar-Id": avatar_id or "",
-                "X-Timings-Ms": timing_header,
-            },
+            result.timings_ms,
+            {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": avatar_id or ""},
         )
     art_id = request.app.state.artifacts.put(result.mp4, "mp4")
     return VideoResponse(
