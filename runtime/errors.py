@@ -11,6 +11,7 @@ from avatar_contracts.errors import (  # noqa: F401  (re-exported for the runtim
     ValidationFailed,
 )
 
+
 class Unauthorized(ServiceError):
     """No API key, or an unknown one, while RUNTIME_API_KEYS is set."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import soundfile as sf
 
 from evaluator.metrics.face import measure_frames, read_video
 from evaluator.metrics.sync import av_offset, lip_audio_correlation, speech_envelope
-from gpu_service.talking_head.video import ffmpeg_exe, probe_mp4, read_frames
+from gpu_service.talking_head.video import probe_mp4, read_frames
 from tests.conftest import running_app
 from tests.lipsync.conftest import BLANK_FRAMES
 

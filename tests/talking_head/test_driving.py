@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluator.metrics.sync import av_offset, speech_envelope, syllable_smooth
+from evaluator.metrics.sync import av_offset, speech_envelope
 from gpu_service.engines.base import SpeechRequest
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.driving import UnknownEmotion, drive, infer_emotion
