@@ -181,10 +181,12 @@ _PAUSE_PREPARE_S = 0.10  # and reopens this long before speech resumes
 # ~20 ms before its span's centre) and the mouth read one frame late; the opening and the m/b/p
 # seals lead by this much, and the frame holding each m/b/p centre is still closed exactly.
 _LIP_LEAD_S = 0.025
-# The jaw's top speed in mouth_open units per second (0 -> 1 in ~140 ms). The pause gates are
+# The jaw's top speed in mouth_open units per second (0 -> 1 in ~120 ms). The pause gates are
 # smoothsteps of ~100 ms, whose steepest part, times a wide-open vowel, would move the mouth by a
 # third of its range in one 25 fps frame after a short pause; _limit_speed spreads such edges.
-_JAW_SPEED = 7.0
+# At 7/s an opening into a wide vowel started more than 80 ms before its sound, inside the pause
+# that the evaluator's silence check (evaluator/metrics/phonemes.py) expects closed.
+_JAW_SPEED = 8.5
 
 
 def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, float]]:

@@ -8,7 +8,7 @@ import pytest
 from evaluator.metrics.sync import av_offset, speech_envelope
 from gpu_service.engines.base import SpeechRequest
 from gpu_service.talking_head.controls import Controls
-from gpu_service.talking_head.driving import UnknownEmotion, drive, infer_emotion
+from gpu_service.talking_head.driving import _JAW_SPEED, UnknownEmotion, drive, infer_emotion
 from gpu_service.talking_head.visemes import is_bilabial, is_vowel
 from gpu_service.errors import ValidationFailed
 
@@ -119,7 +119,7 @@ def test_guarantees_hold_on_every_sampled_rendition(sampled_speech):
         for p in bil:
             near_closure[max(0, int(p.start_s * FPS) - 2): int(p.end_s * FPS) + 2] = True
         jumps = np.abs(np.diff(mo))[~(near_closure[:-1] | near_closure[1:])]
-        assert jumps.max() <= 7.0 / FPS + 1e-4, jumps.max()
+        assert jumps.max() <= _JAW_SPEED / FPS + 1e-4, jumps.max()
         assert mo[-1] <= 0.02 and mo.std() >= 0.12
 
 
