@@ -20,14 +20,11 @@ TEXT = "Please bring me the map of the moon. Well, we will meet them by the pool
 
 
 @pytest.fixture(scope="module")
-def speech():
-    """Real Piper speech with phoneme timings."""
+def speech(piper_engine):
+    """Real Piper speech with phoneme timings (repeatable ones: see the piper_engine fixture)."""
     from gpu_service.engines.base import SpeechRequest
-    from gpu_service.engines.tts_piper import PiperEngine
 
-    engine = PiperEngine()
-    engine.load("cpu")
-    return engine.synthesize(SpeechRequest(text=TEXT))
+    return piper_engine.synthesize(SpeechRequest(text=TEXT))
 
 
 @pytest.fixture(scope="module")
