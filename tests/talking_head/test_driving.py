@@ -123,6 +123,16 @@ def test_guarantees_hold_on_every_sampled_rendition(sampled_speech):
         assert mo[-1] <= 0.02 and mo.std() >= 0.12
 
 
+def test_the_jaw_speed_cap_spreads_an_opening_out_of_a_pause_without_delaying_the_vowel():
+    """A wide vowel after a pause: uncapped, the 25 fps mouth moves 0.41 in one frame."""
+    ph = [("_", 0.0, 0.5), ("a", 0.5, 0.75), ("_", 0.75, 1.2)]
+    for fps in (25.0, 50.0):
+        mo = drive(1.2, fps, phonemes=ph).mouth_open
+        assert np.abs(np.diff(mo)).max() <= _JAW_SPEED / fps + 1e-4, fps
+        assert mo[int(0.625 * fps)] >= 0.8  # wide open at the vowel's centre, as without the cap
+        assert mo[: int(0.3 * fps)].max() <= 0.02  # and closed well before it
+
+
 def test_labiodentals_tuck_and_rounding_follows_rounded_vowels(speech):
     ctl = drive(speech.duration_s, FPS, phonemes=speech.phonemes)
     rounded = [ctl.mouth_round[_centre_frame(p)] for p in speech.phonemes if p.phoneme.startswith(("u", "o", "w"))]
