@@ -48,8 +48,8 @@ def _worker(video: str, audio: str, policy: str) -> None:
     import resource
     import tracemalloc
 
-    from gpu_service.engines.base import LipSyncJob
-    from gpu_service.lipsync.engine import LandmarkLipSync
+    from gpu_service.lipsync.protocol import LipSyncJob
+    from gpu_service.lipsync.engines.landmark import LandmarkLipSync
     from gpu_service.lipsync.stream_io import decode_audio_file, open_video
 
     engine = LandmarkLipSync()
@@ -73,7 +73,7 @@ def _worker(video: str, audio: str, policy: str) -> None:
 
 def _passthrough(video: str, audio: str, policy: str) -> None:
     """Child process, baseline: the same decode -> encode pipes and audio as a job, with no face work."""
-    from gpu_service.lipsync.engine import LandmarkLipSync
+    from gpu_service.lipsync.engines.landmark import LandmarkLipSync
     from gpu_service.lipsync.stream_io import decode_audio_file, frames_in_order, open_video, plan_length
     from gpu_service.talking_head.video import encode_mp4
 
@@ -120,7 +120,7 @@ def main() -> None:
 
     import soundfile as sf
 
-    from gpu_service.engines.tts_piper import PiperEngine
+    from gpu_service.speech.engines.piper import PiperEngine
     from gpu_service.talking_head.video import ffmpeg_exe
     from tests.lipsync.media import SENTENCE_A, SENTENCE_B, speak, talking_clip
 

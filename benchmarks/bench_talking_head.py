@@ -131,8 +131,8 @@ def main() -> None:
 
 def bench_driving(runs: int) -> float:
     """Median ms to turn a minute of real Piper speech (timings and audio) into face controls."""
-    from gpu_service.engines.base import SpeechRequest
-    from gpu_service.engines.tts_piper import PiperEngine
+    from gpu_service.speech.protocol import SpeechRequest
+    from gpu_service.speech.engines.piper import PiperEngine
     from gpu_service.talking_head.driving import drive
 
     piper = PiperEngine()

@@ -16,7 +16,7 @@ from avatar_contracts.errors import error_response, guarded_call
 from avatar_contracts.logs import setup_logging
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.device import resolve_device
-from gpu_service.engines.manager import EngineManager
+from gpu_service.registry import EngineManager
 from gpu_service.errors import PayloadTooLarge, ServiceError
 from gpu_service.settings import Settings, get_settings
 
@@ -89,11 +89,14 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(request, exc.status_code, "http_error", str(exc.detail))
 
-    from gpu_service.routers import health, lipsync, tts, video
+    from gpu_service import health
+    from gpu_service.lipsync import router as lipsync
+    from gpu_service.speech import router as speech
+    from gpu_service.talking_head import router as talking_head
 
     app.include_router(health.router)
-    app.include_router(tts.router)
-    app.include_router(video.router)
+    app.include_router(speech.router)
+    app.include_router(talking_head.router)
     app.include_router(lipsync.router)
     return app
 

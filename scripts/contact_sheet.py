@@ -24,8 +24,8 @@ def main() -> None:
 
     from skimage import data
 
-    from gpu_service.engines.base import SpeechRequest
-    from gpu_service.engines.tts_piper import PiperEngine
+    from gpu_service.speech.protocol import SpeechRequest
+    from gpu_service.speech.engines.piper import PiperEngine
     from gpu_service.talking_head import landmarks as L
     from gpu_service.talking_head.driving import drive
     from gpu_service.talking_head.encoding import encode_image

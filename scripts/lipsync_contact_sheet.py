@@ -48,8 +48,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from evaluator.metrics.face import FaceMeasurer
-    from gpu_service.engines.base import LipSyncJob
-    from gpu_service.lipsync.engine import LandmarkLipSync, speech_controls
+    from gpu_service.lipsync.protocol import LipSyncJob
+    from gpu_service.lipsync.engines.landmark import LandmarkLipSync, speech_controls
     from gpu_service.lipsync.stream_io import decode_audio_file, open_video, source_index
     from gpu_service.talking_head.video import read_frames
 
@@ -58,7 +58,7 @@ def main() -> None:
     if args.video is None or args.audio is None:
         import soundfile as sf
 
-        from gpu_service.engines.tts_piper import PiperEngine
+        from gpu_service.speech.engines.piper import PiperEngine
         from tests.lipsync.media import SENTENCE_A, SENTENCE_B, speak, talking_clip
 
         piper = PiperEngine()

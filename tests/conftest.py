@@ -19,7 +19,7 @@ def piper_engine():
     assertion judges the same speech in every run; the audio itself is still sampled.
     tests/talking_head/test_driving.py checks the guarantees over speech with the voice's own noise.
     """
-    from gpu_service.engines.tts_piper import PiperEngine
+    from gpu_service.speech.engines.piper import PiperEngine
 
     engine = PiperEngine(noise_w_scale=0.0)
     engine.load("cpu")

@@ -19,8 +19,8 @@ from typing import Optional
 from pydantic import TypeAdapter, ValidationError
 
 from avatar_contracts.gpu import LENGTH_POLICIES, PhonemeTiming
-from gpu_service.engines.base import LipSyncJob, LipSyncResult
-from gpu_service.engines.manager import EngineEntry, EngineManager
+from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
+from gpu_service.registry import EngineEntry, EngineManager
 from gpu_service.errors import BadMedia, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from gpu_service.settings import Settings
 

@@ -28,9 +28,10 @@ def rendered(tmp: str) -> dict:
     import skimage.data
     from PIL import Image
 
-    from gpu_service.engines.base import SpeechRequest
-    from gpu_service.engines.tts_piper import PiperEngine
-    from gpu_service.talking_head.engine import TalkingHeadEngine, VideoJob
+    from gpu_service.speech.protocol import SpeechRequest
+    from gpu_service.speech.engines.piper import PiperEngine
+    from gpu_service.talking_head.engines.landmark import TalkingHeadEngine
+    from gpu_service.talking_head.protocol import VideoJob
 
     out = Path(tmp)
     portrait = np.ascontiguousarray(skimage.data.astronaut())

@@ -22,7 +22,7 @@ TEXT = "Please bring me the map of the moon. Well, we will meet them by the pool
 @pytest.fixture(scope="module")
 def speech(piper_engine):
     """Real Piper speech with phoneme timings (repeatable ones: see the piper_engine fixture)."""
-    from gpu_service.engines.base import SpeechRequest
+    from gpu_service.speech.protocol import SpeechRequest
 
     return piper_engine.synthesize(SpeechRequest(text=TEXT))
 

@@ -54,8 +54,8 @@ def test_timing_json_is_checked_against_the_video(render):
 @pytest.fixture(scope="module")
 def resynthesis(tmp_path_factory):
     """A second Piper synthesis of the text (a different rendition), its WAV served over real HTTP."""
-    from gpu_service.engines.base import SpeechRequest
-    from gpu_service.engines.tts_piper import PiperEngine
+    from gpu_service.speech.protocol import SpeechRequest
+    from gpu_service.speech.engines.piper import PiperEngine
 
     folder = tmp_path_factory.mktemp("artifacts")
     piper = PiperEngine()

@@ -14,8 +14,8 @@ import soundfile as sf
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.audio import decode_audio, decode_base64
 from gpu_service.device import resolve_device
-from gpu_service.engines.base import SpeechRequest
-from gpu_service.engines.tts_piper import fold_alignments
+from gpu_service.speech.protocol import SpeechRequest
+from gpu_service.speech.engines.piper import fold_alignments
 from gpu_service.errors import BadMedia, ConfigurationError, NotFound, Overloaded, ValidationFailed
 from gpu_service.scheduler import EngineSlots
 from gpu_service.settings import Settings
@@ -177,7 +177,7 @@ def test_piper_noise_settings_make_speech_repeatable(piper_engine, tmp_path):
     a, b = (piper_engine.synthesize(SpeechRequest(text=text)) for _ in range(2))
     assert [(p.phoneme, p.start_s, p.end_s) for p in a.phonemes] == [(p.phoneme, p.start_s, p.end_s) for p in b.phonemes]
     # Both noises off through the settings the service builds its engine from: identical audio.
-    from gpu_service.engines.manager import _build_tts
+    from gpu_service.registry import _build_tts
 
     settings = Settings(piper_noise_scale=0.0, piper_noise_w_scale=0.0, avatar_model_dir=tmp_path)
     engine = _build_tts("piper", settings)

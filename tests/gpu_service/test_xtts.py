@@ -15,8 +15,8 @@ import soundfile as sf
 pytest.importorskip("TTS", reason="coqui-tts (the `xtts` extra) is not installed")
 
 from gpu_service.audio import wav_bytes  # noqa: E402
-from gpu_service.engines.base import SpeechEngine, SpeechRequest  # noqa: E402
-from gpu_service.engines.tts_xtts import LANGUAGES, OUTPUT_SAMPLE_RATE, XttsEngine, split_text  # noqa: E402
+from gpu_service.speech.protocol import SpeechEngine, SpeechRequest  # noqa: E402
+from gpu_service.speech.engines.xtts import LANGUAGES, OUTPUT_SAMPLE_RATE, XttsEngine, split_text  # noqa: E402
 from gpu_service.errors import EngineUnavailable, ValidationFailed  # noqa: E402
 from tests.gpu_service.xtts_fixture import TINY_MODEL_DIM, build_tiny_xtts, link_model  # noqa: E402
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from gpu_service.engines.tts_xtts import LANGUAGES
+from gpu_service.speech.engines.xtts import LANGUAGES
 
 TINY_MAX_AUDIO_TOKENS = 24
 """GPT audio-token budget: random weights never say stop, so generation runs to this bound (~1 s)."""

@@ -25,7 +25,7 @@ def astronaut_portrait(size: int = 320) -> np.ndarray:
 
 def speak(piper, text: str):
     """Piper speech for text: (audio float32, sample rate, phoneme tuples)."""
-    from gpu_service.engines.base import SpeechRequest
+    from gpu_service.speech.protocol import SpeechRequest
 
     res = piper.synthesize(SpeechRequest(text=text))
     return res.audio, res.sample_rate, [(p.phoneme, p.start_s, p.end_s) for p in res.phonemes]

@@ -102,8 +102,8 @@ def test_face_free_frames_pass_through_and_are_counted(lipsync_settings, media):
 
 def test_face_free_frames_unchanged_in_the_output(media, tmp_path):
     """Engine level (no HTTP): the blank frames come out as they went in, up to H.264 re-encoding."""
-    from gpu_service.engines.base import LipSyncJob
-    from gpu_service.lipsync.engine import LandmarkLipSync
+    from gpu_service.lipsync.protocol import LipSyncJob
+    from gpu_service.lipsync.engines.landmark import LandmarkLipSync
     from gpu_service.lipsync.stream_io import open_video
 
     eng = LandmarkLipSync()

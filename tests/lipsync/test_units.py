@@ -154,7 +154,7 @@ def test_refine_inner_lips_reaches_the_visible_opening_and_leaves_a_closed_mouth
 def test_a_wide_open_frame_closes_completely(open_):
     """Re-voicing closes a source frame's mouth however far it was open: no gap left for a tracker to read."""
     from evaluator.metrics.face import measure_image
-    from gpu_service.lipsync.engine import CLOSE_SEAM
+    from gpu_service.lipsync.engines.landmark import CLOSE_SEAM
     from gpu_service.lipsync.mouth import refine_inner_lips
     from gpu_service.talking_head import landmarks as L
     from gpu_service.talking_head.controls import Controls
@@ -171,7 +171,7 @@ def test_a_wide_open_frame_closes_completely(open_):
 
 
 def test_closes_compares_the_new_opening_with_this_frames_gap():
-    from gpu_service.lipsync.engine import closes
+    from gpu_service.lipsync.engines.landmark import closes
     from gpu_service.talking_head.controls import Controls
     from gpu_service.talking_head.encoding import encode_image
     from tests.lipsync.media import astronaut_portrait
@@ -189,7 +189,7 @@ def test_mouth_only_encoding_matches_the_full_one(roll_deg, seam, follow):
     """The lip-sync's fast encoding builds the mouth's fields over part of the crop: they must equal the full ones."""
     import cv2
 
-    from gpu_service.lipsync.engine import CLOSE_SEAM
+    from gpu_service.lipsync.engines.landmark import CLOSE_SEAM
     from gpu_service.lipsync.mouth import refine_inner_lips
     from gpu_service.talking_head import landmarks as L
     from gpu_service.talking_head.controls import Controls

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evaluator.metrics.sync import av_offset, speech_envelope
-from gpu_service.engines.base import SpeechRequest
+from gpu_service.speech.protocol import SpeechRequest
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.driving import _JAW_SPEED, UnknownEmotion, drive, infer_emotion
 from gpu_service.talking_head.visemes import is_bilabial, is_vowel
@@ -28,7 +28,7 @@ def speech(piper_engine):
 @pytest.fixture(scope="module")
 def sampled_speech():
     """Five renditions of TEXT with the voice's own duration noise: each has other timings."""
-    from gpu_service.engines.tts_piper import PiperEngine
+    from gpu_service.speech.engines.piper import PiperEngine
 
     engine = PiperEngine()
     engine.load("cpu")

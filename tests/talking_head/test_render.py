@@ -7,7 +7,7 @@ import pytest
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from gpu_service.engines.base import SpeechRequest
+from gpu_service.speech.protocol import SpeechRequest
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.encoding import Encoding, encode_from_landmarks, encode_image

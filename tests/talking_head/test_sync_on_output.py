@@ -26,7 +26,7 @@ PAUSE_S = 0.6
 
 def _speech(piper_engine):
     """Two real Piper sentences with a real 0.6 s pause between them, and their phoneme timings."""
-    from gpu_service.engines.base import SpeechRequest
+    from gpu_service.speech.protocol import SpeechRequest
 
     a = piper_engine.synthesize(SpeechRequest(text=FIRST))
     b = piper_engine.synthesize(SpeechRequest(text=SECOND))

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from gpu_service.engines.base import LipSyncJob, LipSyncResult
+from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
 from gpu_service.errors import BadMedia
 from gpu_service.lipsync.mouth import inner_gap, refine_inner_lips
 from gpu_service.lipsync.stream_io import VideoSource, frames_in_order, plan_length

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from avatar_contracts.gpu import LipSyncResponse
 from gpu_service.lipsync.service import LipSyncService
-from gpu_service.routers.deps import mp4_response, wants_json
+from gpu_service.http import mp4_response, wants_json
 
 router = APIRouter(tags=["lipsync"])
 

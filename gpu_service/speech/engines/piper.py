@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from gpu_service.engines.base import Phone, SpeechChunk, SpeechRequest, SpeechResult
+from gpu_service.speech.protocol import Phone, SpeechChunk, SpeechRequest, SpeechResult
 from gpu_service.errors import EngineUnavailable, ValidationFailed
 
 log = logging.getLogger(__name__)

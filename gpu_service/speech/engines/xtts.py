@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from gpu_service.engines.base import SpeechChunk, SpeechRequest, SpeechResult
+from gpu_service.speech.protocol import SpeechChunk, SpeechRequest, SpeechResult
 from gpu_service.errors import EngineUnavailable, GenerationFailed, ValidationFailed
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from typing import AsyncIterator
 
 from avatar_contracts import PhonemeTiming, TTSRequest
 from gpu_service.audio import decode_audio, decode_base64, pcm16, wav_bytes, wav_stream_header
-from gpu_service.engines.base import SpeechRequest, SpeechResult
-from gpu_service.engines.manager import EngineEntry, EngineManager
+from gpu_service.speech.protocol import SpeechRequest, SpeechResult
+from gpu_service.registry import EngineEntry, EngineManager
 from gpu_service.errors import ValidationFailed
 from gpu_service.settings import Settings
 

@@ -7,8 +7,8 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from avatar_contracts import TTSRequest, TTSResponse
 from gpu_service.artifacts import MEDIA_TYPES
-from gpu_service.routers.deps import require_json
-from gpu_service.speech import SpeechService
+from gpu_service.http import require_json
+from gpu_service.speech.service import SpeechService
 
 router = APIRouter(tags=["speech"])
 

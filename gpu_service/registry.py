@@ -34,7 +34,7 @@ class EngineEntry:
 def _build_tts(name: str, settings: Settings) -> Any:
     """Construct (not load) a speech engine by name."""
     if name == "piper":
-        from gpu_service.engines.tts_piper import PiperEngine
+        from gpu_service.speech.engines.piper import PiperEngine
 
         return PiperEngine(
             voice_path=settings.piper_voice_path,
@@ -43,7 +43,7 @@ def _build_tts(name: str, settings: Settings) -> Any:
             noise_w_scale=settings.piper_noise_w_scale,
         )
     if name == "xtts":
-        from gpu_service.engines.tts_xtts import XttsEngine
+        from gpu_service.speech.engines.xtts import XttsEngine
 
         return XttsEngine(model_dir=settings.xtts_dir)
     raise ValueError(f"unknown speech engine {name!r} in TTS_ENGINES; known: piper, xtts")
@@ -52,7 +52,7 @@ def _build_tts(name: str, settings: Settings) -> Any:
 def _build_video(name: str, settings: Settings) -> Any:
     """Construct (not load) a talking-head engine by name."""
     if name == "landmark":
-        from gpu_service.talking_head.engine import TalkingHeadEngine
+        from gpu_service.talking_head.engines.landmark import TalkingHeadEngine
 
         return TalkingHeadEngine(
             cache_dir=settings.avatar_cache_dir, cache_bytes=settings.avatar_cache_bytes,
@@ -65,7 +65,7 @@ def _build_video(name: str, settings: Settings) -> Any:
 def _build_lipsync(name: str, settings: Settings) -> Any:
     """Construct (not load) a lip-sync engine by name."""
     if name == "landmark":
-        from gpu_service.lipsync.engine import LandmarkLipSync
+        from gpu_service.lipsync.engines.landmark import LandmarkLipSync
 
         return LandmarkLipSync(preset=settings.video_x264_preset, crf=settings.video_crf)
     raise ValueError(f"unknown lip-sync engine {name!r} in LIPSYNC_ENGINES; known: landmark")

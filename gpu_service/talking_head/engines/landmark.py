@@ -4,46 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from gpu_service.talking_head.avatars import AvatarStore
-from gpu_service.talking_head.encoding import Encoding
+from gpu_service.talking_head.protocol import VideoJob, VideoResult
 from gpu_service.talking_head.renderer import Renderer
 from gpu_service.talking_head.video import encode_mp4
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VideoJob:
-    """A validated video request: an encoded avatar, mono audio and the driving options."""
-
-    encoding: Encoding
-    audio: np.ndarray
-    sample_rate: int
-    fps: int = 25
-    phonemes: Optional[list] = None
-    emotion: str = "neutral"
-    text: Optional[str] = None
-    seed: int = 0
-    head_motion: bool = True
-    include_audio: bool = True
-
-
-@dataclass
-class VideoResult:
-    """An MP4 and the facts that describe it."""
-
-    mp4: bytes
-    frames: int
-    fps: int
-    width: int
-    height: int
-    duration_s: float
-    timings_ms: dict = field(default_factory=dict)
 
 
 class TalkingHeadEngine:

@@ -9,11 +9,11 @@ import numpy as np
 from avatar_contracts.gpu import VideoRequest
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.audio import decode_audio, decode_base64
-from gpu_service.engines.manager import EngineEntry, EngineManager
+from gpu_service.registry import EngineEntry, EngineManager
 from gpu_service.errors import BadMedia, ValidationFailed
 from gpu_service.settings import Settings
 from gpu_service.talking_head.avatars import AvatarRecord
-from gpu_service.talking_head.engine import VideoJob, VideoResult
+from gpu_service.talking_head.protocol import VideoJob, VideoResult
 
 
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from avatar_contracts.gpu import AvatarInfo, VideoRequest, VideoResponse
 from gpu_service.errors import BadMedia
-from gpu_service.routers.deps import mp4_response, require_json, wants_json
-from gpu_service.video_service import VideoService
+from gpu_service.http import mp4_response, require_json, wants_json
+from gpu_service.talking_head.service import VideoService
 
 router = APIRouter(tags=["video"])
 

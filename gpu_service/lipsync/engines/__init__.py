@@ -1,0 +1,1 @@
+"""The engines of this capability, built by name from the settings."""

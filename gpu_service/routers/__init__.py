@@ -1,1 +1,0 @@
-"""HTTP routers: decode, call a service, encode. No engine code here."""

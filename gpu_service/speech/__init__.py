@@ -1,0 +1,1 @@
+"""Speech: text in, audio with phoneme timings out (Piper, optionally XTTS-v2)."""
