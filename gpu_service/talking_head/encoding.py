@@ -24,7 +24,7 @@ from gpu_service.talking_head import landmarks as L
 ENCODING_VERSION = 7
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow")
 BLINK_SKIN_SHARE = 0.3
-"""Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see renderer.shade_eyes)."""
+"""Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
 MIN_FACE_PX = 40
 """Faces narrower than this have too few pixels for a mouth to be drawn."""
 

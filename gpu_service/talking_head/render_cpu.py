@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from gpu_service.talking_head.encoding import MODES, Encoding
-from gpu_service.talking_head.renderer import PreparedCache, shade_eyes, shade_mouth
+from gpu_service.talking_head.shading import PreparedCache, shade_eyes, shade_mouth
 
 BLINK_L, BLINK_R = MODES.index("blink_l"), MODES.index("blink_r")
 

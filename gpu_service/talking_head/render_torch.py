@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_service.talking_head.encoding import MODES, Encoding
-from gpu_service.talking_head.renderer import PreparedCache, shade_eyes, shade_mouth
+from gpu_service.talking_head.shading import PreparedCache, shade_eyes, shade_mouth
 
 BLINK_L, BLINK_R = MODES.index("blink_l"), MODES.index("blink_r")
 
