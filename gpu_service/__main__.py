@@ -5,18 +5,22 @@ from __future__ import annotations
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from gpu_service.errors import ConfigurationError
-from gpu_service.settings import get_settings
+from gpu_service.settings import Settings, describe_error
 
 
 def main() -> int:
-    """Start uvicorn with the app; a misconfiguration exits 2 with the message."""
-    settings = get_settings()
+    """Start uvicorn with the app; a misconfiguration exits 2 with one line that names the setting."""
     try:
+        settings = Settings()
         from gpu_service.app import create_app
 
         app = create_app(settings)
+    except ValidationError as exc:
+        print(f"gpu_service: {describe_error(exc)}", file=sys.stderr)
+        return 2
     except ConfigurationError as exc:
         print(f"gpu_service: {exc}", file=sys.stderr)
         return 2

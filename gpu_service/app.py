@@ -16,7 +16,7 @@ from avatar_contracts.errors import error_response, guarded_call
 from avatar_contracts.logs import setup_logging
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.device import resolve_device
-from gpu_service.registry import EngineManager
+from gpu_service.registry import EngineRegistry
 from gpu_service.errors import PayloadTooLarge, ServiceError
 from gpu_service.settings import Settings, get_settings
 
@@ -46,8 +46,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         log.info("starting", extra={"device": device.name, "detail": device.detail, "port": settings.port})
-        manager = app.state.manager
-        loader = asyncio.create_task(asyncio.to_thread(manager.load_all))
+        registry: EngineRegistry = app.state.registry
+        loader = asyncio.create_task(asyncio.to_thread(registry.load_all, device.name, settings.warmup))
         pruner = asyncio.create_task(_prune_forever(app.state.artifacts))
         try:
             yield
@@ -59,7 +59,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app = FastAPI(title="Avatar GPU service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.device = device
-    app.state.manager = EngineManager(settings, device.name)
+    app.state.registry = EngineRegistry.from_settings(settings)
     app.state.artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes, settings.artifact_ttl_s)
 
     @app.middleware("http")
@@ -69,7 +69,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         length = request.headers.get("content-length")
         limit = settings.max_request_bytes
         if request.url.path.startswith("/lipsync/"):  # video uploads: each part is also limited while it streams
-            limit = max(limit, settings.lipsync_max_request_bytes)
+            limit = max(limit, settings.lipsync.max_request_bytes)
         if length and length.isdigit() and int(length) > limit:
             exc = PayloadTooLarge(f"request body is {int(length)} bytes; the limit is {limit}")
             return error_response(request, exc.status_code, exc.error_type, exc.message)
@@ -89,7 +89,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(request, exc.status_code, "http_error", str(exc.detail))
 
-    from gpu_service import health
+    from gpu_service import health, http
     from gpu_service.lipsync import router as lipsync
     from gpu_service.speech import router as speech
     from gpu_service.talking_head import router as talking_head
@@ -98,6 +98,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(speech.router)
     app.include_router(talking_head.router)
     app.include_router(lipsync.router)
+    app.include_router(http.router)
     return app
 
 

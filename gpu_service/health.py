@@ -1,38 +1,67 @@
-"""/health and /ready."""
+"""/health and /ready: the service's state, asked of the engines on every call."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 
 from avatar_contracts import HealthResponse
+from avatar_contracts.gpu import EngineInfo
+from gpu_service.registry import CAPABILITIES, AnyEntry, EngineRegistry
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=HealthResponse)
-def health(request: Request) -> HealthResponse:
+class EngineReport(EngineInfo):
+    """EngineInfo plus where the engine really computes (clients reading EngineInfo ignore the extra fields)."""
+
+    device: Optional[str] = None
+    providers: list[str] = Field(default_factory=list)
+
+
+class HealthReport(HealthResponse):
+    """HealthResponse whose engines carry EngineReport's device and providers."""
+
+    engines: list[EngineReport] = Field(default_factory=list)
+
+
+def engine_report(entry: AnyEntry) -> EngineReport:
+    """One engine's line of /health: its own health report and its slots."""
+    h = entry.health()
+    return EngineReport(
+        name=entry.name, capability=entry.capability, available=h.available, loaded=entry.loaded,
+        reason=h.reason, voices=list(h.voices), languages=list(h.languages),
+        slots=entry.slots.slots, busy=entry.slots.busy, queued=entry.slots.waiting,
+        device=h.device, providers=list(h.providers),
+    )
+
+
+@router.get("/health", response_model=HealthReport)
+def health(request: Request) -> HealthReport:
     """Always 200 while the process runs: device, accelerators, engines and slots."""
-    manager = request.app.state.manager
+    registry: EngineRegistry = request.app.state.registry
     device = request.app.state.device
-    counts = manager.health()
-    status = "healthy" if manager.ready else ("unhealthy" if manager.failed else "loading")
-    return HealthResponse(
-        status=status,
+    ready = registry.readiness()
+    loaded = [e for e in registry.entries() if e.loaded]
+    return HealthReport(
+        status="healthy" if ready.ready else ("loading" if ready.loading else "unhealthy"),
         device=device.name,
         capabilities={"cuda": device.cuda, "mps": device.mps},
-        models={cap: manager.capability_ready(cap) for cap in ("tts", "video", "lipsync")},
-        active_workers=counts["active_workers"],
-        available_slots=counts["available_slots"],
-        engines=counts["engines"],
+        models={cap: registry.capability_ready(cap) for cap in CAPABILITIES},
+        active_workers=sum(e.slots.busy for e in loaded),
+        available_slots=sum(e.slots.slots - e.slots.busy for e in loaded),
+        engines=[engine_report(e) for e in registry.entries()],
     )
 
 
 @router.get("/ready")
 def ready(request: Request) -> JSONResponse:
-    """200 once every configured engine has loaded (or is known unavailable) and been warmed; 503 before."""
-    manager = request.app.state.manager
-    if manager.ready:
+    """200 while every loaded engine reports itself available (asked on each call); 503 naming the one that is not."""
+    state = request.app.state.registry.readiness()
+    if state.ready:
         return JSONResponse({"ready": True})
-    body = {"ready": False, "reason": manager.failed or "engines are loading"}
+    body = {"ready": False, "reason": state.reason, "engine": state.engine, "capability": state.capability}
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})

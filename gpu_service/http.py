@@ -1,11 +1,16 @@
-"""Shared request dependencies of the routers."""
+"""HTTP pieces the capability routers share: request checks, MP4 answers, the registry and artifact downloads."""
 
 from __future__ import annotations
 
-from fastapi import Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
 
+from gpu_service.artifacts import MEDIA_TYPES, ArtifactStore
 from gpu_service.errors import UnsupportedMediaType
+from gpu_service.registry import EngineRegistry
+from gpu_service.settings import Settings
+
+router = APIRouter(tags=["artifacts"])
 
 
 def require_json(request: Request) -> None:
@@ -24,3 +29,31 @@ def mp4_response(mp4: bytes, timings_ms: dict, headers: dict[str, str]) -> Respo
     """The MP4 itself, its facts in X- headers and the stage timings in X-Timings-Ms."""
     timing = ",".join(f"{k}={v}" for k, v in timings_ms.items())
     return Response(mp4, media_type="video/mp4", headers={**headers, "X-Timings-Ms": timing})
+
+
+def registry(request: Request) -> EngineRegistry:
+    """The app's engine registry."""
+    return request.app.state.registry
+
+
+def settings(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings
+
+
+def artifacts(request: Request) -> ArtifactStore:
+    """The app's artifact store."""
+    return request.app.state.artifacts
+
+
+def artifact_url(request: Request, data: bytes, ext: str) -> str:
+    """Store generated media and return the absolute URL it can be fetched from."""
+    art_id = artifacts(request).put(data, ext)
+    return str(request.url_for("get_artifact", art_id=art_id))
+
+
+@router.get("/artifacts/{art_id}", name="get_artifact")
+def get_artifact(art_id: str, request: Request):
+    """Download generated media by id; 404 once it has expired or been pruned."""
+    path = artifacts(request).path(art_id)
+    return FileResponse(path, media_type=MEDIA_TYPES[art_id.rsplit(".", 1)[1]])

@@ -1,171 +1,181 @@
-"""Builds, loads and warms the configured engines once; holds them resident with their slots."""
+"""The service's engines, typed by capability: built from the settings, loaded and warmed once, held with their slots."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Generic, Iterator, Literal, Optional, TypeVar, Union
 
-from gpu_service.errors import EngineUnavailable, NotReady, ValidationFailed
+from gpu_service.engine import Engine, EngineHealth
+from gpu_service.errors import ConfigurationError, EngineUnavailable, NotReady, ValidationFailed
+from gpu_service.lipsync.protocol import LipSyncEngine
 from gpu_service.scheduler import EngineSlots
 from gpu_service.settings import Settings
+from gpu_service.speech.protocol import SpeechEngine
+from gpu_service.talking_head.protocol import TalkingHeadEngine
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ("tts", "video", "lipsync")
+Capability = Literal["tts", "video", "lipsync"]
+"""Capability names as the wire contract spells them (EngineInfo.capability, /health's models)."""
+CAPABILITIES: tuple[Capability, ...] = ("tts", "video", "lipsync")
+
+E = TypeVar("E", bound=Engine)
 
 
 @dataclass
-class EngineEntry:
-    """One engine of one capability, with its state and its slots."""
+class EngineEntry(Generic[E]):
+    """One engine of one capability, with its load state and its slots."""
 
     name: str
-    capability: str
-    engine: Any
+    capability: Capability
+    engine: E
     slots: EngineSlots
     loaded: bool = False
     settled: bool = False
+    """Loading has finished, well or not."""
     reason: Optional[str] = None
     load_ms: float = 0.0
-    extra: dict = field(default_factory=dict)
+
+    def load(self, device: str, warmup: bool) -> None:
+        """Load then warm the engine; one that cannot load is recorded unavailable, never raised."""
+        started = time.perf_counter()
+        try:
+            self.engine.load(device)
+            if warmup:
+                self.engine.warmup()
+            self.loaded = True
+        except EngineUnavailable as exc:
+            self.reason = exc.message
+            log.warning("engine unavailable", extra={"engine": self.name, "capability": self.capability, "why": exc.message})
+        except Exception as exc:  # a broken engine must not take the service down
+            self.reason = f"failed to load: {type(exc).__name__}: {exc}"
+            log.exception("engine failed to load", extra={"engine": self.name, "capability": self.capability})
+        finally:
+            self.settled = True
+            self.load_ms = (time.perf_counter() - started) * 1000
+        if self.loaded:
+            log.info("engine ready", extra={"engine": self.name, "capability": self.capability, "load_ms": round(self.load_ms)})
+
+    def health(self) -> EngineHealth:
+        """The engine's own report once loaded (asked afresh each call); before that, why it is not."""
+        if not self.settled:
+            return EngineHealth.down("still loading")
+        if not self.loaded:
+            return EngineHealth.down(self.reason or "did not load")
+        try:
+            return self.engine.health()
+        except Exception as exc:  # a health check that throws is a failed check, not a 500
+            return EngineHealth(available=False, loaded=True, reason=f"health check failed: {type(exc).__name__}: {exc}")
 
 
-def _build_tts(name: str, settings: Settings) -> Any:
-    """Construct (not load) a speech engine by name."""
-    if name == "piper":
-        from gpu_service.speech.engines.piper import PiperEngine
+AnyEntry = Union[EngineEntry[SpeechEngine], EngineEntry[TalkingHeadEngine], EngineEntry[LipSyncEngine]]
 
-        return PiperEngine(
-            voice_path=settings.piper_voice_path,
-            extra_voice_dir=settings.avatar_model_dir / "piper",
-            noise_scale=settings.piper_noise_scale,
-            noise_w_scale=settings.piper_noise_w_scale,
+
+@dataclass(frozen=True)
+class Readiness:
+    """The answer of /ready: ready, or which engine is not and why."""
+
+    ready: bool
+    reason: Optional[str] = None
+    engine: Optional[str] = None
+    capability: Optional[Capability] = None
+    loading: bool = False
+
+
+def _pick(entries: dict[str, EngineEntry[E]], cap: Capability, name: Optional[str]) -> EngineEntry[E]:
+    """The loaded engine `name` (default: the first configured) of one capability, or a 4xx/503 saying why not."""
+    name = name or next(iter(entries), None)
+    if name not in entries:
+        raise ValidationFailed(f"unknown {cap} engine {name!r}; valid engines: {sorted(entries)}")
+    entry = entries[name]
+    if not entry.settled:
+        raise NotReady(f"{cap} engine {name!r} is still loading; poll /ready")
+    if not entry.loaded:
+        raise EngineUnavailable(f"{cap} engine {name!r} is unavailable: {entry.reason}")
+    return entry
+
+
+class EngineRegistry:
+    """Every engine of the service by capability, loaded once at start and reused for every request."""
+
+    def __init__(self, speech: dict[str, EngineEntry[SpeechEngine]],
+                 talking_head: dict[str, EngineEntry[TalkingHeadEngine]],
+                 lipsync: dict[str, EngineEntry[LipSyncEngine]], default_speech: str) -> None:
+        if default_speech not in speech:
+            raise ConfigurationError(f"DEFAULT_TTS_ENGINE={default_speech!r} is not in TTS_ENGINES={sorted(speech)}")
+        self.speech = speech
+        self.talking_head = talking_head
+        self.lipsync = lipsync
+        self.default_speech = default_speech
+        self.device = "cpu"
+        """The service's device, set by load_all."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "EngineRegistry":
+        """Construct (not load) every configured engine, each with its own slots."""
+        from gpu_service.lipsync.engines import build as build_lipsync
+        from gpu_service.speech.engines import build as build_speech
+        from gpu_service.talking_head.engines import build as build_talking_head
+
+        def slots(cap: Capability, name: str) -> EngineSlots:
+            return EngineSlots(f"{cap}:{name}", settings.engine_slots, settings.engine_queue)
+
+        return cls(
+            speech={n: EngineEntry(n, "tts", build_speech(n, settings), slots("tts", n)) for n in settings.tts_engines},
+            talking_head={n: EngineEntry(n, "video", build_talking_head(n, settings), slots("video", n))
+                          for n in settings.video_engines},
+            lipsync={n: EngineEntry(n, "lipsync", build_lipsync(n, settings), slots("lipsync", n))
+                     for n in settings.lipsync_engines},
+            default_speech=settings.default_tts_engine,
         )
-    if name == "xtts":
-        from gpu_service.speech.engines.xtts import XttsEngine
 
-        return XttsEngine(model_dir=settings.xtts_dir)
-    raise ValueError(f"unknown speech engine {name!r} in TTS_ENGINES; known: piper, xtts")
+    def entries(self) -> Iterator[AnyEntry]:
+        """Every engine: speech, then talking head, then lip-sync."""
+        yield from self.speech.values()
+        yield from self.talking_head.values()
+        yield from self.lipsync.values()
 
-
-def _build_video(name: str, settings: Settings) -> Any:
-    """Construct (not load) a talking-head engine by name."""
-    if name == "landmark":
-        from gpu_service.talking_head.engines.landmark import TalkingHeadEngine
-
-        return TalkingHeadEngine(
-            cache_dir=settings.avatar_cache_dir, cache_bytes=settings.avatar_cache_bytes,
-            max_image_bytes=settings.max_image_bytes, presets_dir=settings.preset_avatars_dir,
-            preset=settings.video_x264_preset, crf=settings.video_crf, batch=settings.video_render_batch,
-        )
-    raise ValueError(f"unknown video engine {name!r} in VIDEO_ENGINES; known: landmark")
-
-
-def _build_lipsync(name: str, settings: Settings) -> Any:
-    """Construct (not load) a lip-sync engine by name."""
-    if name == "landmark":
-        from gpu_service.lipsync.engines.landmark import LandmarkLipSync
-
-        return LandmarkLipSync(preset=settings.video_x264_preset, crf=settings.video_crf)
-    raise ValueError(f"unknown lip-sync engine {name!r} in LIPSYNC_ENGINES; known: landmark")
-
-
-# Later capabilities register builders here: capability -> (engine names, builder).
-BUILDERS: dict[str, tuple[Callable[[Settings], list[str]], Callable[[str, Settings], Any]]] = {
-    "tts": (lambda s: list(s.tts_engines), _build_tts),
-    "video": (lambda s: list(s.video_engines), _build_video),
-    "lipsync": (lambda s: list(s.lipsync_engines), _build_lipsync),
-}
-
-
-class EngineManager:
-    """Every engine of the service, loaded once at start and reused for every request."""
-
-    def __init__(self, settings: Settings, device: str) -> None:
-        self.settings = settings
+    def load_all(self, device: str, warmup: bool = True) -> None:
+        """Load and warm each engine in turn; an engine that cannot load is reported unavailable, not fatal."""
         self.device = device
-        self.entries: dict[str, dict[str, EngineEntry]] = {cap: {} for cap in CAPABILITIES}
-        self.defaults: dict[str, str] = {"tts": settings.default_tts_engine, "video": "landmark"}
-        self.ready = False
-        self.failed: Optional[str] = None
-        for cap, (names, build) in BUILDERS.items():
-            for name in names(settings):
-                engine = build(name, settings)
-                slots = EngineSlots(f"{cap}:{name}", settings.engine_slots, settings.engine_queue)
-                self.entries[cap][name] = EngineEntry(name=name, capability=cap, engine=engine, slots=slots)
-        if self.defaults["tts"] not in self.entries["tts"]:
-            raise ValueError(
-                f"DEFAULT_TTS_ENGINE={settings.default_tts_engine!r} is not in TTS_ENGINES={settings.tts_engines}"
-            )
+        for entry in self.entries():
+            entry.load(device, warmup)
+        ready = self.readiness()
+        if not ready.ready:
+            log.error("service not ready", extra={"why": ready.reason})
 
-    def load_all(self) -> None:
-        """Load then warm each engine; an engine that cannot load is reported unavailable, not fatal."""
-        for cap, entries in self.entries.items():
-            for entry in entries.values():
-                started = time.perf_counter()
-                try:
-                    entry.engine.load(self.device)
-                    if self.settings.warmup:
-                        entry.engine.warmup()
-                    entry.loaded = True
-                except EngineUnavailable as exc:
-                    entry.reason = exc.message
-                    log.warning("engine unavailable", extra={"engine": entry.name, "capability": cap, "why": exc.message})
-                except Exception as exc:  # a broken engine must not take the service down
-                    entry.reason = f"failed to load: {type(exc).__name__}: {exc}"
-                    log.exception("engine failed to load", extra={"engine": entry.name, "capability": cap})
-                finally:
-                    entry.settled = True
-                    entry.load_ms = (time.perf_counter() - started) * 1000
-                if entry.loaded:
-                    log.info("engine ready", extra={"engine": entry.name, "capability": cap, "load_ms": round(entry.load_ms)})
-        default = self.entries["tts"][self.defaults["tts"]]
-        if not default.loaded:
-            self.failed = f"default speech engine {default.name!r} did not load: {default.reason}"
-            log.error("service not ready", extra={"why": self.failed})
-            return
-        self.ready = True
+    def speech_engine(self, name: Optional[str]) -> EngineEntry[SpeechEngine]:
+        """The loaded speech engine `name` (or the default)."""
+        return _pick(self.speech, "tts", name or self.default_speech)
 
-    def capability_ready(self, cap: str) -> bool:
+    def talking_head_engine(self, name: Optional[str] = None) -> EngineEntry[TalkingHeadEngine]:
+        """The loaded talking-head engine `name` (or the first configured)."""
+        return _pick(self.talking_head, "video", name)
+
+    def lipsync_engine(self, name: Optional[str] = None) -> EngineEntry[LipSyncEngine]:
+        """The loaded lip-sync engine `name` (or the first configured)."""
+        return _pick(self.lipsync, "lipsync", name)
+
+    def capability_ready(self, cap: Capability) -> bool:
         """True when at least one engine of the capability is loaded."""
-        return any(e.loaded for e in self.entries.get(cap, {}).values())
+        return any(e.loaded for e in self.entries() if e.capability == cap)
 
-    def get(self, cap: str, name: Optional[str]) -> EngineEntry:
-        """The loaded engine `name` (or the default) of a capability, or a 4xx saying why not."""
-        entries = self.entries.get(cap, {})
-        name = name or self.defaults.get(cap) or next(iter(entries), None)
-        if name not in entries:
-            raise ValidationFailed(f"unknown {cap} engine {name!r}; valid engines: {sorted(entries)}")
-        entry = entries[name]
-        if not entry.settled:
-            raise NotReady(f"{cap} engine {name!r} is still loading; poll /ready")
-        if not entry.loaded:
-            raise EngineUnavailable(f"{cap} engine {name!r} is unavailable: {entry.reason}")
-        return entry
-
-    def health(self) -> dict[str, Any]:
-        """Counts and per-engine status for /health."""
-        engines = []
-        busy = free = 0
-        for cap, entries in self.entries.items():
-            for e in entries.values():
-                info = e.engine.health() if e.loaded else {}
-                engines.append(
-                    {
-                        "name": e.name,
-                        "capability": cap,
-                        "available": e.loaded,
-                        "loaded": e.loaded,
-                        "reason": e.reason,
-                        "voices": info.get("voices", []),
-                        "languages": info.get("languages", []),
-                        "slots": e.slots.slots,
-                        "busy": e.slots.busy,
-                        "queued": e.slots.waiting,
-                    }
-                )
-                if e.loaded:
-                    busy += e.slots.busy
-                    free += e.slots.slots - e.slots.busy
-        return {"engines": engines, "active_workers": busy, "available_slots": free}
+    def readiness(self) -> Readiness:
+        """Ready when every engine has settled, the default speech engine loaded, and every loaded engine's
+        own health() says it is available now (asked on each call, so a failure after start is seen)."""
+        if not all(e.settled for e in self.entries()):
+            return Readiness(False, "engines are loading", loading=True)
+        default = self.speech[self.default_speech]
+        if not default.loaded:
+            return Readiness(False, f"default speech engine {default.name!r} did not load: {default.reason}",
+                             default.name, default.capability)
+        for entry in self.entries():
+            if not entry.loaded:
+                continue  # configured but unavailable (e.g. no weights): reported by /health, not fatal
+            health = entry.health()
+            if not health.available:
+                return Readiness(False, f"{entry.capability} engine {entry.name!r} is not available: {health.reason}",
+                                 entry.name, entry.capability)
+        return Readiness(True)

@@ -1,21 +1,167 @@
-"""The GPU service's one settings object, read from the environment (and `.env`)."""
+"""The GPU service's one settings object, read from the environment (and `.env`).
+
+Service-wide knobs are top-level (`PORT`, `DEVICE`, `TTS_ENGINES`, ...); each engine's own
+knobs sit in a nested group reached with a double underscore (`PIPER__NOISE_SCALE`,
+`TALKING_HEAD__RENDER_BATCH`, `LIPSYNC__MAX_VIDEO_S`, `MP4__CRF`). The flat names of earlier
+releases (`PIPER_NOISE_SCALE`, `VIDEO_RENDER_BATCH`, ...) are still read, below the nested ones.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+
+SpeechEngineName = Literal["piper", "xtts"]
+TalkingHeadEngineName = Literal["landmark"]
+LipSyncEngineName = Literal["landmark"]
+
+
+class _Group(BaseModel):
+    """A nested settings group: unknown keys are refused, every field documented under it."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class PiperSettings(_Group):
+    """The Piper speech engine (`PIPER__*`)."""
+
+    voice_path: Path | None = None
+    """Piper ONNX voice to load instead of the bundled en_US-joe-medium (its .onnx.json beside it)."""
+
+    noise_scale: float | None = Field(default=None, ge=0, le=2)
+    """Piper's voice-quality sampling noise; unset keeps the voice's own (0.667 for the bundled one)."""
+
+    noise_w_scale: float | None = Field(default=None, ge=0, le=2)
+    """Piper's phoneme-duration sampling noise; unset keeps the voice's own (0.8). At 0 the same
+    text always gets the same timing (set both to 0 for byte-identical speech on one machine)."""
+
+
+class XttsSettings(_Group):
+    """The optional XTTS-v2 speech engine (`XTTS__*`)."""
+
+    model_subdir: str = "xtts_v2"
+    """Subdirectory of avatar_model_dir with XTTS-v2's config.json, model.pth and vocab.json."""
+
+
+class TalkingHeadSettings(_Group):
+    """The talking-head engine and /video, /avatars (`TALKING_HEAD__*`)."""
+
+    avatar_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=16 * 1024 * 1024, le=64 * 1024**3)
+    """Memory budget for encoded avatars; the least recently used leave first (they stay on disk)."""
+
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=64 * 1024, le=100 * 1024 * 1024)
+    """Largest portrait accepted (upload or base64); larger is a 422 naming the limit."""
+
+    max_audio_s: float = Field(default=300.0, gt=0, le=3600)
+    """Longest audio a video may be made for; longer is a 422."""
+
+    render_batch: int = Field(default=16, ge=1, le=256)
+    """Frames rendered per torch call on CUDA/MPS."""
+
+
+class LipSyncSettings(_Group):
+    """The lip-sync engine and /lipsync (`LIPSYNC__*`)."""
+
+    max_video_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024, le=16 * 1024**3)
+    """Largest video upload to /lipsync/generate; enforced while the upload streams to a temp file (413)."""
+
+    max_audio_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024, le=1024**3)
+    """Largest audio upload to /lipsync/generate (413 past it)."""
+
+    max_video_s: float = Field(default=600.0, gt=0, le=4 * 3600)
+    """Longest input video accepted by /lipsync (422 past it). Work is streamed, so memory does not grow with it."""
+
+    max_audio_s: float = Field(default=600.0, gt=0, le=4 * 3600)
+    """Longest new audio accepted by /lipsync; it sets the output length (422 past it)."""
+
+    max_pixels: int = Field(default=1920 * 1080, ge=64 * 64, le=3840 * 2160)
+    """Most pixels per input frame (1080p by default); larger videos are a 422 naming the size."""
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Body limit of /lipsync requests: both uploads plus room for the form fields."""
+        return self.max_video_bytes + self.max_audio_bytes + 1024 * 1024
+
+
+class Mp4Settings(_Group):
+    """How generated MP4s are encoded, by the talking head and lip-sync alike (`MP4__*`)."""
+
+    x264_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "veryfast"
+    """libx264 speed/size trade-off of generated videos."""
+
+    crf: int = Field(default=16, ge=0, le=51)
+    """libx264 constant rate factor (lower is better quality, bigger files). 16 keeps the lip seam of a
+    closed mouth crisp enough that face trackers (and viewers) read it as closed after compression."""
+
+
+LEGACY_NAMES: dict[str, tuple[str, str]] = {
+    "piper_voice_path": ("piper", "voice_path"),
+    "piper_noise_scale": ("piper", "noise_scale"),
+    "piper_noise_w_scale": ("piper", "noise_w_scale"),
+    "xtts_model_subdir": ("xtts", "model_subdir"),
+    "avatar_cache_bytes": ("talking_head", "avatar_cache_bytes"),
+    "max_image_bytes": ("talking_head", "max_image_bytes"),
+    "max_video_audio_s": ("talking_head", "max_audio_s"),
+    "video_render_batch": ("talking_head", "render_batch"),
+    "video_x264_preset": ("mp4", "x264_preset"),
+    "video_crf": ("mp4", "crf"),
+    "lipsync_max_video_bytes": ("lipsync", "max_video_bytes"),
+    "lipsync_max_audio_bytes": ("lipsync", "max_audio_bytes"),
+    "lipsync_max_video_s": ("lipsync", "max_video_s"),
+    "lipsync_max_audio_s": ("lipsync", "max_audio_s"),
+    "lipsync_max_pixels": ("lipsync", "max_pixels"),
+}
+"""Flat environment names of earlier releases -> (group, field) of the nested settings."""
+
+
+class _LegacyNames(PydanticBaseSettingsSource):
+    """Reads the flat names of LEGACY_NAMES from the environment and `.env`, into their nested groups."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: __call__ reads every legacy name at once."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, str] = {}
+        env_file = self.config.get("env_file")
+        if env_file and Path(env_file).is_file():
+            from dotenv import dotenv_values
+
+            found.update({k.lower(): v for k, v in dotenv_values(env_file).items() if v is not None})
+        found.update({k.lower(): v for k, v in os.environ.items()})
+        out: dict[str, dict[str, str]] = {}
+        for flat, (group, name) in LEGACY_NAMES.items():
+            if flat in found:
+                out.setdefault(group, {})[name] = found[flat]
+        return out
+
+
+def _engine_list(value: object) -> object:
+    """`piper,xtts`, `piper` or a JSON list (`["piper", "xtts"]`) as a list of names."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list of engine names ({exc.msg})") from None
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
 
 
 class Settings(BaseSettings):
     """Every knob of the GPU service; the environment variable is the field name in capitals."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False,
+                                      use_attribute_docstrings=True, env_nested_delimiter="__")
 
     host: str = Field(default="127.0.0.1")
     """Interface to listen on. 127.0.0.1 is safe by default; use 0.0.0.0 on a remote GPU VM."""
@@ -35,24 +181,18 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=_REPO_ROOT / ".data" / "gpu_service")
     """Working directory for generated artifacts and caches."""
 
-    tts_engines: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["piper", "xtts"])
-    """Speech engines to configure. An engine whose weights are missing is reported unavailable, not fatal."""
+    tts_engines: Annotated[list[SpeechEngineName], NoDecode] = Field(default_factory=lambda: ["piper", "xtts"])
+    """Speech engines to configure (`piper,xtts` or a JSON list). An engine whose weights are missing is
+    reported unavailable, not fatal."""
 
-    default_tts_engine: str = "piper"
-    """Engine used when a request names none."""
+    default_tts_engine: SpeechEngineName = "piper"
+    """Engine used when a request names none; it must be one of tts_engines."""
 
-    piper_voice_path: Path | None = None
-    """Piper ONNX voice to load instead of the bundled en_US-joe-medium (its .onnx.json beside it)."""
+    video_engines: Annotated[list[TalkingHeadEngineName], NoDecode] = Field(default_factory=lambda: ["landmark"])
+    """Talking-head engines to configure (empty disables /video and /avatars)."""
 
-    piper_noise_scale: float | None = Field(default=None, ge=0, le=2)
-    """Piper's voice-quality sampling noise; unset keeps the voice's own (0.667 for the bundled one)."""
-
-    piper_noise_w_scale: float | None = Field(default=None, ge=0, le=2)
-    """Piper's phoneme-duration sampling noise; unset keeps the voice's own (0.8). At 0 the same
-    text always gets the same timing (set both to 0 for byte-identical speech on one machine)."""
-
-    xtts_model_subdir: str = "xtts_v2"
-    """Subdirectory of avatar_model_dir with XTTS-v2's config.json, model.pth and vocab.json."""
+    lipsync_engines: Annotated[list[LipSyncEngineName], NoDecode] = Field(default_factory=lambda: ["landmark"])
+    """Lip-sync engines to configure (empty disables /lipsync)."""
 
     max_text_chars: int = Field(default=5000, ge=1, le=100_000)
     """Longest text accepted by /tts; longer is a 422 naming the limit."""
@@ -84,66 +224,39 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the structured (JSON) logs."""
 
-    video_engines: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["landmark"])
-    """Talking-head engines to configure (empty disables /video and /avatars)."""
+    piper: PiperSettings = Field(default_factory=PiperSettings)
+    """The Piper speech engine (`PIPER__VOICE_PATH`, `PIPER__NOISE_SCALE`, `PIPER__NOISE_W_SCALE`)."""
 
-    avatar_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=16 * 1024 * 1024, le=64 * 1024**3)
-    """Memory budget for encoded avatars; the least recently used leave first (they stay on disk)."""
+    xtts: XttsSettings = Field(default_factory=XttsSettings)
+    """The XTTS-v2 speech engine (`XTTS__MODEL_SUBDIR`)."""
 
-    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=64 * 1024, le=100 * 1024 * 1024)
-    """Largest portrait accepted (upload or base64); larger is a 422 naming the limit."""
+    talking_head: TalkingHeadSettings = Field(default_factory=TalkingHeadSettings)
+    """The talking head (`TALKING_HEAD__RENDER_BATCH`, `TALKING_HEAD__MAX_IMAGE_BYTES`, ...)."""
 
-    max_video_audio_s: float = Field(default=300.0, gt=0, le=3600)
-    """Longest audio a video may be made for; longer is a 422."""
+    lipsync: LipSyncSettings = Field(default_factory=LipSyncSettings)
+    """Lip-sync limits (`LIPSYNC__MAX_VIDEO_BYTES`, `LIPSYNC__MAX_VIDEO_S`, ...)."""
 
-    video_x264_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "veryfast"
-    """libx264 speed/size trade-off of generated videos."""
+    mp4: Mp4Settings = Field(default_factory=Mp4Settings)
+    """MP4 encoding of generated videos (`MP4__X264_PRESET`, `MP4__CRF`)."""
 
-    video_crf: int = Field(default=16, ge=0, le=51)
-    """libx264 constant rate factor (lower is better quality, bigger files). 16 keeps the lip seam of a
-    closed mouth crisp enough that face trackers (and viewers) read it as closed after compression."""
-
-    video_render_batch: int = Field(default=16, ge=1, le=256)
-    """Frames rendered per torch call on CUDA/MPS."""
-
-    lipsync_engines: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["landmark"])
-    """Lip-sync engines to configure, comma separated (empty disables /lipsync)."""
-
-    lipsync_max_video_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024, le=16 * 1024**3)
-    """Largest video upload to /lipsync/generate; enforced while the upload streams to a temp file (413)."""
-
-    lipsync_max_audio_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024, le=1024**3)
-    """Largest audio upload to /lipsync/generate (413 past it)."""
-
-    lipsync_max_video_s: float = Field(default=600.0, gt=0, le=4 * 3600)
-    """Longest input video accepted by /lipsync (422 past it). Work is streamed, so memory does not grow with it."""
-
-    lipsync_max_audio_s: float = Field(default=600.0, gt=0, le=4 * 3600)
-    """Longest new audio accepted by /lipsync; it sets the output length (422 past it)."""
-
-    lipsync_max_pixels: int = Field(default=1920 * 1080, ge=64 * 64, le=3840 * 2160)
-    """Most pixels per input frame (1080p by default); larger videos are a 422 naming the size."""
-
-    @field_validator("lipsync_engines", mode="before")
     @classmethod
-    def _split_lipsync_csv(cls, value: object) -> object:
-        """Accept `LIPSYNC_ENGINES=landmark` as well as a JSON list."""
-        if isinstance(value, str) and not value.strip().startswith("["):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
-    @property
-    def lipsync_max_request_bytes(self) -> int:
-        """Body limit of /lipsync requests: both uploads plus room for the form fields."""
-        return self.lipsync_max_video_bytes + self.lipsync_max_audio_bytes + 1024 * 1024
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        """The usual sources, then the flat names of earlier releases (lowest priority)."""
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, _LegacyNames(settings_cls)
 
     @field_validator("tts_engines", "video_engines", "lipsync_engines", mode="before")
     @classmethod
-    def _split_csv(cls, value: object) -> object:
+    def _split_engine_list(cls, value: object) -> object:
         """Accept `TTS_ENGINES=piper,xtts` as well as a JSON list."""
-        if isinstance(value, str) and not value.strip().startswith("["):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
+        return _engine_list(value)
+
+    @model_validator(mode="after")
+    def _default_engine_is_configured(self) -> "Settings":
+        """The default speech engine must be one that is configured."""
+        if self.default_tts_engine not in self.tts_engines:
+            raise ValueError(f"DEFAULT_TTS_ENGINE={self.default_tts_engine!r} is not in TTS_ENGINES={self.tts_engines}")
+        return self
 
     @property
     def artifacts_dir(self) -> Path:
@@ -158,7 +271,19 @@ class Settings(BaseSettings):
     @property
     def xtts_dir(self) -> Path:
         """Where the XTTS-v2 weights are looked for."""
-        return self.avatar_model_dir / self.xtts_model_subdir
+        return self.avatar_model_dir / self.xtts.model_subdir
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming each bad setting by its environment name, what is wrong and the value given."""
+    parts = []
+    for err in exc.errors():
+        names = [str(x) for x in err.get("loc", ()) if not isinstance(x, int)]
+        setting = "__".join(names).upper() if names else ""
+        value = err.get("input")
+        given = f" (got {value!r})" if isinstance(value, (str, int, float)) and names else ""
+        parts.append(f"{setting + ': ' if setting else ''}{err.get('msg')}{given}")
+    return "invalid settings: " + "; ".join(parts)
 
 
 @lru_cache

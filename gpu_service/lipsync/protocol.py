@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
 import numpy as np
+
+from gpu_service.engine import Engine
+
+if TYPE_CHECKING:
+    from gpu_service.lipsync.stream_io import VideoSource
 
 
 @dataclass
 class LipSyncJob:
     """A validated lip-sync request: a probed source video (a temp file) and the new speech."""
 
-    video: object
-    """A gpu_service.lipsync.stream_io.VideoSource: path, probed facts, decode fps and size."""
+    video: VideoSource
+    """The probed source: path, facts, decode fps and size."""
     audio: np.ndarray
     sample_rate: int
     length_policy: str = "pingpong"
@@ -40,19 +45,8 @@ class LipSyncResult:
 
 
 @runtime_checkable
-class LipSyncEngine(Protocol):
+class LipSyncEngine(Engine, Protocol):
     """A video and new speech in, the video re-voiced out (landmark warp now, a neural engine later)."""
-
-    name: str
-
-    def load(self, device: str) -> None:
-        """Load models onto `device`; raise EngineUnavailable when they are missing."""
-
-    def warmup(self) -> None:
-        """Run one real inference so the first request is not slow."""
-
-    def health(self) -> dict:
-        """Report `available` and `loaded`."""
 
     def lipsync(self, job: LipSyncJob) -> LipSyncResult:
         """Re-voice the whole video (blocking; runs on an engine slot's worker thread)."""

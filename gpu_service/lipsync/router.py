@@ -5,10 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from avatar_contracts.gpu import LipSyncResponse
+from gpu_service.http import artifact_url, artifacts, mp4_response, registry, settings, wants_json
 from gpu_service.lipsync.service import LipSyncService
-from gpu_service.http import mp4_response, wants_json
 
 router = APIRouter(tags=["lipsync"])
+
+
+def service(request: Request) -> LipSyncService:
+    """The lip-sync service over the app's registry, settings and artifacts."""
+    return LipSyncService(registry(request), settings(request), artifacts(request))
 
 
 @router.post("/lipsync/generate", response_model=LipSyncResponse)
@@ -18,8 +23,7 @@ async def generate_lipsync(request: Request):
     The body is parsed by the service as it streams (size limits hold while reading), so the
     fields are not declared to FastAPI; see LipSyncResponse for the field list.
     """
-    service = LipSyncService(request.app.state.manager, request.app.state.settings, request.app.state.artifacts)
-    result, kind = await service.generate(request)
+    result, kind = await service(request).generate(request)
     if not wants_json(request, kind):
         return mp4_response(
             result.mp4,
@@ -36,9 +40,8 @@ async def generate_lipsync(request: Request):
                 "X-Engine": result.engine,
             },
         )
-    art_id = request.app.state.artifacts.put(result.mp4, "mp4")
     return LipSyncResponse(
-        video_url=str(request.url_for("get_artifact", art_id=art_id)),
+        video_url=artifact_url(request, result.mp4, "mp4"),
         duration_s=round(result.duration_s, 4), fps=result.fps, frames=result.frames,
         frames_without_face=result.frames_without_face, source_frames=result.source_frames,
         width=result.width, height=result.height, length_policy=result.length_policy, engine=result.engine,

@@ -19,9 +19,10 @@ from typing import Optional
 from pydantic import TypeAdapter, ValidationError
 
 from avatar_contracts.gpu import LENGTH_POLICIES, PhonemeTiming
-from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
-from gpu_service.registry import EngineEntry, EngineManager
+from gpu_service.artifacts import ArtifactStore
 from gpu_service.errors import BadMedia, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from gpu_service.lipsync.protocol import LipSyncEngine, LipSyncJob, LipSyncResult
+from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,14 @@ async def read_multipart(request, folder: Path, limits: dict[str, int]) -> LipSy
 class LipSyncService:
     """Turns a multipart lip-sync request into an MP4 on the lip-sync engine."""
 
-    def __init__(self, manager: EngineManager, settings: Settings, artifacts) -> None:
-        self.manager = manager
+    def __init__(self, registry: EngineRegistry, settings: Settings, artifacts: ArtifactStore) -> None:
+        self.registry = registry
         self.settings = settings
         self.artifacts = artifacts
 
-    def entry(self, name: Optional[str] = None) -> EngineEntry:
+    def entry(self, name: Optional[str] = None) -> EngineEntry[LipSyncEngine]:
         """The loaded lip-sync engine, or a 4xx/503 saying why not."""
-        return self.manager.get("lipsync", name)
+        return self.registry.lipsync_engine(name)
 
     @staticmethod
     def options(form: LipSyncForm) -> tuple[Optional[float], str, Optional[list]]:
@@ -161,14 +162,14 @@ class LipSyncService:
         """Read, validate and re-voice one request -> (result, response kind "mp4" or "json"); temp files always go."""
         from gpu_service.lipsync.stream_io import decode_audio_file, open_video
 
-        s = self.settings
+        s, limits = self.settings, self.settings.lipsync
         tmp_root = s.data_dir / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="lipsync_", dir=tmp_root))
         try:
             self.entry()  # an unavailable engine is refused before the upload is read
-            form = await read_multipart(request, folder, {"video": s.lipsync_max_video_bytes,
-                                                          "audio": s.lipsync_max_audio_bytes})
+            form = await read_multipart(request, folder, {"video": limits.max_video_bytes,
+                                                          "audio": limits.max_audio_bytes})
             entry = self.entry(form.fields.get("engine") or None)
             if "video" not in form.files:
                 raise ValidationFailed("the form needs a `video` file (MP4, MOV, WebM or MKV)")
@@ -184,9 +185,9 @@ class LipSyncService:
                 raise ValidationFailed(f"response must be mp4 or json, got {kind!r}")
             audio_path = form.files["audio"] if has_audio else self.artifacts.audio_url_path(form.fields["audio_url"].strip())
             field_name = "audio" if has_audio else "audio_url"
-            video = await asyncio.to_thread(open_video, form.files["video"], max_s=s.lipsync_max_video_s,
-                                            max_pixels=s.lipsync_max_pixels, fps=fps)
-            audio, rate = await asyncio.to_thread(decode_audio_file, audio_path, field_name, s.lipsync_max_audio_s)
+            video = await asyncio.to_thread(open_video, form.files["video"], max_s=limits.max_video_s,
+                                            max_pixels=limits.max_pixels, fps=fps)
+            audio, rate = await asyncio.to_thread(decode_audio_file, audio_path, field_name, limits.max_audio_s)
             job = LipSyncJob(video=video, audio=audio, sample_rate=rate, length_policy=policy, phonemes=phonemes)
             log.info("lipsync request", extra={"video_bytes": form.sizes["video"], "size": video.size,
                                                "fps": float(video.fps), "audio_s": round(len(audio) / rate, 3),

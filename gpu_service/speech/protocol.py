@@ -1,4 +1,4 @@
-"""Engine protocols, one per capability. Engines never read HTTP; routers never import torch."""
+"""The speech capability's engine protocol and the records it takes and returns."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import numpy as np
+
+from gpu_service.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -55,19 +57,8 @@ class SpeechChunk:
 
 
 @runtime_checkable
-class SpeechEngine(Protocol):
-    """Text in, speech out."""
-
-    name: str
-
-    def load(self, device: str) -> None:
-        """Load weights onto `device`; raise EngineUnavailable when they are missing."""
-
-    def warmup(self) -> None:
-        """Run one real inference so the first request is not slow."""
-
-    def health(self) -> dict:
-        """Report `available`, `loaded`, `reason`, `voices`, `languages`."""
+class SpeechEngine(Engine, Protocol):
+    """Text in, speech out (with voices and languages in its health)."""
 
     def validate(self, request: SpeechRequest) -> None:
         """Raise ValidationFailed naming the valid choices if voice or language is unknown."""

@@ -1,26 +1,26 @@
-"""Speech endpoints and the artifact download they point to."""
+"""Speech endpoints: whole-text synthesis and a streaming WAV."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from avatar_contracts import TTSRequest, TTSResponse
-from gpu_service.artifacts import MEDIA_TYPES
-from gpu_service.http import require_json
+from gpu_service.http import artifact_url, registry, require_json, settings
 from gpu_service.speech.service import SpeechService
 
 router = APIRouter(tags=["speech"])
 
 
-def _service(request: Request) -> SpeechService:
-    return SpeechService(request.app.state.manager, request.app.state.settings)
+def service(request: Request) -> SpeechService:
+    """The speech service over the app's registry and settings."""
+    return SpeechService(registry(request), settings(request))
 
 
 @router.post("/tts/generate", response_model=TTSResponse, dependencies=[Depends(require_json)])
 async def generate(body: TTSRequest, request: Request):
     """Synthesize speech; JSON with an audio_url, or the WAV itself with `Accept: audio/wav`."""
-    outcome = await _service(request).synthesize(body)
+    outcome = await service(request).synthesize(body)
     wav = outcome.wav()
     if "audio/wav" in request.headers.get("accept", ""):
         return Response(
@@ -33,16 +33,15 @@ async def generate(body: TTSRequest, request: Request):
                 "X-Generation-Time-Ms": f"{outcome.generation_time_ms:.1f}",
             },
         )
-    art_id = request.app.state.artifacts.put(wav, "wav")
     return TTSResponse(
-        audio_url=str(request.url_for("get_artifact", art_id=art_id)),
+        audio_url=artifact_url(request, wav, "wav"),
         duration_s=round(outcome.result.duration_s, 4),
         sample_rate=outcome.result.sample_rate,
         generation_time_ms=round(outcome.generation_time_ms, 2),
         engine=outcome.engine,
         voice=outcome.result.voice,
         language=outcome.language,
-        device=request.app.state.device.name,
+        device=outcome.device,
         phonemes=outcome.phoneme_timings(),
     )
 
@@ -50,17 +49,10 @@ async def generate(body: TTSRequest, request: Request):
 @router.post("/tts/stream", dependencies=[Depends(require_json)])
 async def stream(body: TTSRequest, request: Request):
     """Stream a WAV as it is synthesized: sentence by sentence (the first sentence by clause)."""
-    service = _service(request)
-    entry, speech = service.prepare(body)  # validation errors surface before streaming starts
+    speech = service(request)
+    entry, job = speech.prepare(body)  # validation errors surface before streaming starts
     return StreamingResponse(
-        service.stream_wav(entry, speech),
+        speech.stream_wav(entry, job),
         media_type="audio/wav",
         headers={"X-Engine": entry.name, "Cache-Control": "no-store"},
     )
-
-
-@router.get("/artifacts/{art_id}", name="get_artifact")
-def get_artifact(art_id: str, request: Request):
-    """Download generated media by id; 404 once it has expired or been pruned."""
-    path = request.app.state.artifacts.path(art_id)
-    return FileResponse(path, media_type=MEDIA_TYPES[art_id.rsplit(".", 1)[1]])

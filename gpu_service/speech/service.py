@@ -8,10 +8,10 @@ from typing import AsyncIterator
 
 from avatar_contracts import PhonemeTiming, TTSRequest
 from gpu_service.audio import decode_audio, decode_base64, pcm16, wav_bytes, wav_stream_header
-from gpu_service.speech.protocol import SpeechRequest, SpeechResult
-from gpu_service.registry import EngineEntry, EngineManager
 from gpu_service.errors import ValidationFailed
+from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
+from gpu_service.speech.protocol import SpeechEngine, SpeechRequest, SpeechResult
 
 
 @dataclass
@@ -22,6 +22,8 @@ class SpeechOutcome:
     engine: str
     language: str
     generation_time_ms: float
+    device: str
+    """Where the engine really ran (its own health report), not only the service's device."""
 
     def phoneme_timings(self) -> list[PhonemeTiming]:
         """Phonemes in the contract's shape."""
@@ -35,11 +37,11 @@ class SpeechOutcome:
 class SpeechService:
     """Turns a validated TTSRequest into audio on the right engine."""
 
-    def __init__(self, manager: EngineManager, settings: Settings) -> None:
-        self.manager = manager
+    def __init__(self, registry: EngineRegistry, settings: Settings) -> None:
+        self.registry = registry
         self.settings = settings
 
-    def prepare(self, body: TTSRequest) -> tuple[EngineEntry, SpeechRequest]:
+    def prepare(self, body: TTSRequest) -> tuple[EngineEntry[SpeechEngine], SpeechRequest]:
         """Check the request against limits and the engine; decode any speaker clip."""
         text = body.text.strip()
         if not text:
@@ -49,7 +51,7 @@ class SpeechService:
                 f"text is {len(body.text)} characters; the maximum is {self.settings.max_text_chars} "
                 "(split it, or raise MAX_TEXT_CHARS)"
             )
-        entry = self.manager.get("tts", body.engine)
+        entry = self.registry.speech_engine(body.engine)
         speaker_audio = speaker_rate = None
         if body.speaker_wav is not None:
             raw = decode_base64(body.speaker_wav, "speaker_wav")
@@ -73,9 +75,11 @@ class SpeechService:
         started = time.perf_counter()
         result = await entry.slots.run(entry.engine.synthesize, request)
         elapsed = (time.perf_counter() - started) * 1000
-        return SpeechOutcome(result=result, engine=entry.name, language=request.language, generation_time_ms=elapsed)
+        device = entry.engine.health().device or self.registry.device
+        return SpeechOutcome(result=result, engine=entry.name, language=request.language, generation_time_ms=elapsed,
+                             device=device)
 
-    async def stream_wav(self, entry: EngineEntry, request: SpeechRequest) -> AsyncIterator[bytes]:
+    async def stream_wav(self, entry: EngineEntry[SpeechEngine], request: SpeechRequest) -> AsyncIterator[bytes]:
         """A streaming WAV: the header with the first chunk, then 16-bit PCM as the engine makes it."""
         first = True
         async for chunk in entry.slots.stream(lambda: entry.engine.stream(request)):

@@ -8,12 +8,12 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from gpu_service.errors import BadMedia, NotFound, ValidationFailed
 from gpu_service.talking_head.encoding import Encoding, decode_image, encode_image, image_key
+from gpu_service.talking_head.protocol import AvatarRecord
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +26,6 @@ def check_avatar_id(avatar_id: str) -> str:
     if not isinstance(avatar_id, str) or not AVATAR_ID.match(avatar_id):
         raise ValidationFailed(f"avatar_id {avatar_id!r} is invalid; ids are 1-64 characters of A-Z, a-z, 0-9, _ and -")
     return avatar_id
-
-
-@dataclass
-class AvatarRecord:
-    """What the registry knows of one avatar without loading its encoding."""
-
-    avatar_id: str
-    key: str
-    face_box: list[int]
-    image_size: list[int]
-    preset: bool
-    encode_time_ms: float = 0.0
-    cached: bool = False
-
-    def info(self) -> dict:
-        """The AvatarInfo fields."""
-        return {
-            "avatar_id": self.avatar_id, "face_box": self.face_box, "image_size": self.image_size,
-            "preset": self.preset, "encode_time_ms": round(self.encode_time_ms, 2), "cached": self.cached,
-        }
 
 
 class AvatarStore:

@@ -70,7 +70,7 @@ class CpuRenderer:
             region = out[ey0:ey1, ex0:ex1].astype(np.float32)
             mixed = region * (1.0 - a) + enc.eye_skin * bright[..., None] * a
             out[ey0:ey1, ex0:ex1] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
-        if head is not None:
+        if head is not None and np.any(head != 0.0):  # a still frame's row is exactly zero
             roll, tx, ty = (float(v) for v in head)
             c, s = np.cos(roll), np.sin(roll)
             rx = p.rel[..., 0] - tx

@@ -87,8 +87,9 @@ class TorchRenderer:
             region = out[:, :, ey0:ey1, ex0:ex1]
             mixed = region * (1.0 - a) + p.eye_skin.unsqueeze(0) * bright.unsqueeze(1) * a
             out[:, :, ey0:ey1, ex0:ex1] = torch.clamp(torch.floor(mixed + 0.5), 0, 255)
-        if head is not None:
+        if head is not None and np.any(head != 0.0):  # a still frame's row is exactly zero: it keeps `out`
             hp = torch.from_numpy(np.ascontiguousarray(head, dtype=np.float32)).to(self.device)
+            moving = torch.from_numpy(np.any(head != 0.0, axis=1)).to(self.device).view(b, 1, 1, 1)
             c, s = torch.cos(hp[:, 0]).view(b, 1, 1), torch.sin(hp[:, 0]).view(b, 1, 1)
             rx = p.rel[..., 0] - hp[:, 1].view(b, 1, 1)
             ry = p.rel[..., 1] - hp[:, 2].view(b, 1, 1)
@@ -96,8 +97,8 @@ class TorchRenderer:
             hx = p.grid[..., 0] + m * (c * rx + s * ry - p.rel[..., 0])
             hy = p.grid[..., 1] + m * (-s * rx + c * ry - p.rel[..., 1])
             # Bicubic, as the CPU path: a second bilinear resampling would blur the face.
-            out = _sample(out, torch.stack([hx, hy], -1), p, mode="bicubic")
-            out = torch.clamp(torch.floor(out + 0.5), 0, 255)
+            warped = _sample(out, torch.stack([hx, hy], -1), p, mode="bicubic")
+            out = torch.where(moving, torch.clamp(torch.floor(warped + 0.5), 0, 255), out)
         return out.permute(0, 2, 3, 1).to(torch.uint8)
 
     def frames(self, enc: Encoding, weights: np.ndarray, head: Optional[np.ndarray]) -> Iterator[np.ndarray]:

@@ -48,16 +48,26 @@ def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.nda
     return out
 
 
+HEAD_STILL = 1e-4
+"""A frame whose head roll (radians) and shifts (pixels) are all below this gets no head warp."""
+
+
 def head_params(enc: Encoding, c: Controls, head_motion: bool) -> np.ndarray | None:
-    """(T, 3) roll (radians), dx, dy (pixels) of the head, or None when the head stays still."""
+    """(T, 3) roll (radians), dx, dy (pixels) of the head, or None when the head stays still.
+
+    Decided frame by frame, so a clip rendered in blocks gets the frames it gets whole: a still
+    frame's row is exactly zero, which the render paths take as "no head warp".
+    """
     if not head_motion:
         return None
     fw, fh = float(enc.dims[0]), float(enc.dims[1])
     dx = c.head_dx * fw + c.head_yaw * 0.6 * fw
     dy = c.head_dy * fh + c.head_pitch * 0.6 * fh
     params = np.stack([c.head_roll, dx, dy], axis=1).astype(np.float32)
-    if not np.any(np.abs(params) > 1e-4):
+    still = ~np.any(np.abs(params) > HEAD_STILL, axis=1)
+    if still.all():
         return None
+    params[still] = 0.0
     return params
 
 
@@ -71,10 +81,12 @@ class Renderer:
             from gpu_service.talking_head.render_torch import TorchRenderer
 
             self._impl = TorchRenderer(device, batch=batch)
+            self.block_frames = batch
         elif self.backend == "cv2":
             from gpu_service.talking_head.render_cpu import CpuRenderer
 
             self._impl = CpuRenderer()
+            self.block_frames = 1
         else:
             raise ValueError(f"unknown render backend {backend!r}; use auto, cv2 or torch")
         log.info("renderer ready", extra={"device": device, "backend": self.backend})
@@ -86,6 +98,9 @@ class Renderer:
         head = head_params(enc, controls, head_motion)
         yield from self._impl.frames(enc, weights, head)
 
-    def render(self, enc: Encoding, controls: Controls, head_motion: bool = True) -> np.ndarray:
-        """All frames as one (T, H, W, 3) array (for tests and short clips)."""
-        return np.stack(list(self.frames(enc, controls, head_motion)))
+    def render(self, enc: Encoding, controls: Controls, head_motion: bool = True, close_upper: float = 0.4) -> np.ndarray:
+        """All frames as one (T, H, W, 3) uint8 array (T may be 0)."""
+        frames = list(self.frames(enc, controls, head_motion, close_upper))
+        if not frames:
+            return np.zeros((0, *enc.image.shape), np.uint8)
+        return np.stack(frames)

@@ -6,63 +6,61 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from avatar_contracts.gpu import AvatarInfo, VideoRequest, VideoResponse
 from gpu_service.errors import BadMedia
-from gpu_service.http import mp4_response, require_json, wants_json
-from gpu_service.talking_head.service import VideoService
+from gpu_service.http import artifact_url, artifacts, mp4_response, registry, require_json, settings, wants_json
+from gpu_service.talking_head.service import TalkingHeadService
 
 router = APIRouter(tags=["video"])
 
 
-def _service(request: Request) -> VideoService:
-    return VideoService(request.app.state.manager, request.app.state.settings, request.app.state.artifacts)
+def service(request: Request) -> TalkingHeadService:
+    """The talking-head service over the app's registry, settings and artifacts."""
+    return TalkingHeadService(registry(request), settings(request), artifacts(request))
 
 
 @router.post("/avatars", response_model=AvatarInfo)
 async def upload_avatar(request: Request, image: UploadFile = File(...), pick_largest: bool = Form(False)) -> AvatarInfo:
     """Encode an uploaded portrait (multipart field `image`) once; later videos name it by avatar_id."""
-    service = _service(request)
-    entry = service.entry()
-    limit = request.app.state.settings.max_image_bytes
+    heads = service(request)
+    heads.entry()  # an unavailable engine is refused before the upload is read
+    limit = settings(request).talking_head.max_image_bytes
     raw = await image.read(limit + 1)
     if len(raw) > limit:
         raise BadMedia(f"image is larger than {limit} bytes (the limit)")
-    record = await entry.slots.run(entry.engine.avatars.add, raw, pick_largest=pick_largest)
+    record = await heads.add_avatar(raw, pick_largest)
     return AvatarInfo(**record.info())
 
 
 @router.get("/avatars", response_model=list[AvatarInfo])
 def list_avatars(request: Request) -> list[AvatarInfo]:
     """Every known avatar: presets first, then uploads."""
-    entry = _service(request).entry()
-    return [AvatarInfo(**r.info()) for r in entry.engine.avatars.list()]
+    return [AvatarInfo(**r.info()) for r in service(request).list_avatars()]
 
 
 @router.delete("/avatars/{avatar_id}")
 async def delete_avatar(avatar_id: str, request: Request) -> dict:
     """Forget an uploaded avatar and its cached encoding."""
-    entry = _service(request).entry()
-    await entry.slots.run(entry.engine.avatars.delete, avatar_id)
+    await service(request).delete_avatar(avatar_id)
     return {"deleted": avatar_id}
 
 
 @router.post("/video/generate", response_model=VideoResponse, dependencies=[Depends(require_json)])
 async def generate_video(body: VideoRequest, request: Request):
     """A talking-head MP4 the length of the audio; JSON with video_url when asked (response=json or Accept)."""
-    result, avatar_id = await _service(request).generate(body)
+    result = await service(request).generate(body)
     if not wants_json(request, body.response):
         return mp4_response(
             result.mp4,
             result.timings_ms,
-            {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": avatar_id or ""},
+            {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": result.avatar_id},
         )
-    art_id = request.app.state.artifacts.put(result.mp4, "mp4")
     return VideoResponse(
-        video_url=str(request.url_for("get_artifact", art_id=art_id)),
+        video_url=artifact_url(request, result.mp4, "mp4"),
         duration_s=round(result.duration_s, 4),
         fps=result.fps,
         frames=result.frames,
         width=result.width,
         height=result.height,
-        avatar_id=avatar_id,
+        avatar_id=result.avatar_id,
         device=request.app.state.device.name,
         timings_ms=result.timings_ms,
     )

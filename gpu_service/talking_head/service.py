@@ -9,12 +9,10 @@ import numpy as np
 from avatar_contracts.gpu import VideoRequest
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.audio import decode_audio, decode_base64
-from gpu_service.registry import EngineEntry, EngineManager
 from gpu_service.errors import BadMedia, ValidationFailed
+from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
-from gpu_service.talking_head.avatars import AvatarRecord
-from gpu_service.talking_head.protocol import VideoJob, VideoResult
-
+from gpu_service.talking_head.protocol import AvatarRecord, TalkingHeadEngine, VideoJob, VideoResult
 
 
 def _ffmpeg_decode(raw: bytes, field: str) -> bytes:
@@ -30,33 +28,53 @@ def _ffmpeg_decode(raw: bytes, field: str) -> bytes:
     return res.stdout
 
 
-class VideoService:
-    """Turns a VideoRequest into an MP4 on the talking-head engine."""
+class TalkingHeadService:
+    """Avatars and MP4s on the talking-head engine, through its slots."""
 
-    def __init__(self, manager: EngineManager, settings: Settings, artifacts: ArtifactStore) -> None:
-        self.manager = manager
+    def __init__(self, registry: EngineRegistry, settings: Settings, artifacts: ArtifactStore) -> None:
+        self.registry = registry
         self.settings = settings
         self.artifacts = artifacts
 
-    def entry(self) -> EngineEntry:
+    def entry(self) -> EngineEntry[TalkingHeadEngine]:
         """The loaded talking-head engine, or a 4xx/503 saying why not."""
-        return self.manager.get("video", None)
+        return self.registry.talking_head_engine()
+
+    def _check_image(self, raw: bytes, field: str) -> None:
+        limit = self.settings.talking_head.max_image_bytes
+        if len(raw) > limit:
+            raise BadMedia(f"{field} is {len(raw)} bytes; the limit is {limit} bytes")
+
+    async def add_avatar(self, raw: bytes, pick_largest: bool = False, field: str = "image") -> AvatarRecord:
+        """Encode and register a portrait on an engine slot."""
+        self._check_image(raw, field)
+        entry = self.entry()
+        return await entry.slots.run(entry.engine.add_avatar, raw, pick_largest)
+
+    def list_avatars(self) -> list[AvatarRecord]:
+        """Every registered avatar, presets first."""
+        return self.entry().engine.list_avatars()
+
+    async def delete_avatar(self, avatar_id: str) -> None:
+        """Forget an uploaded avatar on an engine slot."""
+        entry = self.entry()
+        await entry.slots.run(entry.engine.delete_avatar, avatar_id)
 
     def decode_audio(self, raw: bytes, field: str) -> tuple[np.ndarray, int]:
         """Mono float32 audio within the length limit (MP3 through ffmpeg)."""
         if not raw:
             raise BadMedia(f"{field} is empty")
+        max_s = self.settings.talking_head.max_audio_s
         try:
-            return decode_audio(raw, field, 0.05, self.settings.max_video_audio_s)
+            return decode_audio(raw, field, 0.05, max_s)
         except BadMedia as exc:
             if "not a readable audio file" not in exc.message:
                 raise
-        return decode_audio(_ffmpeg_decode(raw, field), field, 0.05, self.settings.max_video_audio_s)
+        return decode_audio(_ffmpeg_decode(raw, field), field, 0.05, max_s)
 
-    async def prepare(self, body: VideoRequest) -> tuple[EngineEntry, VideoJob, str | None]:
-        """Validate the request and load its avatar and audio."""
+    async def prepare(self, body: VideoRequest) -> tuple[EngineEntry[TalkingHeadEngine], VideoJob]:
+        """Validate the request, register or look up its avatar and decode its audio."""
         entry = self.entry()
-        engine = entry.engine
         from gpu_service.talking_head.driving import resolve_emotion
 
         resolve_emotion(body.emotion, body.text)  # an unknown emotion is a 422 before any work
@@ -65,15 +83,9 @@ class VideoService:
         if (body.audio is None) == (body.audio_url is None):
             raise ValidationFailed("send exactly one of audio or audio_url")
         if body.avatar_id is not None:
-            enc = await entry.slots.run(engine.avatars.get, body.avatar_id)
-            avatar_id = body.avatar_id
+            record = entry.engine.get_avatar(body.avatar_id)
         else:
-            raw = decode_base64(body.avatar_image, "avatar_image")
-            if len(raw) > self.settings.max_image_bytes:
-                raise BadMedia(f"avatar_image is {len(raw)} bytes; the limit is {self.settings.max_image_bytes} bytes")
-            rec: AvatarRecord = await entry.slots.run(engine.avatars.add, raw)
-            enc = await entry.slots.run(engine.avatars.get, rec.avatar_id)
-            avatar_id = rec.avatar_id
+            record = await self.add_avatar(decode_base64(body.avatar_image, "avatar_image"), field="avatar_image")
         if body.audio is not None:
             raw_audio = decode_base64(body.audio, "audio")
             field = "audio"
@@ -82,15 +94,14 @@ class VideoService:
             field = "audio_url"
         audio, rate = self.decode_audio(raw_audio, field)
         job = VideoJob(
-            encoding=enc, audio=audio, sample_rate=rate, fps=body.fps,
+            avatar_id=record.avatar_id, audio=audio, sample_rate=rate, fps=body.fps,
             phonemes=[(p.phoneme, p.start_s, p.end_s) for p in body.phonemes] if body.phonemes else None,
             emotion=body.emotion, text=body.text, seed=body.seed, head_motion=body.head_motion,
             include_audio=body.include_audio,
         )
-        return entry, job, avatar_id
+        return entry, job
 
-    async def generate(self, body: VideoRequest) -> tuple[VideoResult, str | None]:
+    async def generate(self, body: VideoRequest) -> VideoResult:
         """Render the request's video on an engine slot."""
-        entry, job, avatar_id = await self.prepare(body)
-        result = await entry.slots.run(entry.engine.generate, job)
-        return result, avatar_id
+        entry, job = await self.prepare(body)
+        return await entry.slots.run(entry.engine.generate, job)

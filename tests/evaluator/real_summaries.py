@@ -30,7 +30,7 @@ def rendered(tmp: str) -> dict:
 
     from gpu_service.speech.protocol import SpeechRequest
     from gpu_service.speech.engines.piper import PiperEngine
-    from gpu_service.talking_head.engines.landmark import TalkingHeadEngine
+    from gpu_service.talking_head.engines.landmark import LandmarkTalkingHead
     from gpu_service.talking_head.protocol import VideoJob
 
     out = Path(tmp)
@@ -39,16 +39,16 @@ def rendered(tmp: str) -> dict:
     Image.fromarray(portrait).save(buf, format="PNG")
     piper = PiperEngine()
     piper.load("cpu")
-    head = TalkingHeadEngine(cache_dir=out / "cache", cache_bytes=64 * 1024 * 1024, max_image_bytes=10 * 1024 * 1024,
-                             presets_dir=out / "no_presets")
+    head = LandmarkTalkingHead(cache_dir=out / "cache", cache_bytes=64 * 1024 * 1024, max_image_bytes=10 * 1024 * 1024,
+                               presets_dir=out / "no_presets")
     head.load("cpu")
     t0 = time.perf_counter()
     speech = piper.synthesize(SpeechRequest(text=TEXT))
     t1 = time.perf_counter()
-    key, enc, _, _ = head.avatars.encode_bytes(buf.getvalue())
+    avatar = head.add_avatar(buf.getvalue())
     phon = [(p.phoneme, p.start_s, p.end_s) for p in speech.phonemes]
     t2 = time.perf_counter()
-    result = head.generate(VideoJob(enc, speech.audio, speech.sample_rate, phonemes=phon, text=TEXT))
+    result = head.generate(VideoJob(avatar.avatar_id, speech.audio, speech.sample_rate, phonemes=phon, text=TEXT))
     t3 = time.perf_counter()
     good = out / "good.mp4"
     good.write_bytes(result.mp4)

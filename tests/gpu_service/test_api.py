@@ -27,6 +27,7 @@ def test_health_ready_and_speech_roundtrip(gpu_settings):
             assert health["available_slots"] >= 1 and health["active_workers"] == 0
             piper = next(e for e in health["engines"] if e["name"] == "piper")
             assert piper["voices"] == ["en_US-joe-medium"] and piper["languages"] == ["en"]
+            assert piper["device"] == "cpu" and piper["providers"] == ["CPUExecutionProvider"]
 
             resp = await client.post("/tts/generate", json={"text": "Good morning, my friend."})
             assert resp.status_code == 200, resp.text
@@ -113,6 +114,28 @@ def test_transport_errors_and_unavailable_engine(gpu_settings, tmp_path):
             resp = await client.post("/tts/generate", json={"text": "hi", "engine": "xtts"})
             assert resp.status_code == 422 and resp.json()["error_type"] == "engine_unavailable"
             assert (await client.get("/artifacts/0123456789abcdef0123456789abcdef.wav")).status_code == 404
+            assert (await client.get("/ready")).status_code == 200
+
+    run(scenario())
+
+
+def test_ready_rechecks_each_engine_and_names_the_one_that_fails(gpu_settings, monkeypatch):
+    from dataclasses import replace
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            assert (await client.get("/ready")).status_code == 200
+            piper = client.app.state.registry.speech["piper"].engine
+            healthy = piper.health()
+            # The engine's own check turns bad after start (a lost device, a dead session): /ready must see it.
+            monkeypatch.setattr(piper, "health", lambda: replace(healthy, available=False, reason="session lost"))
+            resp = await client.get("/ready")
+            assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+            body = resp.json()
+            assert body["ready"] is False and body["engine"] == "piper" and body["capability"] == "tts"
+            assert "piper" in body["reason"] and "session lost" in body["reason"]
+            assert (await client.get("/health")).json()["status"] == "unhealthy"
+            monkeypatch.undo()
             assert (await client.get("/ready")).status_code == 200
 
     run(scenario())

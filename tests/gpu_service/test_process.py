@@ -67,3 +67,26 @@ def test_impossible_cuda_device_fails_at_start_with_a_clear_message(tmp_path):
     assert proc.returncode != 0
     assert "DEVICE=cuda was requested but no CUDA device" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+BAD_SETTINGS = [
+    ({"PORT": "abc"}, "PORT"),
+    ({"PORT": "70000"}, "PORT"),
+    ({"TTS_ENGINES": "piper,nope"}, "TTS_ENGINES"),
+    ({"LIPSYNC_ENGINES": '["wav2lip"]'}, "LIPSYNC_ENGINES"),
+    ({"TTS_ENGINES": "piper", "DEFAULT_TTS_ENGINE": "xtts"}, "DEFAULT_TTS_ENGINE"),
+]
+
+
+@pytest.mark.parametrize("env,setting", BAD_SETTINGS)
+def test_a_bad_setting_exits_2_with_one_line_naming_it(env, setting, tmp_path):
+    import os
+    import sys
+
+    full = {**os.environ, "DATA_DIR": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "-m", "gpu_service"], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and setting in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -15,7 +15,7 @@ from gpu_service.artifacts import ArtifactStore
 from gpu_service.audio import decode_audio, decode_base64
 from gpu_service.device import resolve_device
 from gpu_service.speech.protocol import SpeechRequest
-from gpu_service.speech.engines.piper import fold_alignments
+from gpu_service.speech.engines.piper import PiperEngine, fold_alignments, onnx_providers
 from gpu_service.errors import BadMedia, ConfigurationError, NotFound, Overloaded, ValidationFailed
 from gpu_service.scheduler import EngineSlots
 from gpu_service.settings import Settings
@@ -53,6 +53,15 @@ def test_settings_are_bounded_and_parse_csv(monkeypatch):
     monkeypatch.setenv("DEVICE", "tpu")
     with pytest.raises(Exception, match="device"):
         Settings()
+
+
+@pytest.mark.parametrize("value", ['["piper"]', '["piper", "xtts"]', "piper,xtts", "piper"])
+def test_engine_lists_accept_json_and_comma_forms(monkeypatch, value):
+    monkeypatch.setenv("TTS_ENGINES", value)
+    monkeypatch.setenv("LIPSYNC_ENGINES", value.replace("piper", "landmark").replace(', "xtts"', "").replace(",xtts", ""))
+    s = Settings()
+    assert s.tts_engines == (["piper", "xtts"] if "xtts" in value else ["piper"])
+    assert s.lipsync_engines == ["landmark"]
 
 
 def test_artifacts_expire_and_respect_the_size_budget(tmp_path):
@@ -132,6 +141,27 @@ def _assert_speech_like(audio: np.ndarray, rate: int) -> None:
     assert 0.3 < voiced.mean() < 0.98, "speech has both voiced stretches and quieter gaps"
 
 
+def test_onnx_providers_are_chosen_from_what_onnxruntime_has():
+    cuda_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cpu_build = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers("cuda", cuda_build) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers("cuda", cpu_build) == ["CPUExecutionProvider"]
+    assert onnx_providers("cpu", cuda_build) == ["CPUExecutionProvider"]
+    assert onnx_providers("mps", ["CoreMLExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_piper_on_a_cuda_device_reports_the_providers_it_really_uses():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    engine = PiperEngine(noise_w_scale=0.0)
+    engine.load("cuda")  # the service's device is CUDA; the installed onnxruntime is the CPU build
+    health = engine.health()
+    assert health.providers == ("CPUExecutionProvider",) and health.device == "cpu"
+    assert engine.synthesize(SpeechRequest(text="Still speaking.")).duration_s > 0.3
+
+
 def test_piper_speaks_with_ordered_covering_phonemes(piper_engine):
     short = piper_engine.synthesize(SpeechRequest(text="Hello there."))
     long = piper_engine.synthesize(
@@ -177,25 +207,45 @@ def test_piper_noise_settings_make_speech_repeatable(piper_engine, tmp_path):
     a, b = (piper_engine.synthesize(SpeechRequest(text=text)) for _ in range(2))
     assert [(p.phoneme, p.start_s, p.end_s) for p in a.phonemes] == [(p.phoneme, p.start_s, p.end_s) for p in b.phonemes]
     # Both noises off through the settings the service builds its engine from: identical audio.
-    from gpu_service.registry import _build_tts
+    from gpu_service.speech.engines import build
 
-    settings = Settings(piper_noise_scale=0.0, piper_noise_w_scale=0.0, avatar_model_dir=tmp_path)
-    engine = _build_tts("piper", settings)
+    settings = Settings(piper={"noise_scale": 0.0, "noise_w_scale": 0.0}, avatar_model_dir=tmp_path)
+    engine = build("piper", settings)
     engine.load("cpu")
     c, d = (engine.synthesize(SpeechRequest(text=text)) for _ in range(2))
     assert np.array_equal(c.audio, d.audio)
     _assert_speech_like(c.audio, c.sample_rate)
-    with pytest.raises(ValueError, match="piper_noise_w_scale"):
-        Settings(piper_noise_w_scale=-0.1)
+    with pytest.raises(ValueError, match="noise_w_scale"):
+        Settings(piper={"noise_w_scale": -0.1})
 
 
 def test_every_setting_is_documented_and_numbers_are_bounded():
     import annotated_types
+    from pydantic import BaseModel
 
-    for name, field in Settings.model_fields.items():
-        assert field.description and len(field.description) > 10, f"{name} has no docstring"
-        if field.annotation in (int, float):
-            kinds = {type(m) for m in field.metadata}
-            has_low = kinds & {annotated_types.Ge, annotated_types.Gt}
-            has_high = kinds & {annotated_types.Le, annotated_types.Lt}
-            assert has_low and has_high, f"{name} is a number without both bounds"
+    groups = [Settings] + [f.annotation for f in Settings.model_fields.values()
+                           if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    assert {g.__name__ for g in groups} >= {"PiperSettings", "XttsSettings", "TalkingHeadSettings", "LipSyncSettings"}
+    for group in groups:
+        for name, field in group.model_fields.items():
+            assert field.description and len(field.description) > 10, f"{group.__name__}.{name} has no docstring"
+            if field.annotation in (int, float, float | None):
+                kinds = {type(m) for m in field.metadata}
+                has_low = kinds & {annotated_types.Ge, annotated_types.Gt}
+                has_high = kinds & {annotated_types.Le, annotated_types.Lt}
+                assert has_low and has_high, f"{group.__name__}.{name} is a number without both bounds"
+
+
+def test_engine_settings_nest_and_the_flat_names_still_work(monkeypatch):
+    monkeypatch.setenv("PIPER__NOISE_SCALE", "0.25")
+    monkeypatch.setenv("TALKING_HEAD__RENDER_BATCH", "4")
+    monkeypatch.setenv("LIPSYNC__MAX_VIDEO_S", "30")
+    monkeypatch.setenv("PIPER_NOISE_W_SCALE", "0")  # the flat name README documented
+    monkeypatch.setenv("VIDEO_CRF", "20")
+    monkeypatch.setenv("MP4__CRF", "18")  # the nested name wins over the flat one
+    s = Settings()
+    assert (s.piper.noise_scale, s.piper.noise_w_scale) == (0.25, 0.0)
+    assert s.talking_head.render_batch == 4 and s.lipsync.max_video_s == 30.0 and s.mp4.crf == 18
+    monkeypatch.setenv("TALKING_HEAD__RENDER_BATCH", "0")
+    with pytest.raises(ValueError, match="render_batch"):
+        Settings()

@@ -61,7 +61,7 @@ def test_missing_weights_name_the_files_and_where_to_put_them(tmp_path):
     assert "config.json, model.pth, vocab.json missing" in msg
     assert str(model_dir) in msg and "AVATAR_MODEL_DIR/xtts_v2" in msg
     assert "CPML" in msg and "XTTS-v2 release" in msg
-    assert engine.health()["available"] is False and engine.health()["reason"] == msg
+    assert engine.health().available is False and engine.health().reason == msg
 
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
@@ -83,9 +83,9 @@ def test_corrupt_checkpoint_is_unavailable_not_a_crash(tmp_path, tiny_xtts_dir):
 def test_loads_tiny_model_and_reports_languages(xtts_engine):
     assert isinstance(xtts_engine, SpeechEngine)
     health = xtts_engine.health()
-    assert health["available"] and health["loaded"] and health["reason"] is None
-    assert health["languages"] == list(LANGUAGES) and len(LANGUAGES) == 17
-    assert health["voices"] == []  # no speakers_xtts.pth: cloning only
+    assert health.available and health.loaded and health.reason is None
+    assert health.languages == LANGUAGES and len(LANGUAGES) == 17
+    assert health.voices == ()  # no speakers_xtts.pth: cloning only
 
 
 def test_unknown_language_lists_the_valid_ones(xtts_engine, speaker_clip):
@@ -189,7 +189,7 @@ def test_latent_cache_hits_on_the_same_clip(xtts_engine, speaker_clip):
     louder = _clone("Cache me.", (speaker_clip[0] * 0.5, speaker_clip[1]))
     other = xtts_engine.conditioning(louder)
     assert xtts_engine.cache_misses == misses + 1 and other[2] != first[2]
-    assert xtts_engine.health()["latent_cache"]["hits"] == xtts_engine.cache_hits
+    assert xtts_engine.health().cache.hits == xtts_engine.cache_hits
 
 
 def test_latent_cache_is_bounded_lru(tiny_xtts_dir, speaker_clip):
@@ -199,7 +199,7 @@ def test_latent_cache_is_bounded_lru(tiny_xtts_dir, speaker_clip):
     clips = [(audio * g, rate) for g in (1.0, 0.8, 0.6)]
     for clip in clips:
         engine.conditioning(_clone("x", clip))
-    assert engine.health()["latent_cache"]["size"] == 2
+    assert engine.health().cache.size == 2
     engine.conditioning(_clone("x", clips[2]))  # newest: still cached
     assert engine.cache_hits == 1
     engine.conditioning(_clone("x", clips[0]))  # oldest: evicted, computed again
@@ -240,7 +240,7 @@ def test_builtin_speakers_from_speakers_file(tmp_path, tiny_xtts_dir, xtts_engin
     engine = XttsEngine(model_dir=model_dir)
     engine.load("cpu")
     engine.warmup()  # conditions on the built-in speaker
-    assert engine.health()["voices"] == ["Piper Joe"]
+    assert engine.health().voices == ("Piper Joe",)
     request = SpeechRequest(text="Built in voice.")
     engine.validate(request)
     result = engine.synthesize(request)

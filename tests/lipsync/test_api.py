@@ -189,8 +189,8 @@ def test_limits_past_size_and_duration(tmp_path, media):
     from gpu_service.settings import Settings
 
     tight = Settings(tts_engines=["piper"], video_engines=[], data_dir=tmp_path / "data",
-                     preset_avatars_dir=tmp_path / "presets", lipsync_max_audio_bytes=64 * 1024,
-                     lipsync_max_video_s=1.5, lipsync_max_audio_s=2.0)
+                     preset_avatars_dir=tmp_path / "presets",
+                     lipsync={"max_audio_bytes": 64 * 1024, "max_video_s": 1.5, "max_audio_s": 2.0})
     short_wav = tmp_path / "short.wav"  # under the byte limit, over the 2 s duration limit
     short_wav.write_bytes(_wav_bytes(media["audio_b"][::4][: int(2.5 * media["sr_b"] / 4)], media["sr_b"] // 4))
     assert short_wav.stat().st_size < 64 * 1024

@@ -218,3 +218,27 @@ def test_cpu_and_torch_paths_agree(astro, cpu):
     b = Renderer("cpu", backend="torch", batch=4).render(astro, c).astype(np.int16)
     diff = np.abs(a - b)
     assert diff.mean() < 0.1 and diff.max() <= 12
+
+
+@pytest.mark.parametrize("backend", ["cv2", "torch"])
+def test_a_clip_rendered_in_blocks_is_the_clip_rendered_whole(astro, piper_engine, backend):
+    from gpu_service.talking_head.driving import drive
+    from gpu_service.talking_head.engines.landmark import LandmarkFrameStream
+    from gpu_service.talking_head.protocol import FrameStream
+
+    speech = piper_engine.synthesize(SpeechRequest(text="Bring the map, please."))
+    c = drive(speech.duration_s, 25, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate,
+              seed=3, head_motion=True).slice(0, 30)
+    assert c.head_roll.any() and c.blink.any() and c.mouth_open.max() > 0.3  # head motion, a blink and speech
+    renderer = Renderer("cpu", backend=backend, batch=4)
+    whole = renderer.render(astro, c, head_motion=True)
+    stream = LandmarkFrameStream(renderer, astro, "astro", 25.0, head_motion=True)
+    assert isinstance(stream, FrameStream) and stream.size == (astro.image.shape[1], astro.image.shape[0])
+    # Blocks of 40 ms (one frame), empty, and not aligned to the torch batch of 4.
+    cuts = [0, 1, 2, 2, 9, 16, 23, 30]
+    blocks = [stream.render(c.slice(a, b)) for a, b in zip(cuts, cuts[1:])]
+    assert [len(b) for b in blocks] == [b - a for a, b in zip(cuts, cuts[1:])]
+    assert stream.frames_rendered == 30
+    assert np.array_equal(np.concatenate(blocks), whole)
+    with pytest.raises(Exception, match="fps"):
+        stream.render(Controls.neutral(2, 30.0))

@@ -41,7 +41,8 @@ def video_settings(gpu_settings, tmp_path):
     (presets / "broken").mkdir()
     (presets / "broken" / "face.jpg").write_bytes(b"not a jpeg at all")
     (presets / "empty").mkdir()
-    return gpu_settings.model_copy(update={"max_image_bytes": 2 * 1024 * 1024, "max_video_audio_s": 20.0})
+    limits = gpu_settings.talking_head.model_copy(update={"max_image_bytes": 2 * 1024 * 1024, "max_audio_s": 20.0})
+    return gpu_settings.model_copy(update={"talking_head": limits})
 
 
 def test_presets_speech_to_mp4_and_json(video_settings):

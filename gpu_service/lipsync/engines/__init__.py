@@ -1,1 +1,16 @@
-"""The engines of this capability, built by name from the settings."""
+"""The lip-sync engines, built (not loaded) by name from the settings."""
+
+from __future__ import annotations
+
+from gpu_service.errors import ConfigurationError
+from gpu_service.lipsync.protocol import LipSyncEngine
+from gpu_service.settings import Settings
+
+
+def build(name: str, settings: Settings) -> LipSyncEngine:
+    """Construct the lip-sync engine `name` from its settings group."""
+    if name == "landmark":
+        from gpu_service.lipsync.engines.landmark import LandmarkLipSync
+
+        return LandmarkLipSync(preset=settings.mp4.x264_preset, crf=settings.mp4.crf)
+    raise ConfigurationError(f"unknown lip-sync engine {name!r} in LIPSYNC_ENGINES; known: landmark")

@@ -19,8 +19,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
+from gpu_service.engine import EngineHealth
 from gpu_service.errors import BadMedia
+from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
 from gpu_service.lipsync.mouth import inner_gap, refine_inner_lips
 from gpu_service.lipsync.stream_io import VideoSource, frames_in_order, plan_length
 from gpu_service.lipsync.tracking import FaceTracker
@@ -135,10 +136,11 @@ class LandmarkLipSync:
             tracker.track(frame)
         encode_mp4([frame, frame], 25, (128, 128), preset=self.x264_preset, crf=self.crf)
 
-    def health(self) -> dict:
-        """Engine facts for /health."""
-        ready = self.renderer is not None
-        return {"available": ready, "loaded": ready, "voices": [], "languages": []}
+    def health(self) -> EngineHealth:
+        """Loaded once its render path is chosen; reports the device and the path (cv2 or torch)."""
+        if self.renderer is None:
+            return EngineHealth.down("not loaded")
+        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.renderer.backend,))
 
     def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
         """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered."""
@@ -182,7 +184,7 @@ class LandmarkLipSync:
     def lipsync(self, job: LipSyncJob) -> LipSyncResult:
         """Re-voice the job's video with its audio and encode the MP4 with the new audio (blocking)."""
         started = time.perf_counter()
-        src: VideoSource = job.video  # type: ignore[assignment]
+        src = job.video
         fps = float(src.fps)
         n_audio = max(1, int(round(len(job.audio) / job.sample_rate * fps)))
         # The source's real frame count is known only after decoding; trim can shorten to the probed estimate.

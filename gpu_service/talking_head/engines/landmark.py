@@ -1,29 +1,56 @@
-"""The talking-head engine: avatars + renderer + MP4 assembly, loaded once in the app's lifespan."""
+"""The landmark talking head: avatars + renderer + MP4 assembly, loaded once in the app's lifespan."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 
+from gpu_service.engine import EngineHealth
+from gpu_service.errors import EngineUnavailable, ValidationFailed
 from gpu_service.talking_head.avatars import AvatarStore
-from gpu_service.talking_head.protocol import VideoJob, VideoResult
+from gpu_service.talking_head.controls import Controls
+from gpu_service.talking_head.encoding import Encoding
+from gpu_service.talking_head.protocol import AvatarRecord, VideoJob, VideoResult
 from gpu_service.talking_head.renderer import Renderer
 from gpu_service.talking_head.video import encode_mp4
 
 log = logging.getLogger(__name__)
 
 
-class TalkingHeadEngine:
-    """Landmark-warp talking head: one portrait and speech in, an MP4 out."""
+class LandmarkFrameStream:
+    """One avatar rendered block by block; every frame is rendered on its own, so blocks join seamlessly."""
+
+    def __init__(self, renderer: Renderer, enc: Encoding, avatar_id: str, fps: float, head_motion: bool) -> None:
+        self._renderer = renderer
+        self._enc = enc
+        self._head_motion = head_motion
+        self.avatar_id = avatar_id
+        self.fps = float(fps)
+        h, w = enc.image.shape[:2]
+        self.size = (w, h)
+        self.frames_rendered = 0
+
+    def render(self, controls: Controls) -> np.ndarray:
+        """(n, H, W, 3) uint8 frames for the next n frames of controls."""
+        if abs(float(controls.fps) - self.fps) > 1e-6:
+            raise ValidationFailed(f"controls are at {controls.fps:g} fps; this stream renders at {self.fps:g} fps")
+        frames = self._renderer.render(self._enc, controls, self._head_motion)
+        self.frames_rendered += len(frames)
+        return frames
+
+
+class LandmarkTalkingHead:
+    """Landmark-warp talking head: one portrait and speech in, frames or an MP4 out."""
 
     name = "landmark"
 
-    def __init__(self, *, cache_dir, cache_bytes: int, max_image_bytes: int, presets_dir, preset: str = "veryfast",
-                 crf: int = 16, batch: int = 16) -> None:
-        self.avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes)
+    def __init__(self, *, cache_dir: Path, cache_bytes: int, max_image_bytes: int, presets_dir: Path,
+                 preset: str = "veryfast", crf: int = 16, batch: int = 16) -> None:
+        self._avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes)
         self.presets_dir = presets_dir
         self.x264_preset = preset
         self.crf = crf
@@ -32,33 +59,67 @@ class TalkingHeadEngine:
         self.device = "cpu"
         self.presets: list[str] = []
 
+    # -- lifecycle -------------------------------------------------------------------------
     def load(self, device: str) -> None:
         """Pick the render path for the device and encode every preset avatar."""
         self.device = device
         self.renderer = Renderer(device, batch=self.batch)
-        self.presets = self.avatars.load_presets(self.presets_dir)
+        self.presets = self._avatars.load_presets(self.presets_dir)
         log.info("talking head loaded", extra={"device": device, "backend": self.renderer.backend, "presets": self.presets})
 
     def warmup(self) -> None:
         """Render and encode a few frames of a preset so the first request is not slow."""
         if not self.presets:
             return
-        from gpu_service.talking_head.controls import Controls
-
-        enc = self.avatars.get(self.presets[0])
+        stream = self.open_stream(self.presets[0], 25.0)
         controls = Controls.neutral(5, 25.0)
         controls.mouth_open[:] = np.linspace(0, 1, 5, dtype=np.float32)
-        h, w = enc.image.shape[:2]
-        encode_mp4(self.renderer.frames(enc, controls), 25, (w, h), preset=self.x264_preset, crf=self.crf)
+        encode_mp4(stream.render(controls), 25, stream.size, preset=self.x264_preset, crf=self.crf)
 
-    def health(self) -> dict:
-        """Engine facts for /health."""
-        return {"available": self.renderer is not None, "loaded": self.renderer is not None, "voices": [], "languages": []}
+    def health(self) -> EngineHealth:
+        """Loaded once its render path is chosen; reports the device and the path (cv2 or torch)."""
+        if self.renderer is None:
+            return EngineHealth.down("not loaded")
+        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.renderer.backend,))
+
+    def _require_renderer(self) -> Renderer:
+        if self.renderer is None:
+            raise EngineUnavailable("talking-head engine 'landmark' is not loaded")
+        return self.renderer
+
+    # -- avatars ---------------------------------------------------------------------------
+    def add_avatar(self, image: bytes, pick_largest: bool = False) -> AvatarRecord:
+        """Encode a portrait once (or find it cached) and register it."""
+        return self._avatars.add(image, pick_largest=pick_largest)
+
+    def list_avatars(self) -> list[AvatarRecord]:
+        """Every registered avatar, presets first."""
+        return self._avatars.list()
+
+    def get_avatar(self, avatar_id: str) -> AvatarRecord:
+        """The record of a registered avatar, or NotFound."""
+        return self._avatars.record(avatar_id)
+
+    def delete_avatar(self, avatar_id: str) -> None:
+        """Forget an uploaded avatar and its cached encoding; presets cannot be deleted."""
+        self._avatars.delete(avatar_id)
+
+    # -- frames ----------------------------------------------------------------------------
+    def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True) -> LandmarkFrameStream:
+        """A frame stream of a registered avatar (its encoding loaded now, from memory or disk)."""
+        return LandmarkFrameStream(self._require_renderer(), self._avatars.get(avatar_id), avatar_id, fps, head_motion)
+
+    def _frames(self, stream: LandmarkFrameStream, controls: Controls) -> Iterator[np.ndarray]:
+        """A whole clip's frames through the stream, in the render path's natural block size."""
+        step = self._require_renderer().block_frames
+        for start in range(0, controls.n_frames, step):
+            yield from stream.render(controls.slice(start, start + step))
 
     def generate(self, job: VideoJob) -> VideoResult:
-        """Drive controls from the speech, render the frames and encode the MP4 (blocking)."""
+        """Drive controls from the speech, render the frames block by block and encode the MP4 (blocking)."""
         from gpu_service.talking_head.driving import drive
 
+        stream = self.open_stream(job.avatar_id, job.fps, job.head_motion)
         t0 = time.perf_counter()
         duration = len(job.audio) / float(job.sample_rate)
         controls = drive(
@@ -66,10 +127,9 @@ class TalkingHeadEngine:
             emotion=job.emotion, text=job.text, seed=job.seed, head_motion=job.head_motion,
         )
         t1 = time.perf_counter()
-        enc = job.encoding
-        h, w = enc.image.shape[:2]
+        w, h = stream.size
         mp4, facts = encode_mp4(
-            self.renderer.frames(enc, controls, job.head_motion), job.fps, (w, h),
+            self._frames(stream, controls), job.fps, (w, h),
             audio=job.audio if job.include_audio else None, sample_rate=job.sample_rate,
             preset=self.x264_preset, crf=self.crf,
         )
@@ -81,4 +141,4 @@ class TalkingHeadEngine:
             "total": (t2 - t0) * 1000,
         }
         return VideoResult(mp4, facts["frames"], job.fps, w, h, controls.n_frames / job.fps,
-                           {k: round(v, 2) for k, v in timings.items()})
+                           {k: round(v, 2) for k, v in timings.items()}, avatar_id=job.avatar_id)
