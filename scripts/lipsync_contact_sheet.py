@@ -29,7 +29,7 @@ def _mouth_crop(frame: np.ndarray, lm: np.ndarray | None, size: int) -> np.ndarr
         return np.zeros((size, size, 3), np.uint8)
     from gpu_service.talking_head import landmarks as L
 
-    c = lm[[L.MOUTH_LEFT, L.MOUTH_RIGHT, 13, 14]].mean(0)
+    c = lm[[L.MOUTH_LEFT, L.MOUTH_RIGHT, L.INNER_UPPER_MID[0], L.INNER_LOWER_MID[0]]].mean(0)
     half = int(max(12, 0.9 * np.linalg.norm(lm[L.MOUTH_RIGHT] - lm[L.MOUTH_LEFT])))
     x0, y0 = int(c[0]) - half, int(c[1]) - half
     pad = np.pad(frame, ((half, half), (half, half), (0, 0)), mode="edge")

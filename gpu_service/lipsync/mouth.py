@@ -35,12 +35,16 @@ def _lip_colour(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return cv2.remap(img, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0]
 
 
+def _down_the_face(lm: np.ndarray) -> np.ndarray:
+    """Unit vector down the face: the eye line turned a quarter clockwise."""
+    eye_l, eye_r = L.eye_centres(lm)
+    axis = (eye_r - eye_l) / max(float(np.linalg.norm(eye_r - eye_l)), 1e-6)
+    return np.array([-axis[1], axis[0]], np.float32)
+
+
 def visible_opening(frame: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per inner-lip column (corners excluded): how far (px, >= 0) the visible opening reaches past the upper and the lower landmark."""
-    eye_l = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER].mean(0)
-    eye_r = lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER].mean(0)
-    axis = (eye_r - eye_l) / max(float(np.linalg.norm(eye_r - eye_l)), 1e-6)
-    e_v = np.array([-axis[1], axis[0]], np.float32)  # down the face
+    e_v = _down_the_face(lm)
     pu, pl, ou, ol = lm[_UPPER], lm[_LOWER], lm[_OUT_UP], lm[_OUT_LO]
     mid = (pu + pl) / 2
 
@@ -93,11 +97,8 @@ def visible_opening(frame: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.n
 
 def inner_gap(lm: np.ndarray) -> float:
     """The inner-lip gap in pixels as the encoding measures it (pairs 13/14, 82/87, 312/317 down the face)."""
-    eye_l = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER].mean(0)
-    eye_r = lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER].mean(0)
-    axis = (eye_r - eye_l) / max(float(np.linalg.norm(eye_r - eye_l)), 1e-6)
-    e_v = np.array([-axis[1], axis[0]], np.float32)
-    return max(0.0, float(np.mean((lm[[14, 317, 87]] - lm[[13, 312, 82]]) @ e_v)))
+    e_v = _down_the_face(lm)
+    return max(0.0, float(np.mean((lm[L.INNER_LOWER_MID] - lm[L.INNER_UPPER_MID]) @ e_v)))
 
 
 def refine_inner_lips(frame: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -105,10 +106,7 @@ def refine_inner_lips(frame: np.ndarray, lm: np.ndarray) -> np.ndarray:
     up, lo = visible_opening(frame, lm)
     if not (up.any() or lo.any()):
         return lm
-    eye_l = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER].mean(0)
-    eye_r = lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER].mean(0)
-    axis = (eye_r - eye_l) / max(float(np.linalg.norm(eye_r - eye_l)), 1e-6)
-    e_v = np.array([-axis[1], axis[0]], np.float32)
+    e_v = _down_the_face(lm)
     out = lm.copy()
     out[_UPPER] -= up[:, None] * e_v
     out[_LOWER] += lo[:, None] * e_v

@@ -11,9 +11,9 @@ and the crop border, so pixels outside the animated region are never touched.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -21,7 +21,8 @@ import numpy as np
 from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 
-ENCODING_VERSION = 7
+ENCODING_VERSION = 8
+"""Bumped whenever the encoding or its npz layout changes (8: boxes and FaceGeometry by name); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -35,6 +36,80 @@ def smoothstep(e0: float, e1, x):
     return t * t * (3.0 - 2.0 * t)
 
 
+class Box(NamedTuple):
+    """A pixel rectangle [x0, x1) x [y0, y1)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        """x1 - x0."""
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        """y1 - y0."""
+        return self.y1 - self.y0
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """(rows, columns) slices that cut this box out of an image."""
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+
+@dataclass(frozen=True)
+class FaceGeometry:
+    """The measured scalars of a face an encoding was built for (pixels unless noted).
+
+    Every value is held at float32 precision, as it is stored, so a fresh encoding and the same
+    encoding read back from the cache render identical frames.
+    """
+
+    face_width: float
+    """Width of the face oval along the eye line."""
+    face_height: float
+    """Forehead to chin, down the face."""
+    mouth_half_width: float
+    """Half the visible mouth's width (the corners' span clipped to the face oval)."""
+    rest_gap: float
+    """Inner-lip gap of the portrait at rest."""
+    max_gap: float
+    """Inner-lip gap at mouth_open=1."""
+    lower_lip_height: float
+    """Height of the lower lip below its inner edge."""
+    own_teeth: float
+    """Depth of the portrait's own visible teeth strip inside the lips (0 when none is visible)."""
+    brow_travel: float
+    """Brow lift at brow=1."""
+    mouth_x: float
+    """Mouth centre x, crop coordinates (origin of the face-aligned frame)."""
+    mouth_y: float
+    """Mouth centre y, crop coordinates."""
+    roll_cos: float
+    """Cosine of the face's roll (u runs along the eye line)."""
+    roll_sin: float
+    """Sine of the face's roll."""
+    lut_u0: float
+    """u of the first entry of the lip LUTs."""
+    lut_step: float
+    """u step between LUT entries."""
+    mouth_u: float
+    """u of the visible mouth's middle."""
+    yaw: float
+    """Head yaw: 0 frontal .. 1 profile (unitless)."""
+    frontal: float
+    """Frontalness: 1 frontal .. 0 turned (unitless)."""
+    landmark_mouth_half_width: float
+    """Half the distance between the landmark mouth corners (may reach past a turned face's outline)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, float(np.float32(getattr(self, f.name))))
+
+
 @dataclass
 class Encoding:
     """One portrait ready to animate; every array is float32 unless noted."""
@@ -43,20 +118,18 @@ class Encoding:
     """(H, W, 3) uint8 RGB portrait."""
     landmarks: np.ndarray
     """(478, 2) pixel coordinates."""
-    crop: np.ndarray
-    """(4,) int: x0, y0, x1, y1 of the animated region."""
+    crop: Box
+    """The animated region of the portrait."""
     bases: np.ndarray
     """(K, h, w, 2) backward displacement per unit amount of each mode in MODES, in pixels."""
     head_mask: np.ndarray
     """(h, w) weight of the head's similarity transform (1 on the face, 0 at the crop border)."""
     head_center: np.ndarray
     """(2,) centre of head rotation, crop coordinates."""
-    patch: np.ndarray
-    """(4,) int: x0, y0, x1, y1 of the mouth patch inside the crop."""
+    patch: Box
+    """The mouth patch, inside the crop."""
     patch_side: np.ndarray
     """(ph, pw) 1 where a pixel belongs to the jaw side of the lip midline, 0 on the upper-lip side."""
-    frame: np.ndarray
-    """(6,) mouth centre x, y (crop coordinates), cos, sin of the face roll, LUT origin u0, LUT step."""
     lut_upper: np.ndarray
     """(N,) v of the upper inner lip as a function of u (LUT)."""
     lut_lower: np.ndarray
@@ -65,14 +138,12 @@ class Encoding:
     """(3,) teeth colour in 0..255 (the portrait's own when visible)."""
     palette: np.ndarray
     """(3, 3) mouth-interior colours in 0..255: cavity at the lips, cavity at the back, tongue (from the portrait's lips)."""
-    dims: np.ndarray
-    """(8,) face width, face height, mouth half-width, rest gap, max gap, lower-lip height, own-teeth strip, brow scale."""
-    mouth_geo: np.ndarray
-    """(4,) u of the visible mouth's middle, head yaw 0 (frontal)..1 (profile), frontalness 0..1, landmark mouth half-width."""
+    geometry: FaceGeometry
+    """The face's measured sizes, its face-aligned frame and the LUTs' sampling."""
     patch_mask: np.ndarray
     """(ph, pw) 1 inside the face (its oval and lips, swept by the jaw), 0 outside, over the mouth patch."""
-    eye_patch: np.ndarray
-    """(4,) int: x0, y0, x1, y1 of the patch over both eyes inside the crop."""
+    eye_patch: Box
+    """The patch over both eyes, inside the crop."""
     eye_map: np.ndarray
     """(3, eh, ew) per eye-patch pixel: pixels below the rest upper lid, that column's eye opening, 1 for the image-right eye."""
     eye_skin: np.ndarray
@@ -86,13 +157,22 @@ class Encoding:
     @property
     def nbytes(self) -> int:
         """Memory held by the arrays of this encoding."""
-        return int(sum(getattr(self, f.name).nbytes for f in fields(self)))
+        return int(sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray)))
 
     def save(self, path: Path) -> None:
-        """Write the encoding as an uncompressed npz (fast to reload)."""
+        """Write the encoding as an uncompressed npz (fast to reload); boxes and geometry are stored by name."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, version=np.int32(ENCODING_VERSION), **{f.name: getattr(self, f.name) for f in fields(self)})
+        arrays: dict[str, np.ndarray] = {"version": np.int32(ENCODING_VERSION)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Box):
+                arrays[f.name] = np.array(value, np.int32)
+            elif isinstance(value, FaceGeometry):
+                arrays.update({f"geometry.{k}": np.float32(v) for k, v in asdict(value).items()})
+            else:
+                arrays[f.name] = value
+        np.savez(tmp, **arrays)
         tmp.replace(path)
 
     @classmethod
@@ -102,8 +182,17 @@ class Encoding:
             with np.load(path) as data:
                 if int(data["version"]) != ENCODING_VERSION:
                     return None
-                return cls(**{f.name: data[f.name] for f in fields(cls)})
-        except (OSError, KeyError, ValueError):
+                values: dict[str, object] = {}
+                for f in fields(cls):
+                    if f.name == "geometry":
+                        values[f.name] = FaceGeometry(**{g.name: float(data[f"geometry.{g.name}"])
+                                                         for g in fields(FaceGeometry)})
+                    elif f.name in ("crop", "patch", "eye_patch"):
+                        values[f.name] = Box(*(int(v) for v in data[f.name]))
+                    else:
+                        values[f.name] = data[f.name]
+                return cls(**values)
+        except (OSError, KeyError, ValueError, TypeError):
             return None
 
 
@@ -180,7 +269,7 @@ def face_mask(xs: np.ndarray, ys: np.ndarray, lm: np.ndarray, sweep: np.ndarray,
 
 
 def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.ndarray, which: np.ndarray,
-                e_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                e_v: np.ndarray) -> tuple[Box, np.ndarray, np.ndarray]:
     """The eye patch, its per-pixel lid geometry and the lid skin colour a blink draws (crop coordinates).
 
     The lid colour of a column is the median of a few blurred samples 0.5-1.1 eye openings above
@@ -209,7 +298,7 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
     lum = samples @ np.array([0.299, 0.587, 0.114], np.float32)
     order = np.argsort(lum, axis=0)[1]
     skin = np.take_along_axis(samples, order[None, ..., None], axis=0)[0]
-    return np.array([ex0, ey0, ex1, ey1], np.int32), eye_map, np.ascontiguousarray(skin, dtype=np.float32)
+    return Box(int(ex0), int(ey0), int(ex1), int(ey1)), eye_map, np.ascontiguousarray(skin, dtype=np.float32)
 
 
 def interior_palette(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,8 +358,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
         raise BadMedia(f"the face is too small to animate ({bw} px wide; at least {MIN_FACE_PX} px needed)")
 
     # Face-aligned frame: u along the eye line, v downwards; origin at the mouth centre.
-    eye_l = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER].mean(0)
-    eye_r = lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER].mean(0)
+    eye_l, eye_r = L.eye_centres(lm)
     axis = eye_r - eye_l
     roll = float(np.arctan2(axis[1], axis[0]))
     cs, sn = np.cos(roll), np.sin(roll)
@@ -300,10 +388,10 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     frontal = float(1.0 - smoothstep(0.3, 0.7, yaw))
     v_chin = float(uv[L.CHIN, 1])
 
-    g0 = float(max(0.0, np.mean(uv[[14, 317, 87], 1]) - np.mean(uv[[13, 312, 82], 1])))
+    g0 = float(max(0.0, np.mean(uv[L.INNER_LOWER_MID, 1]) - np.mean(uv[L.INNER_UPPER_MID, 1])))
     v_uo = float(uv[L.OUTER_UPPER, 1].min())
     v_lo = float(uv[L.OUTER_LOWER, 1].max())
-    v_li0 = float(np.mean(uv[[14, 317, 87], 1]))
+    v_li0 = float(np.mean(uv[L.INNER_LOWER_MID, 1]))
     lip_lo_h = max(2.0, v_lo - v_li0)
     # The widest opening shrinks as the face turns and is bounded by the visible mouth width, so a
     # profile opens a little rather than swinging a jaw the photo cannot show.
@@ -477,7 +565,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     head_mask = ((1.0 - smoothstep(0.85, 1.4, r)) * border).astype(np.float32)
 
     if mouth_only:
-        eye_patch = np.array([0, 0, 1, 1], np.int32)
+        eye_patch = Box(0, 0, 1, 1)
         eye_map = np.zeros((3, 1, 1), np.float32)
         eye_skin = np.zeros((1, 1, 3), np.float32)
     else:
@@ -500,19 +588,22 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     return Encoding(
         image=image,
         landmarks=lm,
-        crop=np.array([x0, y0, x1, y1], np.int32),
+        crop=Box(x0, y0, x1, y1),
         bases=bases,
         head_mask=head_mask,
         head_center=hc.astype(np.float32),
-        patch=np.array([px0, py0, px1, py1], np.int32),
+        patch=Box(int(px0), int(py0), int(px1), int(py1)),
         patch_side=np.ascontiguousarray(below[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0]),
-        frame=np.array([mouth_c[0], mouth_c[1], cs, sn, u_lo, step], np.float32),
         lut_upper=lut_up,
         lut_lower=lut_lo,
         teeth_rgb=teeth,
         palette=palette,
-        dims=np.array([fw, fh, hw_m, g0, g_max, lip_lo_h, own, 0.035 * fh], np.float32),
-        mouth_geo=np.array([u_mid, yaw, frontal, hw_lm], np.float32),
+        geometry=FaceGeometry(
+            face_width=fw, face_height=fh, mouth_half_width=hw_m, rest_gap=g0, max_gap=g_max,
+            lower_lip_height=lip_lo_h, own_teeth=own, brow_travel=0.035 * fh,
+            mouth_x=mouth_c[0], mouth_y=mouth_c[1], roll_cos=cs, roll_sin=sn, lut_u0=u_lo, lut_step=step,
+            mouth_u=u_mid, yaw=yaw, frontal=frontal, landmark_mouth_half_width=hw_lm,
+        ),
         patch_mask=np.ascontiguousarray(face[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0], dtype=np.float32),
         eye_patch=eye_patch,
         eye_map=eye_map,

@@ -1,4 +1,7 @@
-"""Face landmarks: MediaPipe face mesh (478 points, refined lips/irises), found once per portrait."""
+"""Face landmarks: MediaPipe face mesh (478 points, refined lips/irises), found once per portrait.
+
+Every MediaPipe landmark id the service uses is named here, once.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365
              152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
 INNER_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
 INNER_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
+# The middle of the inner lips: the centre point and one to either side, upper and lower in facing pairs.
+INNER_UPPER_MID = [13, 312, 82]
+INNER_LOWER_MID = [14, 317, 87]
 OUTER_UPPER = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291]
 OUTER_LOWER = [61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291]
 # Eyes as they appear in the image: "left" is the image-left eye (the subject's right).
@@ -24,6 +30,9 @@ EYE_LEFT_UPPER = [33, 246, 161, 160, 159, 158, 157, 173, 133]
 EYE_LEFT_LOWER = [33, 7, 163, 144, 145, 153, 154, 155, 133]
 EYE_RIGHT_UPPER = [362, 398, 384, 385, 386, 387, 388, 466, 263]
 EYE_RIGHT_LOWER = [362, 382, 381, 380, 374, 373, 390, 249, 263]
+# The middle of each eyelid (upper, lower), for measuring an eye's opening.
+LID_MID_LEFT = (159, 145)
+LID_MID_RIGHT = (386, 374)
 BROW_LEFT = [70, 63, 105, 66, 107, 46, 53, 52, 65, 55]
 BROW_RIGHT = [300, 293, 334, 296, 336, 276, 283, 282, 295, 285]
 CHIN = 152
@@ -67,6 +76,11 @@ def detect_faces(image_rgb: np.ndarray, max_faces: int = 8) -> list[np.ndarray]:
                 break
     faces.sort(key=lambda f: -float(np.prod(f.max(0) - f.min(0))))
     return faces
+
+
+def eye_centres(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image-left and image-right eye centres (the mean of each eye's lid points)."""
+    return (landmarks[EYE_LEFT_UPPER + EYE_LEFT_LOWER].mean(0), landmarks[EYE_RIGHT_UPPER + EYE_RIGHT_LOWER].mean(0))
 
 
 def face_box(landmarks: np.ndarray) -> tuple[int, int, int, int]:

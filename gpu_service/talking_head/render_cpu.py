@@ -25,15 +25,14 @@ class _Prepared:
     """Per-encoding arrays laid out for fast per-frame work."""
 
     def __init__(self, enc: Encoding) -> None:
-        x0, y0, x1, y1 = (int(v) for v in enc.crop)
-        h, w = y1 - y0, x1 - x0
+        h, w = enc.crop.height, enc.crop.width
         ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
         self.grid = np.stack([xs, ys], -1)
         self.bases = np.ascontiguousarray(enc.bases.reshape(len(enc.bases), -1))
-        self.crop_img = np.ascontiguousarray(enc.image[y0:y1, x0:x1])
+        self.crop_img = np.ascontiguousarray(enc.image[enc.crop.slices])
         self.rel = self.grid - enc.head_center[None, None, :]
         self.head_mask = enc.head_mask
-        u0, step = float(enc.frame[4]), float(enc.frame[5])
+        u0, step = enc.geometry.lut_u0, enc.geometry.lut_step
         self.lut = lambda table, u: lut_np(table, u, u0, step)
         self.shape = (h, w)
 
@@ -54,22 +53,22 @@ class CpuRenderer:
         smap = (weights @ p.bases).reshape(h, w, 2)
         smap += p.grid
         out = cv2.remap(p.crop_img, smap, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        px0, py0, px1, py1 = (int(v) for v in enc.patch)
-        sub = smap[py0:py1, px0:px1]
+        patch = enc.patch.slices
+        sub = smap[patch]
         alpha, rgb = shade_mouth(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.lut, np.clip, enc.patch_mask)
         if float(alpha.max()) > 0.0:
             a = alpha[..., None]
-            region = out[py0:py1, px0:px1].astype(np.float32)
+            region = out[patch].astype(np.float32)
             mixed = region * (1.0 - a) + np.stack(rgb, -1) * a
-            out[py0:py1, px0:px1] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+            out[patch] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
         lid_l, lid_r = float(weights[BLINK_L]), float(weights[BLINK_R])
         if lid_l > 0.0 or lid_r > 0.0:
-            ex0, ey0, ex1, ey1 = (int(v) for v in enc.eye_patch)
+            eyes = enc.eye_patch.slices
             alpha, bright = shade_eyes(enc.eye_map, lid_l, lid_r, np.clip)
             a = alpha[..., None]
-            region = out[ey0:ey1, ex0:ex1].astype(np.float32)
+            region = out[eyes].astype(np.float32)
             mixed = region * (1.0 - a) + enc.eye_skin * bright[..., None] * a
-            out[ey0:ey1, ex0:ex1] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+            out[eyes] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
         if head is not None and np.any(head != 0.0):  # a still frame's row is exactly zero
             roll, tx, ty = (float(v) for v in head)
             c, s = np.cos(roll), np.sin(roll)
@@ -85,8 +84,7 @@ class CpuRenderer:
 
     def frames(self, enc: Encoding, weights: np.ndarray, head: Optional[np.ndarray]) -> Iterator[np.ndarray]:
         """Full frames: the portrait with the animated crop pasted back (everything else untouched)."""
-        x0, y0, x1, y1 = (int(v) for v in enc.crop)
         for t in range(len(weights)):
             frame = enc.image.copy()
-            frame[y0:y1, x0:x1] = self.render_crop(enc, weights[t], None if head is None else head[t])
+            frame[enc.crop.slices] = self.render_crop(enc, weights[t], None if head is None else head[t])
             yield frame

@@ -18,12 +18,11 @@ class _Prepared:
     """Per-encoding tensors resident on the device."""
 
     def __init__(self, enc: Encoding, device: torch.device) -> None:
-        x0, y0, x1, y1 = (int(v) for v in enc.crop)
-        h, w = y1 - y0, x1 - x0
+        h, w = enc.crop.height, enc.crop.width
         ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
         self.grid = torch.stack([xs, ys], -1).to(device)
         self.bases = torch.from_numpy(np.ascontiguousarray(enc.bases)).to(device)
-        crop = torch.from_numpy(np.ascontiguousarray(enc.image[y0:y1, x0:x1])).to(device)
+        crop = torch.from_numpy(np.ascontiguousarray(enc.image[enc.crop.slices])).to(device)
         self.crop = crop.permute(2, 0, 1).float().unsqueeze(0)
         self.image = torch.from_numpy(enc.image).to(device)
         self.rel = self.grid - torch.from_numpy(enc.head_center).to(device)
@@ -34,7 +33,7 @@ class _Prepared:
         self.eye_skin = torch.from_numpy(enc.eye_skin).permute(2, 0, 1).to(device)
         self._tables = {id(enc.lut_upper): torch.from_numpy(enc.lut_upper).to(device),
                         id(enc.lut_lower): torch.from_numpy(enc.lut_lower).to(device)}
-        self.u0, self.step = float(enc.frame[4]), float(enc.frame[5])
+        self.u0, self.step = enc.geometry.lut_u0, enc.geometry.lut_step
         self.scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=device)
         self.shape = (h, w)
 
@@ -73,20 +72,20 @@ class TorchRenderer:
         smap = torch.einsum("bk,khwc->bhwc", wt, p.bases) + p.grid
         out = _sample(p.crop.expand(b, -1, -1, -1), smap, p)
         out = torch.clamp(torch.floor(out + 0.5), 0, 255)
-        px0, py0, px1, py1 = (int(v) for v in enc.patch)
-        sub = smap[:, py0:py1, px0:px1]
+        rows, cols = enc.patch.slices
+        sub = smap[:, rows, cols]
         alpha, rgb = shade_mouth(sub[..., 0], sub[..., 1], p.side, enc, p.lut, torch.clamp, p.patch_mask)
-        region = out[:, :, py0:py1, px0:px1]
+        region = out[:, :, rows, cols]
         a = alpha.unsqueeze(1)
         mixed = region * (1.0 - a) + torch.stack(rgb, 1) * a
-        out[:, :, py0:py1, px0:px1] = torch.clamp(torch.floor(mixed + 0.5), 0, 255)
+        out[:, :, rows, cols] = torch.clamp(torch.floor(mixed + 0.5), 0, 255)
         if np.any(weights[:, [BLINK_L, BLINK_R]] > 0.0):
-            ex0, ey0, ex1, ey1 = (int(v) for v in enc.eye_patch)
+            rows, cols = enc.eye_patch.slices
             alpha, bright = shade_eyes(p.eye_map, wt[:, BLINK_L].view(b, 1, 1), wt[:, BLINK_R].view(b, 1, 1), torch.clamp)
             a = alpha.unsqueeze(1)
-            region = out[:, :, ey0:ey1, ex0:ex1]
+            region = out[:, :, rows, cols]
             mixed = region * (1.0 - a) + p.eye_skin.unsqueeze(0) * bright.unsqueeze(1) * a
-            out[:, :, ey0:ey1, ex0:ex1] = torch.clamp(torch.floor(mixed + 0.5), 0, 255)
+            out[:, :, rows, cols] = torch.clamp(torch.floor(mixed + 0.5), 0, 255)
         if head is not None and np.any(head != 0.0):  # a still frame's row is exactly zero: it keeps `out`
             hp = torch.from_numpy(np.ascontiguousarray(head, dtype=np.float32)).to(self.device)
             moving = torch.from_numpy(np.any(head != 0.0, axis=1)).to(self.device).view(b, 1, 1, 1)
@@ -103,12 +102,12 @@ class TorchRenderer:
 
     def frames(self, enc: Encoding, weights: np.ndarray, head: Optional[np.ndarray]) -> Iterator[np.ndarray]:
         """Full frames, rendered `batch` at a time on the device and handed back one by one."""
-        x0, y0, x1, y1 = (int(v) for v in enc.crop)
+        rows, cols = enc.crop.slices
         p = self._prep(enc)
         for start in range(0, len(weights), self.batch):
             stop = min(start + self.batch, len(weights))
             crops = self.render_crops(enc, weights[start:stop], None if head is None else head[start:stop])
             full = p.image.unsqueeze(0).repeat(stop - start, 1, 1, 1)
-            full[:, y0:y1, x0:x1] = crops
+            full[:, rows, cols] = crops
             for frame in full.cpu().numpy():
                 yield frame

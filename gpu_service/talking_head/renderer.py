@@ -23,7 +23,8 @@ def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.nda
     `close_upper` is the upper lip's share of a closing (the jaw takes the rest); see the seam of
     `encode_from_landmarks`.
     """
-    fw, fh, hw_m, g0, g_max, lip_lo_h, _own, brow_px = (float(x) for x in enc.dims)
+    geo = enc.geometry
+    fh, hw_m, g0, g_max = geo.face_height, geo.mouth_half_width, geo.rest_gap, geo.max_gap
     # Rounding opens a little more, but only a mouth that is already open: a seal (m, b, p before a
     # rounded vowel, as in "moon") must stay sealed while the lips round for what follows.
     round_open = 0.15 * c.mouth_round * np.clip(c.mouth_open / 0.1, 0.0, 1.0)
@@ -33,16 +34,16 @@ def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.nda
     press = 0.012 * fh * np.clip(1.0 - open_ / 0.12, 0.0, 1.0)
     delta = g_max * open_ - g0 - press  # positive opens past the rest gap, negative closes it
     # A turned face keeps its chin still, so its upper lip takes a larger share of the opening.
-    lift = 0.15 * (1.0 - float(enc.mouth_geo[2]))
+    lift = 0.15 * (1.0 - geo.frontal)
     jaw = np.where(delta > 0, (0.85 - lift) * delta, (1.0 - close_upper) * delta)
     upper = np.where(delta > 0, -(0.15 + lift) * delta, -close_upper * delta)  # forward-down pixels of the upper lip
     spread = hw_m * (0.12 * c.mouth_spread - 0.2 * c.mouth_round + 0.04 * c.smile)
     smile = hw_m * 0.12 * c.smile
-    tuck = np.clip(c.lip_tuck, 0, 1) * 0.6 * lip_lo_h
+    tuck = np.clip(c.lip_tuck, 0, 1) * 0.6 * geo.lower_lip_height
     lid = np.clip(c.blink - 0.3 * c.eye_open, -0.35, 1.0)
     # Closing (positive) is the lid's travel, drawn by shade_eyes; widening is all warp, at full strength.
     lid = np.where(lid > 0, lid, lid / BLINK_SKIN_SHARE)
-    brow = c.brow * brow_px
+    brow = c.brow * geo.brow_travel
     out = np.stack([jaw, upper, spread, smile, tuck, lid, lid, brow], axis=1).astype(np.float32)
     assert out.shape[1] == len(MODES)
     return out
@@ -60,7 +61,7 @@ def head_params(enc: Encoding, c: Controls, head_motion: bool) -> np.ndarray | N
     """
     if not head_motion:
         return None
-    fw, fh = float(enc.dims[0]), float(enc.dims[1])
+    fw, fh = enc.geometry.face_width, enc.geometry.face_height
     dx = c.head_dx * fw + c.head_yaw * 0.6 * fw
     dy = c.head_dy * fh + c.head_pitch * 0.6 * fh
     params = np.stack([c.head_roll, dx, dy], axis=1).astype(np.float32)

@@ -29,8 +29,9 @@ def shade_mouth(xs, ys, side, enc: Encoding, lut: Callable, clamp: Callable, mas
     or on the upper side sampling below the upper inner lip, is inside the open mouth: how far
     (its depth) says whether it shows teeth, tongue or the dark cavity.
     """
-    mx, my, cs, sn = (float(x) for x in enc.frame[:4])
-    fw, fh, hw_m, g0, g_max, lip_lo_h, own, _ = (float(x) for x in enc.dims)
+    geo = enc.geometry
+    mx, my, cs, sn = geo.mouth_x, geo.mouth_y, geo.roll_cos, geo.roll_sin
+    hw_m, g_max, own = geo.mouth_half_width, geo.max_gap, geo.own_teeth
     dx, dy = xs - mx, ys - my
     u = dx * cs + dy * sn
     v = -dx * sn + dy * cs
@@ -40,7 +41,7 @@ def shade_mouth(xs, ys, side, enc: Encoding, lut: Callable, clamp: Callable, mas
     alpha = smooth01(own + 0.1, own + 2.1, depth, clamp)
     if mask is not None:
         alpha = alpha * mask
-    un = u - float(enc.mouth_geo[0])  # across the visible mouth, corners at +-hw_m
+    un = u - geo.mouth_u  # across the visible mouth, corners at +-hw_m
     d = depth - own
     r2 = clamp((un / hw_m) ** 2, 0.0, 1.0)
     # The cavity darkens with distance from the lips, so the middle of a wide opening (the back of

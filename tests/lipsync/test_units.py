@@ -142,7 +142,7 @@ def test_refine_inner_lips_reaches_the_visible_opening_and_leaves_a_closed_mouth
     lm = L.detect_faces(wide)[0]
     moved = refine_inner_lips(wide, lm)
     # MediaPipe puts the lower inner lip on the lower teeth; the refinement moves it down past them, never up.
-    down = (moved - lm)[[87, 14, 317], 1]
+    down = (moved - lm)[L.INNER_LOWER_MID, 1]
     assert down.max() > 1.0 and down.min() >= 0.0
     assert np.all((moved - lm)[L.INNER_UPPER, 1] <= 0.0)
     closed = _astronaut_mouth(0.0)
@@ -179,7 +179,7 @@ def test_closes_compares_the_new_opening_with_this_frames_gap():
     enc = encode_image(astronaut_portrait(320))
     c = Controls.neutral(1, 25.0)
     assert closes(None, c, 5.0)  # no face size known yet: close
-    g_max = float(enc.dims[4])
+    g_max = enc.geometry.max_gap
     c.mouth_open[:] = 0.5
     assert not closes(enc, c, 0.2 * g_max) and closes(enc, c, 0.8 * g_max)
 
@@ -208,8 +208,8 @@ def test_mouth_only_encoding_matches_the_full_one(roll_deg, seam, follow):
     assert np.abs(full.bases[mouth]).max() > 0.9  # the fields are real (unit amounts), not two empty arrays
     others = [k for k in range(len(MODES)) if k not in mouth]
     assert not fast.bases[others].any() and full.bases[others].any()
-    for name in ("crop", "patch", "patch_side", "patch_mask", "frame", "lut_upper", "lut_lower", "dims", "palette",
-                 "teeth_rgb", "head_mask", "mouth_geo"):
+    assert full.geometry == fast.geometry
+    for name in ("crop", "patch", "patch_side", "patch_mask", "lut_upper", "lut_lower", "palette", "teeth_rgb", "head_mask"):
         assert np.array_equal(getattr(full, name), getattr(fast, name)), name
     # With the controls a re-voice uses (eyes, brows, smile left as filmed) the frames are the same.
     c = Controls.neutral(2, 25.0)

@@ -32,18 +32,19 @@ def cpu() -> Renderer:
 def rest_controls(enc: Encoding, n: int) -> Controls:
     """Controls that reproduce the portrait's own rest mouth."""
     c = Controls.neutral(n, 25.0)
-    c.mouth_open[:] = float(enc.dims[3] / enc.dims[4])
+    c.mouth_open[:] = enc.geometry.rest_gap / enc.geometry.max_gap
     return c
 
 
 def inner_gap(frame: np.ndarray) -> float:
     lm = L.detect_faces(frame)[0]
-    return float(np.mean(lm[[14, 317, 87], 1]) - np.mean(lm[[13, 312, 82], 1]))
+    return float(np.mean(lm[L.INNER_LOWER_MID, 1]) - np.mean(lm[L.INNER_UPPER_MID, 1]))
 
 
 def eye_aperture(frame: np.ndarray) -> float:
     lm = L.detect_faces(frame)[0]
-    return float((lm[145, 1] - lm[159, 1]) + (lm[374, 1] - lm[386, 1])) / 2
+    (ul, ll), (ur, lr) = L.LID_MID_LEFT, L.LID_MID_RIGHT
+    return float((lm[ll, 1] - lm[ul, 1]) + (lm[lr, 1] - lm[ur, 1])) / 2
 
 
 def test_encoding_of_real_portraits(astro, cam, tmp_path):
@@ -51,16 +52,26 @@ def test_encoding_of_real_portraits(astro, cam, tmp_path):
     x, y, w, h = astro.face_box
     assert 150 < x < 220 and 50 < y < 110 and 80 < w < 120  # the astronaut's face, upper middle
     assert astro.nbytes <= 20 * 1024 * 1024
-    assert astro.dims[3] > 4  # she smiles with her teeth: the rest mouth is open
-    assert astro.dims[6] > 0  # and those teeth are recognised as the portrait's own
+    assert astro.geometry.rest_gap > 4  # she smiles with her teeth: the rest mouth is open
+    assert astro.geometry.own_teeth > 0  # and those teeth are recognised as the portrait's own
     path = tmp_path / "a.npz"
     astro.save(path)
     again = Encoding.load(path)
     assert np.array_equal(again.bases, astro.bases) and np.array_equal(again.image, astro.image)
+    # Boxes and the geometry come back by name, with the same values, so the cached avatar renders the same frames.
+    assert again.geometry == astro.geometry and (again.crop, again.patch, again.eye_patch) == (astro.crop, astro.patch, astro.eye_patch)
+    assert again.crop.width == astro.crop.x1 - astro.crop.x0 and again.nbytes == astro.nbytes
+    c = rest_controls(astro, 1)
+    c.mouth_open[:] = 0.7
+    assert np.array_equal(Renderer("cpu").render(again, c), Renderer("cpu").render(astro, c))
+    # A cache file of an older layout is refused (the avatar is encoded again), never misread.
+    with np.load(path) as data:
+        np.savez(tmp_path / "old.npz", **{**{k: data[k] for k in data.files}, "version": np.int32(7)})
+    assert Encoding.load(tmp_path / "old.npz") is None
     # The cameraman's face is small and grey; MediaPipe finds it after upscaling.
     cx, cy, cw, ch = cam.face_box
     assert 180 < cx < 230 and 100 < cy < 150 and 50 < cw < 90
-    assert cam.dims[3] < 2  # closed mouth
+    assert cam.geometry.rest_gap < 2  # closed mouth
     # Per-frame encoding from given landmarks (what lip-sync reuses) is the same encoding.
     same = encode_from_landmarks(astro.image, astro.landmarks)
     assert np.array_equal(same.bases, astro.bases)
@@ -97,7 +108,9 @@ def test_mouth_opens_and_closes_as_mediapipe_measures(astro, cam, cpu):
     assert g_wide > 2.5 * rest
     # The closed-mouthed cameraman opens too (the interior is drawn, not found).
     cam_open = cpu.render(cam, Controls(**{**vars(Controls.neutral(1, 25.0)), "mouth_open": np.ones(1, np.float32)}), False)[0]
-    region = (slice(int(cam.landmarks[13, 1]), int(cam.landmarks[14, 1]) + 8), slice(int(cam.landmarks[61, 0]), int(cam.landmarks[291, 0])))
+    lm = cam.landmarks
+    region = (slice(int(lm[L.INNER_UPPER_MID[0], 1]), int(lm[L.INNER_LOWER_MID[0], 1]) + 8),
+              slice(int(lm[L.MOUTH_LEFT, 0]), int(lm[L.MOUTH_RIGHT, 0])))
     darker = cam.image[region].astype(int).mean(axis=-1) - cam_open[region].astype(int).mean(axis=-1)
     assert (darker > 40).sum() >= 15, "a dark cavity appeared where the lips were"
 
@@ -148,14 +161,14 @@ def test_turned_face_opens_inside_its_oval(cam, cpu):
     frames = cpu.render(cam, c, head_motion=False)
     hull = np.zeros(cam.image.shape[:2], np.uint8)
     cv2.fillConvexPoly(hull, np.round(L.face_hull(cam.landmarks)).astype(np.int32), 1)
-    pad = int(np.ceil(0.06 * cam.dims[0]))  # a few pixels: the feather of the motion at the outline
+    pad = int(np.ceil(0.06 * cam.geometry.face_width))  # a few pixels: the feather of the motion at the outline
     allowed = cv2.dilate(hull, np.ones((2 * pad + 1, 2 * pad + 1), np.uint8)).astype(bool)
     for frame in frames:
         changed = np.any(frame != cam.image, -1)
         assert changed[hull.astype(bool)].sum() > 20  # the face did move
         assert not changed[~allowed].any(), np.argwhere(changed & ~allowed)[:5]
     # Turned away, the widest opening is a small fraction of the face height, not a third of it.
-    assert cam.dims[4] < 0.15 * cam.dims[1]
+    assert cam.geometry.max_gap < 0.15 * cam.geometry.face_height
 
 
 def test_blink_closes_the_eyes(astro, cpu):
@@ -192,7 +205,7 @@ def test_speech_driven_clip_keeps_the_rest_of_the_face(astro, cpu, piper_engine)
     for group, pad in ((L.OUTER_UPPER + L.OUTER_LOWER, 0.45), (L.EYE_LEFT_UPPER + L.BROW_LEFT, 0.25), (L.EYE_RIGHT_UPPER + L.BROW_RIGHT, 0.25)):
         pts = lm[group]
         lo, hi = pts.min(0), pts.max(0)
-        m = pad * astro.dims[1]
+        m = pad * astro.geometry.face_height
         keep[int(lo[1] - m) : int(hi[1] + m * (2.2 if group[0] == 61 else 1.0)), int(lo[0] - m) : int(hi[0] + m)] = False
     grey = lambda im: im.astype(np.float32).mean(-1)  # noqa: E731
     scores = []
@@ -242,3 +255,4 @@ def test_a_clip_rendered_in_blocks_is_the_clip_rendered_whole(astro, piper_engin
     assert np.array_equal(np.concatenate(blocks), whole)
     with pytest.raises(Exception, match="fps"):
         stream.render(Controls.neutral(2, 30.0))
+

@@ -73,7 +73,7 @@ class MouthWidthReference:
 
     def update(self, enc: Encoding) -> float:
         """Add this frame's mouth-width ratio and return the reference ratio."""
-        fw, hw_m = float(enc.dims[0]), float(enc.dims[2])
+        fw, hw_m = enc.geometry.face_width, enc.geometry.mouth_half_width
         self._ratios.append(hw_m / max(fw, 1.0))
         return float(np.median(self._ratios))
 
@@ -85,7 +85,7 @@ def _width_correction(enc: Encoding, c: Controls, ref_ratio: float) -> Controls:
     from the renderer's own mapping (it is linear in spread), so this stays right if the
     mapping's constants change.
     """
-    fw, hw_m = float(enc.dims[0]), float(enc.dims[2])
+    fw, hw_m = enc.geometry.face_width, enc.geometry.mouth_half_width
     target = ref_ratio * fw
     base = mode_weights(enc, c)[0, _SPREAD]
     probe = replace(c, mouth_spread=c.mouth_spread + 1.0)
@@ -104,9 +104,8 @@ def closes(prev: Optional[Encoding], c: Controls, gap: float) -> bool:
     """
     if prev is None:
         return True
-    dims = prev.dims.copy()
-    dims[3] = gap
-    return float(mode_weights(replace(prev, dims=dims), c)[0, 0]) < 0.0
+    like_this = replace(prev, geometry=replace(prev.geometry, rest_gap=gap))
+    return float(mode_weights(like_this, c)[0, 0]) < 0.0
 
 
 class LandmarkLipSync:
