@@ -256,3 +256,35 @@ def test_a_clip_rendered_in_blocks_is_the_clip_rendered_whole(astro, piper_engin
     with pytest.raises(Exception, match="fps"):
         stream.render(Controls.neutral(2, 30.0))
 
+
+@pytest.mark.gpu
+def test_torch_on_cuda_renders_what_the_cpu_path_renders(astro, cpu):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (torch.cuda.is_available() is false)")
+    from gpu_service.talking_head.engines.landmark import LandmarkFrameStream
+
+    rng = np.random.default_rng(1)
+    n = 24
+    c = Controls.neutral(n, 25.0)
+    c.mouth_open[:] = rng.uniform(0, 1, n)
+    c.mouth_spread[:] = rng.uniform(0, 1, n)
+    c.lip_tuck[:] = rng.uniform(0, 0.5, n)
+    c.blink[:] = rng.uniform(0, 1, n)
+    c.brow[:] = rng.uniform(-1, 1, n)
+    c.head_roll[:] = rng.uniform(-0.05, 0.05, n)
+    c.head_dx[:] = rng.uniform(-0.02, 0.02, n)
+    c.head_dy[:] = rng.uniform(-0.03, 0.03, n)
+    c.head_roll[:3] = c.head_dx[:3] = c.head_dy[:3] = 0.0  # still frames among moving ones
+    cuda = Renderer("cuda", batch=16)
+    assert cuda.backend == "torch"
+    a = cpu.render(astro, c).astype(np.int16)
+    b = cuda.render(astro, c).astype(np.int16)
+    diff = np.abs(a - b)
+    assert diff.mean() < 0.1 and diff.max() <= 12, (float(diff.mean()), int(diff.max()))
+    # In blocks of one to seven frames (not the batch of 16) the CUDA frames are those of the whole clip.
+    stream = LandmarkFrameStream(cuda, astro, "astro", 25.0, head_motion=True)
+    cuts = [0, 1, 8, 15, 24]
+    blocks = np.concatenate([stream.render(c.slice(lo, hi)) for lo, hi in zip(cuts, cuts[1:])]).astype(np.int16)
+    assert np.abs(blocks - b).max() <= 1
