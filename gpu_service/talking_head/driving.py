@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from scipy import fft as sp_fft
@@ -411,25 +411,46 @@ def _mouth_from_audio(audio: np.ndarray, sr: int, t: np.ndarray, fps: float) -> 
 
 
 # -- eyes and head ----------------------------------------------------------------------------
-def _blinks(t: np.ndarray, fps: float, duration_s: float, rng: np.random.Generator) -> np.ndarray:
-    """Blinks every ~4 s (10-20 per minute), irregular; each closes in ~50 ms and opens in ~80 ms."""
-    out = np.zeros(len(t))
-    peak = 0.5 + rng.uniform(0.4, 3.5)
-    while peak < duration_s:
-        close_s = rng.uniform(0.045, 0.06)
-        hold_s = rng.uniform(0.0, 0.02)
-        open_s = rng.uniform(0.07, 0.09)
-        # Snap the fully-closed instant to a frame centre so a rendered frame shows it closed.
-        pk = (np.floor(peak * fps) + 0.5) / fps
-        if pk - close_s >= 0.5:
+class _BlinkSchedule:
+    """Blink events (peak, close, hold, open seconds) every ~4 s (10-20 per minute), irregular, drawn as time advances."""
+
+    def __init__(self, rng: np.random.Generator, fps: float) -> None:
+        self._rng = rng
+        self._fps = fps
+        self._peak = 0.5 + rng.uniform(0.4, 3.5)
+        self.events: list[tuple[float, float, float, float]] = []
+
+    def extend(self, until_s: float) -> None:
+        """Draw the blinks whose peaks fall before `until_s`."""
+        rng = self._rng
+        while self._peak < until_s:
+            close_s = rng.uniform(0.045, 0.06)
+            hold_s = rng.uniform(0.0, 0.02)
+            open_s = rng.uniform(0.07, 0.09)
+            # Snap the fully-closed instant to a frame centre so a rendered frame shows it closed.
+            pk = (np.floor(self._peak * self._fps) + 0.5) / self._fps
+            if pk - close_s >= 0.5:
+                self.events.append((pk, close_s, hold_s, open_s))
+            self._peak += float(np.clip(rng.gamma(8.0, 4.2 / 8.0), 2.0, 8.0))
+
+    def curve(self, t: np.ndarray) -> np.ndarray:
+        """Lid closure at times t: each blink closes in ~50 ms and opens in ~80 ms."""
+        out = np.zeros(len(t))
+        for pk, close_s, hold_s, open_s in self.events:
             down = _smoothstep((t - (pk - close_s)) / close_s)
             up = 1.0 - _smoothstep((t - (pk + hold_s)) / open_s)
             out = np.maximum(out, np.where(t <= pk, down, np.where(t <= pk + hold_s, 1.0, up)))
-        peak += float(np.clip(rng.gamma(8.0, 4.2 / 8.0), 2.0, 8.0))
-    return out
+        return out
 
 
-def _drift(t: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+def _blinks(t: np.ndarray, fps: float, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Blinks over a clip of duration_s, sampled at t."""
+    schedule = _BlinkSchedule(rng, fps)
+    schedule.extend(duration_s)
+    return schedule.curve(t)
+
+
+def _drift_wave(amplitude: float, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
     """Slow band-limited drift: three sines of 0.05-0.3 Hz, zero at t=0, peak |x| ~ amplitude.
 
     Scaled by its peak over a fixed 20 s reference, so the amplitude does not depend on the
@@ -443,7 +464,40 @@ def _drift(t: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndar
         return sum(wt * (np.sin(2 * np.pi * f * tt + p) - np.sin(p)) for f, p, wt in zip(freqs, phases, weights))
 
     ref = np.abs(wave(np.linspace(0.0, 20.0, 401))).max()
-    return amplitude * wave(t) / max(ref, 1e-9)
+    return lambda tt: amplitude * wave(tt) / max(ref, 1e-9)
+
+
+def _drift(t: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """The drift of _drift_wave sampled at t."""
+    return _drift_wave(amplitude, rng)(t)
+
+
+HEAD_DRIFT = {"head_dx": 0.015, "head_dy": 0.008, "head_yaw": 0.02, "head_pitch": 0.01, "head_roll": 0.012}
+"""Peak amplitude of each head control's idle drift (fractions of the face, radians)."""
+
+
+class IdleMotion:
+    """Blinks and slow head drift for an open-ended stream of frames (no clip length known in advance).
+
+    Frame k gets the same values however the frames are split into blocks: the drift is a fixed
+    function of time and blinks are drawn in order as time advances.
+    """
+
+    def __init__(self, fps: float, seed: int = 0, head_motion: bool = True) -> None:
+        rng = np.random.default_rng(seed)
+        self.fps = float(fps)
+        self._waves = {name: _drift_wave(amp, rng) for name, amp in HEAD_DRIFT.items()} if head_motion else {}
+        self._blinks = _BlinkSchedule(rng, self.fps)
+
+    def apply(self, controls: Controls, start_frame: int) -> Controls:
+        """The controls of frames [start_frame, start_frame + n) with blinks and head drift added."""
+        t = (np.arange(start_frame, start_frame + controls.n_frames) + 0.5) / self.fps
+        self._blinks.extend(float(t[-1]) + 1.0 if len(t) else 0.0)
+        out = controls.slice(0, controls.n_frames)
+        out.blink = np.maximum(out.blink, self._blinks.curve(t)).astype(np.float32)
+        for name, wave in self._waves.items():
+            setattr(out, name, (getattr(out, name) + wave(t)).astype(np.float32))
+        return out
 
 
 def _nods(t: np.ndarray, events: Sequence[tuple[float, float]]) -> np.ndarray:
@@ -528,11 +582,12 @@ def drive(
     ctl.blink[:] = _blinks(t, fps, n / fps, rng)
 
     if head_motion:
-        ctl.head_dx[:] = _drift(t, 0.015, rng)
-        ctl.head_dy[:] = _drift(t, 0.008, rng) + 0.004 * nod
-        ctl.head_yaw[:] = _drift(t, 0.02, rng)
-        ctl.head_pitch[:] = _drift(t, 0.01, rng) + 0.012 * nod
-        ctl.head_roll[:] = _drift(t, 0.012, rng)
+        drift = {name: _drift(t, amp, rng) for name, amp in HEAD_DRIFT.items()}  # drawn in HEAD_DRIFT's order
+        ctl.head_dx[:] = drift["head_dx"]
+        ctl.head_dy[:] = drift["head_dy"] + 0.004 * nod
+        ctl.head_yaw[:] = drift["head_yaw"]
+        ctl.head_pitch[:] = drift["head_pitch"] + 0.012 * nod
+        ctl.head_roll[:] = drift["head_roll"]
 
     log.debug(
         "driven",

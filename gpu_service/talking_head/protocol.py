@@ -98,8 +98,13 @@ class TalkingHeadEngine(Engine, Protocol):
     def delete_avatar(self, avatar_id: str) -> None:
         """Forget an uploaded avatar (presets stay)."""
 
-    def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True) -> FrameStream:
-        """Start rendering an avatar block by block at `fps`; head_motion=False keeps the head still."""
+    def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True,
+                    idle_seed: Optional[int] = None) -> FrameStream:
+        """Start rendering an avatar block by block at `fps`; head_motion=False keeps the head still.
+
+        With `idle_seed`, the stream adds its own blinks and slow head drift to each block (for a
+        live driver whose blocks carry only the mouth), carried on from block to block.
+        """
 
     def generate(self, job: VideoJob) -> VideoResult:
         """Drive the whole clip from its speech, render it through a FrameStream and encode the MP4."""

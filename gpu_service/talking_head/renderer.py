@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from gpu_service.engine import EngineHealth
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.encoding import BLINK_SKIN_SHARE, MODES, Encoding
 
@@ -91,6 +92,10 @@ class Renderer:
         else:
             raise ValueError(f"unknown render backend {backend!r}; use auto, cv2 or torch")
         log.info("renderer ready", extra={"device": device, "backend": self.backend})
+
+    def health(self) -> EngineHealth:
+        """The report of an engine whose work is this renderer: available, on its device and path."""
+        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.backend,))
 
     def frames(self, enc: Encoding, controls: Controls, head_motion: bool = True,
                close_upper: float = 0.4) -> Iterator[np.ndarray]:

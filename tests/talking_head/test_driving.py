@@ -275,3 +275,21 @@ def test_phoneme_driven_mouth_does_not_lag_the_speech(speech):
     off = av_offset(ctl.mouth_open, env, fps, max_lag_frames=8)
     assert -40.0 <= off.lag_ms <= 20.0, off
     assert off.corr_at_lag >= 0.4, off
+
+
+def test_idle_motion_is_the_same_however_a_stream_is_cut_into_blocks():
+    from gpu_service.talking_head.driving import IdleMotion
+
+    still = Controls.neutral(20 * 25, 25.0)
+    whole = IdleMotion(25.0, seed=5).apply(still, 0)
+    idle = IdleMotion(25.0, seed=5)
+    cuts = [0, 1, 2, 40, 41, 300, 500]  # 40 ms blocks, a long one, uneven ones
+    parts = [idle.apply(still.slice(a, b), a) for a, b in zip(cuts, cuts[1:])]
+    for name in Controls.names():
+        joined = np.concatenate([getattr(p, name) for p in parts])
+        assert np.array_equal(joined, getattr(whole, name)), name
+    assert 3 <= int((np.diff((whole.blink > 0.99).astype(int)) == 1).sum()) <= 8  # 10-20 blinks a minute
+    assert 0.0 < np.abs(whole.head_yaw).max() <= 0.025 and whole.mouth_open.max() == 0.0
+    assert not still.blink.any()  # the caller's controls are left alone
+    calm = IdleMotion(25.0, seed=5, head_motion=False).apply(still, 0)
+    assert not calm.head_roll.any() and calm.blink.any()

@@ -217,20 +217,25 @@ def test_speech_driven_clip_keeps_the_rest_of_the_face(astro, cpu, piper_engine)
     assert gaps.max() > 0  # the speech opened the mouth past its rest
 
 
-def test_cpu_and_torch_paths_agree(astro, cpu):
-    rng = np.random.default_rng(0)
-    n = 10
+def random_controls(n: int, seed: int, **ranges: tuple[float, float]) -> Controls:
+    """n frames of still controls but for the named ones, drawn uniformly from their (low, high) in order."""
+    rng = np.random.default_rng(seed)
     c = Controls.neutral(n, 25.0)
-    c.mouth_open[:] = rng.uniform(0, 1, n)
-    c.blink[:] = rng.uniform(0, 1, n)
-    c.smile[:] = rng.uniform(-1, 1, n)
-    c.mouth_round[:] = rng.uniform(0, 1, n)
-    c.head_roll[:] = rng.uniform(-0.05, 0.05, n)
-    c.head_dy[:] = rng.uniform(-0.03, 0.03, n)
-    a = cpu.render(astro, c).astype(np.int16)
-    b = Renderer("cpu", backend="torch", batch=4).render(astro, c).astype(np.int16)
-    diff = np.abs(a - b)
-    assert diff.mean() < 0.1 and diff.max() <= 12
+    for name, (lo, hi) in ranges.items():
+        getattr(c, name)[:] = rng.uniform(lo, hi, n)
+    return c
+
+
+def assert_paths_agree(a: np.ndarray, b: np.ndarray) -> None:
+    """Two render paths' frames differ by a fraction of a grey level on average, a few levels at most."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.mean() < 0.1 and diff.max() <= 12, (float(diff.mean()), int(diff.max()))
+
+
+def test_cpu_and_torch_paths_agree(astro, cpu):
+    c = random_controls(10, 0, mouth_open=(0, 1), blink=(0, 1), smile=(-1, 1), mouth_round=(0, 1),
+                        head_roll=(-0.05, 0.05), head_dy=(-0.03, 0.03))
+    assert_paths_agree(cpu.render(astro, c), Renderer("cpu", backend="torch", batch=4).render(astro, c))
 
 
 @pytest.mark.parametrize("backend", ["cv2", "torch"])
@@ -255,6 +260,14 @@ def test_a_clip_rendered_in_blocks_is_the_clip_rendered_whole(astro, piper_engin
     assert np.array_equal(np.concatenate(blocks), whole)
     with pytest.raises(Exception, match="fps"):
         stream.render(Controls.neutral(2, 30.0))
+    # A stream that adds its own blinks and head drift carries them on across blocks too.
+    from gpu_service.talking_head.driving import IdleMotion
+
+    still = Controls.neutral(30, 25.0)
+    idle_whole = renderer.render(astro, IdleMotion(25.0, seed=7).apply(still, 0))
+    live = LandmarkFrameStream(renderer, astro, "astro", 25.0, head_motion=True, idle=IdleMotion(25.0, seed=7))
+    idle_blocks = np.concatenate([live.render(still.slice(a, b)) for a, b in zip(cuts, cuts[1:])])
+    assert np.array_equal(idle_blocks, idle_whole) and not np.array_equal(idle_whole[0], idle_whole[-1])
 
 
 @pytest.mark.gpu
@@ -265,26 +278,15 @@ def test_torch_on_cuda_renders_what_the_cpu_path_renders(astro, cpu):
         pytest.skip("no CUDA device (torch.cuda.is_available() is false)")
     from gpu_service.talking_head.engines.landmark import LandmarkFrameStream
 
-    rng = np.random.default_rng(1)
-    n = 24
-    c = Controls.neutral(n, 25.0)
-    c.mouth_open[:] = rng.uniform(0, 1, n)
-    c.mouth_spread[:] = rng.uniform(0, 1, n)
-    c.lip_tuck[:] = rng.uniform(0, 0.5, n)
-    c.blink[:] = rng.uniform(0, 1, n)
-    c.brow[:] = rng.uniform(-1, 1, n)
-    c.head_roll[:] = rng.uniform(-0.05, 0.05, n)
-    c.head_dx[:] = rng.uniform(-0.02, 0.02, n)
-    c.head_dy[:] = rng.uniform(-0.03, 0.03, n)
+    c = random_controls(24, 1, mouth_open=(0, 1), mouth_spread=(0, 1), lip_tuck=(0, 0.5), blink=(0, 1),
+                        brow=(-1, 1), head_roll=(-0.05, 0.05), head_dx=(-0.02, 0.02), head_dy=(-0.03, 0.03))
     c.head_roll[:3] = c.head_dx[:3] = c.head_dy[:3] = 0.0  # still frames among moving ones
     cuda = Renderer("cuda", batch=16)
     assert cuda.backend == "torch"
-    a = cpu.render(astro, c).astype(np.int16)
-    b = cuda.render(astro, c).astype(np.int16)
-    diff = np.abs(a - b)
-    assert diff.mean() < 0.1 and diff.max() <= 12, (float(diff.mean()), int(diff.max()))
+    b = cuda.render(astro, c)
+    assert_paths_agree(cpu.render(astro, c), b)
     # In blocks of one to seven frames (not the batch of 16) the CUDA frames are those of the whole clip.
     stream = LandmarkFrameStream(cuda, astro, "astro", 25.0, head_motion=True)
     cuts = [0, 1, 8, 15, 24]
-    blocks = np.concatenate([stream.render(c.slice(lo, hi)) for lo, hi in zip(cuts, cuts[1:])]).astype(np.int16)
-    assert np.abs(blocks - b).max() <= 1
+    blocks = np.concatenate([stream.render(c.slice(lo, hi)) for lo, hi in zip(cuts, cuts[1:])])
+    assert np.abs(blocks.astype(np.int16) - b.astype(np.int16)).max() <= 1

@@ -137,9 +137,7 @@ class LandmarkLipSync:
 
     def health(self) -> EngineHealth:
         """Loaded once its render path is chosen; reports the device and the path (cv2 or torch)."""
-        if self.renderer is None:
-            return EngineHealth.down("not loaded")
-        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.renderer.backend,))
+        return self.renderer.health() if self.renderer is not None else EngineHealth.down("not loaded")
 
     def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
         """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered."""

@@ -13,6 +13,7 @@ from gpu_service.engine import EngineHealth
 from gpu_service.errors import EngineUnavailable, ValidationFailed
 from gpu_service.talking_head.avatars import AvatarStore
 from gpu_service.talking_head.controls import Controls
+from gpu_service.talking_head.driving import IdleMotion
 from gpu_service.talking_head.encoding import Encoding
 from gpu_service.talking_head.protocol import AvatarRecord, VideoJob, VideoResult
 from gpu_service.talking_head.renderer import Renderer
@@ -24,10 +25,12 @@ log = logging.getLogger(__name__)
 class LandmarkFrameStream:
     """One avatar rendered block by block; every frame is rendered on its own, so blocks join seamlessly."""
 
-    def __init__(self, renderer: Renderer, enc: Encoding, avatar_id: str, fps: float, head_motion: bool) -> None:
+    def __init__(self, renderer: Renderer, enc: Encoding, avatar_id: str, fps: float, head_motion: bool,
+                 idle: Optional[IdleMotion] = None) -> None:
         self._renderer = renderer
         self._enc = enc
         self._head_motion = head_motion
+        self._idle = idle
         self.avatar_id = avatar_id
         self.fps = float(fps)
         h, w = enc.image.shape[:2]
@@ -38,6 +41,8 @@ class LandmarkFrameStream:
         """(n, H, W, 3) uint8 frames for the next n frames of controls."""
         if abs(float(controls.fps) - self.fps) > 1e-6:
             raise ValidationFailed(f"controls are at {controls.fps:g} fps; this stream renders at {self.fps:g} fps")
+        if self._idle is not None:
+            controls = self._idle.apply(controls, self.frames_rendered)
         frames = self._renderer.render(self._enc, controls, self._head_motion)
         self.frames_rendered += len(frames)
         return frames
@@ -78,9 +83,7 @@ class LandmarkTalkingHead:
 
     def health(self) -> EngineHealth:
         """Loaded once its render path is chosen; reports the device and the path (cv2 or torch)."""
-        if self.renderer is None:
-            return EngineHealth.down("not loaded")
-        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.renderer.backend,))
+        return self.renderer.health() if self.renderer is not None else EngineHealth.down("not loaded")
 
     def _require_renderer(self) -> Renderer:
         if self.renderer is None:
@@ -105,9 +108,12 @@ class LandmarkTalkingHead:
         self._avatars.delete(avatar_id)
 
     # -- frames ----------------------------------------------------------------------------
-    def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True) -> LandmarkFrameStream:
+    def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True,
+                    idle_seed: Optional[int] = None) -> LandmarkFrameStream:
         """A frame stream of a registered avatar (its encoding loaded now, from memory or disk)."""
-        return LandmarkFrameStream(self._require_renderer(), self._avatars.get(avatar_id), avatar_id, fps, head_motion)
+        idle = None if idle_seed is None else IdleMotion(fps, idle_seed, head_motion)
+        return LandmarkFrameStream(self._require_renderer(), self._avatars.get(avatar_id), avatar_id, fps, head_motion,
+                                   idle)
 
     def _frames(self, stream: LandmarkFrameStream, controls: Controls) -> Iterator[np.ndarray]:
         """A whole clip's frames through the stream, in the render path's natural block size."""
