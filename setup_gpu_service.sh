@@ -42,7 +42,7 @@ pip_install -c "$LOCK" setuptools wheel
 torch_version=$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' "$LOCK")
 if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$torch_version' else 1)" 2>/dev/null; then
   echo "[setup] installing torch==$torch_version"
-  pip_install "torch==$torch_version" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  pip_install -c "$LOCK" "torch==$torch_version" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 
 spec=".[gpu${EXTRAS:+,$EXTRAS}]"
