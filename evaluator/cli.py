@@ -1,4 +1,4 @@
-"""Command line: `python -m evaluator run|compare|gate|report`.
+"""Command line: `python -m evaluator run|compare|gate|report|reenact`.
 
 Flags mirror environment variables (RUNTIME_URL, GPU_SERVICE_URL, RUNTIME_API_KEY, EVAL_SUITE,
 EVAL_OUT_DIR) so the Docker image runs a suite with no arguments at all. Exit codes: 0 done
@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.html and its PNGs from a summary")
     rep.add_argument("summary", type=Path)
     rep.add_argument("--out", type=Path, default=None, help="folder (default: the summary's own)")
+    ree = sub.add_parser("reenact", help="drive talking head and lip-sync with real clips, measure the mouths against them")
+    ree.add_argument("clips", type=Path, nargs="+", help="real clips of a person speaking (video with its own audio)")
+    ree.add_argument("--gpu-url", default=os.environ.get("GPU_SERVICE_URL", "http://127.0.0.1:8001"))
+    ree.add_argument("--out", type=Path, default=Path(os.environ.get("EVAL_OUT_DIR", "eval_reports")) / "reenact")
+    ree.add_argument("--judge", choices=("dlib", "mediapipe"), default=None, help="landmark model (default mediapipe; dlib is independent of the renderer)")
+    ree.add_argument("--modes", default="head,lipsync", help="comma-separated: head, lipsync")
+    ree.add_argument("--gate", action="store_true", help="exit 1 when a clip misses a reenact threshold")
+    ree.add_argument("--gate-config", type=Path, default=None, help="thresholds YAML (its `reenact` section)")
     return p
 
 
@@ -152,6 +160,18 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_reenact(args) -> int:
+    """Self-reenactment on real clips (evaluator.reenact); writes reenact_summary.json/.md, optionally gates."""
+    from evaluator.reenact import markdown, run
+
+    summary = run(args.clips, args.gpu_url, args.out, args.judge, [m.strip() for m in args.modes.split(",") if m.strip()],
+                  args.gate_config)
+    print(markdown(summary, with_gate=False))
+    print(f"summary: {args.out / 'reenact_summary.json'}")
+    _print_gate(summary["gate"])
+    return EXIT_GATE if (args.gate and not summary["gate"]["passed"]) else EXIT_OK
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; with no command it runs a suite (what the Docker image does)."""
     # MediaPipe's C++ side logs to stderr through glog/absl; keep the progress bar readable.
@@ -165,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     setup_logging(os.environ.get("LOG_LEVEL", "warning"))
     try:
-        return {"run": cmd_run, "compare": cmd_compare, "gate": cmd_gate, "report": cmd_report}[args.command](args)
+        return {"run": cmd_run, "compare": cmd_compare, "gate": cmd_gate, "report": cmd_report,
+                "reenact": cmd_reenact}[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
