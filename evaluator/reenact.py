@@ -369,8 +369,9 @@ def markdown(summary: dict, with_gate: bool = True) -> str:
                      f"{fmt(h.get('r'), '{:.2f}')} | {fmt(ls.get('amp'), '{:.2f}')} | "
                      f"{fmt(ls.get('lmd'), '{:.3f}')} / {fmt(ls.get('lmd_still'), '{:.3f}')} | "
                      f"{fmt(r['real']['max_jump'], '{:.3f}')} |")
-    cols = (("amp", "{:.2f}"), ("jump", "{:.3f}"), ("r", "{:.2f}"), ("lag_frames", "{:+d}"), ("lmd", "{:.3f}"),
-            ("lmd_still", "{:.3f}"), ("lmd_over_still", "{:.2f}"), ("mouth_ssim", "{:.3f}"), ("mouth_ssim_still", "{:.3f}"))
+    cols = (("amp", "{:.2f}"), ("jump", "{:.3f}"), ("r", "{:.2f}"), ("lag_frames", "{:+d}"), ("r_lag0", "{:.2f}"),
+            ("lmd", "{:.3f}"), ("lmd_still", "{:.3f}"), ("lmd_over_still", "{:.2f}"), ("mouth_ssim", "{:.3f}"),
+            ("mouth_ssim_still", "{:.3f}"))
     lines += ["", "| clip | mode | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in summary["clips"]:
         for mode, m in r["modes"].items():

@@ -5,9 +5,10 @@ measure taken with that mesh can be fooled by whatever fools the mesh. dlib's 68
 predictor (regression trees trained on iBUG 300-W; the model file ships in the PyPI package
 ``face-recognition-models``, the library as the prebuilt wheel ``dlib-bin``) shares nothing with
 it, and is offered as ``--judge dlib``. It is not the default: on the kit's v01 (moustache, teeth
-showing) its inner-lip points sit on the teeth and read a mouth open by 0.09 face heights as
-0.03 (agreement with MediaPipe r = 0.66; 0.95 and 0.98 on v02 and v03), and one re-encoding of
-a frame moves its lips by half a still mouth's distance. MediaPipe, the default, is therefore
+showing) its inner-lip points sit on the teeth and read a mouth open by 0.09-0.12 face heights
+(frames 22-24) as 0.03-0.05 (its gap follows MediaPipe's with r = 0.66 there; 0.95 and 0.98 on
+v02 and v03), and one H.264 re-encoding of that clip moves its lips by up to 0.023 inter-ocular
+distances, two thirds of a still mouth's score (MediaPipe: 0.013). The default judge is therefore
 the renderer's own model, and every result says so (``independent_of_renderer``).
 
 Each judge turns RGB frames into (T, N, 2) pixel landmarks (NaN without a face) and names, in its

