@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     ree.add_argument("clips", type=Path, nargs="+", help="real clips of a person speaking (video with its own audio)")
     ree.add_argument("--gpu-url", default=os.environ.get("GPU_SERVICE_URL", "http://127.0.0.1:8001"))
     ree.add_argument("--out", type=Path, default=Path(os.environ.get("EVAL_OUT_DIR", "eval_reports")) / "reenact")
-    ree.add_argument("--judge", choices=("dlib", "mediapipe"), default=None, help="landmark model (default mediapipe; dlib is independent of the renderer)")
+    ree.add_argument("--judge", choices=("dlib", "mediapipe"), default=None,
+                     help="landmark model (default mediapipe; dlib is independent of the renderer)")
     ree.add_argument("--modes", default="head,lipsync", help="comma-separated: head, lipsync")
     ree.add_argument("--gate", action="store_true", help="exit 1 when a clip misses a reenact threshold")
     ree.add_argument("--gate-config", type=Path, default=None, help="thresholds YAML (its `reenact` section)")
