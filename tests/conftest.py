@@ -47,7 +47,11 @@ async def running_app(settings) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 def gpu_settings(tmp_path: Path):
-    """Settings for an in-process GPU service with only Piper and a private data dir."""
+    """Settings for an in-process GPU service on the CPU, with only Piper and a private data dir.
+
+    The device is pinned: the tests assert CPU results and must hold on a host with a GPU too.
+    """
     from gpu_service.settings import Settings
 
-    return Settings(tts_engines=["piper"], data_dir=tmp_path / "data", preset_avatars_dir=tmp_path / "presets")
+    return Settings(device="cpu", tts_engines=["piper"], data_dir=tmp_path / "data",
+                    preset_avatars_dir=tmp_path / "presets")

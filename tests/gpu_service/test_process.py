@@ -18,7 +18,7 @@ def gpu_url(tmp_path_factory):
     """A real GPU service process (Piper only) for this module."""
     tmp = tmp_path_factory.mktemp("gpu")
     port = free_port()
-    env = {"PORT": str(port), "DATA_DIR": str(tmp / "data"), "TTS_ENGINES": "piper", "PRESET_AVATARS_DIR": str(tmp / "presets")}
+    env = {"PORT": str(port), "DEVICE": "cpu", "DATA_DIR": str(tmp / "data"), "TTS_ENGINES": "piper", "PRESET_AVATARS_DIR": str(tmp / "presets")}
     url = f"http://127.0.0.1:{port}"
     with service_process([str(REPO / "run_gpu_service.sh")], env, f"{url}/ready", tmp / "gpu.log"):
         yield url

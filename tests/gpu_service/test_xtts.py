@@ -258,6 +258,7 @@ def _settings(tmp_path: Path, model_root: Path):
     from gpu_service.settings import Settings
 
     return Settings(
+        device="cpu",
         tts_engines=["piper", "xtts"],
         avatar_model_dir=model_root,
         data_dir=tmp_path / "data",

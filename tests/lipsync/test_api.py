@@ -23,7 +23,7 @@ def lipsync_settings(tmp_path: Path):
     """Piper for /tts (the service's readiness needs it) and the landmark lip-sync engine; no talking head."""
     from gpu_service.settings import Settings
 
-    return Settings(tts_engines=["piper"], video_engines=[], lipsync_engines=["landmark"], data_dir=tmp_path / "data",
+    return Settings(device="cpu", tts_engines=["piper"], video_engines=[], lipsync_engines=["landmark"], data_dir=tmp_path / "data",
                     preset_avatars_dir=tmp_path / "presets")
 
 
@@ -188,7 +188,7 @@ def test_bad_inputs_get_clear_4xx(lipsync_settings, media, tmp_path):
 def test_limits_past_size_and_duration(tmp_path, media):
     from gpu_service.settings import Settings
 
-    tight = Settings(tts_engines=["piper"], video_engines=[], data_dir=tmp_path / "data",
+    tight = Settings(device="cpu", tts_engines=["piper"], video_engines=[], data_dir=tmp_path / "data",
                      preset_avatars_dir=tmp_path / "presets",
                      lipsync={"max_audio_bytes": 64 * 1024, "max_video_s": 1.5, "max_audio_s": 2.0})
     short_wav = tmp_path / "short.wav"  # under the byte limit, over the 2 s duration limit
