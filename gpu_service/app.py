@@ -55,6 +55,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             pruner.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(loader, timeout=0.1)
+            for entry in registry.entries():
+                entry.slots.close()
 
     app = FastAPI(title="Avatar GPU service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from gpu_service.artifacts import MEDIA_TYPES, ArtifactStore
 from gpu_service.errors import UnsupportedMediaType
@@ -29,6 +29,22 @@ def mp4_response(mp4: bytes, timings_ms: dict, headers: dict[str, str]) -> Respo
     """The MP4 itself, its facts in X- headers and the stage timings in X-Timings-Ms."""
     timing = ",".join(f"{k}={v}" for k, v in timings_ms.items())
     return Response(mp4, media_type="video/mp4", headers={**headers, "X-Timings-Ms": timing})
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator, also when the client left mid-body.
+
+    Starlette stops iterating on a disconnect but leaves the generator to the garbage collector;
+    closing it here ends the engine's producer at once and gives its slot back.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def registry(request: Request) -> EngineRegistry:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from avatar_contracts import TTSRequest, TTSResponse
-from gpu_service.http import artifact_url, registry, require_json, settings
+from gpu_service.http import ClosingStreamingResponse, artifact_url, registry, require_json, settings
 from gpu_service.speech.service import SpeechService
 
 router = APIRouter(tags=["speech"])
@@ -51,7 +51,7 @@ async def stream(body: TTSRequest, request: Request):
     """Stream a WAV as it is synthesized: sentence by sentence (the first sentence by clause)."""
     speech = service(request)
     entry, job = speech.prepare(body)  # validation errors surface before streaming starts
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         speech.stream_wav(entry, job),
         media_type="audio/wav",
         headers={"X-Engine": entry.name, "Cache-Control": "no-store"},

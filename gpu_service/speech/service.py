@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -82,9 +83,11 @@ class SpeechService:
     async def stream_wav(self, entry: EngineEntry[SpeechEngine], request: SpeechRequest) -> AsyncIterator[bytes]:
         """A streaming WAV: the header with the first chunk, then 16-bit PCM as the engine makes it."""
         first = True
-        async for chunk in entry.slots.stream(lambda: entry.engine.stream(request)):
-            if first:
-                yield wav_stream_header(chunk.sample_rate) + pcm16(chunk.audio)
-                first = False
-            else:
-                yield pcm16(chunk.audio)
+        # aclosing: when this stream is closed (the client left), the engine's stream is closed with it.
+        async with contextlib.aclosing(entry.slots.stream(lambda: entry.engine.stream(request))) as chunks:
+            async for chunk in chunks:
+                if first:
+                    yield wav_stream_header(chunk.sample_rate) + pcm16(chunk.audio)
+                    first = False
+                else:
+                    yield pcm16(chunk.audio)

@@ -109,6 +109,52 @@ def test_slots_queue_then_refuse_with_retry_after():
     asyncio.run(scenario())
 
 
+def test_a_cancelled_stream_closes_its_generator_and_gives_the_slot_back():
+    import threading
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            while True:
+                time.sleep(0.01)
+                yield b"x"
+        finally:
+            closed.set()
+
+    def fails_second():
+        yield 1
+        raise RuntimeError("second sentence failed")
+
+    async def scenario():
+        slots = EngineSlots("t", slots=1, queue_size=0)
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in slots.stream(endless):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(250):  # bounded: 5 s
+            if slots.busy == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert closed.is_set() and (slots.busy, slots.waiting) == (0, 0)
+        got = []
+        with pytest.raises(RuntimeError, match="second sentence"):
+            async for item in slots.stream(fails_second):
+                got.append(item)
+        assert got == [1]
+        async with slots.acquire():  # the only slot is free again
+            pass
+
+    asyncio.run(scenario())
+
+
 def _wav(seconds: float, rate: int = 16000, amp: float = 0.3) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     buf = io.BytesIO()
