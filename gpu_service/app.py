@@ -17,7 +17,7 @@ from avatar_contracts.logs import setup_logging
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.device import resolve_device
 from gpu_service.registry import EngineRegistry
-from gpu_service.errors import PayloadTooLarge, ServiceError
+from gpu_service.errors import GenerationFailed, PayloadTooLarge, ServiceError
 from gpu_service.settings import Settings, get_settings
 
 log = logging.getLogger("gpu_service")
@@ -79,8 +79,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        if exc.status_code >= 500:
-            log.error("request failed", extra={"error_type": exc.error_type, "why": exc.message})
+        if exc.status_code >= 500 or isinstance(exc, GenerationFailed):
+            log.error("request failed", extra={"error_type": exc.error_type, "why": exc.message,
+                                               "status": exc.status_code, "request_id": request.state.request_id})
         return error_response(request, exc.status_code, exc.error_type, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)

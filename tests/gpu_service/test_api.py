@@ -195,3 +195,42 @@ def test_unexpected_failure_is_a_500_with_request_id_and_no_trace(gpu_settings):
             assert ok.status_code == 200
 
     run(scenario())
+
+
+def test_failures_that_will_recur_are_424_generation_failed(gpu_settings, monkeypatch, tmp_path):
+    """A failure a retry cannot fix is 424 (as TGI answers), so the runtime fails the job instead of retrying it."""
+    import cv2
+    from skimage import data
+
+    from gpu_service.errors import GenerationFailed
+    from gpu_service.talking_head import video
+
+    ok, portrait = cv2.imencode(".png", np.ascontiguousarray(data.astronaut()[..., ::-1]))
+    broken_ffmpeg = tmp_path / "ffmpeg"
+    broken_ffmpeg.write_text("#!/bin/sh\necho 'libx264: cannot allocate encoder' >&2\nexit 1\n")
+    broken_ffmpeg.chmod(0o755)
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            piper = client.app.state.registry.speech["piper"].engine
+
+            def no_audio(request):
+                raise GenerationFailed("XTTS produced no audio for this text")
+
+            monkeypatch.setattr(piper, "synthesize", no_audio)
+            speech = await client.post("/tts/generate", json={"text": "Nothing comes out."})
+            monkeypatch.undo()
+            monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(broken_ffmpeg))  # a real encoder failure
+            clip = await client.post("/video/generate", json={"avatar_image": base64.b64encode(portrait.tobytes()).decode(),
+                                                              "audio": _b64_wav(1.0)})
+            monkeypatch.undo()
+            health = (await client.get("/health")).json()
+            return speech, clip, health
+
+    speech, clip, health = run(scenario())
+    for resp, words in ((speech, "produced no audio"), (clip, "video encoding failed")):
+        assert resp.status_code == 424, resp.text
+        body = resp.json()
+        assert body["error_type"] == "generation_failed" and words in body["error"]
+        assert body["request_id"] == resp.headers["X-Request-ID"] and "Traceback" not in resp.text
+    assert health["status"] == "healthy"
