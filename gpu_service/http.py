@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
@@ -62,9 +64,12 @@ def artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
 
 
-def artifact_url(request: Request, data: bytes, ext: str) -> str:
-    """Store generated media and return the absolute URL it can be fetched from."""
-    art_id = artifacts(request).put(data, ext)
+async def artifact_url(request: Request, data: bytes, ext: str) -> str:
+    """Store generated media and return the absolute URL it can be fetched from.
+
+    In a thread: the store writes the whole file and prunes its folder, which must not stall the event loop.
+    """
+    art_id = await asyncio.to_thread(artifacts(request).put, data, ext)
     return str(request.url_for("get_artifact", art_id=art_id))
 
 

@@ -54,7 +54,7 @@ async def generate_video(body: VideoRequest, request: Request):
             {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": result.avatar_id},
         )
     return VideoResponse(
-        video_url=artifact_url(request, result.mp4, "mp4"),
+        video_url=await artifact_url(request, result.mp4, "mp4"),
         duration_s=round(result.duration_s, 4),
         fps=result.fps,
         frames=result.frames,

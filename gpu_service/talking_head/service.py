@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import numpy as np
@@ -72,6 +73,12 @@ class TalkingHeadService:
                 raise
         return decode_audio(_ffmpeg_decode(raw, field), field, 0.05, max_s)
 
+    def request_audio(self, body: VideoRequest) -> tuple[np.ndarray, int]:
+        """The request's audio (base64, or this service's artifact) decoded (blocking)."""
+        if body.audio is not None:
+            return self.decode_audio(decode_base64(body.audio, "audio"), "audio")
+        return self.decode_audio(self.artifacts.audio_url_path(body.audio_url).read_bytes(), "audio_url")
+
     async def prepare(self, body: VideoRequest) -> tuple[EngineEntry[TalkingHeadEngine], VideoJob]:
         """Validate the request, register or look up its avatar and decode its audio."""
         entry = self.entry()
@@ -82,17 +89,13 @@ class TalkingHeadService:
             raise ValidationFailed("send exactly one of avatar_id or avatar_image")
         if (body.audio is None) == (body.audio_url is None):
             raise ValidationFailed("send exactly one of audio or audio_url")
+        # Base64 and audio decoding, and reading an artifact, run in threads: a large upload must not stall the loop.
         if body.avatar_id is not None:
             record = entry.engine.get_avatar(body.avatar_id)
         else:
-            record = await self.add_avatar(decode_base64(body.avatar_image, "avatar_image"), field="avatar_image")
-        if body.audio is not None:
-            raw_audio = decode_base64(body.audio, "audio")
-            field = "audio"
-        else:
-            raw_audio = self.artifacts.audio_url_path(body.audio_url).read_bytes()
-            field = "audio_url"
-        audio, rate = self.decode_audio(raw_audio, field)
+            raw = await asyncio.to_thread(decode_base64, body.avatar_image, "avatar_image")
+            record = await self.add_avatar(raw, field="avatar_image")
+        audio, rate = await asyncio.to_thread(self.request_audio, body)
         job = VideoJob(
             avatar_id=record.avatar_id, audio=audio, sample_rate=rate, fps=body.fps,
             phonemes=[(p.phoneme, p.start_s, p.end_s) for p in body.phonemes] if body.phonemes else None,

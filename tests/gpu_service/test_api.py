@@ -234,3 +234,47 @@ def test_failures_that_will_recur_are_424_generation_failed(gpu_settings, monkey
         assert body["error_type"] == "generation_failed" and words in body["error"]
         assert body["request_id"] == resp.headers["X-Request-ID"] and "Traceback" not in resp.text
     assert health["status"] == "healthy"
+
+
+def test_slow_file_and_decoding_work_leaves_the_event_loop_free(gpu_settings, monkeypatch):
+    """Writing artifacts and decoding uploads run in threads: /health answers while they are slow."""
+    import time as _time
+
+    import cv2
+    from skimage import data
+
+    from gpu_service import artifacts as artifacts_module
+    from gpu_service.talking_head import service as talking_head_service
+
+    def slow(fn):
+        def wrapper(*args, **kwargs):
+            _time.sleep(1.0)  # a slow disk, a long clip
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(artifacts_module.ArtifactStore, "put", slow(artifacts_module.ArtifactStore.put))
+    monkeypatch.setattr(talking_head_service, "decode_audio", slow(talking_head_service.decode_audio))
+    portrait = base64.b64encode(cv2.imencode(".png", np.ascontiguousarray(data.astronaut()[..., ::-1]))[1]).decode()
+
+    async def slowest_health(client, work) -> float:
+        """The longest /health round (answer, then a 50 ms pause) while `work` runs, less the pause."""
+        task = asyncio.ensure_future(work)
+        worst = 0.0
+        while not task.done():
+            started = _time.perf_counter()
+            assert (await client.get("/health")).status_code == 200
+            await asyncio.sleep(0.05)
+            worst = max(worst, _time.perf_counter() - started - 0.05)
+        return worst, await task
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            put_wait, tts = await slowest_health(client, client.post("/tts/generate", json={"text": "Saved slowly."}))
+            body = {"avatar_image": portrait, "audio": _b64_wav(1.0), "response": "json"}
+            decode_wait, video = await slowest_health(client, client.post("/video/generate", json=body))
+            return tts, put_wait, video, decode_wait
+
+    tts, put_wait, video, decode_wait = run(scenario())
+    assert tts.status_code == 200 and video.status_code == 200, (tts.text, video.text)
+    assert put_wait < 0.5, f"/health waited {put_wait:.2f} s behind an artifact write"
+    assert decode_wait < 0.5, f"/health waited {decode_wait:.2f} s behind an audio decode or an artifact write"
