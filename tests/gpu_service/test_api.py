@@ -278,3 +278,48 @@ def test_slow_file_and_decoding_work_leaves_the_event_loop_free(gpu_settings, mo
     assert tts.status_code == 200 and video.status_code == 200, (tts.text, video.text)
     assert put_wait < 0.5, f"/health waited {put_wait:.2f} s behind an artifact write"
     assert decode_wait < 0.5, f"/health waited {decode_wait:.2f} s behind an audio decode or an artifact write"
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(gpu_settings):
+    """No Content-Length to check: the bytes are counted as they come, and the rest is never read."""
+    import time as _time
+
+    import httpx
+
+    from tests.conftest import serving_app
+
+    gpu_settings.max_request_bytes = 1024 * 1024
+    sent = {"json": 0, "lipsync": 0}
+
+    def body(key: str, total: int, head: bytes = b""):
+        piece = b"x" * (256 * 1024)
+        yield head
+        sent[key] += len(head)
+        while sent[key] < total:
+            yield piece
+            sent[key] += len(piece)
+
+    with serving_app(gpu_settings) as url, httpx.Client(timeout=60) as client:
+        started = _time.monotonic()
+        resp = client.post(f"{url}/tts/generate", content=body("json", 64 * 1024 * 1024, b'{"text": "'),
+                           headers={"content-type": "application/json"})
+        elapsed = _time.monotonic() - started
+        assert resp.status_code == 413, resp.text[:300]
+        err = resp.json()
+        assert err["error_type"] == "payload_too_large" and "limit is 1048576" in err["error"]
+        assert err["request_id"] == resp.headers["X-Request-ID"]
+        # Refused at the limit: the client did not get to send (and the server to hold) the 64 MB.
+        assert sent["json"] < 16 * 1024 * 1024 and elapsed < 20, (sent, elapsed)
+        # Lip-sync keeps its own, larger limit: 3 MB of upload pass the 1 MB service-wide one.
+        boundary = "b0undary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\n"
+                "Content-Type: video/mp4\r\n\r\n").encode()
+
+        def form():
+            yield from body("lipsync", 3 * 1024 * 1024, head)
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        resp = client.post(f"{url}/lipsync/generate", content=form(),
+                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert resp.status_code == 422 and "payload" not in resp.json()["error_type"], resp.text[:300]
+        assert client.post(f"{url}/tts/generate", json={"text": "Still serving."}).status_code == 200
