@@ -25,6 +25,16 @@ log = logging.getLogger("gpu_service")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def _service_error(exc: BaseException) -> ServiceError | None:
+    """The ServiceError behind `exc` (Starlette re-raises one that comes after the response started)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ServiceError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 class RequestContext:
     """Give each request an id (the client's X-Request-ID when sane), enforce the body limit while the
     body streams in, and answer an unhandled error with a 500 naming the request id, never a trace."""
@@ -88,7 +98,14 @@ class RequestContext:
         try:
             await self.app(scope, counted_receive, send_with_id)
         except Exception as exc:
-            if started:  # too late for an error answer: the server cuts the connection
+            if started:
+                # Too late for an error answer: re-raised, so the server cuts the connection and the client sees
+                # an incomplete body instead of a clean end.
+                cause = _service_error(exc)
+                log.error("response aborted mid-body", extra={
+                    "request_id": rid, "path": scope["path"],
+                    "error_type": cause.error_type if cause else "internal_error",
+                    "why": cause.message if cause else f"{type(exc).__name__}: {exc}"})
                 raise
             if replaced:
                 return

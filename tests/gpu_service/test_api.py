@@ -280,6 +280,48 @@ def test_slow_file_and_decoding_work_leaves_the_event_loop_free(gpu_settings, mo
     assert decode_wait < 0.5, f"/health waited {decode_wait:.2f} s behind an audio decode or an artifact write"
 
 
+def test_a_stream_that_fails_midway_is_aborted_not_ended_cleanly(gpu_settings, monkeypatch):
+    """A later sentence failing must not look like the end of the speech: the chunked body is cut off."""
+    import logging
+    from dataclasses import replace
+
+    import httpx
+
+    from gpu_service.errors import GenerationFailed
+    from tests.conftest import serving_app
+
+    text = "The first sentence is spoken. The second one fails. The third is never reached."
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("gpu_service").addHandler(catcher)
+    try:
+        with serving_app(gpu_settings) as url, httpx.Client(timeout=60) as client:
+            piper = serving_app.app.state.registry.speech["piper"].engine
+            real = piper.stream
+
+            def fails_on_the_second_sentence(request):
+                yield from real(replace(request, text=request.text.split(". ")[0] + "."))
+                raise GenerationFailed("sentence 2 could not be synthesized")
+
+            monkeypatch.setattr(piper, "stream", fails_on_the_second_sentence)
+            received = bytearray()
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete"):
+                with client.stream("POST", f"{url}/tts/stream", json={"text": text},
+                                   headers={"X-Request-ID": "stream-fails-0001"}) as resp:
+                    assert resp.status_code == 200
+                    for piece in resp.iter_bytes():
+                        received += piece
+            assert len(received) > 44 + 22050  # the first sentence did arrive
+            monkeypatch.undo()
+            assert client.post(f"{url}/tts/generate", json={"text": "Still here."}).status_code == 200
+    finally:
+        logging.getLogger("gpu_service").removeHandler(catcher)
+    aborted = [r for r in records if getattr(r, "request_id", None) == "stream-fails-0001"]
+    assert aborted and getattr(aborted[0], "why", "") == "sentence 2 could not be synthesized"
+    assert getattr(aborted[0], "error_type", "") == "generation_failed"
+
+
 def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(gpu_settings):
     """No Content-Length to check: the bytes are counted as they come, and the rest is never read."""
     import time as _time
