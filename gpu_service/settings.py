@@ -200,6 +200,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     """Largest request body accepted (base64 media included); larger is a 413."""
 
+    max_image_pixels: int = Field(default=40_000_000, ge=64 * 64, le=1_000_000_000)
+    """Most pixels (width x height) of a portrait (POST /avatars, avatar_image, presets), read from its header
+    before anything decodes it: a 1 MB PNG can claim 30000x30000 pixels. More is a 422 naming the size."""
+
     speaker_wav_min_s: float = Field(default=1.0, gt=0, le=60)
     """Shortest voice-cloning clip accepted."""
 

@@ -11,7 +11,8 @@ from typing import AsyncIterator
 import numpy as np
 
 from avatar_contracts import PhonemeTiming, TTSRequest
-from gpu_service.audio import decode_audio, decode_base64, pcm16, wav_bytes, wav_stream_header
+from avatar_contracts.media import decode_base64
+from gpu_service.audio import decode_audio, pcm16, wav_bytes, wav_stream_header
 from gpu_service.errors import ValidationFailed
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import cv2
 import numpy as np
 
+from avatar_contracts.media import check_image_header
 from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 
@@ -201,18 +202,31 @@ def image_key(raw: bytes) -> str:
     return f"{hashlib.sha256(raw).hexdigest()[:40]}-v{ENCODING_VERSION}"
 
 
-def decode_image(raw: bytes, max_bytes: int, field: str = "image") -> np.ndarray:
-    """JPEG/PNG/WebP bytes to an RGB uint8 array, or BadMedia saying what is wrong."""
+def check_image(raw: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> tuple[int, int]:
+    """(width, height) of JPEG/PNG/WebP bytes from the header alone, or BadMedia: empty, too many bytes,
+    too many pixels (a decompression bomb is refused before anything decodes it) or a side out of bounds."""
     if not raw:
         raise BadMedia(f"{field} is empty")
     if len(raw) > max_bytes:
         raise BadMedia(f"{field} is {len(raw)} bytes; the limit is {max_bytes} bytes")
-    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise BadMedia(f"{field} is not a readable image (JPEG, PNG or WebP expected)")
-    h, w = arr.shape[:2]
+    w, h, _ = check_image_header(raw, max_pixels, field)
+    _check_sides(w, h, field)
+    return w, h
+
+
+def _check_sides(w: int, h: int, field: str) -> None:
     if min(h, w) < 64 or max(h, w) > 4096:
         raise BadMedia(f"{field} is {w}x{h}; each side must be between 64 and 4096 pixels")
+
+
+def decode_image(raw: bytes, max_bytes: int, field: str = "image", max_pixels: int = 40_000_000) -> np.ndarray:
+    """JPEG/PNG/WebP bytes to an RGB uint8 array (checked by check_image first), or BadMedia saying what is wrong."""
+    check_image(raw, max_bytes, max_pixels, field)
+    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise BadMedia(f"{field} could not be decoded: its image data is damaged or cut short")
+    h, w = arr.shape[:2]
+    _check_sides(w, h, field)
     # Output video is yuv420p, which needs even sides.
     arr = arr[: h - h % 2, : w - w % 2]
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)

@@ -9,10 +9,12 @@ import numpy as np
 
 from avatar_contracts.gpu import VideoRequest
 from gpu_service.artifacts import ArtifactStore
-from gpu_service.audio import decode_audio, decode_base64
+from avatar_contracts.media import decode_base64
+from gpu_service.audio import decode_audio
 from gpu_service.errors import BadMedia, ValidationFailed
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
+from gpu_service.talking_head.encoding import check_image
 from gpu_service.talking_head.protocol import AvatarRecord, TalkingHeadEngine, VideoJob, VideoResult
 
 
@@ -41,14 +43,10 @@ class TalkingHeadService:
         """The loaded talking-head engine, or a 4xx/503 saying why not."""
         return self.registry.talking_head_engine()
 
-    def _check_image(self, raw: bytes, field: str) -> None:
-        limit = self.settings.talking_head.max_image_bytes
-        if len(raw) > limit:
-            raise BadMedia(f"{field} is {len(raw)} bytes; the limit is {limit} bytes")
-
     async def add_avatar(self, raw: bytes, pick_largest: bool = False, field: str = "image") -> AvatarRecord:
-        """Encode and register a portrait on an engine slot."""
-        self._check_image(raw, field)
+        """Encode and register a portrait on an engine slot; its size and pixel count are checked from its
+        header first, so a bad or oversized image never waits for a slot (nor a bomb gets decoded)."""
+        check_image(raw, self.settings.talking_head.max_image_bytes, self.settings.max_image_pixels, field)
         entry = self.entry()
         return await entry.slots.run(entry.engine.add_avatar, raw, pick_largest)
 
@@ -93,7 +91,8 @@ class TalkingHeadService:
         if body.avatar_id is not None:
             record = entry.engine.get_avatar(body.avatar_id)
         else:
-            raw = await asyncio.to_thread(decode_base64, body.avatar_image, "avatar_image")
+            raw = await asyncio.to_thread(decode_base64, body.avatar_image, "avatar_image",
+                                          self.settings.talking_head.max_image_bytes)
             record = await self.add_avatar(raw, field="avatar_image")
         audio, rate = await asyncio.to_thread(self.request_audio, body)
         job = VideoJob(

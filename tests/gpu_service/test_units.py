@@ -12,7 +12,8 @@ import pytest
 import soundfile as sf
 
 from gpu_service.artifacts import ArtifactStore
-from gpu_service.audio import decode_audio, decode_base64
+from avatar_contracts.media import decode_base64
+from gpu_service.audio import decode_audio
 from gpu_service.device import resolve_device
 from gpu_service.speech.protocol import SpeechRequest
 from gpu_service.speech.engines.piper import PiperEngine, fold_alignments, onnx_providers

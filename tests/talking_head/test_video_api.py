@@ -111,7 +111,7 @@ def test_each_bad_input_gets_its_4xx(video_settings):
                 (await upload(client, png(noise)), 422, "no face"),
                 (await upload(client, png(two)), 422, "2 faces"),
                 (await upload(client, png(tiny)), 422, "too small"),
-                (await upload(client, b"hello, not an image"), 422, "not a readable image"),
+                (await upload(client, b"hello, not an image"), 422, "not a JPEG, PNG or WebP image"),
                 (await upload(client, png(big)), 422, "limit"),
             ]
             ok = await upload(client, png(two), pick_largest="true")
@@ -136,3 +136,44 @@ def test_each_bad_input_gets_its_4xx(video_settings):
                 assert words in resp.json()["error"], (words, resp.text)
 
     asyncio.run(scenario())
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height grey pixels (the data holds a few zero rows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + width) * 8)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(video_settings):
+    """A small file claiming 12000x12000 pixels is refused by its header, wherever an image enters."""
+    import resource
+
+    bomb = bomb_png(12000, 12000)  # 144 MP: 432 MB once decoded to RGB
+    assert len(bomb) < 64 * 1024
+
+    async def scenario():
+        async with running_app(video_settings) as client:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            upload = await client.post("/avatars", files={"image": ("bomb.png", bomb, "image/png")})
+            inline = await client.post("/video/generate", json={"avatar_image": b64(bomb), "audio": wav_b64(1.0)})
+            grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+            return upload, inline, grown_mb
+
+    upload, inline, grown_mb = run_scenario(scenario())
+    for resp, field in ((upload, "image"), (inline, "avatar_image")):
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error_type"] == "bad_media"
+        assert f"{field} is 12000x12000 pixels (144000000 in all); the limit is 40000000" in resp.json()["error"]
+    assert grown_mb < 200, f"memory grew by {grown_mb:.0f} MB"
+
+
+def run_scenario(coro):
+    """Run one async scenario to completion."""
+    return asyncio.run(coro)

@@ -54,8 +54,8 @@ class LandmarkTalkingHead:
     name = "landmark"
 
     def __init__(self, *, cache_dir: Path, cache_bytes: int, max_image_bytes: int, presets_dir: Path,
-                 preset: str = "veryfast", crf: int = 16, batch: int = 16) -> None:
-        self._avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes)
+                 max_image_pixels: int = 40_000_000, preset: str = "veryfast", crf: int = 16, batch: int = 16) -> None:
+        self._avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes, max_image_pixels)
         self.presets_dir = presets_dir
         self.x264_preset = preset
         self.crf = crf
