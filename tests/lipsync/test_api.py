@@ -209,3 +209,33 @@ def test_limits_past_size_and_duration(tmp_path, media):
     assert long_audio.status_code == 422 and "at most 2 s" in long_audio.json()["error"]
     # Leftover temp folders would fill the disk under load: every request cleaned up after itself.
     assert not any((tmp_path / "data" / "tmp").iterdir())
+
+
+def test_hand_parsed_form_fields_are_checked_like_json_ones(lipsync_settings):
+    """The multipart form is parsed by hand: its URL and text fields get the contracts' checks, never a 500."""
+    video = ("v.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64, "video/mp4")
+    cases = [
+        ({"audio_url": "http://[::1"}, "audio_url is not a valid URL"),
+        ({"audio_url": "http://host:port/artifacts/x.wav"}, "audio_url is not a valid URL"),
+        ({"audio_url": "/artifacts/" + "0" * 32 + ".wav\x00"}, "audio_url contains the control character U+0000"),
+        ({"audio_url": "/artifacts/x.wav", "length_policy": "trim\x00"},
+         "length_policy contains the control character U+0000"),
+    ]
+
+    async def scenario():
+        async with running_app(lipsync_settings) as client:
+            answers = [await client.post("/lipsync/generate", files={"video": video}, data=fields)
+                       for fields, _ in cases]
+            # A surrogate cannot be sent as UTF-8: its bytes (ED A0 80) are refused as what they are.
+            boundary = "xb0undary"
+            raw = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio_url\"\r\n\r\n".encode()
+                   + b"/artifacts/\xed\xa0\x80.wav" + f"\r\n--{boundary}--\r\n".encode())
+            answers.append(await client.post("/lipsync/generate", content=raw,
+                                             headers={"content-type": f"multipart/form-data; boundary={boundary}"}))
+            return answers
+
+    answers = run(scenario())
+    for (fields, words), resp in zip(cases + [({}, "audio_url is not valid UTF-8")], answers):
+        assert resp.status_code == 422, (fields, resp.status_code, resp.text)
+        assert words in resp.json()["error"], (words, resp.text)
+        assert "Traceback" not in resp.text
