@@ -77,7 +77,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         if exc.status_code >= 500 or isinstance(exc, GenerationFailed):
             log.error("request failed", extra={"error_type": exc.error_type, "why": exc.message,
                                                "status": exc.status_code, "request_id": request.state.request_id})
-        return error_response(request, exc.status_code, exc.error_type, exc.message, exc.headers)
+        return error_response(request, exc.status_code, exc.error_type, settings.redact_paths(exc.message), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

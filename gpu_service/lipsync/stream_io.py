@@ -168,8 +168,8 @@ class VideoSource:
             proc.wait()
             reader.join(5)
         if proc.returncode not in (0, None) and n == 0 and not (max_frames and proc.returncode < 0):
-            detail = (errors[0] if errors else b"").decode(errors="replace").strip()[-300:]
-            raise BadMedia(f"video could not be decoded (corrupt or truncated file): {detail}")
+            detail = (errors[0] if errors else b"").decode(errors="replace").replace(str(self.path), "video")
+            raise BadMedia(f"video could not be decoded (corrupt or truncated file): {detail.strip()[-300:]}")
 
     def forward(self) -> Iterator[np.ndarray]:
         """Every frame, first to last."""
@@ -277,7 +277,8 @@ def decode_audio_file(path: Path, field: str = "audio", max_s: float = 600.0) ->
         capture_output=True, timeout=120,
     )
     if res.returncode != 0:
-        raise BadMedia(f"{field} could not be decoded (corrupt audio): {res.stderr.decode(errors='replace')[-200:]}")
+        detail = res.stderr.decode(errors="replace").replace(str(path), field)  # the temp path stays on the server
+        raise BadMedia(f"{field} could not be decoded (corrupt audio): {detail.strip()[-200:]}")
     audio = np.frombuffer(res.stdout, np.float32).copy()
     if audio.size == 0:
         raise BadMedia(f"{field} contains no audio samples")

@@ -365,3 +365,36 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(gpu_settings):
                            headers={"content-type": f"multipart/form-data; boundary={boundary}"})
         assert resp.status_code == 422 and "payload" not in resp.json()["error_type"], resp.text[:300]
         assert client.post(f"{url}/tts/generate", json={"text": "Still serving."}).status_code == 200
+
+
+def test_no_server_path_reaches_a_client(gpu_settings, tmp_path):
+    """Health reports and error answers name settings ($AVATAR_MODEL_DIR/...), never the server's directories."""
+    from tests.helpers import REPO
+
+    gpu_settings.tts_engines = ["piper", "xtts"]
+    gpu_settings.avatar_model_dir = tmp_path / "models"  # no weights in it
+    how = "put the XTTS-v2 files in $AVATAR_MODEL_DIR/xtts_v2/ (config.json, model.pth, vocab.json)"
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            health = await client.get("/health")
+            xtts = next(e for e in health.json()["engines"] if e["name"] == "xtts")
+            assert how in xtts["reason"], xtts
+            answers = [
+                await client.post("/tts/generate", json={"text": "hi", "engine": "xtts"}),
+                await client.post("/tts/stream", json={"text": "hi", "engine": "xtts"}),
+                await client.post("/video/generate", json={"avatar_id": "nobody", "audio": _b64_wav(1.0)}),
+                await client.post("/video/generate", json={"avatar_id": "x", "audio_url": "/artifacts/" + "0" * 32 + ".wav"}),
+                await client.get("/artifacts/" + "0" * 32 + ".mp4"),
+                await client.post("/avatars", files={"image": ("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")}),
+                await client.post("/lipsync/generate", files={"video": ("v.mp4", b"\x00" * 2048, "video/mp4"),
+                                                              "audio": ("a.wav", b"RIFF" + b"\x00" * 100, "audio/wav")}),
+            ]
+            return [health, await client.get("/ready")] + answers
+
+    answers = run(scenario())
+    assert answers[2].status_code == 422 and how in answers[2].json()["error"]
+    assert all(400 <= r.status_code < 500 for r in answers[2:]), [(r.status_code, r.text) for r in answers[2:]]
+    for resp in answers:
+        for root in (str(tmp_path), str(REPO)):
+            assert root not in resp.text, (resp.request.url, resp.text)

@@ -85,6 +85,13 @@ def test_artifacts_expire_and_respect_the_size_budget(tmp_path):
         store.path("../../etc/passwd")
 
 
+def test_redact_paths_names_the_service_directories_by_their_settings(tmp_path):
+    s = Settings(data_dir=tmp_path / "data", avatar_model_dir=tmp_path / "models")
+    text = f"cannot open {tmp_path / 'data' / 'tmp' / 'v.upload'}; weights in {tmp_path / 'models' / 'xtts_v2'}"
+    out = s.redact_paths(text)
+    assert out == "cannot open $DATA_DIR/tmp/v.upload; weights in $AVATAR_MODEL_DIR/xtts_v2"
+
+
 def test_slots_queue_then_refuse_with_retry_after():
     async def scenario():
         slots = EngineSlots("t", slots=1, queue_size=1)
