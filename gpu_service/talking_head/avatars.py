@@ -79,10 +79,11 @@ class AvatarStore:
             return sum(e.nbytes for e in self._memory.values())
 
     # -- operations --------------------------------------------------------------------------
-    def encode_bytes(self, raw: bytes, *, pick_largest: bool = False, field: str = "image") -> tuple[str, Encoding, float, bool]:
-        """(key, encoding, encode ms, from cache) for image bytes; disk and memory caches first."""
+    def encode_bytes(self, raw: bytes, *, pick_largest: bool = False, face_index: Optional[int] = None,
+                     field: str = "image") -> tuple[str, Encoding, float, bool]:
+        """(key, encoding, encode ms, from cache) for image bytes and the face chosen; disk and memory caches first."""
         check_image(raw, self.max_image_bytes, self.max_image_pixels, field)
-        key = image_key(raw)
+        key = image_key(raw, face_index)
         with self._lock:
             enc = self._memory.get(key)
         if enc is not None:
@@ -93,16 +94,18 @@ class AvatarStore:
             return key, enc, 0.0, True
         image = decode_image(raw, self.max_image_bytes, field, self.max_image_pixels)
         started = time.perf_counter()
-        enc = encode_image(image, pick_largest=pick_largest)
+        enc = encode_image(image, pick_largest=pick_largest, face_index=face_index)
         ms = (time.perf_counter() - started) * 1000
         enc.save(self._npz(key))
         self._remember(key, enc)
         return key, enc, ms, False
 
-    def add(self, raw: bytes, *, pick_largest: bool = False, avatar_id: Optional[str] = None, preset: bool = False) -> AvatarRecord:
-        """Register an image as an avatar (id from its hash unless given) and return its record."""
-        key, enc, ms, cached = self.encode_bytes(raw, pick_largest=pick_largest)
-        avatar_id = check_avatar_id(avatar_id) if avatar_id else "img_" + key[:20]
+    def add(self, raw: bytes, *, pick_largest: bool = False, face_index: Optional[int] = None,
+            avatar_id: Optional[str] = None, preset: bool = False) -> AvatarRecord:
+        """Register an image as an avatar (id from its hash and the face chosen, unless given) and return its record."""
+        key, enc, ms, cached = self.encode_bytes(raw, pick_largest=pick_largest, face_index=face_index)
+        face = "" if face_index is None else f"_f{face_index}"  # one image, one avatar per face
+        avatar_id = check_avatar_id(avatar_id) if avatar_id else "img_" + key[:20] + face
         h, w = enc.image.shape[:2]
         rec = AvatarRecord(avatar_id, key, list(enc.face_box), [w, h], preset, ms, cached)
         with self._lock:

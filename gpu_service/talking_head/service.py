@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from typing import Optional
 
 import numpy as np
 
@@ -43,12 +44,13 @@ class TalkingHeadService:
         """The loaded talking-head engine, or a 4xx/503 saying why not."""
         return self.registry.talking_head_engine()
 
-    async def add_avatar(self, raw: bytes, pick_largest: bool = False, field: str = "image") -> AvatarRecord:
+    async def add_avatar(self, raw: bytes, pick_largest: bool = False, field: str = "image",
+                         face_index: Optional[int] = None) -> AvatarRecord:
         """Encode and register a portrait on an engine slot; its size and pixel count are checked from its
         header first, so a bad or oversized image never waits for a slot (nor a bomb gets decoded)."""
         check_image(raw, self.settings.talking_head.max_image_bytes, self.settings.max_image_pixels, field)
         entry = self.entry()
-        return await entry.slots.run(entry.engine.add_avatar, raw, pick_largest)
+        return await entry.slots.run(entry.engine.add_avatar, raw, pick_largest, face_index)
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""

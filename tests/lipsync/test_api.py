@@ -239,3 +239,37 @@ def test_hand_parsed_form_fields_are_checked_like_json_ones(lipsync_settings):
         assert resp.status_code == 422, (fields, resp.status_code, resp.text)
         assert words in resp.json()["error"], (words, resp.text)
         assert "Traceback" not in resp.text
+
+
+def test_tiny_frames_and_two_faces_are_named_not_called_corrupt(lipsync_settings, tmp_path):
+    from skimage import data as skdata
+
+    import subprocess
+
+    from gpu_service.talking_head.video import encode_mp4, ffmpeg_exe
+
+    tiny = {}
+    for side in (1, 2):
+        path = tmp_path / f"v{side}.mp4"
+        subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+                        "-i", f"color=c=red:s={side}x{side}:d=1:r=25", "-c:v", "libx264", "-pix_fmt", "yuv444p",
+                        str(path)], check=True)
+        tiny[side] = path
+    astro = skdata.astronaut()
+    pair = np.ascontiguousarray(np.concatenate([astro, astro[:, ::-1]], axis=1))  # two full-size faces, 1024x512
+    (tmp_path / "pair.mp4").write_bytes(encode_mp4([pair] * 10, 25, (1024, 512))[0])
+    tone = tmp_path / "tone.wav"
+    t = np.arange(22050) / 22050
+    tone.write_bytes(_wav_bytes((0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 22050))
+
+    async def scenario():
+        async with running_app(lipsync_settings) as client:
+            return [await client.post("/lipsync/generate", **_files(path, tone, length_policy="trim"))
+                    for path in (tiny[1], tiny[2], tmp_path / "pair.mp4")]
+
+    one, two, pair_resp = run(scenario())
+    for resp, side in ((one, 1), (two, 2)):
+        assert resp.status_code == 422, resp.text
+        assert f"video is {side}x{side} pixels; lip-sync needs at least 64x64" in resp.json()["error"]
+    assert pair_resp.status_code == 422, pair_resp.text
+    assert "2 faces found" in pair_resp.json()["error"], pair_resp.text

@@ -177,3 +177,26 @@ def test_a_decompression_bomb_is_refused_from_its_header(video_settings):
 def run_scenario(coro):
     """Run one async scenario to completion."""
     return asyncio.run(coro)
+
+
+def test_two_full_size_faces_are_counted_and_one_can_be_chosen(video_settings):
+    """Two portraits side by side: not 'no face found' but how many, and face_index picks one (left to right)."""
+    astro = data.astronaut()
+    pair = np.ascontiguousarray(np.concatenate([astro, astro[:, ::-1]], axis=1))  # 1024x512, a face in each half
+
+    async def upload(client, **form):
+        return await client.post("/avatars", files={"image": ("pair.png", png(pair), "image/png")}, data=form)
+
+    async def scenario():
+        async with running_app(video_settings) as client:
+            return [await upload(client), await upload(client, face_index="0"), await upload(client, face_index="1"),
+                    await upload(client, face_index="2"), await upload(client, pick_largest="true")]
+
+    plain, left, right, beyond, largest = run_scenario(scenario())
+    assert plain.status_code == 422, plain.text
+    assert "2 faces found; pass pick_largest=true or face_index=N" in plain.json()["error"]
+    assert left.status_code == 200 and right.status_code == 200, (left.text, right.text)
+    assert left.json()["face_box"][0] + left.json()["face_box"][2] <= 512 < right.json()["face_box"][0]
+    assert left.json()["avatar_id"] != right.json()["avatar_id"]  # one image, two avatars
+    assert beyond.status_code == 422 and "face_index=2" in beyond.json()["error"], beyond.text
+    assert largest.status_code == 200, largest.text

@@ -91,9 +91,9 @@ class LandmarkTalkingHead:
         return self.renderer
 
     # -- avatars ---------------------------------------------------------------------------
-    def add_avatar(self, image: bytes, pick_largest: bool = False) -> AvatarRecord:
+    def add_avatar(self, image: bytes, pick_largest: bool = False, face_index: Optional[int] = None) -> AvatarRecord:
         """Encode a portrait once (or find it cached) and register it."""
-        return self._avatars.add(image, pick_largest=pick_largest)
+        return self._avatars.add(image, pick_largest=pick_largest, face_index=face_index)
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""
