@@ -9,8 +9,8 @@ from typing import Optional
 import numpy as np
 
 from avatar_contracts.gpu import VideoRequest
-from gpu_service.artifacts import ArtifactStore
 from avatar_contracts.media import decode_base64
+from gpu_service.artifacts import ArtifactStore
 from gpu_service.audio import decode_audio
 from gpu_service.errors import BadMedia, ValidationFailed
 from gpu_service.registry import EngineEntry, EngineRegistry
