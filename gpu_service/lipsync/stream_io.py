@@ -36,7 +36,11 @@ VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg", "prores")
 AUDIO_CONTAINERS = ("wav", "mp3", "flac", "ogg")
 
 _DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
-_SIZE = re.compile(r"\b(\d{2,5})x(\d{2,5})\b")
+# The frame size, as "..., 1920x1080 [SAR ...": any number of digits (a 1x1 clip is a size too), after a comma,
+# so a codec tag such as "0x0000" is never read as one.
+_SIZE = re.compile(r"(?:^|,\s*)(\d{1,5})x(\d{1,5})(?=[\s,\[]|$)")
+MIN_SIDE = 64
+"""Fewest pixels per side of an input video: smaller has no face to track."""
 _FPS = re.compile(r"([\d.]+)\s*(?:fps|tbr)\b")
 _RATE = re.compile(r"(\d+)\s*Hz")
 _ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
@@ -168,8 +172,8 @@ class VideoSource:
             proc.wait()
             reader.join(5)
         if proc.returncode not in (0, None) and n == 0 and not (max_frames and proc.returncode < 0):
-            detail = (errors[0] if errors else b"").decode(errors="replace").strip()[-300:]
-            raise BadMedia(f"video could not be decoded (corrupt or truncated file): {detail}")
+            detail = (errors[0] if errors else b"").decode(errors="replace").replace(str(self.path), "video")
+            raise BadMedia(f"video could not be decoded (corrupt or truncated file): {detail.strip()[-300:]}")
 
     def forward(self) -> Iterator[np.ndarray]:
         """Every frame, first to last."""
@@ -277,7 +281,8 @@ def decode_audio_file(path: Path, field: str = "audio", max_s: float = 600.0) ->
         capture_output=True, timeout=120,
     )
     if res.returncode != 0:
-        raise BadMedia(f"{field} could not be decoded (corrupt audio): {res.stderr.decode(errors='replace')[-200:]}")
+        detail = res.stderr.decode(errors="replace").replace(str(path), field)  # the temp path stays on the server
+        raise BadMedia(f"{field} could not be decoded (corrupt audio): {detail.strip()[-200:]}")
     audio = np.frombuffer(res.stdout, np.float32).copy()
     if audio.size == 0:
         raise BadMedia(f"{field} contains no audio samples")
@@ -305,8 +310,8 @@ def open_video(path: Path, *, max_s: float, max_pixels: int, fps: Optional[float
     if not info.width or not info.height:
         raise BadMedia(f"{field}: the frame size could not be read (corrupt file?)")
     w, h = info.display_size
-    if w < 64 or h < 64:
-        raise BadMedia(f"{field} is {w}x{h}; each side must be at least 64 pixels")
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise BadMedia(f"{field} is {w}x{h} pixels; lip-sync needs at least {MIN_SIDE}x{MIN_SIDE}")
     if w * h > max_pixels:
         raise BadMedia(f"{field} is {w}x{h} ({w * h} pixels); at most {max_pixels} pixels per frame are accepted")
     if info.duration_s is None or info.duration_s <= 0:

@@ -68,8 +68,8 @@ def encode_mp4(
         rc = proc.wait()
         reader.join(10)
         if rc != 0 or not out.exists():
-            detail = (errors[0] if errors else b"").decode(errors="replace").strip()[-500:]
-            raise GenerationFailed(f"video encoding failed (ffmpeg exit {rc}): {detail}")
+            detail = (errors[0] if errors else b"").decode(errors="replace").replace(f"{tmp}/", "")
+            raise GenerationFailed(f"video encoding failed (ffmpeg exit {rc}): {detail.strip()[-500:]}")
         data = out.read_bytes()
     facts = {
         "frames": n,

@@ -23,7 +23,7 @@ def lipsync_settings(tmp_path: Path):
     """Piper for /tts (the service's readiness needs it) and the landmark lip-sync engine; no talking head."""
     from gpu_service.settings import Settings
 
-    return Settings(tts_engines=["piper"], video_engines=[], lipsync_engines=["landmark"], data_dir=tmp_path / "data",
+    return Settings(device="cpu", tts_engines=["piper"], video_engines=[], lipsync_engines=["landmark"], data_dir=tmp_path / "data",
                     preset_avatars_dir=tmp_path / "presets")
 
 
@@ -188,7 +188,7 @@ def test_bad_inputs_get_clear_4xx(lipsync_settings, media, tmp_path):
 def test_limits_past_size_and_duration(tmp_path, media):
     from gpu_service.settings import Settings
 
-    tight = Settings(tts_engines=["piper"], video_engines=[], data_dir=tmp_path / "data",
+    tight = Settings(device="cpu", tts_engines=["piper"], video_engines=[], data_dir=tmp_path / "data",
                      preset_avatars_dir=tmp_path / "presets",
                      lipsync={"max_audio_bytes": 64 * 1024, "max_video_s": 1.5, "max_audio_s": 2.0})
     short_wav = tmp_path / "short.wav"  # under the byte limit, over the 2 s duration limit
@@ -209,3 +209,67 @@ def test_limits_past_size_and_duration(tmp_path, media):
     assert long_audio.status_code == 422 and "at most 2 s" in long_audio.json()["error"]
     # Leftover temp folders would fill the disk under load: every request cleaned up after itself.
     assert not any((tmp_path / "data" / "tmp").iterdir())
+
+
+def test_hand_parsed_form_fields_are_checked_like_json_ones(lipsync_settings):
+    """The multipart form is parsed by hand: its URL and text fields get the contracts' checks, never a 500."""
+    video = ("v.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64, "video/mp4")
+    cases = [
+        ({"audio_url": "http://[::1"}, "audio_url is not a valid URL"),
+        ({"audio_url": "http://host:port/artifacts/x.wav"}, "audio_url is not a valid URL"),
+        ({"audio_url": "/artifacts/" + "0" * 32 + ".wav\x00"}, "audio_url contains the control character U+0000"),
+        ({"audio_url": "/artifacts/x.wav", "length_policy": "trim\x00"},
+         "length_policy contains the control character U+0000"),
+    ]
+
+    async def scenario():
+        async with running_app(lipsync_settings) as client:
+            answers = [await client.post("/lipsync/generate", files={"video": video}, data=fields)
+                       for fields, _ in cases]
+            # A surrogate cannot be sent as UTF-8: its bytes (ED A0 80) are refused as what they are.
+            boundary = "xb0undary"
+            raw = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio_url\"\r\n\r\n".encode()
+                   + b"/artifacts/\xed\xa0\x80.wav" + f"\r\n--{boundary}--\r\n".encode())
+            answers.append(await client.post("/lipsync/generate", content=raw,
+                                             headers={"content-type": f"multipart/form-data; boundary={boundary}"}))
+            return answers
+
+    answers = run(scenario())
+    for (fields, words), resp in zip(cases + [({}, "audio_url is not valid UTF-8")], answers):
+        assert resp.status_code == 422, (fields, resp.status_code, resp.text)
+        assert words in resp.json()["error"], (words, resp.text)
+        assert "Traceback" not in resp.text
+
+
+def test_tiny_frames_and_two_faces_are_named_not_called_corrupt(lipsync_settings, tmp_path):
+    from skimage import data as skdata
+
+    import subprocess
+
+    from gpu_service.talking_head.video import encode_mp4, ffmpeg_exe
+
+    tiny = {}
+    for side in (1, 2):
+        path = tmp_path / f"v{side}.mp4"
+        subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+                        "-i", f"color=c=red:s={side}x{side}:d=1:r=25", "-c:v", "libx264", "-pix_fmt", "yuv444p",
+                        str(path)], check=True)
+        tiny[side] = path
+    astro = skdata.astronaut()
+    pair = np.ascontiguousarray(np.concatenate([astro, astro[:, ::-1]], axis=1))  # two full-size faces, 1024x512
+    (tmp_path / "pair.mp4").write_bytes(encode_mp4([pair] * 10, 25, (1024, 512))[0])
+    tone = tmp_path / "tone.wav"
+    t = np.arange(22050) / 22050
+    tone.write_bytes(_wav_bytes((0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 22050))
+
+    async def scenario():
+        async with running_app(lipsync_settings) as client:
+            return [await client.post("/lipsync/generate", **_files(path, tone, length_policy="trim"))
+                    for path in (tiny[1], tiny[2], tmp_path / "pair.mp4")]
+
+    one, two, pair_resp = run(scenario())
+    for resp, side in ((one, 1), (two, 2)):
+        assert resp.status_code == 422, resp.text
+        assert f"video is {side}x{side} pixels; lip-sync needs at least 64x64" in resp.json()["error"]
+    assert pair_resp.status_code == 422, pair_resp.text
+    assert "2 faces found" in pair_resp.json()["error"], pair_resp.text

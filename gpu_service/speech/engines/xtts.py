@@ -97,8 +97,11 @@ class XttsEngine:
 
     name = "xtts"
 
-    def __init__(self, model_dir: Path, latent_cache_size: int = 32, stream_chunk_tokens: int = 20) -> None:
+    def __init__(self, model_dir: Path, latent_cache_size: int = 32, stream_chunk_tokens: int = 20,
+                 model_dir_label: str = "$AVATAR_MODEL_DIR/xtts_v2") -> None:
         self.model_dir = Path(model_dir)
+        self.model_dir_label = model_dir_label
+        """How messages name model_dir: by its settings, never the server's own path (they reach clients)."""
         self.latent_cache_size = latent_cache_size
         self.stream_chunk_tokens = stream_chunk_tokens
         self._model: Any = None
@@ -115,18 +118,20 @@ class XttsEngine:
 
     # -- lifecycle -------------------------------------------------------------------------
     def _unavailable(self, message: str) -> EngineUnavailable:
-        self._reason = message
-        return EngineUnavailable(message)
+        self._reason = message.replace(str(self.model_dir), self.model_dir_label)
+        return EngineUnavailable(self._reason)
 
     def load(self, device: str) -> None:
         """Load XTTS-v2 from `model_dir` onto `device`; EngineUnavailable naming what is missing."""
         missing = missing_files(self.model_dir)
+        label = self.model_dir_label
         if missing:
+            log.info("xtts weights missing", extra={"model_dir": str(self.model_dir), "missing": ", ".join(missing)})
             raise self._unavailable(
-                f"XTTS-v2 weights not found: {', '.join(missing)} missing from {self.model_dir}. "
-                f"Put config.json, model.pth and vocab.json (and optionally {SPEAKERS_FILE} for built-in voices) "
-                "from the XTTS-v2 release (coqui/XTTS-v2, Coqui Public Model License, CPML) into that folder "
-                "(AVATAR_MODEL_DIR/xtts_v2), then restart the service. Nothing is downloaded automatically."
+                f"XTTS-v2 weights not found ({', '.join(missing)} missing): put the XTTS-v2 files in {label}/ "
+                "(config.json, model.pth, vocab.json) from the XTTS-v2 release (coqui/XTTS-v2, Coqui Public Model "
+                f"License, CPML), optionally with {SPEAKERS_FILE} for built-in voices, then restart the service. "
+                "Nothing is downloaded automatically."
             )
         try:
             import torch
@@ -149,13 +154,13 @@ class XttsEngine:
             if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
                 # The released model.pth pickles its config; coqui-tts rewrites it once as a plain dict.
                 raise self._unavailable(
-                    f"XTTS-v2 in {self.model_dir} needs a one-time rewrite of model.pth by coqui-tts but the folder "
-                    f"is read-only ({exc}); start once with it writable"
+                    f"XTTS-v2 in {label} needs a one-time rewrite of model.pth by coqui-tts but the folder "
+                    f"is read-only ({exc.strerror}); start once with it writable"
                 ) from exc
-            raise self._unavailable(f"XTTS-v2 files in {self.model_dir} could not be read ({exc})") from exc
+            raise self._unavailable(f"XTTS-v2 files in {label} could not be read ({exc.strerror or exc})") from exc
         except Exception as exc:
             raise self._unavailable(
-                f"XTTS-v2 files in {self.model_dir} could not be loaded ({type(exc).__name__}: {exc}); "
+                f"XTTS-v2 files in {label} could not be loaded ({type(exc).__name__}: {exc}); "
                 "replace them with an intact copy of the XTTS-v2 release"
             ) from exc
 

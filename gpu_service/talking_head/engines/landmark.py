@@ -54,8 +54,8 @@ class LandmarkTalkingHead:
     name = "landmark"
 
     def __init__(self, *, cache_dir: Path, cache_bytes: int, max_image_bytes: int, presets_dir: Path,
-                 preset: str = "veryfast", crf: int = 16, batch: int = 16) -> None:
-        self._avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes)
+                 max_image_pixels: int = 40_000_000, preset: str = "veryfast", crf: int = 16, batch: int = 16) -> None:
+        self._avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes, max_image_pixels)
         self.presets_dir = presets_dir
         self.x264_preset = preset
         self.crf = crf
@@ -91,9 +91,9 @@ class LandmarkTalkingHead:
         return self.renderer
 
     # -- avatars ---------------------------------------------------------------------------
-    def add_avatar(self, image: bytes, pick_largest: bool = False) -> AvatarRecord:
+    def add_avatar(self, image: bytes, pick_largest: bool = False, face_index: Optional[int] = None) -> AvatarRecord:
         """Encode a portrait once (or find it cached) and register it."""
-        return self._avatars.add(image, pick_largest=pick_largest)
+        return self._avatars.add(image, pick_largest=pick_largest, face_index=face_index)
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""
