@@ -9,6 +9,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from avatar_contracts.checks import CleanText, HttpUrl, SpeakableText
+
 RUNTIME_API_VERSION = "v1"
 """Path version of the public API; bumped on an incompatible change."""
 
@@ -24,15 +26,23 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(description="Text to speak; not empty, at most the runtime's MAX_TEXT_CHARS.")
-    language: str = Field(default="en", min_length=2, max_length=16, description="Language code, e.g. en.")
-    avatar_id: Optional[str] = Field(default=None, max_length=128, description="A preset or uploaded avatar.")
+    text: SpeakableText = Field(
+        max_length=1_000_000,
+        description="Text to speak, with at least one letter or digit; at most the runtime's MAX_TEXT_CHARS.",
+    )
+    language: CleanText = Field(default="en", min_length=2, max_length=16, description="Language code, e.g. en.")
+    avatar_id: Optional[CleanText] = Field(
+        default=None, max_length=128, description="A preset or uploaded avatar; the runtime's DEFAULT_AVATAR_ID when "
+        "neither this nor avatar_image is sent."
+    )
     avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
-    voice: Optional[str] = Field(default=None, max_length=128, description="Voice of the speech engine.")
-    engine: Optional[str] = Field(default=None, max_length=64, description="Speech engine (piper, xtts).")
+    voice: Optional[CleanText] = Field(default=None, max_length=128, description="Voice of the speech engine.")
+    engine: Optional[CleanText] = Field(default=None, max_length=64, description="Speech engine (piper, xtts).")
     speaker_wav: Optional[str] = Field(default=None, description="Base64 voice clip to clone (xtts).")
-    emotion: Optional[str] = Field(default=None, max_length=32, description="Facial emotion; neutral if absent.")
-    webhook_url: Optional[str] = Field(default=None, max_length=2048, description="Notified on success/failure.")
+    emotion: Optional[CleanText] = Field(
+        default=None, max_length=32, description="Facial emotion; neutral if absent."
+    )
+    webhook_url: Optional[HttpUrl] = Field(default=None, description="http(s) URL notified on success/failure.")
 
 
 class JobAccepted(BaseModel):
