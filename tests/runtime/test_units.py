@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from runtime.captions import align_words, spoken_words, to_webvtt
-from runtime.db import JobStore, request_hash
+from runtime.db import JobStore, key_fingerprint, request_hash
 from runtime.errors import Conflict, ValidationFailed
 from runtime.media import fit_audio
 from runtime.pipeline import speech_timeline
@@ -262,6 +262,36 @@ def test_release_requeues_and_fail_records_the_reason(tmp_path):
     row = store.get("b" * 32)
     assert row["status"] == "failed" and row["reason"] == "speech: 422 bad voice"
     assert store.unfinished() == []
+
+
+OLD_SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, request_hash TEXT NOT NULL, request_json TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed')),
+    chunks_done INTEGER NOT NULL DEFAULT 0, chunks_total INTEGER NOT NULL DEFAULT 0, detail TEXT, reason TEXT,
+    error_type TEXT, attempts INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_until REAL, result_json TEXT,
+    webhook_url TEXT, base_url TEXT, webhook_state TEXT, webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL
+);
+CREATE INDEX jobs_status ON jobs (status);
+INSERT INTO jobs (id, idempotency_key, request_hash, request_json, status, created_at, updated_at)
+    VALUES ('aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 'order-7', 'h', '{"text": "old"}', 'succeeded', 1, 1);
+"""
+
+
+def test_a_job_database_from_before_ownership_is_migrated_in_place(tmp_path):
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+    store = JobStore(path)
+    old = store.get("a" * 32)
+    assert old["request_json"] == '{"text": "old"}' and old["owner"] is None
+    # the old table-wide UNIQUE is gone: another API key may use the same idempotency key
+    row, created = store.create("b" * 32, {"text": "new"}, "order-7", owner=key_fingerprint("k1"))
+    assert created and row["owner"] == key_fingerprint("k1")
+    assert store.create("c" * 32, {"text": "new"}, "order-7", owner=key_fingerprint("k1")) == (row, False)
+    JobStore(path)  # opening a migrated file again changes nothing
+    assert store.counts() == {"succeeded": 1, "queued": 1}
 
 
 # -- the app in process (boundary validation; no GPU service is running) ------------------------
