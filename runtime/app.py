@@ -169,6 +169,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app = FastAPI(title="Avatar runtime", version="0.1.0", lifespan=lifespan,
                   responses={"4XX": _ERRORS, "5XX": _ERRORS})
     app.state.settings = settings
+    # set by `python -m runtime` to the server's exit flag: a sync request stops waiting once it is up
+    app.state.shutting_down = lambda: False
     app.openapi = lambda: _openapi(app, bool(keys))
 
     def caller(request: Request) -> Optional[str]:
@@ -274,9 +276,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             accepted = JobAccepted(task_id=row["id"], status=row["status"], status_url=status_url)
             return JSONResponse(accepted.model_dump(), status_code=202, headers=headers)
         deadline = time.monotonic() + settings.sync_timeout_s
+        stopping = request.app.state.shutting_down
         finished = rt.watch(row["id"])
         try:
-            while row["status"] not in TERMINAL and time.monotonic() < deadline:
+            while row["status"] not in TERMINAL and time.monotonic() < deadline and not stopping():
                 # woken at once when this process finishes it; the DB poll covers workers elsewhere (Redis)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(finished.wait(), timeout=min(0.5, max(0.01, deadline - time.monotonic())))
@@ -284,7 +287,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         finally:
             rt.unwatch(row["id"], finished)
         view = job_view(row, base_url(request))
-        if row["status"] not in TERMINAL:  # the sync wait ran out: hand over to polling
+        if row["status"] not in TERMINAL:  # the wait ran out or the server is stopping: hand over to polling
             body = {**view.model_dump(), "status_url": status_url}
             return JSONResponse(body, status_code=202, headers=headers)
         if row["status"] == "failed":

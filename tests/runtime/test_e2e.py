@@ -241,6 +241,31 @@ def test_runtime_killed_with_a_queued_job_finishes_it_after_restart(gpu, avatar,
     assert [p.name for p in outputs] == ["video.mp4"]
 
 
+def test_a_sync_request_waiting_on_a_job_does_not_hold_shutdown(tmp_path):
+    # the GPU service is down, so the job only retries; the sync request would wait SYNC_TIMEOUT_S
+    proc = runtime_proc(tmp_path, f"http://127.0.0.1:{_closed_port()}", SYNC_TIMEOUT_S="120").start()
+    answers: list = []
+
+    def submit() -> None:
+        with client(proc.url) as http:
+            answers.append(http.post("/api/v1/generate", json={"text": SHORT, "avatar_id": "astronaut"}))
+
+    waiting = threading.Thread(target=submit)
+    waiting.start()
+    with client(proc.url) as http:
+        deadline = time.monotonic() + 20
+        while not http.get("/health").json()["jobs"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    time.sleep(1.0)  # the job exists: the request is inside its wait
+    started = time.monotonic()
+    proc.kill(signal.SIGTERM)  # waits for the exit (SIGKILL after 15 s)
+    stopped_in = time.monotonic() - started
+    waiting.join(10)
+    assert stopped_in < 8, f"shutdown took {stopped_in:.1f} s"
+    assert answers and answers[0].status_code == 202, answers
+    assert answers[0].json()["status_url"].endswith(answers[0].json()["task_id"])
+
+
 def _closed_port() -> int:
     from tests.helpers import free_port
 
