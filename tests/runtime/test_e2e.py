@@ -109,6 +109,37 @@ def test_async_long_text_is_chunked_with_visible_progress_and_joined(runtime, av
         assert all(c["start_s"] in starts for c in chunks)
 
 
+def test_chunks_pass_their_speech_by_audio_url_and_speech_runs_ahead_of_video(gpu, avatar, tmp_path):
+    from runtime import pipeline
+    from runtime.gpu_client import GPUClient
+    from runtime.settings import Settings
+
+    settings = Settings(gpu_service_url=gpu.url, data_dir=tmp_path, chunk_chars=120)
+    client = GPUClient(settings)
+    calls: list[dict] = []
+
+    def sent(request: httpx.Request) -> None:
+        calls.append({"path": request.url.path, "start": time.perf_counter(), "end": None,
+                      "body": json.loads(request.content) if request.url.path == "/video/generate" else None})
+
+    def answered(response: httpx.Response) -> None:
+        call = next(c for c in reversed(calls) if c["path"] == response.request.url.path and c["end"] is None)
+        call["end"] = time.perf_counter()
+
+    client._http.event_hooks = {"request": [sent], "response": [answered]}
+    try:
+        result = pipeline.run(client, settings, uuid.uuid4().hex, {"text": LONG, **avatar}, lambda *_: None)
+    finally:
+        client.close()
+    speech = [c for c in calls if c["path"] == "/tts/generate"]
+    videos = [c for c in calls if c["path"] == "/video/generate"]
+    assert len(speech) == len(videos) == result["chunks"] >= 3
+    # the speech stays on the GPU service: each video names it, nothing is uploaded back
+    assert all(v["body"].get("audio_url") and "audio" not in v["body"] for v in videos)
+    # the next chunk's speech is asked for before this chunk's video is done
+    assert all(s["start"] < v["end"] for s, v in zip(speech[1:], videos))
+
+
 def test_idempotency_key_under_20_concurrent_identical_submits(runtime, avatar):
     key = f"idem-{uuid.uuid4().hex}"
     body = {"text": "Only one job is made for one key.", **avatar}
