@@ -160,6 +160,8 @@ def test_webhook_allow_list_and_schemes():
     check_target("http://127.0.0.1:9/hook", allowed)
     with pytest.raises(ValidationFailed, match="http"):
         check_target("ftp://example.com/x", allowed)
+    with pytest.raises(ValidationFailed, match="not a valid URL"):  # checked again at delivery: never a crash
+        check_target("http://[::1", allowed)
     with pytest.raises(ValidationFailed, match="WEBHOOK_SECRET"):
         check_target("http://127.0.0.1:9/hook", Settings(webhook_allow_private=True))
 
