@@ -93,10 +93,14 @@ def _refuse(problem_of):
     return AfterValidator(validate)
 
 
-CleanText = Annotated[str, _refuse(lambda v: text_problem(v, speakable=False))]
+# The control-character rule in the published schema (ECMA-262 regex), for clients and generated tests;
+# the validators above enforce it (and the rest) with messages that say what is wrong.
+_NO_CONTROLS = Field(json_schema_extra={"pattern": "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"})
+
+CleanText = Annotated[str, _NO_CONTROLS, _refuse(lambda v: text_problem(v, speakable=False))]
 """Any text without control characters (line breaks and tabs aside) or lone surrogates."""
 
-SpeakableText = Annotated[str, _refuse(lambda v: text_problem(v, speakable=True))]
+SpeakableText = Annotated[str, _NO_CONTROLS, _refuse(lambda v: text_problem(v, speakable=True))]
 """CleanText with at least one letter or digit: something an engine can say."""
 
 HttpUrl = Annotated[str, Field(max_length=2048), _refuse(lambda v: url_problem(v, require_host=True))]
