@@ -43,11 +43,14 @@ def text_problem(value: str, *, speakable: bool) -> Optional[str]:
     return None
 
 
-def check_text(value: str, field: str, *, speakable: bool = True) -> str:
-    """`value` itself, or ValidationFailed naming `field` and the problem (see text_problem)."""
-    problem = text_problem(value, speakable=speakable)
+def _refuse_field(field: str, problem: Optional[str]) -> None:
     if problem:
         raise ValidationFailed(f"{field} {problem}")
+
+
+def check_text(value: str, field: str, *, speakable: bool = True) -> str:
+    """`value` itself, or ValidationFailed naming `field` and the problem (see text_problem)."""
+    _refuse_field(field, text_problem(value, speakable=speakable))
     return value
 
 
@@ -75,9 +78,7 @@ def url_problem(value: str, *, require_host: bool) -> Optional[str]:
 
 def parse_url(value: str, field: str, *, require_host: bool = False) -> SplitResult:
     """The parts of an acceptable URL (see url_problem), or ValidationFailed naming `field`."""
-    problem = url_problem(value, require_host=require_host)
-    if problem:
-        raise ValidationFailed(f"{field} {problem}")
+    _refuse_field(field, url_problem(value, require_host=require_host))
     return urlsplit(value.strip())
 
 

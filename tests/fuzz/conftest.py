@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -12,28 +15,30 @@ from tests.helpers import free_port, service_process
 FUZZ_KEY = "fuzz-key-0123456789"
 
 
-@pytest.fixture(scope="session")
-def fuzz_gpu_url(tmp_path_factory) -> str:
-    """A GPU service with Piper only; short texts keep each accepted speech request quick."""
-    tmp = tmp_path_factory.mktemp("fuzz_gpu")
+@contextlib.contextmanager
+def _serve(module: str, tmp: Path, **env: str) -> Iterator[str]:
+    """`python -m module` on a free port with `env`, until the block ends; yields its URL."""
     port = free_port()
-    env = {"HOST": "127.0.0.1", "PORT": str(port), "DATA_DIR": str(tmp / "data"), "TTS_ENGINES": "piper",
-           "DEVICE": "cpu", "MAX_TEXT_CHARS": "120", "LOG_LEVEL": "warning"}
     url = f"http://127.0.0.1:{port}"
-    with service_process([sys.executable, "-m", "gpu_service"], env, f"{url}/ready", tmp / "gpu.log"):
+    env = {"HOST": "127.0.0.1", "PORT": str(port), "DATA_DIR": str(tmp / "data"), "LOG_LEVEL": "warning", **env}
+    with service_process([sys.executable, "-m", module], env, f"{url}/ready", tmp / f"{module}.log"):
         yield url
 
 
 @pytest.fixture(scope="session")
-def fuzz_runtime_url(fuzz_gpu_url, tmp_path_factory) -> str:
+def fuzz_gpu_url(tmp_path_factory) -> Iterator[str]:
+    """A GPU service with Piper only; short texts keep each accepted speech request quick."""
+    with _serve("gpu_service", tmp_path_factory.mktemp("fuzz_gpu"), TTS_ENGINES="piper", DEVICE="cpu",
+                MAX_TEXT_CHARS="120") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def fuzz_runtime_url(fuzz_gpu_url, tmp_path_factory) -> Iterator[str]:
     """A runtime with API keys on, in front of the fuzz GPU service; a sync submit waits at most 1 s."""
-    tmp = tmp_path_factory.mktemp("fuzz_runtime")
-    port = free_port()
-    env = {"HOST": "127.0.0.1", "PORT": str(port), "GPU_SERVICE_URL": fuzz_gpu_url, "DATA_DIR": str(tmp / "data"),
-           "RUNTIME_API_KEYS": FUZZ_KEY, "REDIS_URL": "", "SYNC_TIMEOUT_S": "1", "MAX_TEXT_CHARS": "120",
-           "WORKER_THREADS": "1", "JOB_MAX_RETRIES": "0", "LOG_LEVEL": "warning"}
-    url = f"http://127.0.0.1:{port}"
-    with service_process([sys.executable, "-m", "runtime"], env, f"{url}/ready", tmp / "runtime.log"):
+    with _serve("runtime", tmp_path_factory.mktemp("fuzz_runtime"), GPU_SERVICE_URL=fuzz_gpu_url,
+                RUNTIME_API_KEYS=FUZZ_KEY, REDIS_URL="", SYNC_TIMEOUT_S="1", MAX_TEXT_CHARS="120",
+                WORKER_THREADS="1", JOB_MAX_RETRIES="0") as url:
         yield url
 
 
