@@ -43,11 +43,14 @@ def text_problem(value: str, *, speakable: bool) -> Optional[str]:
     return None
 
 
-def check_text(value: str, field: str, *, speakable: bool = True) -> str:
-    """`value` itself, or ValidationFailed naming `field` and the problem (see text_problem)."""
-    problem = text_problem(value, speakable=speakable)
+def _refuse_field(field: str, problem: Optional[str]) -> None:
     if problem:
         raise ValidationFailed(f"{field} {problem}")
+
+
+def check_text(value: str, field: str, *, speakable: bool = True) -> str:
+    """`value` itself, or ValidationFailed naming `field` and the problem (see text_problem)."""
+    _refuse_field(field, text_problem(value, speakable=speakable))
     return value
 
 
@@ -75,9 +78,7 @@ def url_problem(value: str, *, require_host: bool) -> Optional[str]:
 
 def parse_url(value: str, field: str, *, require_host: bool = False) -> SplitResult:
     """The parts of an acceptable URL (see url_problem), or ValidationFailed naming `field`."""
-    problem = url_problem(value, require_host=require_host)
-    if problem:
-        raise ValidationFailed(f"{field} {problem}")
+    _refuse_field(field, url_problem(value, require_host=require_host))
     return urlsplit(value.strip())
 
 
@@ -93,10 +94,14 @@ def _refuse(problem_of):
     return AfterValidator(validate)
 
 
-CleanText = Annotated[str, _refuse(lambda v: text_problem(v, speakable=False))]
+# The control-character rule in the published schema (ECMA-262 regex), for clients and generated tests;
+# the validators above enforce it (and the rest) with messages that say what is wrong.
+_NO_CONTROLS = Field(json_schema_extra={"pattern": "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"})
+
+CleanText = Annotated[str, _NO_CONTROLS, _refuse(lambda v: text_problem(v, speakable=False))]
 """Any text without control characters (line breaks and tabs aside) or lone surrogates."""
 
-SpeakableText = Annotated[str, _refuse(lambda v: text_problem(v, speakable=True))]
+SpeakableText = Annotated[str, _NO_CONTROLS, _refuse(lambda v: text_problem(v, speakable=True))]
 """CleanText with at least one letter or digit: something an engine can say."""
 
 HttpUrl = Annotated[str, Field(max_length=2048), _refuse(lambda v: url_problem(v, require_host=True))]

@@ -7,6 +7,7 @@ HTTP lives on the classes, so a handler needs only `status_code`, `error_type` a
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Optional
 
@@ -58,6 +59,16 @@ class UnsupportedMediaType(ServiceError):
 
     status_code = 415
     error_type = "unsupported_media_type"
+
+
+# An absolute path of two or more folders (POSIX or Windows), as exception texts carry them; URLs do not
+# match, as their paths follow a host, not a space or a quote.
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"():,;]+/){2,}([^\s/'\"():,;]*)|\b[A-Za-z]:\\(?:[^\s\\'\"]+\\)+([^\s\\'\"]*)")
+
+
+def redact_paths(text: str) -> str:
+    """`text` with server file paths cut to their last part (…/name): a message for clients must not map the disk."""
+    return _SERVER_PATH.sub(lambda m: "…/" + (m.group(1) if m.group(1) is not None else m.group(2) or ""), text)
 
 
 def error_response(

@@ -5,7 +5,7 @@ Pure pydantic, like the GPU service's contracts, so clients and the evaluator ca
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,7 +18,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed"]
 
 
 class GenerateRequest(BaseModel):
-    """Body of ``POST /api/v1/generate``: exactly one of avatar_id / avatar_image.
+    """Body of ``POST /api/v1/generate``: at most one of avatar_id / avatar_image.
 
     Unknown fields are rejected (422 naming the field) rather than ignored, so a typo such as
     ``avatar`` for ``avatar_id`` is caught at the boundary instead of silently using a default.
@@ -84,3 +84,29 @@ class WebhookEvent(BaseModel):
     event: Literal["job.succeeded", "job.failed"]
     timestamp: int
     job: JobResult
+
+
+class GPUServiceStatus(BaseModel):
+    """What the runtime knows of its GPU service (detailed /health only)."""
+
+    url: str
+    reachable: bool
+    health: Optional[dict[str, Any]] = Field(default=None, description="The GPU service's own /health body.")
+
+
+class RuntimeHealth(BaseModel):
+    """Body of ``GET /health``. While API keys are set, a caller without one gets only ``status``."""
+
+    status: Literal["healthy", "degraded"] = Field(description="degraded: the GPU service does not answer.")
+    broker: Optional[Literal["redis", "stub"]] = None
+    worker: Optional[bool] = Field(default=None, description="Whether this process runs job workers.")
+    jobs: Optional[dict[str, int]] = Field(default=None, description="How many jobs are in each status.")
+    gpu_service: Optional[GPUServiceStatus] = None
+
+
+class RuntimeReady(BaseModel):
+    """Body of ``GET /ready`` (200 ready, 503 not)."""
+
+    ready: bool
+    gpu_service_ready: bool
+    problems: list[str] = Field(default_factory=list)
