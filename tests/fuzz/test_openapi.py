@@ -93,13 +93,10 @@ def test_runtime(fuzz_runtime_url, anchors, label):
     fuzz(fuzz_runtime_url, label, anchors, headers={"X-API-Key": FUZZ_KEY})
 
 
-# -- found by fuzzing outside the documented schema (the lip-sync form is not in the OpenAPI document) --
+# -- found by fuzzing outside the documented schema (the lip-sync form is not in the OpenAPI document);
+# fixed in gpu_service/lipsync/service.py, which parses the field with avatar_contracts.checks.parse_url --
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GPU service bug: POST /lipsync/generate with the form field audio_url='http://[::1' answers 500 "
-    "(urlparse raises ValueError in ArtifactStore.audio_url_path); gpu_service/lipsync/service.py should "
-    "check the field with avatar_contracts.checks.parse_url first"))
 def test_lipsync_refuses_an_audio_url_that_does_not_parse(fuzz_gpu_url):
     resp = httpx.post(f"{fuzz_gpu_url}/lipsync/generate", timeout=60,
                       files={"video": ("clip.mp4", b"\x00" * 64, "video/mp4")}, data={"audio_url": "http://[::1"})
