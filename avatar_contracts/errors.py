@@ -6,13 +6,12 @@ HTTP lives on the classes, so a handler needs only `status_code`, `error_type` a
 
 from __future__ import annotations
 
-import logging
 import re
 import uuid
 from typing import Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 
 class ServiceError(Exception):
@@ -81,15 +80,3 @@ def error_response(
         status_code=status,
         headers={**(headers or {}), "X-Request-ID": rid},
     )
-
-
-async def guarded_call(request: Request, call_next, log: logging.Logger) -> Response:
-    """Run the rest of the app for a middleware: an unhandled error becomes a 500 with the request id, never a trace."""
-    rid = request.state.request_id
-    try:
-        response = await call_next(request)
-    except Exception:  # the last line of defence
-        log.exception("unhandled error", extra={"request_id": rid, "path": request.url.path})
-        return error_response(request, 500, "internal_error", f"unexpected server error; quote request id {rid}")
-    response.headers["X-Request-ID"] = rid
-    return response

@@ -7,34 +7,16 @@ import contextlib
 import logging
 from typing import Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
-from avatar_contracts.errors import error_response
+from avatar_contracts.http import RequestContext, install_error_handlers
 from avatar_contracts.logs import setup_logging
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.device import resolve_device
 from gpu_service.registry import EngineRegistry
-from gpu_service.errors import GenerationFailed, ServiceError
-from gpu_service.middleware import RequestContext
 from gpu_service.settings import Settings, get_settings
 
 log = logging.getLogger("gpu_service")
-
-
-def _describe_validation(exc: RequestValidationError) -> str:
-    """One readable line per problem, naming the field."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        if err.get("type") == "json_invalid":
-            parts.append(f"body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
-        elif err.get("type") == "extra_forbidden":
-            parts.append(f"unknown field {loc!r}")
-        else:
-            parts.append(f"{loc}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request"
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
@@ -70,22 +52,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             return max(settings.max_request_bytes, settings.lipsync.max_request_bytes)
         return settings.max_request_bytes
 
-    app.add_middleware(RequestContext, limit_for=body_limit)
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
-        if exc.status_code >= 500 or isinstance(exc, GenerationFailed):
-            log.error("request failed", extra={"error_type": exc.error_type, "why": exc.message,
-                                               "status": exc.status_code, "request_id": request.state.request_id})
-        return error_response(request, exc.status_code, exc.error_type, settings.redact_paths(exc.message), exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return error_response(request, 422, "validation_error", _describe_validation(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(request, exc.status_code, "http_error", str(exc.detail))
+    app.add_middleware(RequestContext, limit_for=body_limit, log=log)
+    install_error_handlers(app, log, redact=settings.redact_paths)
 
     from gpu_service import health, http
     from gpu_service.lipsync import router as lipsync

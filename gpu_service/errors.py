@@ -48,6 +48,9 @@ class GenerationFailed(ServiceError):
     client must not retry it as it retries a 5xx (the runtime fails the job at once).
     """
 
+    logged = True
+    """Logged with the request id like a 5xx: the service could not do what it should have."""
+
     status_code = 424
     error_type = "generation_failed"
 

@@ -18,13 +18,11 @@ import uuid
 from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from avatar_contracts.errors import error_response, guarded_call
+from avatar_contracts.http import RequestContext, describe_validation, install_error_handlers
 from avatar_contracts.gpu import EMOTIONS, ErrorResponse
 from avatar_contracts.logs import setup_logging
 from avatar_contracts.media import check_image_header, decode_base64
@@ -53,15 +51,9 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 def _describe(exc: ValidationError) -> tuple[str, list[str]]:
     """One readable clause per problem, naming the field; and the unknown fields."""
-    parts, unknown = [], []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "body"
-        if err.get("type") == "extra_forbidden":
-            unknown.append(loc)
-            parts.append(f"unknown field {loc!r}")
-        else:
-            parts.append(f"{loc}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request", unknown
+    errors = exc.errors()
+    unknown = [".".join(str(x) for x in e.get("loc", ())) for e in errors if e.get("type") == "extra_forbidden"]
+    return describe_validation(errors), unknown
 
 
 def parse_request(raw: bytes, request_id: str) -> GenerateRequest:
@@ -183,37 +175,16 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         valid = any(hmac.compare_digest(supplied.encode(), k) for k in keys.values())
         return fingerprint if valid else None
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = rid
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return error_response(request, 413, "payload_too_large",
-                                  f"request body is {int(length)} bytes; the limit is {settings.max_request_bytes}")
+    def gate(request: Request) -> Optional[ServiceError]:
+        """Record who is calling (the key's fingerprint); the API itself needs a valid key when keys are set."""
         request.state.owner = caller(request) if keys else None
         if keys and request.state.owner is None and request.url.path.startswith("/api/"):
-            exc = Unauthorized("a valid API key is required (X-API-Key or Authorization: Bearer)")
-            return error_response(request, exc.status_code, exc.error_type, exc.message, {"WWW-Authenticate": "Bearer"})
-        return await guarded_call(request, call_next, log)
+            return Unauthorized("a valid API key is required (X-API-Key or Authorization: Bearer)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return None
 
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
-        return error_response(request, exc.status_code, exc.error_type, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return error_response(request, 422, "validation_error", _describe(exc)[0])
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(request, exc.status_code, "http_error", str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        rid = getattr(request.state, "request_id", "")
-        log.exception("unhandled error", extra={"request_id": rid, "path": request.url.path})
-        return error_response(request, 500, "internal_error", f"unexpected server error; quote request id {rid}")
+    app.add_middleware(RequestContext, limit_for=lambda path: settings.max_request_bytes, log=log, gate=gate)
+    install_error_handlers(app, log)
 
     def base_url(request: Request) -> str:
         return (settings.public_url or str(request.base_url)).rstrip("/")

@@ -1,4 +1,4 @@
-"""Media assembly with the bundled ffmpeg: joining chunks, muxing, thumbnails, probing.
+"""Media assembly with the bundled ffmpeg: joining chunks, muxing, thumbnails; probing with PyAV.
 
 Audio is joined as PCM (each chunk padded or trimmed to its video chunk's exact length) and
 encoded to AAC once, so chunk boundaries have no encoder gap or click and the audio track is
@@ -9,16 +9,18 @@ ffmpeg run as the audio.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
+import av
 import numpy as np
 import soundfile as sf
+
+from avatar_contracts.probe import MediaInfo, count_video_frames, decoded_duration
+from avatar_contracts.probe import probe as _probe
 
 FADE_S = 0.004
 """Short fade at each chunk edge: a sample step at a boundary is an audible click."""
@@ -49,59 +51,25 @@ def run_ffmpeg(args: Sequence[str], timeout_s: float = 600.0) -> str:
     return proc.stderr
 
 
-@dataclass
-class Probe:
-    """What `ffmpeg -i` says about a file."""
-
-    duration_s: Optional[float]
-    video_codec: Optional[str]
-    audio_codec: Optional[str]
-    fps: Optional[float]
-    width: Optional[int]
-    height: Optional[int]
-
-
-def probe(path: Path) -> Probe:
-    """Container duration, codecs, frame rate and size, parsed from `ffmpeg -i`."""
-    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True, timeout=60)
-    text = proc.stderr
-    dur = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", text)
-    duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else None
-    video = re.search(r"Stream #\S+.*?: Video: (\w+).*?, (\d{2,5})x(\d{2,5})", text)
-    audio = re.search(r"Stream #\S+.*?: Audio: (\w+)", text)
-    fps = re.search(r"(\d+(?:\.\d+)?) fps", text)
-    return Probe(
-        duration_s=duration,
-        video_codec=video.group(1) if video else None,
-        audio_codec=audio.group(1) if audio else None,
-        fps=float(fps.group(1)) if fps else None,
-        width=int(video.group(2)) if video else None,
-        height=int(video.group(3)) if video else None,
-    )
+def probe(path: Path) -> MediaInfo:
+    """Container duration, codecs, frame rate and size of a file (PyAV, in process)."""
+    return _probe(path)
 
 
 def stream_duration(path: Path, kind: str) -> float:
     """Decoded duration in seconds of the first video ('v') or audio ('a') stream."""
-    err = run_ffmpeg(["-i", str(path), "-map", f"0:{kind}:0", "-f", "null", "-"])
-    if kind == "v":
-        frames = re.findall(r"frame=\s*(\d+)", err)
-        rate = probe(path).fps
-        if frames and rate:
-            return int(frames[-1]) / rate
-    times = re.findall(r"time=(\d+):(\d+):(\d+(?:\.\d+)?)", err)
-    if not times:
-        raise MediaError(f"cannot measure the {kind} stream of {path.name}")
-    h, m, s = times[-1]
-    return int(h) * 3600 + int(m) * 60 + float(s)
+    try:
+        return decoded_duration(path, kind)
+    except (IndexError, ZeroDivisionError, av.FFmpegError) as exc:
+        raise MediaError(f"cannot measure the {kind} stream of {path.name}: {exc}") from exc
 
 
 def count_frames(path: Path) -> int:
-    """Frames of the first video stream (decoded, so exact)."""
-    err = run_ffmpeg(["-i", str(path), "-map", "0:v:0", "-f", "null", "-"])
-    frames = re.findall(r"frame=\s*(\d+)", err)
+    """Frames of the first video stream."""
+    frames = count_video_frames(path)
     if not frames:
         raise MediaError(f"no video frames in {path.name}")
-    return int(frames[-1])
+    return frames
 
 
 def fit_audio(audio: np.ndarray, sample_rate: int, seconds: float) -> np.ndarray:

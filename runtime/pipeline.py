@@ -32,7 +32,7 @@ from runtime.captions import Word, align_words, to_webvtt
 from runtime.errors import GPUServiceError
 from runtime.gpu_client import GPUClient
 from runtime.settings import Settings
-from runtime.text import chunk_text
+from avatar_contracts.text import chunk_text
 
 log = logging.getLogger("runtime.pipeline")
 

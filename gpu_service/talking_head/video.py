@@ -79,26 +79,6 @@ def encode_mp4(
     return data, facts
 
 
-def probe_mp4(data: bytes) -> dict:
-    """Streams of an MP4 as ffmpeg reports them (codec names, pixel format, duration) - for tests and checks."""
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-        f.write(data)
-        f.flush()
-        res = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", f.name], capture_output=True, text=True)
-    text = res.stderr
-    info: dict = {"video": None, "audio": None, "duration_s": None, "text": text}
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("Duration:"):
-            hh, mm, ss = line.split(",")[0].split()[1].split(":")
-            info["duration_s"] = int(hh) * 3600 + int(mm) * 60 + float(ss)
-        elif "Video:" in line:
-            info["video"] = line.split("Video:")[1].strip()
-        elif "Audio:" in line:
-            info["audio"] = line.split("Audio:")[1].strip()
-    return info
-
-
 def read_frames(data: bytes, size: tuple[int, int]) -> np.ndarray:
     """Decode an MP4's frames to (T, H, W, 3) uint8 RGB (for tests and the contact sheet)."""
     width, height = size

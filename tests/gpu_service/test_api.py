@@ -237,7 +237,11 @@ def test_failures_that_will_recur_are_424_generation_failed(gpu_settings, monkey
 
 
 def test_slow_file_and_decoding_work_leaves_the_event_loop_free(gpu_settings, monkeypatch):
-    """Writing artifacts and decoding uploads run in threads: /health answers while they are slow."""
+    """Writing artifacts and decoding uploads run in threads: /health is answered while they are slow.
+
+    Not a timing threshold: the slow calls record when they sleep, and some /health answer must
+    arrive inside that window. A call made on the event loop would block every answer until it returns.
+    """
     import time as _time
 
     import cv2
@@ -246,38 +250,45 @@ def test_slow_file_and_decoding_work_leaves_the_event_loop_free(gpu_settings, mo
     from gpu_service import artifacts as artifacts_module
     from gpu_service.talking_head import service as talking_head_service
 
-    def slow(fn):
+    windows: dict[str, list[tuple[float, float]]] = {"put": [], "decode": []}
+
+    def slow(name, fn):
         def wrapper(*args, **kwargs):
-            _time.sleep(1.0)  # a slow disk, a long clip
+            started = _time.monotonic()
+            _time.sleep(1.5)  # a slow disk, a long clip
+            windows[name].append((started, _time.monotonic()))
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(artifacts_module.ArtifactStore, "put", slow(artifacts_module.ArtifactStore.put))
-    monkeypatch.setattr(talking_head_service, "decode_audio", slow(talking_head_service.decode_audio))
+    monkeypatch.setattr(artifacts_module.ArtifactStore, "put", slow("put", artifacts_module.ArtifactStore.put))
+    monkeypatch.setattr(talking_head_service, "decode_audio", slow("decode", talking_head_service.decode_audio))
     portrait = base64.b64encode(cv2.imencode(".png", np.ascontiguousarray(data.astronaut()[..., ::-1]))[1]).decode()
 
-    async def slowest_health(client, work) -> float:
-        """The longest /health round (answer, then a 50 ms pause) while `work` runs, less the pause."""
+    async def health_times(client, work) -> tuple[list[float], object]:
+        """When each /health answer arrived while `work` ran."""
         task = asyncio.ensure_future(work)
-        worst = 0.0
+        answered = []
         while not task.done():
-            started = _time.perf_counter()
             assert (await client.get("/health")).status_code == 200
+            answered.append(_time.monotonic())
             await asyncio.sleep(0.05)
-            worst = max(worst, _time.perf_counter() - started - 0.05)
-        return worst, await task
+        return answered, await task
+
+    def answered_inside(times: list[float], name: str) -> bool:
+        return any(start + 0.2 < t < end - 0.2 for start, end in windows[name] for t in times)
 
     async def scenario():
         async with running_app(gpu_settings) as client:
-            put_wait, tts = await slowest_health(client, client.post("/tts/generate", json={"text": "Saved slowly."}))
+            put_times, tts = await health_times(client, client.post("/tts/generate", json={"text": "Saved slowly."}))
             body = {"avatar_image": portrait, "audio": _b64_wav(1.0), "response": "json"}
-            decode_wait, video = await slowest_health(client, client.post("/video/generate", json=body))
-            return tts, put_wait, video, decode_wait
+            decode_times, video = await health_times(client, client.post("/video/generate", json=body))
+            return tts, put_times, video, decode_times
 
-    tts, put_wait, video, decode_wait = run(scenario())
+    tts, put_times, video, decode_times = run(scenario())
     assert tts.status_code == 200 and video.status_code == 200, (tts.text, video.text)
-    assert put_wait < 0.5, f"/health waited {put_wait:.2f} s behind an artifact write"
-    assert decode_wait < 0.5, f"/health waited {decode_wait:.2f} s behind an audio decode or an artifact write"
+    assert windows["put"] and windows["decode"], windows
+    assert answered_inside(put_times, "put"), "no /health answer while an artifact was being written"
+    assert answered_inside(decode_times, "decode"), "no /health answer while an upload was being decoded"
 
 
 def test_a_stream_that_fails_midway_is_aborted_not_ended_cleanly(gpu_settings, monkeypatch):

@@ -16,7 +16,8 @@ pytest.importorskip("TTS", reason="coqui-tts (the `xtts` extra) is not installed
 
 from gpu_service.audio import wav_bytes  # noqa: E402
 from gpu_service.speech.protocol import SpeechEngine, SpeechRequest  # noqa: E402
-from gpu_service.speech.engines.xtts import LANGUAGES, OUTPUT_SAMPLE_RATE, XttsEngine, split_text  # noqa: E402
+from avatar_contracts.text import split_bounded as split_text  # noqa: E402
+from gpu_service.speech.engines.xtts import LANGUAGES, OUTPUT_SAMPLE_RATE, XttsEngine  # noqa: E402
 from gpu_service.errors import EngineUnavailable, ValidationFailed  # noqa: E402
 from tests.gpu_service.xtts_fixture import TINY_MODEL_DIM, build_tiny_xtts, link_model  # noqa: E402
 

@@ -13,7 +13,8 @@ import soundfile as sf
 
 from evaluator.metrics.face import measure_frames, read_video
 from evaluator.metrics.sync import av_offset, lip_audio_correlation, speech_envelope
-from gpu_service.talking_head.video import probe_mp4, read_frames
+from avatar_contracts.probe import probe
+from gpu_service.talking_head.video import read_frames
 from tests.conftest import running_app
 from tests.lipsync.conftest import BLANK_FRAMES
 
@@ -58,10 +59,10 @@ def test_revoiced_mouth_follows_the_new_speech(lipsync_settings, media, tmp_path
     assert resp.headers["X-Length-Policy"] == "pingpong"
     out = tmp_path / "out.mp4"
     out.write_bytes(resp.content)
-    info = probe_mp4(resp.content)
-    assert info["video"].startswith("h264") and "yuv420p" in info["video"] and "320x320" in info["video"]
-    assert info["audio"].startswith("aac")
-    assert info["duration_s"] == pytest.approx(dur_b, abs=0.08)
+    info = probe(resp.content)
+    assert (info.video_codec, info.pix_fmt, info.width, info.height) == ("h264", "yuv420p", 320, 320)
+    assert info.audio_codec == "aac"
+    assert info.duration_s == pytest.approx(dur_b, abs=0.08)
     assert resp.content.find(b"moov") < resp.content.find(b"mdat")  # faststart
 
     frames, fps, _ = read_video(str(out), with_audio=False)

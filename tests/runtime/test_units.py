@@ -18,7 +18,7 @@ from runtime.errors import Conflict, ValidationFailed
 from runtime.media import fit_audio
 from runtime.pipeline import speech_timeline
 from runtime.settings import Settings
-from runtime.text import chunk_text, split_sentences
+from avatar_contracts.text import chunk_text, split_sentences
 from runtime.webhooks import check_target, sign, verify
 
 

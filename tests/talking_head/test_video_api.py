@@ -12,7 +12,8 @@ import pytest
 import soundfile as sf
 from skimage import data
 
-from gpu_service.talking_head.video import probe_mp4, read_frames
+from avatar_contracts.probe import probe
+from gpu_service.talking_head.video import read_frames
 from tests.conftest import running_app
 
 
@@ -59,10 +60,10 @@ def test_presets_speech_to_mp4_and_json(video_settings):
                                                               "phonemes": tts["phonemes"], "head_motion": False})
             assert resp.status_code == 200, resp.text
             assert resp.headers["content-type"] == "video/mp4"
-            info = probe_mp4(resp.content)
-            assert "h264" in info["video"] and "yuv420p" in info["video"] and "512x512" in info["video"]
-            assert "aac" in info["audio"]
-            assert info["duration_s"] == pytest.approx(tts["duration_s"], abs=0.05)
+            info = probe(resp.content)
+            assert (info.video_codec, info.pix_fmt, info.width, info.height) == ("h264", "yuv420p", 512, 512)
+            assert info.audio_codec == "aac"
+            assert info.duration_s == pytest.approx(tts["duration_s"], abs=0.05)
             assert int(resp.headers["X-Frames"]) == round(tts["duration_s"] * 25)
             assert resp.content[:64].find(b"ftyp") >= 0 and resp.content.find(b"moov") < resp.content.find(b"mdat")
             frames = read_frames(resp.content, (512, 512))
@@ -80,7 +81,7 @@ def test_presets_speech_to_mp4_and_json(video_settings):
             assert body["avatar_id"].startswith("img_") and body["timings_ms"]["total"] > 0
             video = await client.get(body["video_url"])
             assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
-            assert probe_mp4(video.content)["audio"] is None
+            assert probe(video.content).audio_codec is None
 
             # Upload, list, use, delete.
             up = await client.post("/avatars", files={"image": ("cam.png", png(cam), "image/png")})

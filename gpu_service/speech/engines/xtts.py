@@ -11,7 +11,6 @@ import errno
 import hashlib
 import importlib.util
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +19,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from avatar_contracts.text import split_bounded
 from gpu_service.engine import CacheStats, EngineHealth
 from gpu_service.errors import EngineUnavailable, GenerationFailed, ValidationFailed
 from gpu_service.speech.protocol import SpeechChunk, SpeechRequest, SpeechResult
@@ -37,8 +37,6 @@ _COND_SAMPLE_RATE = 22050  # the rate XTTS computes its conditioning at
 # Languages whose text front end needs a package coqui-tts does not install by itself.
 _LANGUAGE_PACKAGES = {"ja": ("cutlet", "coqui-tts[ja]"), "zh-cn": ("pypinyin", "pypinyin")}
 
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?。！？؟।])\s*")
-_CLAUSE_SPLIT = re.compile(r"(?<=[,;:，、；：])\s*")
 
 
 def missing_files(model_dir: Path) -> list[str]:
@@ -51,37 +49,6 @@ def clip_key(audio: np.ndarray, sample_rate: int) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
     digest.update(str(int(sample_rate)).encode())
     return digest.hexdigest()
-
-
-def split_text(text: str, limit: int) -> list[str]:
-    """Cut text into pieces of at most `limit` characters, at sentences, then clauses, then words.
-
-    XTTS's GPT only sees a bounded number of text tokens per pass, and quality drops past the
-    per-language character limit, so long text is generated piece by piece.
-    """
-    pieces: list[str] = []
-    for sentence in (s.strip() for s in _SENTENCE_SPLIT.split(text)):
-        if not sentence:
-            continue
-        if len(sentence) <= limit:
-            pieces.append(sentence)
-            continue
-        for clause in (c.strip() for c in _CLAUSE_SPLIT.split(sentence)):
-            while len(clause) > limit:
-                cut = clause.rfind(" ", 0, limit + 1)
-                cut = cut if cut > 0 else limit  # unspaced scripts (ja, zh) are cut by characters
-                pieces.append(clause[:cut].strip())
-                clause = clause[cut:].strip()
-            if clause:
-                pieces.append(clause)
-    # Merge neighbours back while they fit: fewer passes, more natural prosody.
-    merged: list[str] = []
-    for piece in pieces:
-        if merged and len(merged[-1]) + 1 + len(piece) <= limit:
-            merged[-1] = f"{merged[-1]} {piece}"
-        else:
-            merged.append(piece)
-    return merged
 
 
 def _normalise_language(language: str) -> str:
@@ -318,7 +285,7 @@ class XttsEngine:
 
     def _pieces(self, text: str, language: str) -> list[str]:
         limit = self._model.tokenizer.char_limits.get(language.split("-")[0], 250)
-        return split_text(text, limit) or [text.strip()]
+        return split_bounded(text, limit) or [text.strip()]
 
     def _generate(self, piece: str, language: str, gpt_latent, speaker_embedding, speed: float) -> np.ndarray:
         """One piece through GPT and the HiFi-GAN decoder (the caller holds the lock)."""
