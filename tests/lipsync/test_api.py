@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,29 @@ def test_tiny_frames_and_two_faces_are_named_not_called_corrupt(lipsync_settings
         assert f"video is {side}x{side} pixels; lip-sync needs at least 64x64" in resp.json()["error"]
     assert pair_resp.status_code == 422, pair_resp.text
     assert "2 faces found" in pair_resp.json()["error"], pair_resp.text
+
+
+def test_sample_aspect_ratio_and_colour_description_are_kept(media):
+    """A re-voiced clip keeps its source's pixel shape and colour tags, and its colours (same YUV matrix)."""
+    from avatar_contracts.probe import probe
+    from gpu_service.lipsync.engines.landmark import LandmarkLipSync
+    from gpu_service.lipsync.protocol import LipSyncJob
+    from gpu_service.lipsync.stream_io import open_video
+
+    src_path = media["transcode"](
+        "anamorphic_709.mp4", "-vf", "scale=out_color_matrix=bt709:out_range=tv,setsar=4/3,"
+        "setparams=color_primaries=bt709:color_trc=bt709:colorspace=bt709:range=tv", "-c:v", "libx264", "-c:a", "copy")
+    before = probe(src_path)
+    assert before.sample_aspect_ratio == Fraction(4, 3) and before.color_space == "bt709", before
+    eng = LandmarkLipSync()
+    eng.load("cpu")
+    res = eng.lipsync(LipSyncJob(video=open_video(src_path, max_s=60, max_pixels=10**6), audio=media["audio_b"],
+                                 sample_rate=media["sr_b"], length_policy="trim"))
+    after = probe(res.mp4)
+    assert after.sample_aspect_ratio == Fraction(4, 3)
+    assert (after.color_space, after.color_primaries, after.color_trc, after.color_range) == (
+        "bt709", "bt709", "bt709", "tv")
+    # Colours survive the round trip away from the mouth: the top rows (forehead, background) match.
+    src_top = read_frames(src_path.read_bytes(), (320, 320))[5, :60].astype(np.float32)
+    out_top = read_frames(res.mp4, (320, 320))[5, :60].astype(np.float32)
+    assert np.abs(src_top.mean(axis=(0, 1)) - out_top.mean(axis=(0, 1))).max() < 3.0

@@ -195,7 +195,7 @@ class LandmarkLipSync:
         frames = self.revoice_frames(src, controls, job.length_policy, stats)
         # The audio is cut or padded to whole frames after the frames are known: write it lazily.
         mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
-                                sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf)
+                                sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
         n = stats["frames"]
         if n == 0:
             raise BadMedia("video has no decodable frames")
@@ -222,7 +222,7 @@ class LandmarkLipSync:
             stats[key] = 0 if key.startswith("frames") else 0.0
         frames = self.revoice_frames(src, controls, "trim", stats)
         return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
-                          sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf)
+                          sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
 
 
 def _why_no_face(src: VideoSource, n: int) -> str:
