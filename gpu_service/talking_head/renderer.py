@@ -26,10 +26,10 @@ def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.nda
     """
     geo = enc.geometry
     fh, hw_m, g0, g_max = geo.face_height, geo.mouth_half_width, geo.rest_gap, geo.max_gap
-    # Rounding opens a little more, but only a mouth that is already open: a seal (m, b, p before a
-    # rounded vowel, as in "moon") must stay sealed while the lips round for what follows.
-    round_open = 0.15 * c.mouth_round * np.clip(c.mouth_open / 0.1, 0.0, 1.0)
-    open_ = np.clip(c.mouth_open + round_open, 0.0, 1.2) * (1.0 - 0.9 * np.clip(c.lip_tuck, 0, 1))
+    # Rounding opens a little more, in proportion to the opening: a seal (m, b, p before a rounded
+    # vowel, as in "moon") stays sealed and a /w/'s nearly closed lips stay nearly closed while they round.
+    round_open = 1.0 + 0.15 * np.clip(c.mouth_round, 0.0, 1.0)
+    open_ = np.clip(c.mouth_open * round_open, 0.0, 1.2) * (1.0 - 0.9 * np.clip(c.lip_tuck, 0, 1))
     # Closed lips press together a little (as on m, b, p) so the seam reads as closed after video
     # compression too, instead of stopping exactly at the landmark gap.
     press = 0.012 * fh * np.clip(1.0 - open_ / 0.12, 0.0, 1.0)
