@@ -24,6 +24,7 @@ seals included, and before the clip's first words the lips part for an in-breath
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -481,6 +482,17 @@ def _mouth_from_audio(audio: np.ndarray, sr: int, t: np.ndarray, fps: float) -> 
 
 
 # -- eyes and head ----------------------------------------------------------------------------
+def motion_rng(seed: int, avatar_key: str = "") -> np.random.Generator:
+    """The generator of a clip's blinks and head drift, from the request's seed and the avatar.
+
+    Seeded by both, so two portraits driven with the same seed (the default 0) do not blink on the
+    same frames, and one portrait blinks elsewhere for another seed. The key is hashed with SHA-256,
+    which, unlike hash(), is the same in every process.
+    """
+    key = int.from_bytes(hashlib.sha256(avatar_key.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([int(seed) % (1 << 63), key])
+
+
 class _BlinkSchedule:
     """Blink events (peak, close, hold, open seconds) every ~4 s (10-20 per minute), irregular, drawn as time advances."""
 
@@ -553,8 +565,8 @@ class IdleMotion:
     function of time and blinks are drawn in order as time advances.
     """
 
-    def __init__(self, fps: float, seed: int = 0, head_motion: bool = True) -> None:
-        rng = np.random.default_rng(seed)
+    def __init__(self, fps: float, seed: int = 0, head_motion: bool = True, avatar_key: str = "") -> None:
+        rng = motion_rng(seed, avatar_key)
         self.fps = float(fps)
         self._waves = {name: _drift_wave(amp, rng) for name, amp in HEAD_DRIFT.items()} if head_motion else {}
         self._blinks = _BlinkSchedule(rng, self.fps)
@@ -570,15 +582,45 @@ class IdleMotion:
         return out
 
 
-def _nods(t: np.ndarray, events: Sequence[tuple[float, float]]) -> np.ndarray:
-    """A raised-cosine bump of 0.5 s per (time, strength) event, peaking just after it."""
+def _bumps(t: np.ndarray, events: Sequence[tuple[float, float]], width_s: float = 0.5) -> np.ndarray:
+    """A raised-cosine bump of width_s per (time, signed strength) event, peaking just after it."""
     out = np.zeros(len(t))
-    width = 0.5
     for tc, strength in events:
-        x = (t - (tc + 0.05)) / (width / 2)
-        bump = np.where(np.abs(x) < 1, 0.5 * (1 + np.cos(np.pi * x)), 0.0)
-        out = np.maximum(out, strength * bump)
+        x = (t - (tc + 0.05)) / (width_s / 2)
+        out += strength * np.where(np.abs(x) < 1, 0.5 * (1 + np.cos(np.pi * x)), 0.0)
     return out
+
+
+NOD_PITCH = 0.012
+"""Head dip (radians) on the strongest stressed syllable; weaker stresses nod less."""
+TILT_ROLL = 0.006
+"""Head tilt (radians) on stressed syllables, to one side or the other."""
+
+
+def _head(ctl: Controls, t: np.ndarray, stress: Sequence[tuple[float, float]], activity: np.ndarray,
+          rng: np.random.Generator) -> None:
+    """Head pose: slow drift, livelier while speaking, with a nod and a small tilt on each stressed syllable.
+
+    Speakers' heads move with their speech: more during phrases than in silence, and with a dip of
+    the head on stressed syllables, often with a tilt. Every part is smooth (drift below 0.3 Hz,
+    activity below 1 Hz, half-second bumps), so there is no jitter.
+    """
+    drift = {name: _drift(t, amp, rng) for name, amp in HEAD_DRIFT.items()}  # drawn in HEAD_DRIFT's order
+    lively = 0.75 + 0.5 * activity
+    nod = _bumps(t, stress)
+    tilt = _bumps(t, [(tc, s * rng.choice((-1.0, 1.0))) for tc, s in stress])
+    ctl.head_dx[:] = drift["head_dx"] * lively
+    ctl.head_dy[:] = drift["head_dy"] + 0.004 * nod
+    ctl.head_yaw[:] = drift["head_yaw"] * lively
+    ctl.head_pitch[:] = drift["head_pitch"] + NOD_PITCH * nod
+    ctl.head_roll[:] = drift["head_roll"] * lively + TILT_ROLL * tilt
+
+
+def _activity(opening: np.ndarray, fps: float) -> np.ndarray:
+    """How much is being said around each frame, 0 (silence) .. 1: the mouth's opening below 1 Hz, over its p95."""
+    slow = _zero_phase_lowpass(opening, fps, 1.0)
+    top = np.percentile(slow, 95) if len(slow) else 0.0
+    return np.clip(slow / top, 0.0, 1.0) if top > 1e-6 else np.zeros(len(opening))
 
 
 def drive(
@@ -592,8 +634,12 @@ def drive(
     text: Optional[str] = None,
     seed: int = 0,
     head_motion: bool = True,
+    avatar_key: str = "",
 ) -> Controls:
-    """Per-frame face controls for speech given as phoneme timings, audio, or both."""
+    """Per-frame face controls for speech given as phoneme timings, audio, or both.
+
+    `seed` and `avatar_key` (the avatar's id) draw the blinks and the head's drift (motion_rng).
+    """
     t0 = time.perf_counter()
     if not (np.isfinite(duration_s) and duration_s > 0):
         raise ValidationFailed(f"duration_s must be > 0, got {duration_s!r}")
@@ -605,7 +651,7 @@ def drive(
     if n == 0:
         return ctl
     t = (np.arange(n) + 0.5) / fps
-    rng = np.random.default_rng(seed)
+    rng = motion_rng(seed, avatar_key)
     smile, brow, eye_open, scale = EMOTIONS[emo]
 
     phones = _split_glides(_phone_tuples(phonemes)) if phonemes is not None else []
@@ -645,20 +691,13 @@ def drive(
     ctl.mouth_spread[:] = np.clip(mouth[:, 2], 0.0, 1.0)
     ctl.lip_tuck[:] = np.clip(mouth[:, 3], 0.0, 1.0)
 
-    nod = _nods(t, stress)
     ctl.smile[:] = smile
     # Brows lift a little on stressed syllables: speakers emphasise with them.
-    ctl.brow[:] = np.clip(brow + 0.12 * nod, -1.0, 1.0)
+    ctl.brow[:] = np.clip(brow + 0.12 * _bumps(t, stress), -1.0, 1.0)
     ctl.eye_open[:] = eye_open
     ctl.blink[:] = _blinks(t, fps, n / fps, rng)
-
     if head_motion:
-        drift = {name: _drift(t, amp, rng) for name, amp in HEAD_DRIFT.items()}  # drawn in HEAD_DRIFT's order
-        ctl.head_dx[:] = drift["head_dx"]
-        ctl.head_dy[:] = drift["head_dy"] + 0.004 * nod
-        ctl.head_yaw[:] = drift["head_yaw"]
-        ctl.head_pitch[:] = drift["head_pitch"] + 0.012 * nod
-        ctl.head_roll[:] = drift["head_roll"]
+        _head(ctl, t, stress, _activity(opening, fps), rng)
 
     log.debug(
         "driven",

@@ -207,6 +207,45 @@ def test_head_motion_is_small_smooth_and_switchable(speech):
         assert not np.any(getattr(still, name)), name
 
 
+def test_blinks_differ_per_avatar_and_per_seed():
+    """Two portraits driven with the same (default) seed do not blink in unison; a seed moves one's blinks."""
+    def onsets(**kw) -> tuple:
+        closed = drive(30.0, FPS, **kw).blink >= 0.9
+        return tuple(np.flatnonzero(closed & ~np.concatenate([[False], closed[:-1]])))
+
+    astro, grace = onsets(avatar_key="astro"), onsets(avatar_key="grace")
+    assert astro == onsets(avatar_key="astro")  # deterministic
+    assert len(set(astro) & set(grace)) <= 1, (astro, grace)  # a coincidence at most, not a shared schedule
+    assert onsets(avatar_key="astro", seed=1) != astro
+    # A live stream's idle blinks too.
+    from gpu_service.talking_head.driving import IdleMotion
+
+    still = Controls.neutral(30 * 25, FPS)
+    a = IdleMotion(FPS, seed=0, avatar_key="astro").apply(still, 0).blink
+    b = IdleMotion(FPS, seed=0, avatar_key="grace").apply(still, 0).blink
+    assert not np.array_equal(a, b)
+
+
+def test_the_head_nods_on_stressed_syllables_and_moves_more_while_speaking(speech):
+    """Against the same seed's idle head: speech adds a dip of the head after its stressed vowels and livelier drift."""
+    talk = drive(speech.duration_s, FPS, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate,
+                 seed=4, avatar_key="astro")
+    idle = drive(speech.duration_s, FPS, seed=4, avatar_key="astro")
+    t = (np.arange(talk.n_frames) + 0.5) / FPS
+    nod = talk.head_pitch - idle.head_pitch
+    peaks = [int(i) for i in np.flatnonzero((nod[1:-1] > nod[:-2]) & (nod[1:-1] >= nod[2:]) & (nod[1:-1] > 0.004)) + 1]
+    assert len(peaks) >= 3, nod  # several nods in 7 s of speech, at most one per 0.9 s
+    assert np.all(np.diff(t[peaks]) >= 0.85)
+    vowels = [0.5 * (p.start_s + p.end_s) for p in speech.phonemes if is_vowel(p.phoneme)]
+    for k in peaks:  # each nod follows a vowel by up to 0.15 s
+        assert min(abs(t[k] - 0.05 - v) for v in vowels) <= 0.1, t[k]
+    assert np.abs(talk.head_roll - idle.head_roll).max() >= 0.003  # with a tilt
+    # Livelier while speaking: the head turns and tilts faster than the idle head, yet never jitters.
+    for name in ("head_yaw", "head_roll"):
+        assert np.abs(np.diff(getattr(talk, name))).mean() > 1.1 * np.abs(np.diff(getattr(idle, name))).mean(), name
+        assert np.abs(np.diff(getattr(talk, name), 2)).max() < 0.002, name
+
+
 def test_deterministic_and_seeded(speech):
     a = drive(speech.duration_s, FPS, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate, seed=7)
     b = drive(speech.duration_s, FPS, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate, seed=7)
