@@ -111,7 +111,7 @@ class LandmarkTalkingHead:
     def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True,
                     idle_seed: Optional[int] = None) -> LandmarkFrameStream:
         """A frame stream of a registered avatar (its encoding loaded now, from memory or disk)."""
-        idle = None if idle_seed is None else IdleMotion(fps, idle_seed, head_motion)
+        idle = None if idle_seed is None else IdleMotion(fps, idle_seed, head_motion, avatar_key=avatar_id)
         return LandmarkFrameStream(self._require_renderer(), self._avatars.get(avatar_id), avatar_id, fps, head_motion,
                                    idle)
 
@@ -130,7 +130,7 @@ class LandmarkTalkingHead:
         duration = len(job.audio) / float(job.sample_rate)
         controls = drive(
             duration, job.fps, phonemes=job.phonemes, audio=job.audio, sample_rate=job.sample_rate,
-            emotion=job.emotion, text=job.text, seed=job.seed, head_motion=job.head_motion,
+            emotion=job.emotion, text=job.text, seed=job.seed, head_motion=job.head_motion, avatar_key=job.avatar_id,
         )
         t1 = time.perf_counter()
         w, h = stream.size
