@@ -111,6 +111,8 @@ class ErrorResponse(BaseModel):
 # -- talking head -----------------------------------------------------------------------------
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised", "fearful", "disgusted")
+TimingSource = Literal["request", "forced_alignment", "phone_recognition", "envelope"]
+"""Where a video's phoneme timings came from: the request, derived from its audio (with or without its text), or none."""
 
 
 class AvatarInfo(BaseModel):
@@ -134,7 +136,8 @@ class VideoRequest(BaseModel):
     audio: Optional[str] = Field(default=None, description="Base64 audio (WAV/FLAC/OGG/MP3).")
     audio_url: Optional[str] = Field(default=None, description="An audio_url returned by this service's /tts.")
     phonemes: Optional[list[PhonemeTiming]] = None
-    text: Optional[str] = Field(default=None, description="The spoken text, used by emotion='auto'.")
+    text: Optional[str] = Field(default=None, description="The spoken text: emotion='auto' reads it, and audio "
+                                "without phonemes is aligned to it.")
     emotion: str = "neutral"
     fps: int = Field(default=25, ge=5, le=60)
     include_audio: bool = True
@@ -158,6 +161,7 @@ class VideoResponse(BaseModel):
     avatar_id: Optional[str] = None
     device: DeviceName
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    timing_source: Optional[TimingSource] = None
 
 
 # -- lip-sync ---------------------------------------------------------------------------------
@@ -169,7 +173,8 @@ class LipSyncResponse(BaseModel):
     """JSON answer of ``POST /lipsync/generate`` when ``response=json`` (or Accept: application/json).
 
     The request itself is multipart (a video upload does not fit JSON): ``video``, then ``audio``
-    or ``audio_url``, optional ``phonemes`` (JSON list of PhonemeTiming), ``fps``, ``length_policy``.
+    or ``audio_url``, optional ``phonemes`` (JSON list of PhonemeTiming), ``text`` (the words spoken, aligned to
+    the audio when there are no phonemes), ``fps``, ``length_policy``.
     """
 
     success: bool = True
@@ -185,3 +190,4 @@ class LipSyncResponse(BaseModel):
     engine: str
     device: DeviceName
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    timing_source: Optional[TimingSource] = None
