@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -11,6 +12,7 @@ from gpu_service.audio import decode_audio, decode_base64, pcm16, wav_bytes, wav
 from gpu_service.errors import ValidationFailed
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
+from gpu_service.speech.alignment import align
 from gpu_service.speech.protocol import SpeechEngine, SpeechRequest, SpeechResult
 
 
@@ -70,11 +72,14 @@ class SpeechService:
         return entry, request
 
     async def synthesize(self, body: TTSRequest) -> SpeechOutcome:
-        """Whole-text synthesis on an engine slot."""
+        """Whole-text synthesis on an engine slot; speech without timings (XTTS) is aligned to its text."""
         entry, request = self.prepare(body)
         started = time.perf_counter()
         result = await entry.slots.run(entry.engine.synthesize, request)
         elapsed = (time.perf_counter() - started) * 1000
+        if not result.phonemes:
+            result.phonemes, _ = await asyncio.to_thread(align, result.audio, result.sample_rate, request.text,
+                                                         request.language)
         device = entry.engine.health().device or self.registry.device
         return SpeechOutcome(result=result, engine=entry.name, language=request.language, generation_time_ms=elapsed,
                              device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from gpu_service.speech import alignment
 from gpu_service.speech.alignment import ARPABET_TO_IPA, align, ipa, number_words, spell, text_words
+from gpu_service.speech.protocol import SpeechRequest
 from gpu_service.talking_head import visemes
 from gpu_service.talking_head.driving import drive
 from tests.speech_kit import FIXTURES, bilabial_onsets, load_clip, nearest_errors, word_starts
@@ -169,3 +171,41 @@ def test_audio_at_another_rate_is_resampled_to_16k(a03):
     errors = np.abs(np.array(word_starts(phones)) - [s for _, s, _ in a03.words])
     assert errors.max() <= 0.06, errors
 
+
+class _Untimed:
+    """Piper with its timings withheld, as XTTS gives its speech: real audio, no phonemes."""
+
+    name = "untimed"
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, attr):
+        return getattr(self._engine, attr)
+
+    def synthesize(self, request):
+        result = self._engine.synthesize(request)
+        return type(result)(audio=result.audio, sample_rate=result.sample_rate, voice=result.voice, phonemes=[])
+
+
+def test_speech_without_timings_is_aligned_to_its_text_and_piper_judges_it(piper_engine, tmp_path):
+    """Piper's own timings (exact: they are its durations) are the reference here: no circularity."""
+    from avatar_contracts import TTSRequest
+    from gpu_service.registry import EngineEntry, EngineRegistry
+    from gpu_service.scheduler import EngineSlots
+    from gpu_service.settings import Settings
+    from gpu_service.speech.service import SpeechService
+
+    text = ("Good morning, and welcome to the weekly update. Sales grew in every region this quarter, "
+            "and the new support portal cut waiting times in half.")
+    entry = EngineEntry("untimed", "tts", _Untimed(piper_engine), EngineSlots("tts:untimed", 1, 1), loaded=True,
+                        settled=True)
+    registry = EngineRegistry({"untimed": entry}, {}, {}, default_speech="untimed")
+    service = SpeechService(registry, Settings(tts_engines=["piper"], data_dir=tmp_path))
+    outcome = asyncio.run(service.synthesize(TTSRequest(text=text)))
+    phones = outcome.result.phonemes
+    _contiguous(phones, outcome.result.duration_s)
+    reference = piper_engine.synthesize(SpeechRequest(text=text)).phonemes  # same durations: noise_w is off
+    assert len(word_starts(phones)) == len(word_starts(reference)) == len(text_words(text))
+    errors = np.abs(np.array(word_starts(phones)) - word_starts(reference))
+    assert np.median(errors) <= 0.06 and errors.max() <= 0.15, np.round(errors * 1000)
