@@ -127,6 +127,8 @@ class ErrorResponse(BaseModel):
 # -- talking head -----------------------------------------------------------------------------
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised", "fearful", "disgusted")
+TimingSource = Literal["request", "forced_alignment", "phone_recognition", "envelope"]
+"""Where a video's phoneme timings came from: the request, derived from its audio (with or without its text), or none."""
 
 
 class AvatarInfo(BaseModel):
@@ -150,7 +152,8 @@ class VideoRequest(BaseModel):
     audio: Optional[str] = Field(default=None, description="Base64 audio (WAV/FLAC/OGG/MP3).")
     audio_url: Optional[UrlOrPath] = Field(default=None, description="An audio_url returned by this service's /tts.")
     phonemes: Optional[list[PhonemeTiming]] = None
-    text: Optional[CleanText] = Field(default=None, description="The spoken text, used by emotion='auto'.")
+    text: Optional[CleanText] = Field(default=None, description="The spoken text: emotion='auto' reads it, and "
+                                      "audio without phonemes is aligned to it.")
     emotion: CleanText = Field(default="neutral", max_length=32)
     fps: int = Field(default=25, ge=5, le=60)
     include_audio: bool = True
@@ -174,6 +177,7 @@ class VideoResponse(BaseModel):
     avatar_id: Optional[str] = None
     device: DeviceName
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    timing_source: Optional[TimingSource] = None
 
 
 # -- lip-sync ---------------------------------------------------------------------------------
@@ -185,7 +189,8 @@ class LipSyncResponse(BaseModel):
     """JSON answer of ``POST /lipsync/generate`` when ``response=json`` (or Accept: application/json).
 
     The request itself is multipart (a video upload does not fit JSON): ``video``, then ``audio``
-    or ``audio_url``, optional ``phonemes`` (JSON list of PhonemeTiming), ``fps``, ``length_policy``.
+    or ``audio_url``, optional ``phonemes`` (JSON list of PhonemeTiming), ``text`` (the words spoken, aligned to
+    the audio when there are no phonemes), ``fps``, ``length_policy``.
     """
 
     success: bool = True
@@ -201,3 +206,4 @@ class LipSyncResponse(BaseModel):
     engine: str
     device: DeviceName
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    timing_source: Optional[TimingSource] = None

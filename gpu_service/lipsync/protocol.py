@@ -42,6 +42,8 @@ class LipSyncResult:
     length_policy: str
     engine: str
     timings_ms: dict = field(default_factory=dict)
+    timing_source: Optional[str] = None
+    """Where the phoneme timings of the new speech came from (avatar_contracts.gpu.TimingSource)."""
 
 
 @runtime_checkable

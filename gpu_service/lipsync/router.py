@@ -18,7 +18,7 @@ def service(request: Request) -> LipSyncService:
 
 @router.post("/lipsync/generate", response_model=LipSyncResponse)
 async def generate_lipsync(request: Request):
-    """Multipart `video` + `audio` (or `audio_url`) [+ `phonemes`, `fps`, `length_policy`, `response`] -> MP4.
+    """Multipart `video` + `audio` (or `audio_url`) [+ `phonemes`, `text`, `fps`, `length_policy`, `response`] -> MP4.
 
     The body is parsed by the service as it streams (size limits hold while reading), so the
     fields are not declared to FastAPI; see LipSyncResponse for the field list.
@@ -38,6 +38,7 @@ async def generate_lipsync(request: Request):
                 "X-Duration-S": f"{result.duration_s:.4f}",
                 "X-Length-Policy": result.length_policy,
                 "X-Engine": result.engine,
+                "X-Timing-Source": result.timing_source or "",
             },
         )
     return LipSyncResponse(
@@ -45,5 +46,5 @@ async def generate_lipsync(request: Request):
         duration_s=round(result.duration_s, 4), fps=result.fps, frames=result.frames,
         frames_without_face=result.frames_without_face, source_frames=result.source_frames,
         width=result.width, height=result.height, length_policy=result.length_policy, engine=result.engine,
-        device=request.app.state.device.name, timings_ms=result.timings_ms,
+        device=request.app.state.device.name, timings_ms=result.timings_ms, timing_source=result.timing_source,
     )

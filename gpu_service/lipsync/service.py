@@ -25,11 +25,12 @@ from gpu_service.errors import BadMedia, PayloadTooLarge, UnsupportedMediaType, 
 from gpu_service.lipsync.protocol import LipSyncEngine, LipSyncJob, LipSyncResult
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
+from gpu_service.speech.alignment import timings_for
 
 log = logging.getLogger(__name__)
 
 FILE_FIELDS = ("video", "audio")
-TEXT_FIELDS = ("audio_url", "phonemes", "fps", "length_policy", "response", "engine")
+TEXT_FIELDS = ("audio_url", "phonemes", "text", "fps", "length_policy", "response", "engine")
 FIELD_MAX_BYTES = 1024 * 1024
 """A form field (phoneme JSON included) larger than this is refused."""
 DEFAULT_POLICY = "pingpong"
@@ -194,10 +195,14 @@ class LipSyncService:
             video = await asyncio.to_thread(open_video, form.files["video"], max_s=limits.max_video_s,
                                             max_pixels=limits.max_pixels, fps=fps)
             audio, rate = await asyncio.to_thread(decode_audio_file, audio_path, field_name, limits.max_audio_s)
+            phonemes, source = await asyncio.to_thread(timings_for, audio, rate, phonemes,
+                                                       form.fields.get("text", "").strip() or None)
             job = LipSyncJob(video=video, audio=audio, sample_rate=rate, length_policy=policy, phonemes=phonemes)
             log.info("lipsync request", extra={"video_bytes": form.sizes["video"], "size": video.size,
                                                "fps": float(video.fps), "audio_s": round(len(audio) / rate, 3),
-                                               "policy": policy})
-            return await entry.slots.run(entry.engine.lipsync, job), kind
+                                               "policy": policy, "timing_source": source})
+            result = await entry.slots.run(entry.engine.lipsync, job)
+            result.timing_source = source
+            return result, kind
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)

@@ -16,6 +16,7 @@ from gpu_service.audio import decode_audio, pcm16, wav_bytes, wav_stream_header
 from gpu_service.errors import ValidationFailed
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
+from gpu_service.speech.alignment import align
 from gpu_service.speech.protocol import SpeechEngine, SpeechRequest, SpeechResult
 
 
@@ -77,11 +78,14 @@ class SpeechService:
         return entry, request
 
     async def synthesize(self, body: TTSRequest) -> SpeechOutcome:
-        """Whole-text synthesis on an engine slot."""
+        """Whole-text synthesis on an engine slot; speech without timings (XTTS) is aligned to its text."""
         entry, request = await self.prepare(body)
         started = time.perf_counter()
         result = await entry.slots.run(entry.engine.synthesize, request)
         elapsed = (time.perf_counter() - started) * 1000
+        if not result.phonemes:
+            result.phonemes, _ = await asyncio.to_thread(align, result.audio, result.sample_rate, request.text,
+                                                         request.language)
         device = entry.engine.health().device or self.registry.device
         return SpeechOutcome(result=result, engine=entry.name, language=request.language, generation_time_ms=elapsed,
                              device=device)

@@ -65,6 +65,8 @@ class VideoResult:
     timings_ms: dict = field(default_factory=dict)
     avatar_id: str = ""
     """The avatar the video shows (an uploaded avatar_image gets an id too)."""
+    timing_source: Optional[str] = None
+    """Where the phoneme timings that drove the mouth came from (avatar_contracts.gpu.TimingSource)."""
 
 
 @runtime_checkable

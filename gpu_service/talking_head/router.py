@@ -58,7 +58,8 @@ async def generate_video(body: VideoRequest, request: Request):
         return mp4_response(
             result.mp4,
             result.timings_ms,
-            {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": result.avatar_id},
+            {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": result.avatar_id,
+             "X-Timing-Source": result.timing_source or ""},
         )
     return VideoResponse(
         video_url=await artifact_url(request, result.mp4, "mp4"),
@@ -70,4 +71,5 @@ async def generate_video(body: VideoRequest, request: Request):
         avatar_id=result.avatar_id,
         device=request.app.state.device.name,
         timings_ms=result.timings_ms,
+        timing_source=result.timing_source,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from typing import Optional
+import time
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from gpu_service.errors import BadMedia, ValidationFailed
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
 from gpu_service.talking_head.encoding import check_image
+from gpu_service.speech.alignment import timings_for
 from gpu_service.talking_head.protocol import AvatarRecord, TalkingHeadEngine, VideoJob, VideoResult
 
 
@@ -106,6 +108,13 @@ class TalkingHeadService:
         return entry, job
 
     async def generate(self, body: VideoRequest) -> VideoResult:
-        """Render the request's video on an engine slot."""
+        """Render the request's video on an engine slot; audio without phonemes is aligned first."""
         entry, job = await self.prepare(body)
-        return await entry.slots.run(entry.engine.generate, job)
+        started = time.perf_counter()
+        job.phonemes, source = await asyncio.to_thread(timings_for, job.audio, job.sample_rate, job.phonemes, job.text)
+        align_ms = (time.perf_counter() - started) * 1000
+        result = await entry.slots.run(entry.engine.generate, job)
+        result.timing_source = source
+        if source != "request":
+            result.timings_ms["align"] = round(align_ms, 2)
+        return result
