@@ -142,6 +142,13 @@ class EngineRegistry:
         self.device = device
         for entry in self.entries():
             entry.load(device, warmup)
+        if warmup:
+            # The aligner that times speech arriving without phonemes: built now, not on the first such request.
+            from gpu_service.speech import alignment
+
+            started = time.perf_counter()
+            if alignment.warmup():
+                log.info("aligner ready", extra={"load_ms": round((time.perf_counter() - started) * 1000)})
         ready = self.readiness()
         if not ready.ready:
             log.error("service not ready", extra={"why": ready.reason})
