@@ -16,6 +16,7 @@ from skimage import data
 
 from gpu_service.speech import alignment
 from gpu_service.talking_head import driving
+from gpu_service.talking_head.controls import SPEECH_OPEN
 from tests.conftest import running_app
 from tests.speech_kit import FIXTURES, load_clip
 from tests.talking_head.test_video_api import png
@@ -83,9 +84,10 @@ def test_text_is_aligned_and_the_lips_seal_on_the_m(astro_settings, rendered, a0
     aligned, recognised, _ = rendered
     centres = [0.5 * (s + e) for _, s, e in a03.bilabials()]
     assert centres and all(_mouth_at(aligned, c) <= CLOSED for c in centres), [_mouth_at(aligned, c) for c in centres]
-    for ctl in (aligned, recognised):  # the lead-in silence (0-0.46 s) closed, the words open
-        assert ctl.mouth_open[: int(0.3 * ctl.fps)].max() <= CLOSED
-        assert ctl.mouth_open[int(0.5 * ctl.fps): int(2.1 * ctl.fps)].max() > 0.3
+    for ctl in (aligned, recognised):
+        # the lead-in silence (0-0.46 s) at most parted for the in-breath before the first words, the words open
+        assert ctl.mouth_open[: int(0.3 * ctl.fps)].max() <= 0.45 * SPEECH_OPEN
+        assert ctl.mouth_open[int(0.5 * ctl.fps): int(2.1 * ctl.fps)].max() > 0.6 * SPEECH_OPEN
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
