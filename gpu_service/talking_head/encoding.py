@@ -326,26 +326,35 @@ def dark_floor(image: np.ndarray, lm: np.ndarray) -> float:
     return float(np.percentile(box @ LUMA, 1)) if len(box) >= 16 else 0.0
 
 
-def interior_palette(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Mouth-interior colours (cavity at the lips, throat, tongue), drawn-teeth colour and dark floor, from the portrait.
-
-    The cavity and tongue are darkened or lightened copies of the portrait's own lip colour, so
-    the interior has the photo's hue and colourfulness: a grey photo gets a grey mouth, a warm one
-    a warm one. The teeth are an off-white as bright as, and tinted like, the whites of the
-    portrait's own eyes (its white balance), so a dim photo gets dim teeth and a yellowed varnish
-    yellowed ones. The floor is the luminance of the darkest the eyes show (pupils, lashes): the
-    throat is never darker. `lm` are the landmarks in `crop`'s pixel coordinates.
-    """
+def _lips_and_skin(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the lips' median colour, the face's pixels) of a crop with its landmarks."""
     shape = crop.shape[:2]
     outer = _polygon_mask(shape, lm[L.OUTER_UPPER + L.OUTER_LOWER[::-1]])
     inner = _polygon_mask(shape, lm[L.INNER_UPPER + L.INNER_LOWER[::-1]])
     inner = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     face = _polygon_mask(shape, cv2.convexHull(lm[L.FACE_OVAL].astype(np.float32))[:, 0])
     skin_pix = crop[face].astype(np.float32)
-    skin = np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)
     lip_pix = crop[outer & ~inner].astype(np.float32)
     # Too few lip pixels (a tiny or profile face): the skin, slightly darker, stands in for the lips.
-    lip = np.median(lip_pix, 0) if len(lip_pix) >= 8 else 0.85 * skin
+    if len(lip_pix) >= 8:
+        return np.median(lip_pix, 0), skin_pix
+    return 0.85 * (np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)), skin_pix
+
+
+def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mouth-interior colours (cavity at the lips, throat, tongue), drawn-teeth colour and dark floor, from the portrait.
+
+    The cavity, throat and tongue are copies of the portrait's own lip colour at levels between
+    its own black (dark_floor) and its lips, so the interior has the photo's hue and
+    colourfulness: a grey photo gets a grey mouth, a warm one a warm one. The throat sits above
+    the floor by enough that its `grain` (interior_texture) does not pile up there. The teeth are
+    an off-white as bright as the face's lit highlights, with the colour cast of the eye whites
+    (the white balance) or, when the eyes show none, of the skin. `lm` are the landmarks in
+    `crop`'s pixel coordinates.
+    """
+    shape = crop.shape[:2]
+    lip, skin_pix = _lips_and_skin(crop, lm)
+    skin = np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)
     eyes = (_polygon_mask(shape, lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER[::-1]])
             | _polygon_mask(shape, lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER[::-1]]))
     eye_pix = crop[eyes].astype(np.float32)
@@ -362,8 +371,8 @@ def interior_palette(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.n
     # with a stronger tint, at levels between the portrait's own black and its lips (a lifted black
     # lifts them all, so the throat stays darker than the lips even where the black is grey).
     span = max(lip_l - floor, 10.0)
-    cavity = tinted(lip, floor + 0.3 * span, 1.2)
-    throat = tinted(lip, floor + max(0.05 * span, 3.0), 1.15)
+    cavity = tinted(lip, floor + 0.42 * span, 1.2)
+    throat = tinted(lip, floor + max(0.04 * span, 3.0 + 1.2 * grain), 1.15)
     tongue = tinted(lip, floor + 0.68 * span, 1.4)
     palette = np.stack([cavity, throat, tongue]).astype(np.float32)
     # Drawn teeth: as bright as the face's lit highlights (teeth catch the light the face does; the eye
@@ -683,18 +692,20 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     else:
         eye_patch, eye_map, eye_skin = _eye_layers(image[y0:y1, x0:x1], lm - off, eye_t, eye_g, eye_which, e_v)
 
-    # The portrait's own teeth: a bright, unsaturated band between the inner lips.
+    # The portrait's own teeth: a bright band between the inner lips, unsaturated or (under a warm
+    # light, as GRID's yellow teeth) much brighter than the lips.
     own = 0.0
-    palette, teeth, dark_floor = interior_palette(image[y0:y1, x0:x1], lm - off)
     grain, blur = interior_texture(image[y0:y1, x0:x1], lm - off)
+    palette, teeth, dark_floor = interior_palette(image[y0:y1, x0:x1], lm - off, grain)
     if g0 >= 2.5:
         band = (V > v_ui + 0.5) & (V < v_li - 0.5) & (AU < 0.6 * hw_m)
         pix = image[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1][band].astype(np.float32)
         if len(pix) >= 6:
-            lum = pix @ np.array([0.299, 0.587, 0.114], np.float32)
+            lum = pix @ LUMA
             sat = pix.max(1) - pix.min(1)
             bright = pix[lum >= np.median(lum)]
-            if np.median(lum) > 100 and np.median(sat) < 90:
+            lip_l = float(_lips_and_skin(image[y0:y1, x0:x1], lm - off)[0] @ LUMA)
+            if (np.median(lum) > 100 and np.median(sat) < 90) or np.percentile(lum, 75) > max(120.0, 1.35 * lip_l):
                 own = g0 / 2
                 teeth = np.clip(bright.mean(0) * 1.02, 0, 255).astype(np.float32)
 

@@ -163,7 +163,7 @@ def mouth_layout(enc: Encoding) -> MouthLayout:
     shade_l, gap_l = _teeth_row(at, half, LOWER_GAPS, blur, depth=0.6)
     lower_notch = 0.06 * np.minimum(0.2 * half, 0.03 * fh) * (1.0 - smoothstep(0.0, 0.3, gap_l))
     lower_cover = 1.0 - smoothstep(0.45, 0.7, at)
-    lower_rgb = teeth * (0.8 * shade_l * (1.0 - 0.5 * at * at))[None]
+    lower_rgb = teeth * (0.88 * shade_l * (1.0 - 0.5 * at * at))[None]
     # Tongue: a dome lying on the jaw behind the lower teeth, lit across its middle, a groove down it.
     dome = np.clip(1.0 - (at / 0.8) ** 2, 0.0, 1.0)
     groove = 1.0 - 0.1 * (1.0 - smoothstep(0.0, 0.08, at))
@@ -230,19 +230,22 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
     gap = gap + geo.rest_gap
     opened = clamp(gap * (1.0 / g_max), 0.0, 1.0)
     ew = _soft(1.0, geo.blur)
+    own = geo.own_teeth > 0.0  # the portrait's own teeth move with its lips: none are drawn
     # The lower teeth ride on the jaw; their top rises above the lower lip as the jaw drops (the lip is
-    # drawn down off them). The tongue's back shows above them, more as the mouth opens.
-    teeth_top = drop - (0.035 * fh) * smooth01(0.3, 0.9, opened, clamp)  # below the rest contact line
+    # drawn down off them). The tongue's back shows above them, more as the mouth opens. A portrait's
+    # own lower teeth end where the lips met at rest, moved down with the jaw.
+    teeth_top = drop if own else drop - (0.04 * fh) * smooth01(0.3, 0.9, opened, clamp)  # below the rest contact line
     on_jaw = lay.below_contact - teeth_top  # > 0 below the lower teeth's top
     tongue_h = clamp(0.25 * gap, 0.0, 0.045 * fh) * lay.dome
-    # Its back recedes into the throat's shadow: lit at the front, dark at its top edge, which is soft.
+    # Its back recedes into the throat's shadow: lit at the front, the throat's colour at its top edge, which is soft.
     tongue = smooth01(-tongue_h - ew, 2.0 * ew - tongue_h, on_jaw, clamp) * clamp(4.0 * lay.dome, 0.0, 1.0)
     lit = smooth01(-tongue_h, 0.5 * ew, on_jaw, clamp)
     tongue_shade = 0.25 + 0.75 * lit * lit
-    reach = 0.25 * gap + 1.0
+    # The throat is darkest in the middle of the opening, far from every lit surface; it lightens
+    # gradually towards the lips (no flat core), and the upper lip shades the teeth just below it.
+    reach = 0.5 * gap + 1.0
     deep = lay.throat * smooth01(0.0, reach, below_up, clamp) * smooth01(0.0, reach, above_lo, clamp)
-    lip_shadow = 1.0 - 0.35 * (1.0 - smooth01(0.0, 0.5 * reach, below_up, clamp))
-    own = geo.own_teeth > 0.0  # the portrait's own teeth move with its lips: none are drawn
+    lip_shadow = 1.0 - 0.35 * (1.0 - smooth01(0.0, 0.125 * gap + 0.5, below_up, clamp))
     if not own:
         lower = lay.lower_cover * smooth01(0.0, ew, on_jaw - lay.lower_notch, clamp)
         upper = lay.upper_cover
@@ -254,7 +257,7 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
     rgb = []
     for ch in range(3):
         col = cavity[ch] + (back[ch] - cavity[ch]) * deep
-        col = col + (lay.tongue_rgb[ch] * tongue_shade - col) * tongue
+        col = col + (back[ch] + (lay.tongue_rgb[ch] - back[ch]) * tongue_shade - col) * tongue
         if not own:
             col = col + (lay.lower_rgb[ch] - col) * lower
             col = col + (lay.upper_rgb[ch] * lip_shadow - col) * upper
