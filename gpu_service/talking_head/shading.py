@@ -243,8 +243,8 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
     tongue_shade = 0.25 + 0.75 * lit * lit
     # The throat is darkest in the middle of the opening, far from every lit surface; it lightens
     # gradually towards the lips (no flat core), and the upper lip shades the teeth just below it.
-    reach = 0.5 * gap + 1.0
-    deep = lay.throat * smooth01(0.0, reach, below_up, clamp) * smooth01(0.0, reach, above_lo, clamp)
+    reach = 1.0 / (0.5 * gap + 1.0)
+    deep = lay.throat * clamp(below_up * reach, 0.0, 1.0) * clamp(above_lo * reach, 0.0, 1.0)
     lip_shadow = 1.0 - 0.35 * (1.0 - smooth01(0.0, 0.125 * gap + 0.5, below_up, clamp))
     if not own:
         lower = lay.lower_cover * smooth01(0.0, ew, on_jaw - lay.lower_notch, clamp)
