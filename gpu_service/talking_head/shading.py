@@ -236,11 +236,11 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
     # own lower teeth end where the lips met at rest, moved down with the jaw.
     teeth_top = drop if own else drop - (0.04 * fh) * smooth01(0.3, 0.9, opened, clamp)  # below the rest contact line
     on_jaw = lay.below_contact - teeth_top  # > 0 below the lower teeth's top
-    tongue_h = clamp(0.25 * gap, 0.0, 0.045 * fh) * lay.dome
+    tongue_h = clamp(0.3 * gap, 0.0, 0.055 * fh) * lay.dome
     # Its back recedes into the throat's shadow: lit at the front, the throat's colour at its top edge, which is soft.
     tongue = smooth01(-tongue_h - ew, 2.0 * ew - tongue_h, on_jaw, clamp) * clamp(4.0 * lay.dome, 0.0, 1.0)
     lit = smooth01(-tongue_h, 0.5 * ew, on_jaw, clamp)
-    tongue_shade = 0.25 + 0.75 * lit * lit
+    tongue_shade = 0.2 + 0.8 * lit
     # The throat is darkest in the middle of the opening, far from every lit surface; it lightens
     # gradually towards the lips (no flat core), and the upper lip shades the teeth just below it.
     reach = 1.0 / (0.5 * gap + 1.0)
