@@ -122,13 +122,19 @@ def mouth_layout(enc: Encoding) -> MouthLayout:
     v_up = np.interp(u, lut_u, enc.lut_upper).astype(np.float32)
     v_lo = np.interp(u, lut_u, enc.lut_lower).astype(np.float32)
     k = len(enc.bases)
+    # The fields are read only near the lips: a window of them around the patch, only the modes that move it.
+    wy0, wx0 = max(py0 - 3, 0), max(px0 - 3, 0)
+    window = enc.bases[:, wy0:py1 + 3, wx0:px1 + 3]
+    planes = [(m, c, np.ascontiguousarray(window[m, ..., c])) for m in range(k) if window[m].any() for c in range(2)]
 
     def fields_at(uu: np.ndarray, vv: np.ndarray) -> np.ndarray:
         """(K, 2, ...) every mode's backward field at face-frame points (bilinear)."""
-        mx = np.ascontiguousarray(geo.mouth_x + uu * cs - vv * sn, dtype=np.float32)
-        my = np.ascontiguousarray(geo.mouth_y + uu * sn + vv * cs, dtype=np.float32)
-        return np.stack([[cv2.remap(np.ascontiguousarray(enc.bases[m, ..., c]), mx, my, cv2.INTER_LINEAR,
-                                    borderMode=cv2.BORDER_REPLICATE) for c in range(2)] for m in range(k)])
+        mx = np.ascontiguousarray(geo.mouth_x + uu * cs - vv * sn - wx0, dtype=np.float32)
+        my = np.ascontiguousarray(geo.mouth_y + uu * sn + vv * cs - wy0, dtype=np.float32)
+        out = np.zeros((k, 2) + uu.shape, np.float32)
+        for m, c, plane in planes:
+            out[m, c] = cv2.remap(plane, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return out
 
     # The other lip's field just outside it: for a pixel on the jaw side, the upper lip's field
     # 1.5 px above the upper inner lip; on the upper side, the jaw's 1.5 px below the lower one.
