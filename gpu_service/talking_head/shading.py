@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
+import cv2
 import numpy as np
 
 from gpu_service.talking_head.encoding import LUMA, Encoding, smoothstep
@@ -79,8 +80,6 @@ def _soft(width: float, blur: float) -> float:
 
 def grain_texture(shape: tuple[int, int], grain: float, blur: float, seed: int = 0) -> np.ndarray:
     """Fixed noise whose high-pass reads `grain` grey levels by interior_texture's measure, as soft as `blur`."""
-    import cv2
-
     n = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     if blur > 0.3:
         n = cv2.GaussianBlur(n, (0, 0), 0.6 * blur)
@@ -110,8 +109,6 @@ LOWER_GAPS = (0.0, 0.19, 0.38, 0.56, 0.72, 0.86, 0.98)
 
 def mouth_layout(enc: Encoding) -> MouthLayout:
     """The interior's per-pixel layout of an encoding's mouth patch (NumPy; see MouthLayout)."""
-    import cv2
-
     geo = enc.geometry
     px0, py0, px1, py1 = enc.patch
     ys, xs = np.mgrid[py0:py1, px0:px1].astype(np.float32)
@@ -195,15 +192,15 @@ def lip_depths(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable):
     cs, sn = geo.roll_cos, geo.roll_sin
     o = (w @ lay.other).reshape(tuple(w.shape[:-1]) + tuple(lay.out_xy.shape)) + lay.out_xy
 
-    def depth(x, y, below_upper):
+    def depths(x, y):
         dx, dy = x - geo.mouth_x, y - geo.mouth_y
         u = dx * cs + dy * sn
         v = -dx * sn + dy * cs
-        return v - lut(enc.lut_upper, u) if below_upper else lut(enc.lut_lower, u) - v
+        return v - lut(enc.lut_upper, u), lut(enc.lut_lower, u) - v
 
-    # Each side's own lip from the map, the other from the layout's field.
-    up_own, lo_own = depth(xs, ys, True), depth(xs, ys, False)
-    up_other, lo_other = depth(o[..., 0, :, :], o[..., 1, :, :], True), depth(o[..., 0, :, :], o[..., 1, :, :], False)
+    # Each side's own lip where the frame's map samples, the other where the layout's field would.
+    up_own, lo_own = depths(xs, ys)
+    up_other, lo_other = depths(o[..., 0, :, :], o[..., 1, :, :])
     return up_own + side * (up_other - up_own), lo_other + side * (lo_own - lo_other)
 
 
