@@ -6,12 +6,12 @@ HTTP lives on the classes, so a handler needs only `status_code`, `error_type` a
 
 from __future__ import annotations
 
-import logging
+import re
 import uuid
 from typing import Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 
 class ServiceError(Exception):
@@ -60,6 +60,16 @@ class UnsupportedMediaType(ServiceError):
     error_type = "unsupported_media_type"
 
 
+# An absolute path of two or more folders (POSIX or Windows), as exception texts carry them; URLs do not
+# match, as their paths follow a host, not a space or a quote.
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"():,;]+/){2,}([^\s/'\"():,;]*)|\b[A-Za-z]:\\(?:[^\s\\'\"]+\\)+([^\s\\'\"]*)")
+
+
+def redact_paths(text: str) -> str:
+    """`text` with server file paths cut to their last part (…/name): a message for clients must not map the disk."""
+    return _SERVER_PATH.sub(lambda m: "…/" + (m.group(1) if m.group(1) is not None else m.group(2) or ""), text)
+
+
 def error_response(
     request: Request, status: int, error_type: str, message: str, headers: Optional[dict] = None
 ) -> JSONResponse:
@@ -70,15 +80,3 @@ def error_response(
         status_code=status,
         headers={**(headers or {}), "X-Request-ID": rid},
     )
-
-
-async def guarded_call(request: Request, call_next, log: logging.Logger) -> Response:
-    """Run the rest of the app for a middleware: an unhandled error becomes a 500 with the request id, never a trace."""
-    rid = request.state.request_id
-    try:
-        response = await call_next(request)
-    except Exception:  # the last line of defence
-        log.exception("unhandled error", extra={"request_id": rid, "path": request.url.path})
-        return error_response(request, 500, "internal_error", f"unexpected server error; quote request id {rid}")
-    response.headers["X-Request-ID"] = rid
-    return response

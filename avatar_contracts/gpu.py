@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from avatar_contracts.checks import CleanText, Seconds, SpeakableText, UrlOrPath
 
 CONTRACT_VERSION = "1.0"
 """Bumped on any incompatible change of the models below."""
@@ -22,9 +25,15 @@ class PhonemeTiming(BaseModel):
     end, punctuation). Stress and length marks are folded into the phoneme they modify.
     """
 
-    phoneme: str
-    start_s: float = Field(ge=0)
-    end_s: float = Field(ge=0)
+    phoneme: CleanText = Field(max_length=32)
+    start_s: Seconds
+    end_s: Seconds
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PhonemeTiming":
+        if self.end_s < self.start_s:
+            raise PydanticCustomError("phoneme_order", "end_s is before start_s")
+        return self
 
 
 class TTSRequest(BaseModel):
@@ -32,10 +41,17 @@ class TTSRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(description="Text to speak; not empty, at most the service's max_text_chars.")
-    language: str = Field(default="en", description="Language code, e.g. en, de, fr.")
-    engine: Optional[str] = Field(default=None, description="Speech engine; the service default when absent.")
-    voice: Optional[str] = Field(default=None, description="Voice of the engine; its default when absent.")
+    text: SpeakableText = Field(
+        max_length=100_000,
+        description="Text to speak, with at least one letter or digit; at most the service's max_text_chars.",
+    )
+    language: CleanText = Field(default="en", max_length=16, description="Language code, e.g. en, de, fr.")
+    engine: Optional[CleanText] = Field(
+        default=None, max_length=64, description="Speech engine; the service default when absent."
+    )
+    voice: Optional[CleanText] = Field(
+        default=None, max_length=128, description="Voice of the engine; its default when absent."
+    )
     speaker_wav: Optional[str] = Field(
         default=None, description="Base64 audio clip (WAV/FLAC/OGG) to clone, for engines that clone voices."
     )
@@ -129,17 +145,17 @@ class VideoRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    avatar_id: Optional[str] = None
+    avatar_id: Optional[CleanText] = Field(default=None, max_length=128)
     avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
     audio: Optional[str] = Field(default=None, description="Base64 audio (WAV/FLAC/OGG/MP3).")
-    audio_url: Optional[str] = Field(default=None, description="An audio_url returned by this service's /tts.")
+    audio_url: Optional[UrlOrPath] = Field(default=None, description="An audio_url returned by this service's /tts.")
     phonemes: Optional[list[PhonemeTiming]] = None
-    text: Optional[str] = Field(default=None, description="The spoken text, used by emotion='auto'.")
-    emotion: str = "neutral"
+    text: Optional[CleanText] = Field(default=None, description="The spoken text, used by emotion='auto'.")
+    emotion: CleanText = Field(default="neutral", max_length=32)
     fps: int = Field(default=25, ge=5, le=60)
     include_audio: bool = True
     head_motion: bool = True
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the head motion (0 to 2**32 - 1).")
     response: Literal["mp4", "json"] = Field(
         default="mp4", description="mp4: the video bytes; json: a VideoResponse with video_url."
     )

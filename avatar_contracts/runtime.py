@@ -5,9 +5,11 @@ Pure pydantic, like the GPU service's contracts, so clients and the evaluator ca
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from avatar_contracts.checks import CleanText, HttpUrl, SpeakableText
 
 RUNTIME_API_VERSION = "v1"
 """Path version of the public API; bumped on an incompatible change."""
@@ -16,7 +18,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed"]
 
 
 class GenerateRequest(BaseModel):
-    """Body of ``POST /api/v1/generate``: exactly one of avatar_id / avatar_image.
+    """Body of ``POST /api/v1/generate``: at most one of avatar_id / avatar_image.
 
     Unknown fields are rejected (422 naming the field) rather than ignored, so a typo such as
     ``avatar`` for ``avatar_id`` is caught at the boundary instead of silently using a default.
@@ -24,15 +26,23 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(description="Text to speak; not empty, at most the runtime's MAX_TEXT_CHARS.")
-    language: str = Field(default="en", min_length=2, max_length=16, description="Language code, e.g. en.")
-    avatar_id: Optional[str] = Field(default=None, max_length=128, description="A preset or uploaded avatar.")
+    text: SpeakableText = Field(
+        max_length=1_000_000,
+        description="Text to speak, with at least one letter or digit; at most the runtime's MAX_TEXT_CHARS.",
+    )
+    language: CleanText = Field(default="en", min_length=2, max_length=16, description="Language code, e.g. en.")
+    avatar_id: Optional[CleanText] = Field(
+        default=None, max_length=128, description="A preset or uploaded avatar; the runtime's DEFAULT_AVATAR_ID when "
+        "neither this nor avatar_image is sent."
+    )
     avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
-    voice: Optional[str] = Field(default=None, max_length=128, description="Voice of the speech engine.")
-    engine: Optional[str] = Field(default=None, max_length=64, description="Speech engine (piper, xtts).")
+    voice: Optional[CleanText] = Field(default=None, max_length=128, description="Voice of the speech engine.")
+    engine: Optional[CleanText] = Field(default=None, max_length=64, description="Speech engine (piper, xtts).")
     speaker_wav: Optional[str] = Field(default=None, description="Base64 voice clip to clone (xtts).")
-    emotion: Optional[str] = Field(default=None, max_length=32, description="Facial emotion; neutral if absent.")
-    webhook_url: Optional[str] = Field(default=None, max_length=2048, description="Notified on success/failure.")
+    emotion: Optional[CleanText] = Field(
+        default=None, max_length=32, description="Facial emotion; neutral if absent."
+    )
+    webhook_url: Optional[HttpUrl] = Field(default=None, description="http(s) URL notified on success/failure.")
 
 
 class JobAccepted(BaseModel):
@@ -74,3 +84,29 @@ class WebhookEvent(BaseModel):
     event: Literal["job.succeeded", "job.failed"]
     timestamp: int
     job: JobResult
+
+
+class GPUServiceStatus(BaseModel):
+    """What the runtime knows of its GPU service (detailed /health only)."""
+
+    url: str
+    reachable: bool
+    health: Optional[dict[str, Any]] = Field(default=None, description="The GPU service's own /health body.")
+
+
+class RuntimeHealth(BaseModel):
+    """Body of ``GET /health``. While API keys are set, a caller without one gets only ``status``."""
+
+    status: Literal["healthy", "degraded"] = Field(description="degraded: the GPU service does not answer.")
+    broker: Optional[Literal["redis", "stub"]] = None
+    worker: Optional[bool] = Field(default=None, description="Whether this process runs job workers.")
+    jobs: Optional[dict[str, int]] = Field(default=None, description="How many jobs are in each status.")
+    gpu_service: Optional[GPUServiceStatus] = None
+
+
+class RuntimeReady(BaseModel):
+    """Body of ``GET /ready`` (200 ready, 503 not)."""
+
+    ready: bool
+    gpu_service_ready: bool
+    problems: list[str] = Field(default_factory=list)

@@ -6,7 +6,8 @@ one JSON line. Goal on a 2-core CPU: median <= 2.5 s.
 
 Baseline, measured in the same run against the same GPU service: the whole text sent straight to
 it, /tts/generate (JSON) and then /video/generate with its audio_url and phonemes (MP4 with
-audio), one after the other, with no runtime and no chunking; printed as runtime / direct.
+audio), one after the other, with no runtime and no chunking; printed as runtime / direct. Runtime
+and direct runs alternate, so that a change in the machine's load weighs on both alike.
 
     .venv/bin/python benchmarks/bench_runtime.py [--runs 5] [--text "..."]
 """
@@ -64,13 +65,22 @@ def direct_once(http: httpx.Client, text: str, avatar: dict) -> float:
     tts = http.post("/tts/generate", json={"text": text}, headers={"Accept": "application/json"})
     tts.raise_for_status()
     speech = tts.json()
-    # audio_url keeps the speech on the service: the cheapest direct path (the runtime downloads and re-sends it).
+    # audio_url keeps the speech on the service: the cheapest direct path (the runtime does the same).
     video = http.post("/video/generate", json={**avatar, "audio_url": speech["audio_url"],
                                                 "phonemes": speech["phonemes"], "text": text, "response": "mp4"})
     video.raise_for_status()
     if not video.content:
         raise RuntimeError("the GPU service returned an empty video")
     return time.perf_counter() - started
+
+
+def runtime_once(http: httpx.Client, body: dict) -> tuple[float, dict]:
+    """Seconds for one synchronous submit to the runtime, and the finished job."""
+    started = time.perf_counter()
+    resp = http.post("/api/v1/generate", json=body)
+    elapsed = time.perf_counter() - started
+    resp.raise_for_status()
+    return elapsed, resp.json()
 
 
 def main() -> int:
@@ -92,21 +102,15 @@ def main() -> int:
                              "DATA_DIR": str(tmp / "runtime"), "RUNTIME_API_KEYS": "", "REDIS_URL": "", "LOG_LEVEL": "warning"},
                             rt_url, tmp / "runtime.log"))
         body = {"text": args.text, **_avatar(gpu_url)}
-        with httpx.Client(base_url=rt_url, timeout=600) as http:
-            warm = http.post("/api/v1/generate", json=body)
-            warm.raise_for_status()
-            runs = []
-            for _ in range(args.runs):
-                started = time.perf_counter()
-                resp = http.post("/api/v1/generate", json=body)
-                elapsed = time.perf_counter() - started
-                resp.raise_for_status()
-                job = resp.json()
-                runs.append((elapsed, job))
         avatar = {k: v for k, v in body.items() if k != "text"}
-        with httpx.Client(base_url=gpu_url, timeout=600) as http:
-            direct_once(http, args.text, avatar)  # warm-up, as for the runtime
-            direct = [direct_once(http, args.text, avatar) for _ in range(args.runs)]
+        with httpx.Client(base_url=rt_url, timeout=600) as rt_http, httpx.Client(base_url=gpu_url, timeout=600) as gpu_http:
+            runtime_once(rt_http, body)  # warm-ups
+            direct_once(gpu_http, args.text, avatar)
+            # alternated, so that a change in the machine's load (other processes) weighs on both alike
+            runs, direct = [], []
+            for _ in range(args.runs):
+                runs.append(runtime_once(rt_http, body))
+                direct.append(direct_once(gpu_http, args.text, avatar))
     finally:
         for proc in reversed(procs):
             stop_process(proc)
@@ -128,10 +132,13 @@ def main() -> int:
     direct_median = statistics.median(direct)
     print("baseline: same text straight to the GPU service (/tts/generate then /video/generate, no runtime, no chunking)")
     print(f"  median {direct_median:.3f} s   min {min(direct):.3f} s   max {max(direct):.3f} s   ({args.runs} runs)")
+    paired = statistics.median(r[0] / d for r, d in zip(runs, direct))
     print(f"  runtime / direct ratio {median / direct_median:.3f}  (below 1 would mean the chunk overlap beats the direct calls; above 1 is the runtime's cost)")
+    print(f"  median of the paired ratios {paired:.3f}  (each runtime run over the direct run right after it: steadier under a changing load)")
     print(json.dumps({"speech_s": speech_s, "runs": args.runs, "median_s": round(median, 4), "min_s": round(min(e2e), 4),
                       "max_s": round(max(e2e), 4), "shares": {k: round(v, 4) for k, v in shares.items()},
-                      "direct_median_s": round(direct_median, 4), "runtime_over_direct": round(median / direct_median, 4)}))
+                      "direct_median_s": round(direct_median, 4), "runtime_over_direct": round(median / direct_median, 4),
+                      "paired_ratio_median": round(paired, 4)}))
     return 0
 
 

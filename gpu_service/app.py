@@ -5,36 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from typing import Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
-from avatar_contracts.errors import error_response, guarded_call
+from avatar_contracts.http import RequestContext, install_error_handlers
 from avatar_contracts.logs import setup_logging
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.device import resolve_device
 from gpu_service.registry import EngineRegistry
-from gpu_service.errors import PayloadTooLarge, ServiceError
 from gpu_service.settings import Settings, get_settings
 
 log = logging.getLogger("gpu_service")
-
-
-def _describe_validation(exc: RequestValidationError) -> str:
-    """One readable line per problem, naming the field."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        if err.get("type") == "json_invalid":
-            parts.append(f"body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
-        elif err.get("type") == "extra_forbidden":
-            parts.append(f"unknown field {loc!r}")
-        else:
-            parts.append(f"{loc}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request"
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
@@ -55,6 +37,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             pruner.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(loader, timeout=0.1)
+            for entry in registry.entries():
+                entry.slots.close()
 
     app = FastAPI(title="Avatar GPU service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -62,32 +46,14 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.registry = EngineRegistry.from_settings(settings)
     app.state.artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes, settings.artifact_ttl_s)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = rid
-        length = request.headers.get("content-length")
-        limit = settings.max_request_bytes
-        if request.url.path.startswith("/lipsync/"):  # video uploads: each part is also limited while it streams
-            limit = max(limit, settings.lipsync.max_request_bytes)
-        if length and length.isdigit() and int(length) > limit:
-            exc = PayloadTooLarge(f"request body is {int(length)} bytes; the limit is {limit}")
-            return error_response(request, exc.status_code, exc.error_type, exc.message)
-        return await guarded_call(request, call_next, log)
+    def body_limit(path: str) -> int:
+        """MAX_REQUEST_BYTES, or lip-sync's own larger limit for its video uploads (each part is also limited)."""
+        if path.startswith("/lipsync/"):
+            return max(settings.max_request_bytes, settings.lipsync.max_request_bytes)
+        return settings.max_request_bytes
 
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
-        if exc.status_code >= 500:
-            log.error("request failed", extra={"error_type": exc.error_type, "why": exc.message})
-        return error_response(request, exc.status_code, exc.error_type, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return error_response(request, 422, "validation_error", _describe_validation(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(request, exc.status_code, "http_error", str(exc.detail))
+    app.add_middleware(RequestContext, limit_for=body_limit, log=log)
+    install_error_handlers(app, log, redact=settings.redact_paths)
 
     from gpu_service import health, http
     from gpu_service.lipsync import router as lipsync

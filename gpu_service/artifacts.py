@@ -9,8 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from urllib.parse import urlparse
-
+from avatar_contracts.checks import parse_url
 from gpu_service.errors import NotFound, ValidationFailed
 
 _ID = re.compile(r"^[0-9a-f]{32}\.(wav|mp4|png|json|vtt)$")
@@ -53,7 +52,7 @@ class ArtifactStore:
 
     def audio_url_path(self, url: str) -> Path:
         """The file behind an audio_url this service's /tts returned; any other URL is refused, never fetched."""
-        match = _AUDIO_URL_PATH.match((urlparse(url).path if "://" in url else url) or "")
+        match = _AUDIO_URL_PATH.match(parse_url(url, "audio_url").path)
         if not match:
             raise ValidationFailed("audio_url must be an audio_url returned by this service's /tts (…/artifacts/<id>.wav)")
         try:

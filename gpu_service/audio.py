@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import struct
 
@@ -34,16 +32,6 @@ def wav_stream_header(sample_rate: int, channels: int = 1, bits: int = 16) -> by
 def pcm16(audio: np.ndarray) -> bytes:
     """Float audio as little-endian 16-bit PCM samples."""
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-
-
-def decode_base64(data: str, field: str) -> bytes:
-    """Strict base64 (a `data:...;base64,` prefix is allowed) or a BadMedia naming the field."""
-    if "," in data[:100] and data.startswith("data:"):
-        data = data.split(",", 1)[1]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadMedia(f"{field} is not valid base64") from None
 
 
 def decode_audio(raw: bytes, field: str, min_s: float, max_s: float) -> tuple[np.ndarray, int]:

@@ -42,9 +42,16 @@ class NotReady(ServiceError):
 
 
 class GenerationFailed(ServiceError):
-    """The engine ran and failed on this input."""
+    """The engine ran and failed on this input (an encoder error, no audio for the text).
 
-    status_code = 500
+    424, as TGI answers a failed generation: the same request would fail the same way, so a
+    client must not retry it as it retries a 5xx (the runtime fails the job at once).
+    """
+
+    logged = True
+    """Logged with the request id like a 5xx: the service could not do what it should have."""
+
+    status_code = 424
     error_type = "generation_failed"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -28,12 +28,12 @@ class HealthReport(HealthResponse):
     engines: list[EngineReport] = Field(default_factory=list)
 
 
-def engine_report(entry: AnyEntry) -> EngineReport:
-    """One engine's line of /health: its own health report and its slots."""
+def engine_report(entry: AnyEntry, redact: Callable[[str], str]) -> EngineReport:
+    """One engine's line of /health: its own health report (no server path in its reason) and its slots."""
     h = entry.health()
     return EngineReport(
         name=entry.name, capability=entry.capability, available=h.available, loaded=entry.loaded,
-        reason=h.reason, voices=list(h.voices), languages=list(h.languages),
+        reason=redact(h.reason) if h.reason else h.reason, voices=list(h.voices), languages=list(h.languages),
         slots=entry.slots.slots, busy=entry.slots.busy, queued=entry.slots.waiting,
         device=h.device, providers=list(h.providers),
     )
@@ -53,7 +53,7 @@ def health(request: Request) -> HealthReport:
         models={cap: registry.capability_ready(cap) for cap in CAPABILITIES},
         active_workers=sum(e.slots.busy for e in loaded),
         available_slots=sum(e.slots.slots - e.slots.busy for e in loaded),
-        engines=[engine_report(e) for e in registry.entries()],
+        engines=[engine_report(e, request.app.state.settings.redact_paths) for e in registry.entries()],
     )
 
 
@@ -63,5 +63,5 @@ def ready(request: Request) -> JSONResponse:
     state = request.app.state.registry.readiness()
     if state.ready:
         return JSONResponse({"ready": True})
-    body = {"ready": False, "reason": state.reason, "engine": state.engine, "capability": state.capability}
+    body = {"ready": False, "reason": request.app.state.settings.redact_paths(state.reason or ""), "engine": state.engine, "capability": state.capability}
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})

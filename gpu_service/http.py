@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from gpu_service.artifacts import MEDIA_TYPES, ArtifactStore
 from gpu_service.errors import UnsupportedMediaType
@@ -31,6 +33,22 @@ def mp4_response(mp4: bytes, timings_ms: dict, headers: dict[str, str]) -> Respo
     return Response(mp4, media_type="video/mp4", headers={**headers, "X-Timings-Ms": timing})
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator, also when the client left mid-body.
+
+    Starlette stops iterating on a disconnect but leaves the generator to the garbage collector;
+    closing it here ends the engine's producer at once and gives its slot back.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 def registry(request: Request) -> EngineRegistry:
     """The app's engine registry."""
     return request.app.state.registry
@@ -46,9 +64,12 @@ def artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
 
 
-def artifact_url(request: Request, data: bytes, ext: str) -> str:
-    """Store generated media and return the absolute URL it can be fetched from."""
-    art_id = artifacts(request).put(data, ext)
+async def artifact_url(request: Request, data: bytes, ext: str) -> str:
+    """Store generated media and return the absolute URL it can be fetched from.
+
+    In a thread: the store writes the whole file and prunes its folder, which must not stall the event loop.
+    """
+    art_id = await asyncio.to_thread(artifacts(request).put, data, ext)
     return str(request.url_for("get_artifact", art_id=art_id))
 
 

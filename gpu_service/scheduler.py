@@ -1,16 +1,27 @@
-"""Per-engine slots with a bounded wait queue; engine calls run in worker threads."""
+"""Per-engine slots with a bounded wait queue; engine calls run in the engine's own worker threads.
+
+A slot is held for as long as the engine really works: a request that is cancelled (its client
+went away) gives its slot back only when the worker thread has returned, so `slots` always
+bounds the calls running at once, and a stream's producer is told to stop and its generator
+closed whatever way its consumer ends.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
+import contextvars
+import functools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator, TypeVar
 
 from gpu_service.errors import Overloaded
 
 T = TypeVar("T")
+
+STREAM_AHEAD = 4
+"""Items a stream's producer may make before the consumer takes them (backpressure)."""
 
 
 class EngineSlots:
@@ -22,12 +33,17 @@ class EngineSlots:
         self.queue_size = queue_size
         self.retry_after_s = retry_after_s
         self._sem = asyncio.Semaphore(slots)
+        # One thread per slot: engine work never waits behind (or starves) the loop's shared pool.
+        self._threads = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"{name}-worker")
         self.busy = 0
         self.waiting = 0
 
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[None]:
-        """Hold one slot for the duration of the block, or raise Overloaded at once."""
+    def close(self) -> None:
+        """Let the worker threads end once their current call returns (the app is stopping)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _enter(self) -> None:
+        """Take a slot, waiting in the queue if there is room in it, else raise Overloaded."""
         if self.busy >= self.slots and self.waiting >= self.queue_size:
             raise Overloaded(
                 f"engine {self.name!r} is busy: {self.busy} running and {self.waiting} waiting; retry shortly",
@@ -39,49 +55,92 @@ class EngineSlots:
         finally:
             self.waiting -= 1
         self.busy += 1
+
+    def _leave(self) -> None:
+        """Give a slot back (on the event loop's thread)."""
+        self.busy -= 1
+        self._sem.release()
+
+    def _leave_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the slot any more
+            loop.call_soon_threadsafe(self._leave)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[None]:
+        """Hold one slot for the duration of the block, or raise Overloaded at once."""
+        await self._enter()
         try:
             yield
         finally:
-            self.busy -= 1
-            self._sem.release()
+            self._leave()
 
     async def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Run a blocking engine call in a thread while holding a slot."""
-        async with self.acquire():
-            return await asyncio.to_thread(fn, *args, **kwargs)
+        """Run a blocking engine call in a worker thread while holding a slot (until the thread returns)."""
+        await self._enter()
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        try:
+            future = self._threads.submit(call)
+        except BaseException:
+            self._leave()
+            raise
+        future.add_done_callback(lambda _: self._leave_from_thread(loop))
+        return await asyncio.wrap_future(future)
 
     async def stream(self, make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-        """Drive a blocking generator in a thread, handing items to the event loop as they come."""
-        async with self.acquire():
-            items: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=4)
-            stop = threading.Event()
+        """Drive a blocking generator in a worker thread, handing items to the event loop as they come.
 
-            def produce() -> None:
-                try:
-                    for item in make_iter():
-                        while not stop.is_set():
-                            try:
-                                items.put(("item", item), timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
+        However the consumer ends (exhausted, an error, cancelled, closed by a client that left),
+        the producer stops at its next item, the generator is closed (its own `finally` runs) and
+        the slot is given back when the thread is done. The consumer waits on an asyncio queue, so
+        no thread is ever parked on its behalf.
+        """
+        await self._enter()
+        loop = asyncio.get_running_loop()
+        out: "asyncio.Queue[tuple[str, object]]" = asyncio.Queue()
+        credit = threading.Semaphore(STREAM_AHEAD)
+        stop = threading.Event()
+
+        def deliver(kind: str, value: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                loop.call_soon_threadsafe(out.put_nowait, (kind, value))
+
+        def produce() -> None:
+            items = None
+            try:
+                items = make_iter()
+                for item in items:
+                    while not credit.acquire(timeout=0.1):
                         if stop.is_set():
                             return
-                    items.put(("end", None))
-                except BaseException as exc:  # handed to the consumer, which re-raises it
-                    items.put(("error", exc))
-
-            worker = threading.Thread(target=produce, name=f"{self.name}-stream", daemon=True)
-            worker.start()
-            try:
-                while True:
-                    kind, value = await asyncio.to_thread(items.get)
-                    if kind == "item":
-                        yield value  # type: ignore[misc]
-                    elif kind == "error":
-                        raise value  # type: ignore[misc]
-                    else:
-                        break
+                    if stop.is_set():
+                        return
+                    deliver("item", item)
+                deliver("end", None)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                deliver("error", exc)
             finally:
-                stop.set()
-                await asyncio.to_thread(worker.join, 30)
+                close = getattr(items, "close", None)
+                try:
+                    if close is not None:
+                        close()
+                finally:
+                    self._leave_from_thread(loop)
+
+        try:
+            self._threads.submit(contextvars.copy_context().run, produce)
+        except BaseException:
+            self._leave()
+            raise
+        try:
+            while True:
+                kind, value = await out.get()
+                if kind == "item":
+                    credit.release()
+                    yield value  # type: ignore[misc]
+                elif kind == "error":
+                    raise value  # type: ignore[misc]
+                else:
+                    return
+        finally:
+            stop.set()  # no await here: a cancelled consumer may not wait for anything

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -200,6 +202,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     """Largest request body accepted (base64 media included); larger is a 413."""
 
+    max_image_pixels: int = Field(default=40_000_000, ge=64 * 64, le=1_000_000_000)
+    """Most pixels (width x height) of a portrait (POST /avatars, avatar_image, presets), read from its header
+    before anything decodes it: a 1 MB PNG can claim 30000x30000 pixels. More is a 422 naming the size."""
+
     speaker_wav_min_s: float = Field(default=1.0, gt=0, le=60)
     """Shortest voice-cloning clip accepted."""
 
@@ -267,6 +273,25 @@ class Settings(BaseSettings):
     def avatar_cache_dir(self) -> Path:
         """Where avatar encodings are cached as npz, keyed by image hash."""
         return self.data_dir / "avatars"
+
+    def redact_paths(self, text: str) -> str:
+        """`text` with the service's own directories named by their settings ($DATA_DIR, ...), for clients.
+
+        A safety net under every error answer and health reason: a message built from an OS or
+        library error (ffmpeg's stderr, a failed load) may carry a path that must not leave the server.
+        """
+        roots = {self.data_dir: "$DATA_DIR", self.avatar_model_dir: "$AVATAR_MODEL_DIR",
+                 self.preset_avatars_dir: "$PRESET_AVATARS_DIR", _REPO_ROOT: "<service>",
+                 Path(tempfile.gettempdir()): "$TMPDIR"}
+        names: dict[str, str] = {}
+        for root, name in roots.items():
+            for variant in {str(root), str(Path(root).resolve())}:
+                if len(variant) > 1:
+                    names.setdefault(variant, name)
+        # One pass, the deepest first (data_dir may lie in the repo), whole path components only.
+        alternatives = "|".join(re.escape(p) for p in sorted(names, key=len, reverse=True))
+        pattern = re.compile(rf"(?<![\w.$~/-])(?:{alternatives})(?![\w.-])")
+        return pattern.sub(lambda m: names[m.group(0)], text)
 
     @property
     def xtts_dir(self) -> Path:

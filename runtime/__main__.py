@@ -43,7 +43,10 @@ def main(argv: list[str]) -> int:
     from runtime.app import create_app
 
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False))
+    # uvicorn waits for open requests before it stops; a sync submit waiting on its job must not hold it
+    app.state.shutting_down = lambda: server.should_exit
+    server.run()
     return 0
 
 

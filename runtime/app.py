@@ -8,8 +8,6 @@ back to a default.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hmac
 import json
@@ -20,16 +18,17 @@ import uuid
 from typing import Optional
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from avatar_contracts.gpu import EMOTIONS
-from avatar_contracts.errors import error_response, guarded_call
+from avatar_contracts.http import RequestContext, describe_validation, install_error_handlers
+from avatar_contracts.gpu import EMOTIONS, ErrorResponse
 from avatar_contracts.logs import setup_logging
-from avatar_contracts.runtime import GenerateRequest, JobAccepted
+from avatar_contracts.media import check_image_header, decode_base64
+from avatar_contracts.runtime import GenerateRequest, GPUServiceStatus, JobAccepted, JobResult, RuntimeHealth, RuntimeReady
 from runtime import pipeline, webhooks
-from runtime.db import TERMINAL
+from runtime.db import TERMINAL, key_fingerprint
 from runtime.errors import (
     BadMedia,
     Conflict,
@@ -45,7 +44,6 @@ from runtime.settings import Settings, get_settings
 
 log = logging.getLogger("runtime")
 
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
 _AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -53,52 +51,50 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 def _describe(exc: ValidationError) -> tuple[str, list[str]]:
     """One readable clause per problem, naming the field; and the unknown fields."""
-    parts, unknown = [], []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "body"
-        if err.get("type") == "extra_forbidden":
-            unknown.append(loc)
-            parts.append(f"unknown field {loc!r}")
-        else:
-            parts.append(f"{loc}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request", unknown
+    errors = exc.errors()
+    unknown = [".".join(str(x) for x in e.get("loc", ())) for e in errors if e.get("type") == "extra_forbidden"]
+    return describe_validation(errors), unknown
 
 
-def decode_b64(value: str, field: str, limit: int) -> bytes:
-    """Strict base64 (a data: URL prefix allowed) within a size limit, else a 422 naming the field."""
-    text = value.strip()
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    if len(text) > (limit * 4) // 3 + 8:
-        raise BadMedia(f"{field} is larger than the {limit} byte limit")
+def parse_request(raw: bytes, request_id: str) -> GenerateRequest:
+    """The JSON body as a GenerateRequest, or a 422 naming each problem (CPU-bound: run it off the event loop)."""
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadMedia(f"{field} is not valid base64") from None
-    if not raw:
-        raise BadMedia(f"{field} is empty")
-    return raw
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(f"body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed("body must be a JSON object")
+    try:
+        return GenerateRequest.model_validate(body)
+    except ValidationError as exc:
+        message, unknown = _describe(exc)
+        if unknown:
+            log.warning("unknown request fields", extra={"fields": ",".join(unknown), "request_id": request_id})
+        raise ValidationFailed(message) from None
 
 
-def validate_request(req: GenerateRequest, settings: Settings) -> None:
-    """Checks that need no network: text, avatar choice, media, language, emotion, webhook scheme."""
+def validate_request(req: GenerateRequest, settings: Settings) -> GenerateRequest:
+    """Checks that need no network (text, avatar, media, language, emotion, webhook target); returns the
+    request with the default avatar filled in when it named none."""
     if not req.text.strip():
         raise ValidationFailed("text is empty; send the words to speak")
     if len(req.text) > settings.max_text_chars:
         raise ValidationFailed(
             f"text is {len(req.text)} characters; the maximum is {settings.max_text_chars} (raise MAX_TEXT_CHARS)"
         )
-    if (req.avatar_id is None) == (req.avatar_image is None):
-        raise ValidationFailed("send exactly one of avatar_id or avatar_image" + (
-            " (both were given)" if req.avatar_id is not None else " (neither was given)"))
+    if req.avatar_id is not None and req.avatar_image is not None:
+        raise ValidationFailed("send one of avatar_id or avatar_image, not both (both were given)")
+    if req.avatar_id is None and req.avatar_image is None:
+        if not settings.default_avatar_id:
+            raise ValidationFailed("send avatar_id or avatar_image (neither was given, and DEFAULT_AVATAR_ID is unset)")
+        req = req.model_copy(update={"avatar_id": settings.default_avatar_id})
     if req.avatar_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", req.avatar_id):
         raise ValidationFailed(f"avatar_id {req.avatar_id!r} is not a valid id (letters, digits, . _ -)")
     if req.avatar_image is not None:
-        raw = decode_b64(req.avatar_image, "avatar_image", settings.max_image_bytes)
-        if not raw.startswith(_IMAGE_MAGIC) or (raw.startswith(b"RIFF") and raw[8:12] != b"WEBP"):
-            raise BadMedia("avatar_image is not a JPEG, PNG or WebP image")
+        raw = decode_base64(req.avatar_image, "avatar_image", settings.max_image_bytes)
+        check_image_header(raw, settings.max_image_pixels, "avatar_image")
     if req.speaker_wav is not None:
-        raw = decode_b64(req.speaker_wav, "speaker_wav", settings.max_speaker_wav_bytes)
+        raw = decode_base64(req.speaker_wav, "speaker_wav", settings.max_speaker_wav_bytes)
         if not raw.startswith(_AUDIO_MAGIC):
             raise BadMedia("speaker_wav is not a WAV, FLAC, OGG or MP3 file")
     if not _LANGUAGE.match(req.language):
@@ -107,13 +103,43 @@ def validate_request(req: GenerateRequest, settings: Settings) -> None:
         raise ValidationFailed(f"emotion {req.emotion!r} is not one of {', '.join((*EMOTIONS, 'auto'))}")
     if req.webhook_url is not None:
         webhooks.check_target(req.webhook_url, settings)
+    return req
+
+
+_ERRORS = {"model": ErrorResponse, "description": "The request was refused or failed: {error, error_type, request_id}"}
+
+
+def _openapi(app: FastAPI, secured: bool) -> dict:
+    """The OpenAPI document, with GenerateRequest (parsed by hand, so FastAPI does not see it) among the schemas."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schema = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas["GenerateRequest"] = schema
+        if secured:
+            doc["components"]["securitySchemes"] = {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            }
+            for path, operations in doc["paths"].items():
+                if path.startswith("/api/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _media(media_type: str, what: str) -> dict:
+    """The OpenAPI answer of an output download."""
+    return {200: {"description": what, "content": {media_type: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     """Build the app; the job worker and restart recovery start in the lifespan."""
     settings = settings or get_settings()
     setup_logging(settings.log_level)
-    keys = [k.encode() for k in settings.runtime_api_keys]
+    keys = {key_fingerprint(k): k.encode() for k in settings.runtime_api_keys}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -132,40 +158,33 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 reaper.cancel()
             await asyncio.to_thread(rt.stop)
 
-    app = FastAPI(title="Avatar runtime", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Avatar runtime", version="0.1.0", lifespan=lifespan,
+                  responses={"4XX": _ERRORS, "5XX": _ERRORS})
     app.state.settings = settings
+    # set by `python -m runtime` to the server's exit flag: a sync request stops waiting once it is up
+    app.state.shutting_down = lambda: False
+    app.openapi = lambda: _openapi(app, bool(keys))
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = rid
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return error_response(request, 413, "payload_too_large",
-                          f"request body is {int(length)} bytes; the limit is {settings.max_request_bytes}")
-        if keys and request.url.path.startswith("/api/"):
-            supplied = request.headers.get("x-api-key") or ""
-            auth = request.headers.get("authorization", "")
-            if not supplied and auth.lower().startswith("bearer "):
-                supplied = auth[7:].strip()
-            if not any(hmac.compare_digest(supplied.encode(), k) for k in keys):
-                exc = Unauthorized("a valid API key is required (X-API-Key or Authorization: Bearer)")
-                return error_response(request, exc.status_code, exc.error_type, exc.message, {"WWW-Authenticate": "Bearer"})
-        return await guarded_call(request, call_next, log)
+    def caller(request: Request) -> Optional[str]:
+        """Fingerprint of the request's API key when it is a valid one, else None."""
+        supplied = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization", "")
+        if not supplied and auth.lower().startswith("bearer "):
+            supplied = auth[7:].strip()
+        fingerprint = key_fingerprint(supplied)
+        valid = any(hmac.compare_digest(supplied.encode(), k) for k in keys.values())
+        return fingerprint if valid else None
 
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
-        return error_response(request, exc.status_code, exc.error_type, exc.message, exc.headers)
+    def gate(request: Request) -> Optional[ServiceError]:
+        """Record who is calling (the key's fingerprint); the API itself needs a valid key when keys are set."""
+        request.state.owner = caller(request) if keys else None
+        if keys and request.state.owner is None and request.url.path.startswith("/api/"):
+            return Unauthorized("a valid API key is required (X-API-Key or Authorization: Bearer)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return None
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(request, exc.status_code, "http_error", str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        rid = getattr(request.state, "request_id", "")
-        log.exception("unhandled error", extra={"request_id": rid, "path": request.url.path})
-        return error_response(request, 500, "internal_error", f"unexpected server error; quote request id {rid}")
+    app.add_middleware(RequestContext, limit_for=lambda path: settings.max_request_bytes, log=log, gate=gate)
+    install_error_handlers(app, log)
 
     def base_url(request: Request) -> str:
         return (settings.public_url or str(request.base_url)).rstrip("/")
@@ -173,7 +192,22 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     def runtime(request: Request) -> Runtime:
         return request.app.state.runtime
 
-    @app.post("/api/v1/generate")
+    generate_doc = {
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}}},
+        "parameters": [
+            {"name": "async", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
+             "description": "true: answer 202 at once with the status_url; false (default): wait for the job."},
+            {"name": "Idempotency-Key", "in": "header", "required": False,
+             "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+             "description": "Submits with one key (per API key) and the same body make one job."},
+        ],
+    }
+
+    @app.post("/api/v1/generate", openapi_extra=generate_doc, responses={
+        200: {"model": JobResult, "description": "The finished job (sync)."},
+        202: {"model": JobAccepted, "description": "Accepted (async), or the sync wait ran out; poll status_url."},
+    })
     async def generate(request: Request):
         """Submit text; 200 with the finished job (sync, default) or 202 with its status_url (?async=true)."""
         ctype = request.headers.get("content-type", "")
@@ -184,20 +218,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             raw.extend(piece)
             if len(raw) > settings.max_request_bytes:
                 raise PayloadTooLarge(f"request body is over the {settings.max_request_bytes} byte limit")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValidationFailed(f"body is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise ValidationFailed("body must be a JSON object")
-        try:
-            req = GenerateRequest.model_validate(body)
-        except ValidationError as exc:
-            message, unknown = _describe(exc)
-            if unknown:
-                log.warning("unknown request fields", extra={"fields": ",".join(unknown),
-                                                             "request_id": request.state.request_id})
-            raise ValidationFailed(message) from None
+        req = await asyncio.to_thread(parse_request, bytes(raw), request.state.request_id)
         mode = request.query_params.get("async", "false").lower()
         if mode not in ("true", "false", "1", "0"):
             raise ValidationFailed("async must be true or false")
@@ -205,7 +226,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         key = request.headers.get("idempotency-key")
         if key is not None and not (1 <= len(key) <= 255):
             raise ValidationFailed("Idempotency-Key must be 1 to 255 characters")
-        await asyncio.to_thread(validate_request, req, settings)
+        req = await asyncio.to_thread(validate_request, req, settings)
         rt = runtime(request)
         if req.avatar_id is not None:
             known = await asyncio.to_thread(rt.gpu.avatar_ids)
@@ -214,7 +235,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 shown = ", ".join(sorted(known)[:20]) or "none"
                 raise ValidationFailed(f"unknown avatar_id {req.avatar_id!r}; known avatars: {shown}")
         canonical = req.model_dump(exclude_none=True)
-        row, created = await asyncio.to_thread(rt.store.create, uuid.uuid4().hex, canonical, key, base_url(request))
+        row, created = await asyncio.to_thread(
+            rt.store.create, uuid.uuid4().hex, canonical, key, base_url(request), request.state.owner)
         if created:
             await asyncio.to_thread(rt.enqueue, row["id"])
             log.info("job queued", extra={"job_id": row["id"], "chars": len(req.text), "async": is_async,
@@ -225,9 +247,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             accepted = JobAccepted(task_id=row["id"], status=row["status"], status_url=status_url)
             return JSONResponse(accepted.model_dump(), status_code=202, headers=headers)
         deadline = time.monotonic() + settings.sync_timeout_s
+        stopping = request.app.state.shutting_down
         finished = rt.watch(row["id"])
         try:
-            while row["status"] not in TERMINAL and time.monotonic() < deadline:
+            while row["status"] not in TERMINAL and time.monotonic() < deadline and not stopping():
                 # woken at once when this process finishes it; the DB poll covers workers elsewhere (Redis)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(finished.wait(), timeout=min(0.5, max(0.01, deadline - time.monotonic())))
@@ -235,30 +258,29 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         finally:
             rt.unwatch(row["id"], finished)
         view = job_view(row, base_url(request))
-        if row["status"] not in TERMINAL:  # the sync wait ran out: hand over to polling
+        if row["status"] not in TERMINAL:  # the wait ran out or the server is stopping: hand over to polling
             body = {**view.model_dump(), "status_url": status_url}
             return JSONResponse(body, status_code=202, headers=headers)
         if row["status"] == "failed":
             return JSONResponse(
                 {**view.model_dump(), "error": row["reason"], "error_type": row["error_type"] or "generation_failed",
                  "request_id": request.state.request_id},
-                status_code={"internal_error": 500, "gpu_service_unavailable": 502}.get(row["error_type"], 422),
+                status_code=failed_status(row["error_type"]),
                 headers=headers,
             )
         return JSONResponse(view.model_dump(), status_code=200, headers=headers)
 
     def _job(request: Request, task_id: str) -> dict:
-        if not _JOB_ID.match(task_id):
-            raise NotFound(f"no job {task_id!r}")
-        row = runtime(request).store.get(task_id)
-        if row is None:
+        row = runtime(request).store.get(task_id) if _JOB_ID.match(task_id) else None
+        # another key's job is answered exactly like a job that does not exist
+        if row is None or (keys and row["owner"] != request.state.owner):
             raise NotFound(f"no job {task_id!r}")
         return row
 
-    @app.get("/api/v1/jobs/{task_id}")
-    def job_status(task_id: str, request: Request):
+    @app.get("/api/v1/jobs/{task_id}", response_model=JobResult)
+    def job_status(task_id: str, request: Request) -> JobResult:
         """A job's status: queued, running (with progress), succeeded (with URLs) or failed (with the reason)."""
-        return job_view(_job(request, task_id), base_url(request)).model_dump()
+        return job_view(_job(request, task_id), base_url(request))
 
     def _output(request: Request, task_id: str, name: str, media_type: str) -> FileResponse:
         row = _job(request, task_id)
@@ -270,41 +292,46 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             raise NotFound(f"the outputs of job {task_id} have expired")
         return FileResponse(path, media_type=media_type)
 
-    @app.get("/api/v1/jobs/{task_id}/video")
+    @app.get("/api/v1/jobs/{task_id}/video", response_class=FileResponse,
+             responses=_media("video/mp4", "The MP4 (H.264 + AAC, faststart)."))
     def job_video(task_id: str, request: Request):
         """The finished MP4 (H.264 + AAC, faststart)."""
         return _output(request, task_id, pipeline.VIDEO_NAME, "video/mp4")
 
-    @app.get("/api/v1/jobs/{task_id}/captions.vtt")
+    @app.get("/api/v1/jobs/{task_id}/captions.vtt", response_class=FileResponse,
+             responses=_media("text/vtt", "WebVTT captions."))
     def job_captions(task_id: str, request: Request):
         """WebVTT captions timed from the speech's word timings."""
         return _output(request, task_id, pipeline.CAPTIONS_NAME, "text/vtt")
 
-    @app.get("/api/v1/jobs/{task_id}/timing.json")
+    @app.get("/api/v1/jobs/{task_id}/timing.json", response_class=FileResponse, responses={
+        200: {"description": "Phoneme, word and chunk timings.", "content": {"application/json": {"schema": {"type": "object"}}}}})
     def job_timing(task_id: str, request: Request):
         """Phoneme and word timings in seconds of the final video (fps, duration_s, phonemes, words, chunks)."""
         return _output(request, task_id, pipeline.TIMING_NAME, "application/json")
 
-    @app.get("/api/v1/jobs/{task_id}/thumbnail.jpg")
+    @app.get("/api/v1/jobs/{task_id}/thumbnail.jpg", response_class=FileResponse,
+             responses=_media("image/jpeg", "A JPEG frame of the video."))
     def job_thumbnail(task_id: str, request: Request):
         """A JPEG frame of the video."""
         return _output(request, task_id, pipeline.THUMBNAIL_NAME, "image/jpeg")
 
-    @app.get("/health")
-    async def health(request: Request):
-        """Always 200 while the process runs: the runtime's parts and whether the GPU service answers."""
+    @app.get("/health", response_model=RuntimeHealth, response_model_exclude_none=True)
+    async def health(request: Request) -> RuntimeHealth:
+        """Always 200 while the process runs. With API keys set, only the status unless the caller sends a key;
+        with one (or without keys): the broker, worker, job counts and the GPU service's URL and health."""
         rt = runtime(request)
         answers, body = await asyncio.to_thread(rt.gpu.health)
-        counts = await asyncio.to_thread(rt.store.counts)
-        return {
-            "status": "healthy" if answers else "degraded",
-            "broker": rt.broker_name,
-            "worker": rt.worker is not None,
-            "jobs": counts,
-            "gpu_service": {"url": settings.gpu_service_url, "reachable": answers, "health": body},
-        }
+        status = "healthy" if answers else "degraded"
+        if keys and request.state.owner is None:
+            return RuntimeHealth(status=status)
+        return RuntimeHealth(
+            status=status, broker=rt.broker_name, worker=rt.worker is not None,
+            jobs=await asyncio.to_thread(rt.store.counts),
+            gpu_service=GPUServiceStatus(url=settings.gpu_service_url, reachable=answers, health=body),
+        )
 
-    @app.get("/ready")
+    @app.get("/ready", responses={200: {"model": RuntimeReady}, 503: {"model": RuntimeReady}})
     async def ready(request: Request):
         """200 when the job store, broker and worker work; reports whether the GPU service is ready too."""
         rt = runtime(request)
@@ -312,19 +339,26 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         try:
             await asyncio.to_thread(rt.store.ping)
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"job database: {exc}")
+            problems.append(f"job database: {type(exc).__name__}")
         if settings.run_worker and rt.worker is None:
             problems.append("worker not running")
         if settings.redis_url:
             try:
                 await asyncio.to_thread(rt.broker.client.ping)
             except Exception as exc:  # noqa: BLE001
-                problems.append(f"redis: {exc}")
+                problems.append(f"redis: {type(exc).__name__}")
         gpu_ready = await asyncio.to_thread(rt.gpu.ready)
-        body = {"ready": not problems, "gpu_service_ready": gpu_ready, "problems": problems}
-        return JSONResponse(body, status_code=200 if not problems else 503, headers={} if not problems else {"Retry-After": "1"})
+        body = RuntimeReady(ready=not problems, gpu_service_ready=gpu_ready, problems=problems)
+        return JSONResponse(body.model_dump(), status_code=200 if not problems else 503,
+                            headers={} if not problems else {"Retry-After": "1"})
 
     return app
+
+
+def failed_status(error_type: Optional[str]) -> int:
+    """HTTP status of a sync submit whose job failed: the GPU service could not generate it (424), could not be
+    reached (502), the runtime broke (500), or the inputs were refused (422)."""
+    return {"internal_error": 500, "gpu_service_unavailable": 502, "generation_failed": 424}.get(error_type or "", 422)
 
 
 async def _prune_forever(rt: Runtime, every_s: float = 600.0) -> None:

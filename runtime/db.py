@@ -2,8 +2,9 @@
 
 The broker only carries job ids; whatever it delivers, a worker first asks this table whether
 the job still needs doing and takes a lease on it, so a message delivered twice never makes
-two outputs. Idempotency keys are a UNIQUE column: concurrent identical submits race on the
-insert and all but one lose, inside SQLite, with no lock of ours.
+two outputs. Idempotency keys are UNIQUE per API key (an index over the owner and the key):
+concurrent identical submits race on the insert and all but one lose, inside SQLite, with no
+lock of ours.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from runtime.errors import Conflict
 
 TERMINAL = ("succeeded", "failed")
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS jobs (
     id               TEXT PRIMARY KEY,
-    idempotency_key  TEXT UNIQUE,
+    owner            TEXT,
+    idempotency_key  TEXT,
     request_hash     TEXT NOT NULL,
     request_json     TEXT NOT NULL,
     status           TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed')),
@@ -44,9 +46,45 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at       REAL NOT NULL,
     started_at       REAL,
     finished_at      REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+)
 """
+# `owner` is the fingerprint of the API key that made the job (NULL when the runtime has no keys);
+# an idempotency key is unique per owner, so two clients never see each other's jobs through one.
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (ifnull(owner, ''), idempotency_key)",
+)
+
+
+def key_fingerprint(api_key: str) -> str:
+    """What a job records of the API key that made it: a SHA-256 digest, never the key."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create the table, or bring one written by an older runtime up to date, in one transaction.
+
+    Files from before job ownership have no `owner` column and a UNIQUE idempotency_key across
+    all callers; SQLite cannot drop a column constraint, so the table is rebuilt and its rows copied
+    (their owner stays NULL: they are visible only while the runtime runs without API keys).
+    """
+    conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait and then find it done
+    try:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+        if columns and "owner" not in columns:
+            conn.execute("ALTER TABLE jobs RENAME TO jobs_v1")
+            conn.execute(_TABLE)
+            listed = ", ".join(columns)
+            conn.execute(f"INSERT INTO jobs ({listed}) SELECT {listed} FROM jobs_v1")
+            conn.execute("DROP TABLE jobs_v1")
+        else:
+            conn.execute(_TABLE)
+        for statement in _INDEXES:
+            conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -64,7 +102,7 @@ class JobStore:
         self._local = threading.local()
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(_SCHEMA)
+        _migrate(conn)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -84,22 +122,24 @@ class JobStore:
     # -- submit ---------------------------------------------------------------------------
 
     def create(
-        self, job_id: str, body: dict[str, Any], idempotency_key: Optional[str], base_url: Optional[str] = None
+        self, job_id: str, body: dict[str, Any], idempotency_key: Optional[str], base_url: Optional[str] = None,
+        owner: Optional[str] = None,
     ) -> tuple[dict, bool]:
-        """Insert a queued job; with a key already used, return that job (same body) or raise Conflict."""
+        """Insert a queued job for `owner` (a key fingerprint); with an idempotency key that owner already
+        used, return that job (same body) or raise Conflict."""
         digest = request_hash(body)
         now = time.time()
         try:
             self._conn().execute(
-                "INSERT INTO jobs (id, idempotency_key, request_hash, request_json, status, webhook_url, base_url,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, idempotency_key, digest, json.dumps(body), body.get("webhook_url"), base_url, now, now),
+                "INSERT INTO jobs (id, owner, idempotency_key, request_hash, request_json, status, webhook_url,"
+                " base_url, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, owner, idempotency_key, digest, json.dumps(body), body.get("webhook_url"), base_url, now, now),
             )
             return self.get(job_id), True
         except sqlite3.IntegrityError:
             if idempotency_key is None:
                 raise
-            row = self._conn().execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+            row = self._idempotent(idempotency_key, owner)
             if row is None:  # pragma: no cover - a UNIQUE failure implies the row exists
                 raise
             if row["request_hash"] != digest:
@@ -128,9 +168,14 @@ class JobStore:
         rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {r[0]: r[1] for r in rows}
 
-    def count_idempotent(self, key: str) -> int:
-        """Jobs recorded under an idempotency key (0 or 1: the column is UNIQUE)."""
-        return self._conn().execute("SELECT COUNT(*) FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()[0]
+    def _idempotent(self, key: str, owner: Optional[str]) -> Optional[sqlite3.Row]:
+        return self._conn().execute(
+            "SELECT * FROM jobs WHERE ifnull(owner, '') = ? AND idempotency_key = ?", (owner or "", key)
+        ).fetchone()
+
+    def count_idempotent(self, key: str, owner: Optional[str] = None) -> int:
+        """Jobs one owner recorded under an idempotency key (0 or 1: the pair is UNIQUE)."""
+        return 0 if self._idempotent(key, owner) is None else 1
 
     def expired(self, before: float) -> list[str]:
         """Finished jobs older than `before` (their outputs are due for removal)."""

@@ -1,8 +1,9 @@
 """The runtime's HTTP client of the GPU service, speaking the shared contracts.
 
-Every failure is classified once, here: connection errors, timeouts, 5xx and 429 are
-transient (the job waits and retries); any other 4xx means the job's inputs are wrong and it
-fails at once with the GPU service's own message.
+Every failure is classified once, here: connection errors, timeouts, 5xx, 408 and 429 are
+transient (the job waits and retries); any other 4xx is final and the job fails at once with
+the GPU service's own message: the inputs are wrong (422), or the engine failed on them in a
+way that will recur (424 generation_failed).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class GPUClient:
             return response
         text, etype = _message(response)
         status = response.status_code
-        transient = status >= 500 or status in (408, 429)
+        transient = status >= 500 or status in (408, 429)  # 424: the same input fails the same way again
         raise GPUServiceError(
             f"{what}: GPU service answered {status} {etype}: {text}",
             transient=transient,

@@ -21,6 +21,7 @@ from typing import Optional
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
+from avatar_contracts.errors import redact_paths
 from avatar_contracts.runtime import JobResult, WebhookEvent
 from runtime import pipeline, webhooks
 from runtime.db import TERMINAL, JobStore
@@ -223,7 +224,7 @@ class Runtime:
                 log.warning("job lease lost; another worker has it", extra={"job_id": job_id})
             elif exc.transient and claimed["attempts"] <= self.settings.job_max_retries:
                 delay = self._backoff_s(claimed["attempts"], exc.retry_after_s)
-                detail = f"waiting {delay:.1f}s to retry (attempt {claimed['attempts']}): {exc.message}"
+                detail = redact_paths(f"waiting {delay:.1f}s to retry (attempt {claimed['attempts']}): {exc.message}")
                 if self.store.release(job_id, self.owner, detail):
                     log.warning("job will retry", extra={"job_id": job_id, "why": exc.message, "delay_s": delay})
                     self.run_job.send_with_options(args=(job_id,), delay=int(delay * 1000))
@@ -237,6 +238,8 @@ class Runtime:
             stop.set()
 
     def _fail(self, job_id: str, reason: str, error_type: str) -> None:
+        # reasons reach clients (status, webhook); the GPU service's messages may name its model files
+        reason = redact_paths(reason)
         if self.store.fail(job_id, reason, error_type, owner=self.owner):
             log.warning("job failed", extra={"job_id": job_id, "why": reason, "error_type": error_type})
             self._notify(job_id)

@@ -1,5 +1,10 @@
 """One job's generation: text -> chunks -> (speech -> video) per chunk -> one MP4 + captions + timings + thumbnail.
 
+Stages overlap: speech runs ahead of video (the next chunks' speech is made while this chunk's
+video renders), a chunk's video is asked for with the speech's own audio_url (the audio stays on
+the GPU service; nothing is uploaded back), and the WAV the final mux needs is downloaded while
+the video renders.
+
 Each finished chunk is saved in the job's folder (its metadata file written last, atomically),
 so a retried or recovered job resumes at the first missing chunk and never generates a
 finished one again. The final files are written atomically under fixed names: however many
@@ -8,12 +13,11 @@ times a job runs, it has one output.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,9 +29,10 @@ from avatar_contracts.gpu import TTSRequest, TTSResponse, VideoRequest
 from avatar_contracts.runtime import GenerateRequest
 from runtime import media
 from runtime.captions import Word, align_words, to_webvtt
+from runtime.errors import GPUServiceError
 from runtime.gpu_client import GPUClient
 from runtime.settings import Settings
-from runtime.text import chunk_text
+from avatar_contracts.text import chunk_text
 
 log = logging.getLogger("runtime.pipeline")
 
@@ -48,46 +53,55 @@ def _chunk_paths(workdir: Path, index: int) -> tuple[Path, Path, Path]:
     return workdir / f"{stem}.wav", workdir / f"{stem}.mp4", workdir / f"{stem}.json"
 
 
+SPEECH_AHEAD = 2
+"""Chunks whose speech may be made before their video starts: enough to keep speech busy while
+video renders, few enough that one job does not hold the speech engine for all its text."""
+
+
 @dataclass
 class Speech:
     """One chunk's synthesized speech, waiting for its video."""
 
     tts: TTSResponse
-    wav: bytes
     elapsed_ms: float
 
 
 def synthesize_chunk(gpu: GPUClient, req: GenerateRequest, text: str) -> Speech:
-    """Speech for one chunk: the JSON (phonemes) and the WAV bytes."""
+    """Speech for one chunk: its audio_url and phonemes (the audio stays on the GPU service)."""
     t0 = time.perf_counter()
     speech = gpu.tts(
         TTSRequest(text=text, language=req.language, engine=req.engine, voice=req.voice, speaker_wav=req.speaker_wav)
     )
-    wav = gpu.fetch(speech.audio_url, "speech download")
-    return Speech(speech, wav, (time.perf_counter() - t0) * 1000)
+    return Speech(speech, (time.perf_counter() - t0) * 1000)
 
 
 def render_chunk(
-    gpu: GPUClient, req: GenerateRequest, text: str, speech: Speech, fps: int, workdir: Path, index: int
+    gpu: GPUClient, req: GenerateRequest, text: str, speech: Speech, wav: "Future[bytes]", fps: int,
+    workdir: Path, index: int,
 ) -> dict:
-    """Video for one chunk's speech; saves wav, mp4 and (last) the metadata json."""
+    """Video for one chunk's speech (by its audio_url); saves wav, mp4 and (last) the metadata json."""
     wav_path, mp4_path, meta_path = _chunk_paths(workdir, index)
     t1 = time.perf_counter()
-    meta, mp4 = gpu.video(
-        VideoRequest(
-            avatar_id=req.avatar_id,
-            avatar_image=req.avatar_image,
-            audio=base64.b64encode(speech.wav).decode("ascii"),
-            phonemes=speech.tts.phonemes,
-            text=text,
-            emotion=req.emotion or "neutral",
-            fps=fps,
-            include_audio=False,
-            response="json",
+    try:
+        meta, mp4 = gpu.video(
+            VideoRequest(
+                avatar_id=req.avatar_id,
+                avatar_image=req.avatar_image,
+                audio_url=speech.tts.audio_url,
+                phonemes=speech.tts.phonemes,
+                text=text,
+                emotion=req.emotion or "neutral",
+                fps=fps,
+                include_audio=False,
+                response="json",
+            )
         )
-    )
+    except GPUServiceError as exc:
+        if exc.status == 404 and "audio_url" in exc.message:  # the speech expired there: a retry makes it anew
+            exc.transient = True
+        raise
     t2 = time.perf_counter()
-    media.write_atomic(wav_path, speech.wav)
+    media.write_atomic(wav_path, wav.result())
     media.write_atomic(mp4_path, mp4)
     if meta is not None:
         frames, rate, width, height = meta.frames, meta.fps, meta.width, meta.height
@@ -160,7 +174,7 @@ def assemble(workdir: Path, records: list[dict]) -> dict:
     """Join the chunks into the final MP4 (+ captions, speech timings and thumbnail); returns facts about it."""
     t0 = time.perf_counter()
     fps = records[0]["fps"]
-    parts, pcm = [], []
+    parts, pcm, starts = [], [], []
     rate: Optional[int] = None
     offset = 0.0
     for rec in records:
@@ -173,18 +187,17 @@ def assemble(workdir: Path, records: list[dict]) -> dict:
             raise media.MediaError(f"chunk {rec['index']} has sample rate {sr}, expected {rate}")
         pcm.append(media.fit_audio(audio, sr, seconds))
         parts.append(mp4_path)
+        starts.append(offset)
         offset += seconds
     full_wav = workdir / "speech.wav"
     sf.write(full_wav, np.concatenate(pcm), rate, subtype="PCM_16")
-    if len(parts) == 1:  # nothing to join: the mux takes the chunk's video stream as it is
-        video_only = parts[0]
-    else:
-        video_only = workdir / "video_only.mp4"
-        media.concat_video(parts, video_only)
     t1 = time.perf_counter()
-    # the thumbnail comes from the same frames as the final video; extracting it beside the mux saves a step
-    thumb = media.start_thumbnail(video_only, workdir / THUMBNAIL_NAME, min(1.0, offset / 2))
-    media.mux(video_only, full_wav, workdir / VIDEO_NAME)
+    # the thumbnail's frame, taken from the chunk that holds it while the mux runs: the mux copies those
+    # very frames into the final video, so it is the same picture
+    at_s = min(1.0, offset / 2)
+    k = max(i for i, start in enumerate(starts) if start <= at_s)
+    thumb = media.start_thumbnail(parts[k], workdir / THUMBNAIL_NAME, at_s - starts[k])
+    media.mux_chunks(parts, full_wav, workdir / VIDEO_NAME)
     t2 = time.perf_counter()
     timeline = speech_timeline(records)
     words = [Word(w["text"], w["start_s"], w["end_s"]) for w in timeline["words"]]
@@ -218,12 +231,18 @@ def run(
     total = len(chunks)
     records: list[dict] = []
     resumed = 0
-    pending = [i for i in range(total) if not _chunk_paths(workdir, i)[2].exists()]
-    # speech runs one chunk ahead of video: the next chunk's TTS overlaps this chunk's rendering
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tts-{job_id[:8]}") as ahead:
-        futures = {}
-        if pending:
-            futures[pending[0]] = ahead.submit(synthesize_chunk, gpu, req, chunks[pending[0]])
+    pending = iter([i for i in range(total) if not _chunk_paths(workdir, i)[2].exists()])
+    # one speech call at a time, up to SPEECH_AHEAD chunks ahead of the video being rendered
+    speech_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tts-{job_id[:8]}")
+    wav_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wav-{job_id[:8]}")
+    ahead: dict[int, Future[Speech]] = {}
+
+    def top_up() -> None:
+        while len(ahead) < SPEECH_AHEAD and (following := next(pending, None)) is not None:
+            ahead[following] = speech_pool.submit(synthesize_chunk, gpu, req, chunks[following])
+
+    try:
+        top_up()
         for index, text in enumerate(chunks):
             meta_path = _chunk_paths(workdir, index)[2]
             if meta_path.exists():  # finished in an earlier attempt
@@ -231,12 +250,14 @@ def run(
                 resumed += 1
                 continue
             progress(index, total, f"generating chunk {index + 1} of {total}")
-            speech = futures.pop(index).result()
-            following = pending[pending.index(index) + 1] if pending.index(index) + 1 < len(pending) else None
-            if following is not None:
-                futures[following] = ahead.submit(synthesize_chunk, gpu, req, chunks[following])
-            records.append(render_chunk(gpu, req, text, speech, settings.fps, workdir, index))
+            speech = ahead.pop(index).result()
+            top_up()
+            wav = wav_pool.submit(gpu.fetch, speech.tts.audio_url, "speech download")  # for the mux, meanwhile
+            records.append(render_chunk(gpu, req, text, speech, wav, settings.fps, workdir, index))
             log.info("chunk done", extra={"job_id": job_id, "chunk": index + 1, "chunks": total})
+    finally:  # a failed chunk fails the attempt: speech not yet started is not made for nothing
+        speech_pool.shutdown(wait=True, cancel_futures=True)
+        wav_pool.shutdown(wait=True, cancel_futures=True)
     progress(total, total, "joining chunks")
     facts = assemble(workdir, records)
     # tts and video are each summed over chunks; after the first chunk they overlap in time
@@ -253,7 +274,7 @@ def drop_scratch(settings: Settings, job_id: str) -> None:
     workdir = settings.jobs_dir / job_id
     for path in workdir.glob("chunk_*"):
         path.unlink(missing_ok=True)
-    for scratch in ("speech.wav", "video_only.mp4"):
+    for scratch in ("speech.wav", "video_only.mp4"):  # video_only.mp4: from earlier versions
         (workdir / scratch).unlink(missing_ok=True)
 
 

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     """Largest decoded avatar_image."""
 
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64, le=1 << 30)
+    """Largest avatar_image in pixels (width x height), read from its header before anything decodes it."""
+
+    default_avatar_id: Optional[str] = Field(default="astronaut", pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    """Avatar of a request that sends neither avatar_id nor avatar_image (a preset of the GPU service).
+    Empty: such requests are refused."""
+
     max_speaker_wav_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     """Largest decoded speaker_wav."""
 
@@ -127,7 +134,7 @@ class Settings(BaseSettings):
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
 
-    @field_validator("redis_url", "webhook_secret", "public_url", mode="before")
+    @field_validator("redis_url", "webhook_secret", "public_url", "default_avatar_id", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         """An empty variable (as compose writes `REDIS_URL=`) means unset."""

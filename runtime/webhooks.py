@@ -11,10 +11,9 @@ import hashlib
 import hmac
 import ipaddress
 import socket
-from urllib.parse import urlsplit
-
 import httpx
 
+from avatar_contracts.checks import parse_url
 from runtime.errors import ValidationFailed
 from runtime.settings import Settings
 
@@ -42,9 +41,7 @@ def _is_public(address: str) -> bool:
 
 def check_target(url: str, settings: Settings) -> None:
     """Refuse a webhook URL that is not http(s) or that resolves to a private/loopback/link-local address."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationFailed(f"webhook_url must be an http(s) URL with a host, got {url!r}")
+    parts = parse_url(url, "webhook_url", require_host=True)
     if parts.username or parts.password:
         raise ValidationFailed("webhook_url must not carry credentials")
     if not settings.webhook_secret:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -45,9 +45,45 @@ async def running_app(settings) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
+@contextlib.contextmanager
+def serving_app(settings, timeout_s: float = 120.0) -> Iterator[str]:
+    """The GPU service app behind a real uvicorn server on a free port, in a thread of this process, until ready.
+
+    Real HTTP (chunked bodies, disconnects) while the test can still reach into the app (monkeypatch
+    an engine); yields the base URL, with the app as `serving_app.app`.
+    """
+    import threading
+    import time
+
+    import uvicorn
+
+    from gpu_service.app import create_app
+    from tests.helpers import free_port, wait_ready
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/ready", timeout_s)
+        serving_app.app = app
+        yield url
+    finally:
+        server.should_exit = True
+        deadline = time.monotonic() + 15
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.2)
+
+
 @pytest.fixture
 def gpu_settings(tmp_path: Path):
-    """Settings for an in-process GPU service with only Piper and a private data dir."""
+    """Settings for an in-process GPU service on the CPU, with only Piper and a private data dir.
+
+    The device is pinned: the tests assert CPU results and must hold on a host with a GPU too.
+    """
     from gpu_service.settings import Settings
 
-    return Settings(tts_engines=["piper"], data_dir=tmp_path / "data", preset_avatars_dir=tmp_path / "presets")
+    return Settings(device="cpu", tts_engines=["piper"], data_dir=tmp_path / "data",
+                    preset_avatars_dir=tmp_path / "presets")

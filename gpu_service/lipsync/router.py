@@ -41,7 +41,7 @@ async def generate_lipsync(request: Request):
             },
         )
     return LipSyncResponse(
-        video_url=artifact_url(request, result.mp4, "mp4"),
+        video_url=await artifact_url(request, result.mp4, "mp4"),
         duration_s=round(result.duration_s, 4), fps=result.fps, frames=result.frames,
         frames_without_face=result.frames_without_face, source_frames=result.source_frames,
         width=result.width, height=result.height, length_policy=result.length_policy, engine=result.engine,

@@ -18,6 +18,7 @@ from typing import Optional
 
 from pydantic import TypeAdapter, ValidationError
 
+from avatar_contracts.checks import check_text
 from avatar_contracts.gpu import LENGTH_POLICIES, PhonemeTiming
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.errors import BadMedia, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
@@ -103,7 +104,12 @@ async def read_multipart(request, folder: Path, limits: dict[str, int]) -> LipSy
             part["sink"].close()
             form.sizes[name] = part["size"]
         elif name is not None:
-            form.fields[name] = part["text"].decode("utf-8", errors="replace")
+            # The JSON endpoints' checks, by hand: strict UTF-8 (a surrogate's bytes are not), no NUL or controls.
+            try:
+                text = bytes(part["text"]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValidationFailed(f"{name} is not valid UTF-8 text") from None
+            form.fields[name] = check_text(text, name, speakable=False)
 
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,

@@ -1,6 +1,6 @@
 """Media probing and streaming IO for lip-sync: ffmpeg pipes in and out, never a whole video in memory.
 
-Probing parses `ffmpeg -i` (the bundled binary has no ffprobe). Decoding is one ffmpeg process
+Probing is in process (avatar_contracts.probe, PyAV). Decoding is one ffmpeg process
 per pass writing rawvideo rgb24 to a pipe, read one frame at a time. Longer audio than video is
 met by replaying the source in the order of the length policy; a reversed (pingpong) pass is
 decoded in short chunks from the end, each chunk held in memory and yielded backwards, so memory
@@ -10,16 +10,16 @@ stays at one chunk whatever the clip's length.
 from __future__ import annotations
 
 import logging
-import re
 import subprocess
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 import numpy as np
 
+from avatar_contracts.probe import MediaInfo, probe
 from gpu_service.errors import BadMedia, GenerationFailed, UnsupportedMediaType
 from gpu_service.talking_head.video import ffmpeg_exe
 
@@ -35,75 +35,8 @@ VIDEO_CONTAINERS = ("mov", "mp4", "matroska", "webm")
 VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg", "prores")
 AUDIO_CONTAINERS = ("wav", "mp3", "flac", "ogg")
 
-_DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
-_SIZE = re.compile(r"\b(\d{2,5})x(\d{2,5})\b")
-_FPS = re.compile(r"([\d.]+)\s*(?:fps|tbr)\b")
-_RATE = re.compile(r"(\d+)\s*Hz")
-_ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
-
-
-@dataclass
-class MediaInfo:
-    """What `ffmpeg -i` says about a file: container, streams, duration."""
-
-    container: str = ""
-    duration_s: Optional[float] = None
-    video_codec: Optional[str] = None
-    width: int = 0
-    height: int = 0
-    fps: Optional[float] = None
-    rotation: float = 0.0
-    audio_codec: Optional[str] = None
-    sample_rate: Optional[int] = None
-    text: str = field(default="", repr=False)
-
-    @property
-    def display_size(self) -> tuple[int, int]:
-        """Width, height as decoded frames come out (ffmpeg applies the rotation metadata)."""
-        if round(abs(self.rotation)) % 180 == 90:
-            return self.height, self.width
-        return self.width, self.height
-
-
-def probe(path: Path) -> MediaInfo:
-    """Parse `ffmpeg -i` on a file; BadMedia when ffmpeg cannot read it at all."""
-    try:
-        res = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True,
-                             errors="replace", timeout=30)
-    except subprocess.TimeoutExpired:
-        raise BadMedia(f"{path.name}: probing took too long; the file is likely corrupt") from None
-    text = res.stderr
-    info = MediaInfo(text=text)
-    m = re.search(r"Input #0, ([^ ]+?), from", text)
-    if not m:
-        return info
-    info.container = m.group(1)
-    m = _DURATION.search(text)
-    if m:
-        info.duration_s = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("Stream #0"):
-            m = _ROTATION.search(line)
-            if m:
-                info.rotation = float(m.group(1))
-            continue
-        if "Video:" in line and info.video_codec is None and "(attached pic)" not in line:
-            desc = line.split("Video:", 1)[1].strip()
-            info.video_codec = desc.split()[0].rstrip(",")
-            size = _SIZE.search(desc)
-            if size:
-                info.width, info.height = int(size.group(1)), int(size.group(2))
-            fps = _FPS.search(desc)
-            if fps:
-                info.fps = float(fps.group(1))
-        elif "Audio:" in line and info.audio_codec is None:
-            desc = line.split("Audio:", 1)[1].strip()
-            info.audio_codec = desc.split()[0].rstrip(",")
-            rate = _RATE.search(desc)
-            if rate:
-                info.sample_rate = int(rate.group(1))
-    return info
+MIN_SIDE = 64
+"""Fewest pixels per side of an input video: smaller has no face to track."""
 
 
 def exact_fps(fps: float) -> Fraction:
@@ -168,8 +101,8 @@ class VideoSource:
             proc.wait()
             reader.join(5)
         if proc.returncode not in (0, None) and n == 0 and not (max_frames and proc.returncode < 0):
-            detail = (errors[0] if errors else b"").decode(errors="replace").strip()[-300:]
-            raise BadMedia(f"video could not be decoded (corrupt or truncated file): {detail}")
+            detail = (errors[0] if errors else b"").decode(errors="replace").replace(str(self.path), "video")
+            raise BadMedia(f"video could not be decoded (corrupt or truncated file): {detail.strip()[-300:]}")
 
     def forward(self) -> Iterator[np.ndarray]:
         """Every frame, first to last."""
@@ -277,7 +210,8 @@ def decode_audio_file(path: Path, field: str = "audio", max_s: float = 600.0) ->
         capture_output=True, timeout=120,
     )
     if res.returncode != 0:
-        raise BadMedia(f"{field} could not be decoded (corrupt audio): {res.stderr.decode(errors='replace')[-200:]}")
+        detail = res.stderr.decode(errors="replace").replace(str(path), field)  # the temp path stays on the server
+        raise BadMedia(f"{field} could not be decoded (corrupt audio): {detail.strip()[-200:]}")
     audio = np.frombuffer(res.stdout, np.float32).copy()
     if audio.size == 0:
         raise BadMedia(f"{field} contains no audio samples")
@@ -305,8 +239,8 @@ def open_video(path: Path, *, max_s: float, max_pixels: int, fps: Optional[float
     if not info.width or not info.height:
         raise BadMedia(f"{field}: the frame size could not be read (corrupt file?)")
     w, h = info.display_size
-    if w < 64 or h < 64:
-        raise BadMedia(f"{field} is {w}x{h}; each side must be at least 64 pixels")
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise BadMedia(f"{field} is {w}x{h} pixels; lip-sync needs at least {MIN_SIDE}x{MIN_SIDE}")
     if w * h > max_pixels:
         raise BadMedia(f"{field} is {w}x{h} ({w * h} pixels); at most {max_pixels} pixels per frame are accepted")
     if info.duration_s is None or info.duration_s <= 0:
@@ -316,4 +250,5 @@ def open_video(path: Path, *, max_s: float, max_pixels: int, fps: Optional[float
     rate = fps if fps is not None else info.fps
     if rate is None or not (1.0 <= rate <= 120.0):
         raise BadMedia(f"{field}: frame rate {rate!r} is unreadable or out of range; pass fps explicitly")
-    return VideoSource(path=path, info=info, fps=exact_fps(rate), size=(w - w % 2, h - h % 2))
+    exact = info.frame_rate if fps is None and info.frame_rate else exact_fps(rate)
+    return VideoSource(path=path, info=info, fps=exact, size=(w - w % 2, h - h % 2))

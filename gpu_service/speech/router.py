@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from avatar_contracts import TTSRequest, TTSResponse
-from gpu_service.http import artifact_url, registry, require_json, settings
+from gpu_service.http import ClosingStreamingResponse, artifact_url, registry, require_json, settings
 from gpu_service.speech.service import SpeechService
 
 router = APIRouter(tags=["speech"])
@@ -21,7 +23,7 @@ def service(request: Request) -> SpeechService:
 async def generate(body: TTSRequest, request: Request):
     """Synthesize speech; JSON with an audio_url, or the WAV itself with `Accept: audio/wav`."""
     outcome = await service(request).synthesize(body)
-    wav = outcome.wav()
+    wav = await asyncio.to_thread(outcome.wav)
     if "audio/wav" in request.headers.get("accept", ""):
         return Response(
             wav,
@@ -34,7 +36,7 @@ async def generate(body: TTSRequest, request: Request):
             },
         )
     return TTSResponse(
-        audio_url=artifact_url(request, wav, "wav"),
+        audio_url=await artifact_url(request, wav, "wav"),
         duration_s=round(outcome.result.duration_s, 4),
         sample_rate=outcome.result.sample_rate,
         generation_time_ms=round(outcome.generation_time_ms, 2),
@@ -50,8 +52,8 @@ async def generate(body: TTSRequest, request: Request):
 async def stream(body: TTSRequest, request: Request):
     """Stream a WAV as it is synthesized: sentence by sentence (the first sentence by clause)."""
     speech = service(request)
-    entry, job = speech.prepare(body)  # validation errors surface before streaming starts
-    return StreamingResponse(
+    entry, job = await speech.prepare(body)  # validation errors surface before streaming starts
+    return ClosingStreamingResponse(
         speech.stream_wav(entry, job),
         media_type="audio/wav",
         headers={"X-Engine": entry.name, "Cache-Control": "no-store"},

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import numpy as np
+
 from avatar_contracts import PhonemeTiming, TTSRequest
-from gpu_service.audio import decode_audio, decode_base64, pcm16, wav_bytes, wav_stream_header
+from avatar_contracts.media import decode_base64
+from gpu_service.audio import decode_audio, pcm16, wav_bytes, wav_stream_header
 from gpu_service.errors import ValidationFailed
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
@@ -41,8 +46,13 @@ class SpeechService:
         self.registry = registry
         self.settings = settings
 
-    def prepare(self, body: TTSRequest) -> tuple[EngineEntry[SpeechEngine], SpeechRequest]:
-        """Check the request against limits and the engine; decode any speaker clip."""
+    def speaker_clip(self, value: str) -> tuple[np.ndarray, int]:
+        """A base64 speaker clip as mono float32 audio and its rate, within the clip length bounds (blocking)."""
+        raw = decode_base64(value, "speaker_wav")
+        return decode_audio(raw, "speaker_wav", self.settings.speaker_wav_min_s, self.settings.speaker_wav_max_s)
+
+    async def prepare(self, body: TTSRequest) -> tuple[EngineEntry[SpeechEngine], SpeechRequest]:
+        """Check the request against limits and the engine; decode any speaker clip (in a thread)."""
         text = body.text.strip()
         if not text:
             raise ValidationFailed("text is empty; send the words to speak")
@@ -54,10 +64,7 @@ class SpeechService:
         entry = self.registry.speech_engine(body.engine)
         speaker_audio = speaker_rate = None
         if body.speaker_wav is not None:
-            raw = decode_base64(body.speaker_wav, "speaker_wav")
-            speaker_audio, speaker_rate = decode_audio(
-                raw, "speaker_wav", self.settings.speaker_wav_min_s, self.settings.speaker_wav_max_s
-            )
+            speaker_audio, speaker_rate = await asyncio.to_thread(self.speaker_clip, body.speaker_wav)
         request = SpeechRequest(
             text=text,
             language=body.language,
@@ -71,7 +78,7 @@ class SpeechService:
 
     async def synthesize(self, body: TTSRequest) -> SpeechOutcome:
         """Whole-text synthesis on an engine slot."""
-        entry, request = self.prepare(body)
+        entry, request = await self.prepare(body)
         started = time.perf_counter()
         result = await entry.slots.run(entry.engine.synthesize, request)
         elapsed = (time.perf_counter() - started) * 1000
@@ -82,9 +89,11 @@ class SpeechService:
     async def stream_wav(self, entry: EngineEntry[SpeechEngine], request: SpeechRequest) -> AsyncIterator[bytes]:
         """A streaming WAV: the header with the first chunk, then 16-bit PCM as the engine makes it."""
         first = True
-        async for chunk in entry.slots.stream(lambda: entry.engine.stream(request)):
-            if first:
-                yield wav_stream_header(chunk.sample_rate) + pcm16(chunk.audio)
-                first = False
-            else:
-                yield pcm16(chunk.audio)
+        # aclosing: when this stream is closed (the client left), the engine's stream is closed with it.
+        async with contextlib.aclosing(entry.slots.stream(lambda: entry.engine.stream(request))) as chunks:
+            async for chunk in chunks:
+                if first:
+                    yield wav_stream_header(chunk.sample_rate) + pcm16(chunk.audio)
+                    first = False
+                else:
+                    yield pcm16(chunk.audio)

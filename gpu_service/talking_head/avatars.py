@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpu_service.errors import BadMedia, NotFound, ValidationFailed
-from gpu_service.talking_head.encoding import Encoding, decode_image, encode_image, image_key
+from gpu_service.talking_head.encoding import Encoding, check_image, decode_image, encode_image, image_key
 from gpu_service.talking_head.protocol import AvatarRecord
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,12 @@ def check_avatar_id(avatar_id: str) -> str:
 class AvatarStore:
     """Encodes each distinct image once; keeps encodings in memory within a byte budget and on disk by hash."""
 
-    def __init__(self, cache_dir: Path, cache_bytes: int, max_image_bytes: int) -> None:
+    def __init__(self, cache_dir: Path, cache_bytes: int, max_image_bytes: int, max_image_pixels: int = 40_000_000) -> None:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.cache_bytes = cache_bytes
         self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
         self._records: dict[str, AvatarRecord] = {}
         self._memory: "OrderedDict[str, Encoding]" = OrderedDict()
         self._lock = threading.RLock()
@@ -78,11 +79,11 @@ class AvatarStore:
             return sum(e.nbytes for e in self._memory.values())
 
     # -- operations --------------------------------------------------------------------------
-    def encode_bytes(self, raw: bytes, *, pick_largest: bool = False, field: str = "image") -> tuple[str, Encoding, float, bool]:
-        """(key, encoding, encode ms, from cache) for image bytes; disk and memory caches first."""
-        if len(raw) > self.max_image_bytes:
-            raise BadMedia(f"{field} is {len(raw)} bytes; the limit is {self.max_image_bytes} bytes (10 MB by default)")
-        key = image_key(raw)
+    def encode_bytes(self, raw: bytes, *, pick_largest: bool = False, face_index: Optional[int] = None,
+                     field: str = "image") -> tuple[str, Encoding, float, bool]:
+        """(key, encoding, encode ms, from cache) for image bytes and the face chosen; disk and memory caches first."""
+        check_image(raw, self.max_image_bytes, self.max_image_pixels, field)
+        key = image_key(raw, face_index)
         with self._lock:
             enc = self._memory.get(key)
         if enc is not None:
@@ -91,18 +92,20 @@ class AvatarStore:
         if enc is not None:
             self._remember(key, enc)
             return key, enc, 0.0, True
-        image = decode_image(raw, self.max_image_bytes, field)
+        image = decode_image(raw, self.max_image_bytes, field, self.max_image_pixels)
         started = time.perf_counter()
-        enc = encode_image(image, pick_largest=pick_largest)
+        enc = encode_image(image, pick_largest=pick_largest, face_index=face_index)
         ms = (time.perf_counter() - started) * 1000
         enc.save(self._npz(key))
         self._remember(key, enc)
         return key, enc, ms, False
 
-    def add(self, raw: bytes, *, pick_largest: bool = False, avatar_id: Optional[str] = None, preset: bool = False) -> AvatarRecord:
-        """Register an image as an avatar (id from its hash unless given) and return its record."""
-        key, enc, ms, cached = self.encode_bytes(raw, pick_largest=pick_largest)
-        avatar_id = check_avatar_id(avatar_id) if avatar_id else "img_" + key[:20]
+    def add(self, raw: bytes, *, pick_largest: bool = False, face_index: Optional[int] = None,
+            avatar_id: Optional[str] = None, preset: bool = False) -> AvatarRecord:
+        """Register an image as an avatar (id from its hash and the face chosen, unless given) and return its record."""
+        key, enc, ms, cached = self.encode_bytes(raw, pick_largest=pick_largest, face_index=face_index)
+        face = "" if face_index is None else f"_f{face_index}"  # one image, one avatar per face
+        avatar_id = check_avatar_id(avatar_id) if avatar_id else "img_" + key[:20] + face
         h, w = enc.image.shape[:2]
         rec = AvatarRecord(avatar_id, key, list(enc.face_box), [w, h], preset, ms, cached)
         with self._lock:

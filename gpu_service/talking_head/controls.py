@@ -11,6 +11,15 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+SPEECH_OPEN = 0.08 / 0.22
+"""mouth_open at the widest opening of conversational speech: an inner-lip gap of 0.08 face heights.
+
+mouth_open=1 is the renderer's widest opening, 0.22 face heights on a frontal face (less on a turned
+one: encoding.FaceGeometry.max_gap), which real speakers do not use when they talk: the kit's GRID
+talkers peak at 0.065-0.12 (p95 0.064-0.113) and conversational speech stays within 0.035-0.11.
+Driving works in units of this opening (visemes.py) and scales them by it.
+"""
+
 
 @dataclass
 class Controls:
@@ -18,7 +27,7 @@ class Controls:
 
     fps: float
     mouth_open: np.ndarray
-    """Inner-lip gap: 0 lips sealed, 1 wide open (about a third of the face height)."""
+    """Inner-lip gap: 0 lips sealed, 1 the widest the face opens (0.22 face heights); speech peaks at SPEECH_OPEN."""
     mouth_round: np.ndarray
     """Rounding/protrusion for o, u, w: 0 none, 1 fully rounded (corners drawn in)."""
     mouth_spread: np.ndarray

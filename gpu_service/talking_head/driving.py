@@ -3,24 +3,28 @@
 Pure numpy/scipy and fast (a 60 s clip drives in a few milliseconds). The output is sampled at
 frame centres, t_i = (i + 0.5) / fps, so frame i shows what is heard in the middle of its span.
 
-Mouth from phonemes: every phoneme has a viseme (targets + dominances, see visemes.py). The mouth
-parameters at time t are the dominance-weighted average of the targets of all phonemes
-(Cohen-Massaro coarticulation), each dominance easing in before its phoneme and out after it.
-Two hard constraints are then applied as multiplicative gates: the lips are sealed at the centre
-of every m/b/p (the frame containing the centre reads exactly 0), and inside pauses the mouth
-relaxes to closed over ~100 ms. The opening and the seals run _LIP_LEAD_S ahead of the phoneme
-timings, as lips run ahead of the sound they shape.
+Mouth from phonemes: every phoneme has a viseme (targets + dominances, see visemes.py; a
+diphthong is its nucleus and a marked offglide). The mouth parameters at time t are the
+dominance-weighted average of the targets of all phonemes (Cohen-Massaro coarticulation), each
+dominance easing in before its phoneme and out after it. Hard constraints are then applied as
+multiplicative gates: the lips are sealed at the centre of every m/b/p (the frame containing the
+centre reads exactly 0), a /w/ all but closes them, and inside pauses the mouth relaxes to closed
+over ~100 ms. The opening and the seals run _LIP_LEAD_S ahead of the phoneme timings, as lips run
+ahead of the sound they shape.
 
-Mouth from audio alone: log-energy envelope in 30 ms windows centred on frame centres, noise
-gated and normalised by percentiles, accented at the syllable rate (2-8 Hz), given a fast
-attack/slow release run forwards and backwards (so opening anticipates and closing lingers, yet
-the shape stays symmetric: its correlation with the audio peaks at zero lag), then zero-phase
-smoothed. Rounding vs spreading comes from the balance of the F2 band (1.7-3 kHz) against the
-low band (300-1000 Hz) in voiced frames.
+Mouth from audio alone: loudness (30 ms log energy, noise gated and normalised by percentiles)
+mixed with the level of the band where open lips radiate (1.5-3 kHz), zero-phase smoothed, and
+closed further by the spectral rounding cue (the F2 band against the low band in voiced frames),
+which also drives rounding vs spreading. Noise blips and stop closures are not speech turns.
+
+Both: the opening is in speech units (1 = the widest opening of conversational speech, scaled
+to the renderer's range by controls.SPEECH_OPEN), its speed is capped at _JAW_SPEED everywhere,
+seals included, and before the clip's first words the lips part for an in-breath.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -31,20 +35,25 @@ from scipy import fft as sp_fft
 from scipy import signal
 
 from gpu_service.errors import ValidationFailed
-from gpu_service.talking_head.controls import Controls
-from gpu_service.talking_head.visemes import PAUSE, WORD_BOUNDARY, table_arrays
+from gpu_service.talking_head.controls import SPEECH_OPEN, Controls
+from gpu_service.talking_head.visemes import OFFGLIDE, PAUSE, WORD_BOUNDARY, glides, is_offglide, table_arrays
 
 log = logging.getLogger(__name__)
 
-# emotion -> (smile, brow, eye_open, mouth dynamics scale)
+# emotion -> (smile, brow, eye_open, mouth dynamics scale), after the facial actions that show each
+# (FACS): happy pulls the corners up and narrows the eyes a little (cheeks raised); sad turns the
+# corners down, lowers the brows and the lids; angry lowers the brows hard and narrows the eyes;
+# surprised and fearful raise the brows and widen the eyes (fear with the corners stretched down);
+# disgusted lowers the brows, narrows the eyes, turns the corners down. Measured on p05 by
+# tests/talking_head/test_emotions.py.
 EMOTIONS: dict[str, tuple[float, float, float, float]] = {
     "neutral": (0.0, 0.0, 0.0, 1.0),
-    "happy": (0.7, 0.15, 0.05, 1.05),
-    "sad": (-0.5, -0.25, -0.3, 0.8),
-    "angry": (-0.3, -0.8, -0.2, 1.1),
-    "surprised": (0.0, 0.9, 0.8, 1.15),
-    "fearful": (-0.3, 0.6, 0.6, 0.9),
-    "disgusted": (-0.45, -0.5, -0.4, 0.9),
+    "happy": (0.7, 0.1, -0.2, 1.05),
+    "sad": (-0.5, -0.3, -0.4, 0.8),
+    "angry": (-0.3, -0.9, -1.0, 1.1),
+    "surprised": (0.0, 1.0, 1.0, 1.15),
+    "fearful": (-0.3, 0.9, 1.0, 0.9),
+    "disgusted": (-0.45, -0.55, -0.8, 0.9),
 }
 VALID_EMOTIONS = tuple(EMOTIONS) + ("auto",)
 
@@ -115,26 +124,6 @@ def _zero_phase_lowpass(x: np.ndarray, fps: float, cutoff_hz: float, order: int 
     return signal.sosfiltfilt(sos, x)
 
 
-def _zero_phase_bandpass(x: np.ndarray, fps: float, lo_hz: float, hi_hz: float, order: int = 2) -> np.ndarray:
-    nyq = 0.5 * fps
-    hi = min(hi_hz, 0.9 * nyq)
-    if lo_hz >= hi or len(x) < 6 * (2 * order + 1) + 1:
-        return np.zeros_like(x)
-    sos = signal.butter(order, [lo_hz / nyq, hi / nyq], btype="band", output="sos")
-    return signal.sosfiltfilt(sos, x)
-
-
-def _follower(x: np.ndarray, attack: float, release: float) -> np.ndarray:
-    """One-pole envelope follower: coefficient `attack` when rising, `release` when falling."""
-    y = np.empty_like(x)
-    acc = x[0] if len(x) else 0.0
-    for i, v in enumerate(x):
-        a = attack if v > acc else release
-        acc += a * (v - acc)
-        y[i] = acc
-    return y
-
-
 # -- inputs -----------------------------------------------------------------------------------
 def _phone_tuples(phonemes: Iterable) -> list[tuple[str, float, float]]:
     """Accept Phone objects or (phoneme, start_s, end_s) tuples; ValidationFailed on bad spans."""
@@ -151,6 +140,21 @@ def _phone_tuples(phonemes: Iterable) -> list[tuple[str, float, float]]:
         if not (np.isfinite(s) and np.isfinite(e)) or e < s or s < 0:
             raise ValidationFailed(f"phonemes[{i}] {sym!r} has an invalid span [{s}, {e}]")
         out.append((str(sym), s, e))
+    return out
+
+
+def _split_glides(phones: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """Diphthongs as nucleus and marked offglide (visemes.glides): one symbol split 60/40, Piper's pairs marked."""
+    out: list[tuple[str, float, float]] = []
+    for sym, s, e in phones:
+        parts = glides(sym)
+        if len(parts) == 2:
+            m = s + 0.6 * (e - s)
+            out += [(parts[0], s, m), (parts[1], m, e)]
+        elif out and abs(out[-1][2] - s) < 1e-3 and is_offglide(out[-1][0], sym):
+            out.append((sym + OFFGLIDE, s, e))
+        else:
+            out.append((sym, s, e))
     return out
 
 
@@ -173,6 +177,8 @@ _ANTICIPATION_S = 0.06  # dominance decay constant before a phoneme (lips prepar
 _CARRYOVER_S = 0.045  # and after it
 _CLOSURE_RAMP_S = 0.06  # lips approach a bilabial closure over this
 _RELEASE_S = 0.04  # and release it faster
+_LABIAL_OPEN = 0.1  # a /w/ keeps this share of the opening around it
+_LABIAL_RAMP_S = 0.08  # approached over this (rounding starts during the consonant before it)
 _PAUSE_RELAX_S = 0.10  # the mouth relaxes to closed over this after speech stops
 _PAUSE_PREPARE_S = 0.10  # and reopens this long before speech resumes
 # Phoneme timings mark acoustic segments, but the lips reach each shape a little before its sound
@@ -181,12 +187,20 @@ _PAUSE_PREPARE_S = 0.10  # and reopens this long before speech resumes
 # ~20 ms before its span's centre) and the mouth read one frame late; the opening and the m/b/p
 # seals lead by this much, and the frame holding each m/b/p centre is still closed exactly.
 _LIP_LEAD_S = 0.025
-# The jaw's top speed in mouth_open units per second (0 -> 1 in ~120 ms). The pause gates are
-# smoothsteps of ~100 ms, whose steepest part, times a wide-open vowel, would move the mouth by a
-# third of its range in one 25 fps frame after a short pause; _limit_speed spreads such edges.
-# At 7/s an opening into a wide vowel started more than 80 ms before its sound, inside the pause
-# that the evaluator's silence check (evaluator/metrics/phonemes.py) expects closed.
+# The jaw's and lips' top speed, in speech units (visemes.py) per second: 0 -> 1 in 120 ms, an
+# inner-lip gap changing by at most 0.027 face heights per 40 ms frame. Real talkers' gaps change
+# by at most 0.017-0.049 per frame (the kit's measures; MediaPipe reads more where a moustache
+# makes thin openings snap shut, 0.087 on the kit's v01, and reads ours alike); an opening from
+# closed to wide in one frame is what makes a mouth look mechanical. It holds everywhere, m/b/p
+# seals included: the lips close into a seal and release from it at this speed.
 _JAW_SPEED = 8.5
+# Before its first words, after a lead-in long enough to breathe in, a speaker's lips part (an oral
+# in-breath) a few hundred ms ahead of the sound: the kit's GRID talkers all sit open at 0.3-0.95
+# of their speaking p95 before they start. Pauses inside a clip relax to closed (the spec's ~100 ms;
+# Piper's between sentences last 0.1-0.35 s), where the evaluator checks that they are closed.
+_BREATH_MIN_LEAD_S = 0.4
+_BREATH_LEAD_S = 0.5
+_BREATH_OPEN = 0.4
 
 
 def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, float]]:
@@ -207,12 +221,13 @@ def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, fl
     return spans
 
 
-def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray, fps: float) -> np.ndarray:
-    """(T, 4) open/round/spread/tuck by dominance blending plus closure and pause gates."""
+def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray,
+                         fps: float) -> tuple[np.ndarray, list[int]]:
+    """(T, 4) open/round/spread/tuck by dominance blending plus closure and pause gates, and the sealed frames."""
     spoken = [p for p in phones if p[0] != WORD_BOUNDARY]
     out = np.zeros((len(t), 4))
     if not spoken:
-        return out
+        return out, []
     syms = [p[0] for p in spoken]
     start = np.array([p[1] for p in spoken])
     end = np.array([p[2] for p in spoken])
@@ -262,42 +277,67 @@ def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray, 
         opening = _smoothstep((e - tt) / _PAUSE_PREPARE_S) if np.isfinite(e) else 1.0
         gate[a:b] = np.minimum(gate[a:b], 1.0 - np.minimum(closing, opening))
     out *= gate[:, None]
-    out[:, 0] = _limit_speed(out[:, 0], _JAW_SPEED / fps)
+    words = [p[1] for p in spoken if p[0] != PAUSE]
+    out[:, 0] = np.maximum(out[:, 0], _breath(t, words[0] if words else None))
 
     # Bilabials: the lips are sealed over most of the phoneme (acoustically, the closure is the
     # phoneme), approach over _CLOSURE_RAMP_S before it and release faster after it. The frame
     # whose span contains the centre is closed exactly: that is the frame a viewer and a metric
-    # look at, even when the phoneme is shorter than a frame.
+    # look at, even when the phoneme is shorter than a frame. A /w/ closes its rounded lips to a
+    # tenth of the opening around it the same way, approached earlier (lip rounding anticipates).
     closure = np.ones(len(t))
-    for c, h in zip(centre[kinds_arr == "bilabial"], half[kinds_arr == "bilabial"]):
-        a = max(0, int(np.floor((c - lead - h - _CLOSURE_RAMP_S) * fps)))
-        b = min(len(t), int(np.ceil((c + h + _RELEASE_S) * fps)) + 1)
-        tt = t[a:b]
-        # The seal leads with the opening; the centre frame below is closed whatever the lead.
-        before = (c - lead - 0.7 * h - tt) / _CLOSURE_RAMP_S
-        after = (tt - (c - lead + 0.7 * h)) / _RELEASE_S
-        closure[a:b] = np.minimum(closure[a:b], _smoothstep(np.maximum(before, after)))
-        k = int(np.floor(c * fps))
-        if 0 <= k < len(t):
-            closure[k] = 0.0
-    out[:, 0] *= closure
+    for kind, floor, ramp in (("bilabial", 0.0, _CLOSURE_RAMP_S), ("labial", _LABIAL_OPEN, _LABIAL_RAMP_S)):
+        for c, h in zip(centre[kinds_arr == kind], half[kinds_arr == kind]):
+            a = max(0, int(np.floor((c - lead - h - ramp) * fps)))
+            b = min(len(t), int(np.ceil((c + h + _RELEASE_S) * fps)) + 1)
+            tt = t[a:b]
+            # The seal leads with the opening; the centre frame below is closed whatever the lead.
+            before = (c - lead - 0.7 * h - tt) / ramp
+            after = (tt - (c - lead + 0.7 * h)) / _RELEASE_S
+            gate = floor + (1.0 - floor) * _smoothstep(np.maximum(before, after))
+            closure[a:b] = np.minimum(closure[a:b], gate)
+            k = int(np.floor(c * fps))
+            if kind == "bilabial" and 0 <= k < len(t):
+                closure[k] = 0.0
+    # Every frame the seals hold shut (not only the centres): the speed limit releases from the last.
+    sealed = np.flatnonzero(closure == 0.0).tolist()
+    out[:, 0] *= closure  # drive() then limits its speed, seals held
     out[:, 3] *= closure  # no tuck while the lips press together
     # Pressed lips spread less (and a spread seal parts at the seam): keep 40 % of the spread.
     out[:, 2] *= 0.4 + 0.6 * closure
-    return out
+    return out, sealed
 
 
-def _limit_speed(x: np.ndarray, step: float) -> np.ndarray:
-    """Raise x where it rises or falls faster than step per frame, never lower it.
+def _breath(t: np.ndarray, onset: Optional[float]) -> np.ndarray:
+    """The lips parted by _BREATH_OPEN over the _BREATH_LEAD_S before the first words, easing into the speech.
+
+    Nothing when there are no words or the lead-in is shorter than _BREATH_MIN_LEAD_S.
+    """
+    if onset is None or onset < _BREATH_MIN_LEAD_S:
+        return np.zeros(len(t))
+    rise = _smoothstep((t - (onset - _BREATH_LEAD_S)) / 0.15)
+    return _BREATH_OPEN * rise * (1.0 - _smoothstep((t - onset) / 0.1))
+
+
+def _limit_speed(x: np.ndarray, step: float, sealed: Sequence[int] = ()) -> np.ndarray:
+    """x changed by at most step per frame: raised where it moves faster, lowered only beside sealed frames.
 
     Openings start earlier (a backward pass: the jaw leaves in time to reach the vowel as it
     sounds) and closings end later (a forward pass), so every target is still reached on time.
+    A sealed frame stays at 0 and the frames around it may be at most step per frame away from it:
+    the lips close into a seal and part from it at the same top speed.
     """
     y = np.asarray(x, dtype=np.float64).copy()
     for i in range(len(y) - 2, -1, -1):
         y[i] = max(y[i], y[i + 1] - step)
     for i in range(1, len(y)):
         y[i] = max(y[i], y[i - 1] - step)
+    if len(sealed):
+        dist = np.full(len(y), np.inf)
+        idx = np.arange(len(y))
+        for k in sealed:
+            np.minimum(dist, np.abs(idx - k), out=dist)
+        y = np.minimum(y, dist * step)
     return y
 
 
@@ -382,35 +422,77 @@ def _spectral_shape(audio: np.ndarray, sr: int, t: np.ndarray, voiced: np.ndarra
     return rnd, spr
 
 
+def _band_level(audio: np.ndarray, sr: int, t: np.ndarray, lo_hz: float, hi_hz: float) -> np.ndarray:
+    """Log energy (dB) of the lo-hi band in 30 ms windows centred on times t."""
+    nyq = 0.5 * sr
+    if lo_hz >= 0.95 * nyq:
+        return np.full(len(t), -120.0)
+    sos = signal.butter(2, [lo_hz / nyq, min(hi_hz, 0.95 * nyq) / nyq], btype="band", output="sos")
+    band = signal.sosfilt(sos, audio).astype(np.float32)
+    return 10.0 * np.log10(_frame_windows(band, sr, t, 0.03) + 1e-12)
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends (exclusive) of the True runs of a boolean array."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+
+
+def _speech_runs(speech: np.ndarray, fps: float, min_on_s: float = 0.1, min_gap_s: float = 0.15) -> np.ndarray:
+    """The speech mask without blips shorter than min_on_s (noise) and gaps shorter than min_gap_s (stop closures)."""
+    out = speech.copy()
+    for a, b in zip(*_runs(out)):
+        if b - a < min_on_s * fps:
+            out[a:b] = False
+    for a, b in zip(*_runs(~out)):
+        if 0 < a and b < len(out) and b - a < min_gap_s * fps:
+            out[a:b] = True
+    return out
+
+
 def _mouth_from_audio(audio: np.ndarray, sr: int, t: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
-    """(T, 4) mouth from audio alone, and the normalised envelope used for it."""
+    """(T, 4) mouth from audio alone (speech units), and the normalised envelope used for it.
+
+    The opening mixes two cues: loudness (syllable nuclei are loud, consonants weaker) and the
+    level of the 1.5-3 kHz band, where open, unrounded lips radiate the most (rounding and a
+    small aperture lower F2 and F3: /w/, /u/, /r/). Rounding, read from the spectrum's balance,
+    closes the opening further, as rounded lips do. Blips of noise and the brief silences of stop
+    closures are not speech; before the first words the lips part for a breath, as with phoneme timings.
+    """
     env, speech = audio_envelope(audio, sr, t)
     out = np.zeros((len(t), 4))
     if not speech.any():
         return out, env
-    smooth = _zero_phase_lowpass(env, fps, 8.0)
-    # Accent the syllable rhythm: deepen the dips between syllables, lift their nuclei.
-    syll = _zero_phase_bandpass(env, fps, 2.0, 8.0)
-    shaped = np.clip(smooth + 0.7 * syll, 0.0, 1.0)
-    # Fast attack / slower release, run both ways and averaged: the lips open ahead of the sound
-    # and close after it, symmetrically, so there is no net lag.
-    a = 1.0 - np.exp(-1.0 / (0.02 * fps))
-    r = 1.0 - np.exp(-1.0 / (0.06 * fps))
-    fwd = _follower(shaped, a, r)
-    bwd = _follower(shaped[::-1], a, r)[::-1]
-    shaped = 0.5 * (fwd + bwd)
-    # Gate: silence (including brief gaps) relaxes to closed.
-    gate = _zero_phase_lowpass(speech.astype(float), fps, 5.0)
-    mouth = 0.9 * np.clip(shaped, 0.0, 1.0) ** 0.85 * np.clip(gate, 0.0, 1.0)
-    mouth[mouth < 0.02] = 0.0
+    speech = _speech_runs(speech, fps)
+    lips_db = _band_level(audio, sr, t, 1500.0, 3000.0)
+    peak = np.percentile(lips_db, 95)
+    floor = max(np.percentile(lips_db, 10) + 6.0, peak - 35.0)
+    lips = np.clip((lips_db - floor) / max(peak - floor, 1e-6), 0.0, 1.0)
+    opening = _zero_phase_lowpass(0.4 * env + 0.6 * lips, fps, 6.0)
     rnd, spr = _spectral_shape(audio, sr, t, env > 0.25)
-    out[:, 0] = mouth
-    out[:, 1] = _zero_phase_lowpass(rnd, fps, 4.0).clip(0, 1) * np.clip(gate, 0, 1)
-    out[:, 2] = _zero_phase_lowpass(spr, fps, 4.0).clip(0, 1) * np.clip(gate, 0, 1)
+    rnd = _zero_phase_lowpass(rnd, fps, 4.0).clip(0, 1)
+    gate = np.clip(_zero_phase_lowpass(speech.astype(float), fps, 5.0), 0.0, 1.0)
+    mouth = np.clip(opening, 0.0, 1.0) * (1.0 - 1.25 * rnd).clip(0.0, 1.0) * gate
+    mouth[mouth < 0.02] = 0.0
+    first = np.flatnonzero(speech)
+    out[:, 0] = np.maximum(mouth, _breath(t, float(t[first[0]]) if first.size else None))
+    out[:, 1] = rnd * gate
+    out[:, 2] = _zero_phase_lowpass(spr, fps, 4.0).clip(0, 1) * gate
     return out, env
 
 
 # -- eyes and head ----------------------------------------------------------------------------
+def motion_rng(seed: int, avatar_key: str = "") -> np.random.Generator:
+    """The generator of a clip's blinks and head drift, from the request's seed and the avatar.
+
+    Seeded by both, so two portraits driven with the same seed (the default 0) do not blink on the
+    same frames, and one portrait blinks elsewhere for another seed. The key is hashed with SHA-256,
+    which, unlike hash(), is the same in every process.
+    """
+    key = int.from_bytes(hashlib.sha256(avatar_key.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([int(seed) % (1 << 63), key])
+
+
 class _BlinkSchedule:
     """Blink events (peak, close, hold, open seconds) every ~4 s (10-20 per minute), irregular, drawn as time advances."""
 
@@ -483,8 +565,8 @@ class IdleMotion:
     function of time and blinks are drawn in order as time advances.
     """
 
-    def __init__(self, fps: float, seed: int = 0, head_motion: bool = True) -> None:
-        rng = np.random.default_rng(seed)
+    def __init__(self, fps: float, seed: int = 0, head_motion: bool = True, avatar_key: str = "") -> None:
+        rng = motion_rng(seed, avatar_key)
         self.fps = float(fps)
         self._waves = {name: _drift_wave(amp, rng) for name, amp in HEAD_DRIFT.items()} if head_motion else {}
         self._blinks = _BlinkSchedule(rng, self.fps)
@@ -500,15 +582,45 @@ class IdleMotion:
         return out
 
 
-def _nods(t: np.ndarray, events: Sequence[tuple[float, float]]) -> np.ndarray:
-    """A raised-cosine bump of 0.5 s per (time, strength) event, peaking just after it."""
+def _bumps(t: np.ndarray, events: Sequence[tuple[float, float]], width_s: float = 0.5) -> np.ndarray:
+    """A raised-cosine bump of width_s per (time, signed strength) event, peaking just after it."""
     out = np.zeros(len(t))
-    width = 0.5
     for tc, strength in events:
-        x = (t - (tc + 0.05)) / (width / 2)
-        bump = np.where(np.abs(x) < 1, 0.5 * (1 + np.cos(np.pi * x)), 0.0)
-        out = np.maximum(out, strength * bump)
+        x = (t - (tc + 0.05)) / (width_s / 2)
+        out += strength * np.where(np.abs(x) < 1, 0.5 * (1 + np.cos(np.pi * x)), 0.0)
     return out
+
+
+NOD_PITCH = 0.012
+"""Head dip (radians) on the strongest stressed syllable; weaker stresses nod less."""
+TILT_ROLL = 0.006
+"""Head tilt (radians) on stressed syllables, to one side or the other."""
+
+
+def _head(ctl: Controls, t: np.ndarray, stress: Sequence[tuple[float, float]], activity: np.ndarray,
+          rng: np.random.Generator) -> None:
+    """Head pose: slow drift, livelier while speaking, with a nod and a small tilt on each stressed syllable.
+
+    Speakers' heads move with their speech: more during phrases than in silence, and with a dip of
+    the head on stressed syllables, often with a tilt. Every part is smooth (drift below 0.3 Hz,
+    activity below 1 Hz, half-second bumps), so there is no jitter.
+    """
+    drift = {name: _drift(t, amp, rng) for name, amp in HEAD_DRIFT.items()}  # drawn in HEAD_DRIFT's order
+    lively = 0.75 + 0.5 * activity
+    nod = _bumps(t, stress)
+    tilt = _bumps(t, [(tc, s * rng.choice((-1.0, 1.0))) for tc, s in stress])
+    ctl.head_dx[:] = drift["head_dx"] * lively
+    ctl.head_dy[:] = drift["head_dy"] + 0.004 * nod
+    ctl.head_yaw[:] = drift["head_yaw"] * lively
+    ctl.head_pitch[:] = drift["head_pitch"] + NOD_PITCH * nod
+    ctl.head_roll[:] = drift["head_roll"] * lively + TILT_ROLL * tilt
+
+
+def _activity(opening: np.ndarray, fps: float) -> np.ndarray:
+    """How much is being said around each frame, 0 (silence) .. 1: the mouth's opening below 1 Hz, over its p95."""
+    slow = _zero_phase_lowpass(opening, fps, 1.0)
+    top = np.percentile(slow, 95) if len(slow) else 0.0
+    return np.clip(slow / top, 0.0, 1.0) if top > 1e-6 else np.zeros(len(opening))
 
 
 def drive(
@@ -522,8 +634,12 @@ def drive(
     text: Optional[str] = None,
     seed: int = 0,
     head_motion: bool = True,
+    avatar_key: str = "",
 ) -> Controls:
-    """Per-frame face controls for speech given as phoneme timings, audio, or both."""
+    """Per-frame face controls for speech given as phoneme timings, audio, or both.
+
+    `seed` and `avatar_key` (the avatar's id) draw the blinks and the head's drift (motion_rng).
+    """
     t0 = time.perf_counter()
     if not (np.isfinite(duration_s) and duration_s > 0):
         raise ValidationFailed(f"duration_s must be > 0, got {duration_s!r}")
@@ -535,10 +651,10 @@ def drive(
     if n == 0:
         return ctl
     t = (np.arange(n) + 0.5) / fps
-    rng = np.random.default_rng(seed)
+    rng = motion_rng(seed, avatar_key)
     smile, brow, eye_open, scale = EMOTIONS[emo]
 
-    phones = _phone_tuples(phonemes) if phonemes is not None else []
+    phones = _split_glides(_phone_tuples(phonemes)) if phonemes is not None else []
     has_phones = any(p[0] not in (PAUSE, WORD_BOUNDARY) for p in phones)
     wav = None
     if audio is not None:
@@ -546,7 +662,7 @@ def drive(
 
     env = None
     if has_phones:
-        mouth = _mouth_from_phonemes(phones, t, fps)
+        mouth, sealed = _mouth_from_phonemes(phones, t, fps)
         spoken = [p for p in phones if p[0] not in (PAUSE, WORD_BOUNDARY)]
         targets, _, _ = table_arrays([p[0] for p in spoken])
         stress = _stress_times(spoken, targets[:, 0])
@@ -558,6 +674,7 @@ def drive(
         mode = "phonemes+audio" if wav is not None else "phonemes"
     elif wav is not None:
         mouth, env = _mouth_from_audio(wav, sr, t, fps)
+        sealed = []
         smooth = _zero_phase_lowpass(env, fps, 3.0)
         peaks, props = signal.find_peaks(smooth, distance=max(1, int(0.9 * fps)), prominence=0.15)
         top = props["prominences"].max() if len(peaks) else 1.0
@@ -565,29 +682,22 @@ def drive(
         mode = "audio"
     else:
         mouth = np.zeros((n, 4))
-        stress = []
+        stress, sealed = [], []
         mode = "idle"
 
-    mouth[:, 0] *= scale
-    ctl.mouth_open[:] = np.clip(mouth[:, 0], 0.0, 1.0)
+    opening = _limit_speed(np.clip(mouth[:, 0] * scale, 0.0, 1.0), _JAW_SPEED / fps, sealed)
+    ctl.mouth_open[:] = opening * SPEECH_OPEN
     ctl.mouth_round[:] = np.clip(mouth[:, 1], 0.0, 1.0)
     ctl.mouth_spread[:] = np.clip(mouth[:, 2], 0.0, 1.0)
     ctl.lip_tuck[:] = np.clip(mouth[:, 3], 0.0, 1.0)
 
-    nod = _nods(t, stress)
     ctl.smile[:] = smile
     # Brows lift a little on stressed syllables: speakers emphasise with them.
-    ctl.brow[:] = np.clip(brow + 0.12 * nod, -1.0, 1.0)
+    ctl.brow[:] = np.clip(brow + 0.12 * _bumps(t, stress), -1.0, 1.0)
     ctl.eye_open[:] = eye_open
     ctl.blink[:] = _blinks(t, fps, n / fps, rng)
-
     if head_motion:
-        drift = {name: _drift(t, amp, rng) for name, amp in HEAD_DRIFT.items()}  # drawn in HEAD_DRIFT's order
-        ctl.head_dx[:] = drift["head_dx"]
-        ctl.head_dy[:] = drift["head_dy"] + 0.004 * nod
-        ctl.head_yaw[:] = drift["head_yaw"]
-        ctl.head_pitch[:] = drift["head_pitch"] + 0.012 * nod
-        ctl.head_roll[:] = drift["head_roll"]
+        _head(ctl, t, stress, _activity(opening, fps), rng)
 
     log.debug(
         "driven",

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import cv2
 import numpy as np
 
+from avatar_contracts.media import check_image_header
 from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 
@@ -204,35 +205,56 @@ class Encoding:
             return None
 
 
-def image_key(raw: bytes) -> str:
-    """Cache key of an uploaded image (its content hash and the encoding version)."""
-    return f"{hashlib.sha256(raw).hexdigest()[:40]}-v{ENCODING_VERSION}"
+def image_key(raw: bytes, face_index: Optional[int] = None) -> str:
+    """Cache key of an uploaded image: its content hash, the face chosen in it (if any) and the encoding version."""
+    face = "" if face_index is None else f"-f{face_index}"
+    return f"{hashlib.sha256(raw).hexdigest()[:40]}{face}-v{ENCODING_VERSION}"
 
 
-def decode_image(raw: bytes, max_bytes: int, field: str = "image") -> np.ndarray:
-    """JPEG/PNG/WebP bytes to an RGB uint8 array, or BadMedia saying what is wrong."""
+def check_image(raw: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> tuple[int, int]:
+    """(width, height) of JPEG/PNG/WebP bytes from the header alone, or BadMedia: empty, too many bytes,
+    too many pixels (a decompression bomb is refused before anything decodes it) or a side out of bounds."""
     if not raw:
         raise BadMedia(f"{field} is empty")
     if len(raw) > max_bytes:
         raise BadMedia(f"{field} is {len(raw)} bytes; the limit is {max_bytes} bytes")
-    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise BadMedia(f"{field} is not a readable image (JPEG, PNG or WebP expected)")
-    h, w = arr.shape[:2]
+    w, h, _ = check_image_header(raw, max_pixels, field)
+    _check_sides(w, h, field)
+    return w, h
+
+
+def _check_sides(w: int, h: int, field: str) -> None:
     if min(h, w) < 64 or max(h, w) > 4096:
         raise BadMedia(f"{field} is {w}x{h}; each side must be between 64 and 4096 pixels")
+
+
+def decode_image(raw: bytes, max_bytes: int, field: str = "image", max_pixels: int = 40_000_000) -> np.ndarray:
+    """JPEG/PNG/WebP bytes to an RGB uint8 array (checked by check_image first), or BadMedia saying what is wrong."""
+    check_image(raw, max_bytes, max_pixels, field)
+    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise BadMedia(f"{field} could not be decoded: its image data is damaged or cut short")
+    h, w = arr.shape[:2]
+    _check_sides(w, h, field)
     # Output video is yuv420p, which needs even sides.
     arr = arr[: h - h % 2, : w - w % 2]
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
-def find_landmarks(image: np.ndarray, pick_largest: bool = False) -> np.ndarray:
-    """The one face of a portrait, or BadMedia (no face / several faces / too small)."""
+def find_landmarks(image: np.ndarray, pick_largest: bool = False, face_index: Optional[int] = None) -> np.ndarray:
+    """The face of a portrait: its only one, the largest (`pick_largest`) or the `face_index`-th counted
+    from the left (0-based, by the middle of each face); BadMedia when there is none or the choice is open."""
     faces = L.detect_faces(image)
     if not faces:
         raise BadMedia("no face found in the image; use a frontal, well-lit portrait")
+    if face_index is not None:
+        if face_index >= len(faces):
+            raise BadMedia(f"face_index={face_index} but {len(faces)} face(s) found in the image "
+                           f"(face_index counts from 0, left to right)")
+        return sorted(faces, key=lambda f: float(f[L.FACE_OVAL, 0].mean()))[face_index]
     if len(faces) > 1 and not pick_largest:
-        raise BadMedia(f"{len(faces)} faces found in the image; send a portrait with one face or set pick_largest")
+        raise BadMedia(f"{len(faces)} faces found; pass pick_largest=true or face_index=N "
+                       f"(0 to {len(faces) - 1}, counted from the left)")
     return faces[0]
 
 
@@ -737,6 +759,6 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     )
 
 
-def encode_image(image: np.ndarray, pick_largest: bool = False) -> Encoding:
-    """Find the face once with MediaPipe and build its encoding."""
-    return encode_from_landmarks(image, find_landmarks(image, pick_largest))
+def encode_image(image: np.ndarray, pick_largest: bool = False, face_index: Optional[int] = None) -> Encoding:
+    """Find the face once with MediaPipe (see find_landmarks for the choice) and build its encoding."""
+    return encode_from_landmarks(image, find_landmarks(image, pick_largest, face_index))

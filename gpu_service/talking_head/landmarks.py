@@ -58,15 +58,43 @@ def _run_mesh(image_rgb: np.ndarray, max_faces: int, confidence: float) -> list[
     return faces
 
 
+def _in_windows(image_rgb: np.ndarray, max_faces: int) -> list[np.ndarray]:
+    """Faces found in square windows along the long side of a wide or tall image (overlapping by half)."""
+    h, w = image_rgb.shape[:2]
+    side = min(h, w)
+    faces: list[np.ndarray] = []
+    for start in range(0, max(h, w) - side + 1, max(1, side // 2)):
+        window = image_rgb[:, start:start + side] if w > h else image_rgb[start:start + side]
+        offset = np.array([start, 0] if w > h else [0, start], np.float32)
+        for face in _run_mesh(np.ascontiguousarray(window), max_faces, 0.5):
+            face = face + offset
+            if not any(_same_face(face, seen) for seen in faces):  # the windows overlap: a face may be seen twice
+                faces.append(face)
+    return faces
+
+
+def _same_face(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two landmark sets are one face (nose tips closer than a quarter of the face width)."""
+    width = float(np.ptp(a[FACE_OVAL, 0]))
+    return float(np.linalg.norm(a[NOSE_TIP] - b[NOSE_TIP])) < 0.25 * width
+
+
 def detect_faces(image_rgb: np.ndarray, max_faces: int = 8) -> list[np.ndarray]:
     """Every face's 478 landmarks (x, y in pixels), largest first.
 
-    Small faces are missed by the mesh's detector at the native size, so when none is found
-    the image is tried again upscaled (the cameraman of skimage is found at 2x).
+    The mesh's detector sees the image shrunk to 128 px, so it misses faces that are small in
+    the frame: when none is found, a wide (or tall) image is searched in square windows (two
+    portraits side by side are found so), then the image is tried upscaled (the cameraman of
+    skimage is found at 2x).
     """
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
         raise BadMedia("the image must be RGB")
     faces = _run_mesh(image_rgb, max_faces, 0.5)
+    h, w = image_rgb.shape[:2]
+    if not faces and max(h, w) >= 1.5 * min(h, w):
+        faces = _in_windows(image_rgb, max_faces)
+        if faces:
+            log.info("faces found in windows", extra={"faces": len(faces)})
     if not faces and max(image_rgb.shape[:2]) <= 1600:
         for scale in (2.0, 3.0):
             big = cv2.resize(image_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)

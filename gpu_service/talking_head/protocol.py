@@ -86,8 +86,11 @@ class FrameStream(Protocol):
 class TalkingHeadEngine(Engine, Protocol):
     """A portrait and face controls in, frames out; speech in, an MP4 out."""
 
-    def add_avatar(self, image: bytes, pick_largest: bool = False) -> AvatarRecord:
-        """Register a portrait (JPEG/PNG/WebP bytes) once; later work names it by avatar_id."""
+    def add_avatar(self, image: bytes, pick_largest: bool = False, face_index: Optional[int] = None) -> AvatarRecord:
+        """Register a portrait (JPEG/PNG/WebP bytes) once; later work names it by avatar_id.
+
+        With several faces, `pick_largest` takes the largest and `face_index` the N-th from the left (0-based).
+        """
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""

@@ -18,6 +18,15 @@ from gpu_service.talking_head.encoding import BLINK_SKIN_SHARE, MODES, Encoding
 log = logging.getLogger(__name__)
 
 
+EYE_NARROW = 0.5
+"""Share of the eye's opening the upper lid comes down at eye_open=-1 (drawn, like a blink)."""
+EYE_WIDEN = 0.3
+"""Share of the eye's opening the upper lid goes up at eye_open=1 (warped).
+
+The lid's field moves what lies below the lid with it, so a wider eye is a taller iris: beyond
+about a third of the opening it reads as stretched (and on p05 bends the glasses' rim)."""
+
+
 def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.ndarray:
     """(T, K) amounts of each deformation mode in MODES for the controls, in the avatar's own pixels.
 
@@ -26,10 +35,10 @@ def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.nda
     """
     geo = enc.geometry
     fh, hw_m, g0, g_max = geo.face_height, geo.mouth_half_width, geo.rest_gap, geo.max_gap
-    # Rounding opens a little more, but only a mouth that is already open: a seal (m, b, p before a
-    # rounded vowel, as in "moon") must stay sealed while the lips round for what follows.
-    round_open = 0.15 * c.mouth_round * np.clip(c.mouth_open / 0.1, 0.0, 1.0)
-    open_ = np.clip(c.mouth_open + round_open, 0.0, 1.2) * (1.0 - 0.9 * np.clip(c.lip_tuck, 0, 1))
+    # Rounding opens a little more, in proportion to the opening: a seal (m, b, p before a rounded
+    # vowel, as in "moon") stays sealed and a /w/'s nearly closed lips stay nearly closed while they round.
+    round_open = 1.0 + 0.15 * np.clip(c.mouth_round, 0.0, 1.0)
+    open_ = np.clip(c.mouth_open * round_open, 0.0, 1.2) * (1.0 - 0.9 * np.clip(c.lip_tuck, 0, 1))
     # Closed lips press together a little (as on m, b, p) so the seam reads as closed after video
     # compression too, instead of stopping exactly at the landmark gap.
     press = 0.012 * fh * np.clip(1.0 - open_ / 0.12, 0.0, 1.0)
@@ -41,7 +50,10 @@ def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.nda
     spread = hw_m * (0.12 * c.mouth_spread - 0.2 * c.mouth_round + 0.04 * c.smile)
     smile = hw_m * 0.12 * c.smile
     tuck = np.clip(c.lip_tuck, 0, 1) * 0.6 * geo.lower_lip_height
-    lid = np.clip(c.blink - 0.3 * c.eye_open, -0.35, 1.0)
+    # Narrowed eyes (eye_open < 0) lower the upper lid by up to EYE_NARROW of the eye's opening, widened
+    # ones raise it by up to EYE_WIDEN (the white shows above the iris in surprise and fear).
+    lid = np.clip(c.blink - EYE_NARROW * np.clip(c.eye_open, -1.0, 0.0) - EYE_WIDEN * np.clip(c.eye_open, 0.0, 1.0),
+                  -EYE_WIDEN, 1.0)
     # Closing (positive) is the lid's travel, drawn by shade_eyes; widening is all warp, at full strength.
     lid = np.where(lid > 0, lid, lid / BLINK_SKIN_SHARE)
     brow = c.brow * geo.brow_travel

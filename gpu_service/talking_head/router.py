@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from avatar_contracts.gpu import AvatarInfo, VideoRequest, VideoResponse
@@ -18,15 +20,20 @@ def service(request: Request) -> TalkingHeadService:
 
 
 @router.post("/avatars", response_model=AvatarInfo)
-async def upload_avatar(request: Request, image: UploadFile = File(...), pick_largest: bool = Form(False)) -> AvatarInfo:
-    """Encode an uploaded portrait (multipart field `image`) once; later videos name it by avatar_id."""
+async def upload_avatar(request: Request, image: UploadFile = File(...), pick_largest: bool = Form(False),
+                        face_index: Optional[int] = Form(None, ge=0, le=63)) -> AvatarInfo:
+    """Encode an uploaded portrait (multipart field `image`) once; later videos name it by avatar_id.
+
+    With several faces in the image, `pick_largest=true` takes the largest and `face_index=N` the N-th
+    counted from the left (0-based); each face chosen is its own avatar.
+    """
     heads = service(request)
     heads.entry()  # an unavailable engine is refused before the upload is read
     limit = settings(request).talking_head.max_image_bytes
     raw = await image.read(limit + 1)
     if len(raw) > limit:
         raise BadMedia(f"image is larger than {limit} bytes (the limit)")
-    record = await heads.add_avatar(raw, pick_largest)
+    record = await heads.add_avatar(raw, pick_largest, face_index=face_index)
     return AvatarInfo(**record.info())
 
 
@@ -54,7 +61,7 @@ async def generate_video(body: VideoRequest, request: Request):
             {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": result.avatar_id},
         )
     return VideoResponse(
-        video_url=artifact_url(request, result.mp4, "mp4"),
+        video_url=await artifact_url(request, result.mp4, "mp4"),
         duration_s=round(result.duration_s, 4),
         fps=result.fps,
         frames=result.frames,

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+from typing import Optional
 
 import numpy as np
 
 from avatar_contracts.gpu import VideoRequest
+from avatar_contracts.media import decode_base64
 from gpu_service.artifacts import ArtifactStore
-from gpu_service.audio import decode_audio, decode_base64
+from gpu_service.audio import decode_audio
 from gpu_service.errors import BadMedia, ValidationFailed
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
+from gpu_service.talking_head.encoding import check_image
 from gpu_service.talking_head.protocol import AvatarRecord, TalkingHeadEngine, VideoJob, VideoResult
 
 
@@ -40,16 +44,13 @@ class TalkingHeadService:
         """The loaded talking-head engine, or a 4xx/503 saying why not."""
         return self.registry.talking_head_engine()
 
-    def _check_image(self, raw: bytes, field: str) -> None:
-        limit = self.settings.talking_head.max_image_bytes
-        if len(raw) > limit:
-            raise BadMedia(f"{field} is {len(raw)} bytes; the limit is {limit} bytes")
-
-    async def add_avatar(self, raw: bytes, pick_largest: bool = False, field: str = "image") -> AvatarRecord:
-        """Encode and register a portrait on an engine slot."""
-        self._check_image(raw, field)
+    async def add_avatar(self, raw: bytes, pick_largest: bool = False, field: str = "image",
+                         face_index: Optional[int] = None) -> AvatarRecord:
+        """Encode and register a portrait on an engine slot; its size and pixel count are checked from its
+        header first, so a bad or oversized image never waits for a slot (nor a bomb gets decoded)."""
+        check_image(raw, self.settings.talking_head.max_image_bytes, self.settings.max_image_pixels, field)
         entry = self.entry()
-        return await entry.slots.run(entry.engine.add_avatar, raw, pick_largest)
+        return await entry.slots.run(entry.engine.add_avatar, raw, pick_largest, face_index)
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""
@@ -72,6 +73,12 @@ class TalkingHeadService:
                 raise
         return decode_audio(_ffmpeg_decode(raw, field), field, 0.05, max_s)
 
+    def request_audio(self, body: VideoRequest) -> tuple[np.ndarray, int]:
+        """The request's audio (base64, or this service's artifact) decoded (blocking)."""
+        if body.audio is not None:
+            return self.decode_audio(decode_base64(body.audio, "audio"), "audio")
+        return self.decode_audio(self.artifacts.audio_url_path(body.audio_url).read_bytes(), "audio_url")
+
     async def prepare(self, body: VideoRequest) -> tuple[EngineEntry[TalkingHeadEngine], VideoJob]:
         """Validate the request, register or look up its avatar and decode its audio."""
         entry = self.entry()
@@ -82,17 +89,14 @@ class TalkingHeadService:
             raise ValidationFailed("send exactly one of avatar_id or avatar_image")
         if (body.audio is None) == (body.audio_url is None):
             raise ValidationFailed("send exactly one of audio or audio_url")
+        # Base64 and audio decoding, and reading an artifact, run in threads: a large upload must not stall the loop.
         if body.avatar_id is not None:
             record = entry.engine.get_avatar(body.avatar_id)
         else:
-            record = await self.add_avatar(decode_base64(body.avatar_image, "avatar_image"), field="avatar_image")
-        if body.audio is not None:
-            raw_audio = decode_base64(body.audio, "audio")
-            field = "audio"
-        else:
-            raw_audio = self.artifacts.audio_url_path(body.audio_url).read_bytes()
-            field = "audio_url"
-        audio, rate = self.decode_audio(raw_audio, field)
+            raw = await asyncio.to_thread(decode_base64, body.avatar_image, "avatar_image",
+                                          self.settings.talking_head.max_image_bytes)
+            record = await self.add_avatar(raw, field="avatar_image")
+        audio, rate = await asyncio.to_thread(self.request_audio, body)
         job = VideoJob(
             avatar_id=record.avatar_id, audio=audio, sample_rate=rate, fps=body.fps,
             phonemes=[(p.phoneme, p.start_s, p.end_s) for p in body.phonemes] if body.phonemes else None,

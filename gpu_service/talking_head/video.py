@@ -11,6 +11,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from avatar_contracts.probe import MediaInfo
 from gpu_service.audio import wav_bytes
 from gpu_service.errors import GenerationFailed
 
@@ -30,8 +31,13 @@ def encode_mp4(
     sample_rate: Optional[int] = None,
     preset: str = "veryfast",
     crf: int = 16,
+    like: Optional[MediaInfo] = None,
 ) -> tuple[bytes, dict]:
-    """Encode RGB frames of `size` (width, height) to MP4 bytes; returns (bytes, facts with timings)."""
+    """Encode RGB frames of `size` (width, height) to MP4 bytes; returns (bytes, facts with timings).
+
+    `like` is the source of a re-voiced video: its sample aspect ratio and colour description are
+    kept (the RGB frames are turned back into YUV with the source's own matrix and tagged like it).
+    """
     width, height = size
     with tempfile.TemporaryDirectory(prefix="th_video_") as tmp:
         out = Path(tmp) / "out.mp4"
@@ -41,6 +47,7 @@ def encode_mp4(
             wav = Path(tmp) / "audio.wav"
             wav.write_bytes(wav_bytes(audio, int(sample_rate)))
             cmd += ["-i", str(wav)]
+        cmd += _keep_look(like)
         cmd += ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p", "-threads", "2"]
         if audio is not None:
             cmd += ["-c:a", "aac", "-b:a", "128k"]
@@ -68,8 +75,8 @@ def encode_mp4(
         rc = proc.wait()
         reader.join(10)
         if rc != 0 or not out.exists():
-            detail = (errors[0] if errors else b"").decode(errors="replace").strip()[-500:]
-            raise GenerationFailed(f"video encoding failed (ffmpeg exit {rc}): {detail}")
+            detail = (errors[0] if errors else b"").decode(errors="replace").replace(f"{tmp}/", "")
+            raise GenerationFailed(f"video encoding failed (ffmpeg exit {rc}): {detail.strip()[-500:]}")
         data = out.read_bytes()
     facts = {
         "frames": n,
@@ -79,24 +86,31 @@ def encode_mp4(
     return data, facts
 
 
-def probe_mp4(data: bytes) -> dict:
-    """Streams of an MP4 as ffmpeg reports them (codec names, pixel format, duration) - for tests and checks."""
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-        f.write(data)
-        f.flush()
-        res = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", f.name], capture_output=True, text=True)
-    text = res.stderr
-    info: dict = {"video": None, "audio": None, "duration_s": None, "text": text}
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("Duration:"):
-            hh, mm, ss = line.split(",")[0].split()[1].split(":")
-            info["duration_s"] = int(hh) * 3600 + int(mm) * 60 + float(ss)
-        elif "Video:" in line:
-            info["video"] = line.split("Video:")[1].strip()
-        elif "Audio:" in line:
-            info["audio"] = line.split("Audio:")[1].strip()
-    return info
+# Matrices swscale converts with, by the colour-space names the probe reports.
+_MATRICES = {"bt709": "bt709", "smpte170m": "bt601", "bt470bg": "bt601", "smpte240m": "smpte240m", "fcc": "fcc",
+             "bt2020nc": "bt2020"}
+
+
+def _keep_look(like: Optional[MediaInfo]) -> list[str]:
+    """ffmpeg output options that give the new video its source's pixel shape and colour description."""
+    if like is None:
+        return []
+    filters, params = [], []
+    sar = like.sample_aspect_ratio
+    if sar and sar != 1:
+        filters.append(f"setsar={sar.numerator}/{sar.denominator}")
+    matrix = _MATRICES.get(like.color_space or "")
+    if matrix:
+        # Decoding to RGB used the source's matrix; encoding must use the same one, or colours shift.
+        filters.insert(0, f"scale=out_color_matrix={matrix}:out_range=tv")
+        params += [f"colorspace={like.color_space}", "range=tv"]
+    if like.color_primaries:
+        params.append(f"color_primaries={like.color_primaries}")
+    if like.color_trc:
+        params.append(f"color_trc={like.color_trc}")
+    if params:  # setparams tags the frames; x264 writes what the frames say (output options alone are lost)
+        filters.append("setparams=" + ":".join(params))
+    return ["-vf", ",".join(filters)] if filters else []
 
 
 def read_frames(data: bytes, size: tuple[int, int]) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import httpx
@@ -14,14 +15,28 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def gpu_url(tmp_path_factory):
-    """A real GPU service process (Piper only) for this module."""
+def gpu_process(tmp_path_factory):
+    """A real GPU service process (Piper only) for this module: its URL and its Popen."""
     tmp = tmp_path_factory.mktemp("gpu")
     port = free_port()
-    env = {"PORT": str(port), "DATA_DIR": str(tmp / "data"), "TTS_ENGINES": "piper", "PRESET_AVATARS_DIR": str(tmp / "presets")}
+    env = {"PORT": str(port), "DEVICE": "cpu", "DATA_DIR": str(tmp / "data"), "TTS_ENGINES": "piper", "PRESET_AVATARS_DIR": str(tmp / "presets")}
     url = f"http://127.0.0.1:{port}"
-    with service_process([str(REPO / "run_gpu_service.sh")], env, f"{url}/ready", tmp / "gpu.log"):
-        yield url
+    with service_process([str(REPO / "run_gpu_service.sh")], env, f"{url}/ready", tmp / "gpu.log") as proc:
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def gpu_url(gpu_process):
+    """The URL of the module's GPU service process."""
+    return gpu_process[0]
+
+
+def threads_of(pid: int) -> int:
+    """How many threads the process has now (Linux /proc)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise RuntimeError("no Threads line")
 
 
 def test_process_serves_speech_and_artifacts(gpu_url):
@@ -51,6 +66,29 @@ def test_stream_first_audio_arrives_long_before_the_end(gpu_url):
     total = time.perf_counter() - started
     assert (received - 44) / 2 / 22050 > 25
     assert first_at is not None and first_at < total / 4, f"first audio at {first_at:.3f}s of {total:.3f}s"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_dropped_streams_end_their_threads_and_free_the_engine(gpu_process):
+    url, proc = gpu_process
+    text = " ".join(["A listener who hangs up must not keep a worker busy for ever."] * 12)
+    assert httpx.post(f"{url}/tts/generate", json={"text": "Warm up."}, timeout=60).status_code == 200
+    baseline = threads_of(proc.pid)
+    for _ in range(8):  # more than a 2-core host's default thread pool (6 workers)
+        with httpx.stream("POST", f"{url}/tts/stream", json={"text": text}, timeout=60) as resp:
+            assert resp.status_code == 200
+            assert len(next(resp.iter_raw())) > 44  # the header and the first audio: mid-body
+        # leaving the block with the body unread closes the connection: the client is gone
+    started = time.monotonic()
+    resp = httpx.post(f"{url}/tts/generate", json={"text": "Still answering."}, timeout=25)
+    assert resp.status_code == 200, resp.text
+    assert time.monotonic() - started < 20
+    deadline = time.monotonic() + 15
+    while threads_of(proc.pid) > baseline + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert threads_of(proc.pid) <= baseline + 2, (baseline, threads_of(proc.pid))
+    piper = next(e for e in httpx.get(f"{url}/health").json()["engines"] if e["name"] == "piper")
+    assert piper["busy"] == 0 and piper["queued"] == 0
 
 
 def test_impossible_cuda_device_fails_at_start_with_a_clear_message(tmp_path):

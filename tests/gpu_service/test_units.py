@@ -12,7 +12,8 @@ import pytest
 import soundfile as sf
 
 from gpu_service.artifacts import ArtifactStore
-from gpu_service.audio import decode_audio, decode_base64
+from avatar_contracts.media import decode_base64
+from gpu_service.audio import decode_audio
 from gpu_service.device import resolve_device
 from gpu_service.speech.protocol import SpeechRequest
 from gpu_service.speech.engines.piper import PiperEngine, fold_alignments, onnx_providers
@@ -84,6 +85,13 @@ def test_artifacts_expire_and_respect_the_size_budget(tmp_path):
         store.path("../../etc/passwd")
 
 
+def test_redact_paths_names_the_service_directories_by_their_settings(tmp_path):
+    s = Settings(data_dir=tmp_path / "data", avatar_model_dir=tmp_path / "models")
+    text = f"cannot open {tmp_path / 'data' / 'tmp' / 'v.upload'}; weights in {tmp_path / 'models' / 'xtts_v2'}"
+    out = s.redact_paths(text)
+    assert out == "cannot open $DATA_DIR/tmp/v.upload; weights in $AVATAR_MODEL_DIR/xtts_v2"
+
+
 def test_slots_queue_then_refuse_with_retry_after():
     async def scenario():
         slots = EngineSlots("t", slots=1, queue_size=1)
@@ -105,6 +113,52 @@ def test_slots_queue_then_refuse_with_retry_after():
         release.set()
         await asyncio.gather(first, second)
         assert (slots.busy, slots.waiting) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_stream_closes_its_generator_and_gives_the_slot_back():
+    import threading
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            while True:
+                time.sleep(0.01)
+                yield b"x"
+        finally:
+            closed.set()
+
+    def fails_second():
+        yield 1
+        raise RuntimeError("second sentence failed")
+
+    async def scenario():
+        slots = EngineSlots("t", slots=1, queue_size=0)
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in slots.stream(endless):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(250):  # bounded: 5 s
+            if slots.busy == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert closed.is_set() and (slots.busy, slots.waiting) == (0, 0)
+        got = []
+        with pytest.raises(RuntimeError, match="second sentence"):
+            async for item in slots.stream(fails_second):
+                got.append(item)
+        assert got == [1]
+        async with slots.acquire():  # the only slot is free again
+            pass
 
     asyncio.run(scenario())
 

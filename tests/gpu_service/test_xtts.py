@@ -16,7 +16,8 @@ pytest.importorskip("TTS", reason="coqui-tts (the `xtts` extra) is not installed
 
 from gpu_service.audio import wav_bytes  # noqa: E402
 from gpu_service.speech.protocol import SpeechEngine, SpeechRequest  # noqa: E402
-from gpu_service.speech.engines.xtts import LANGUAGES, OUTPUT_SAMPLE_RATE, XttsEngine, split_text  # noqa: E402
+from avatar_contracts.text import split_bounded as split_text  # noqa: E402
+from gpu_service.speech.engines.xtts import LANGUAGES, OUTPUT_SAMPLE_RATE, XttsEngine  # noqa: E402
 from gpu_service.errors import EngineUnavailable, ValidationFailed  # noqa: E402
 from tests.gpu_service.xtts_fixture import TINY_MODEL_DIM, build_tiny_xtts, link_model  # noqa: E402
 
@@ -59,7 +60,8 @@ def test_missing_weights_name_the_files_and_where_to_put_them(tmp_path):
         engine.load("cpu")
     msg = info.value.message
     assert "config.json, model.pth, vocab.json missing" in msg
-    assert str(model_dir) in msg and "AVATAR_MODEL_DIR/xtts_v2" in msg
+    assert "put the XTTS-v2 files in $AVATAR_MODEL_DIR/xtts_v2/ (config.json, model.pth, vocab.json" in msg
+    assert str(tmp_path) not in msg  # the message reaches clients: no server path
     assert "CPML" in msg and "XTTS-v2 release" in msg
     assert engine.health().available is False and engine.health().reason == msg
 
@@ -258,6 +260,7 @@ def _settings(tmp_path: Path, model_root: Path):
     from gpu_service.settings import Settings
 
     return Settings(
+        device="cpu",
         tts_engines=["piper", "xtts"],
         avatar_model_dir=model_root,
         data_dir=tmp_path / "data",

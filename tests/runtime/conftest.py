@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -118,6 +119,29 @@ def astronaut_b64() -> str:
     buf = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture
+def app_client(tmp_path):
+    """A factory: the runtime app in process (lifespan run) with test settings plus overrides, keys k1 and k2.
+
+    No GPU service runs at GPU_SERVICE_URL unless a test passes one, so jobs wait (retrying) for it.
+    """
+    from fastapi.testclient import TestClient
+
+    from runtime.app import create_app
+    from runtime.settings import Settings
+
+    @contextlib.contextmanager
+    def make(**overrides):
+        base = dict(data_dir=tmp_path, gpu_service_url="http://127.0.0.1:9", runtime_api_keys=["k1", "k2"],
+                    max_text_chars=500, max_request_bytes=200_000, webhook_secret="w" * 32)
+        with TestClient(create_app(Settings(**{**base, **overrides}))) as c:
+            if overrides.get("runtime_api_keys", base["runtime_api_keys"]):
+                c.headers["X-API-Key"] = "k1"
+            yield c
+
+    return make
 
 
 def client(url: str) -> httpx.Client:

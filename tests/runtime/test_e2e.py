@@ -109,6 +109,37 @@ def test_async_long_text_is_chunked_with_visible_progress_and_joined(runtime, av
         assert all(c["start_s"] in starts for c in chunks)
 
 
+def test_chunks_pass_their_speech_by_audio_url_and_speech_runs_ahead_of_video(gpu, avatar, tmp_path):
+    from runtime import pipeline
+    from runtime.gpu_client import GPUClient
+    from runtime.settings import Settings
+
+    settings = Settings(gpu_service_url=gpu.url, data_dir=tmp_path, chunk_chars=120)
+    client = GPUClient(settings)
+    calls: list[dict] = []
+
+    def sent(request: httpx.Request) -> None:
+        calls.append({"path": request.url.path, "start": time.perf_counter(), "end": None,
+                      "body": json.loads(request.content) if request.url.path == "/video/generate" else None})
+
+    def answered(response: httpx.Response) -> None:
+        call = next(c for c in reversed(calls) if c["path"] == response.request.url.path and c["end"] is None)
+        call["end"] = time.perf_counter()
+
+    client._http.event_hooks = {"request": [sent], "response": [answered]}
+    try:
+        result = pipeline.run(client, settings, uuid.uuid4().hex, {"text": LONG, **avatar}, lambda *_: None)
+    finally:
+        client.close()
+    speech = [c for c in calls if c["path"] == "/tts/generate"]
+    videos = [c for c in calls if c["path"] == "/video/generate"]
+    assert len(speech) == len(videos) == result["chunks"] >= 3
+    # the speech stays on the GPU service: each video names it, nothing is uploaded back
+    assert all(v["body"].get("audio_url") and "audio" not in v["body"] for v in videos)
+    # the next chunk's speech is asked for before this chunk's video is done
+    assert all(s["start"] < v["end"] for s, v in zip(speech[1:], videos))
+
+
 def test_idempotency_key_under_20_concurrent_identical_submits(runtime, avatar):
     key = f"idem-{uuid.uuid4().hex}"
     body = {"text": "Only one job is made for one key.", **avatar}
@@ -239,6 +270,31 @@ def test_runtime_killed_with_a_queued_job_finishes_it_after_restart(gpu, avatar,
         proc.stop()
     outputs = list((tmp_path / "runtime" / "jobs").rglob("*.mp4"))
     assert [p.name for p in outputs] == ["video.mp4"]
+
+
+def test_a_sync_request_waiting_on_a_job_does_not_hold_shutdown(tmp_path):
+    # the GPU service is down, so the job only retries; the sync request would wait SYNC_TIMEOUT_S
+    proc = runtime_proc(tmp_path, f"http://127.0.0.1:{_closed_port()}", SYNC_TIMEOUT_S="120").start()
+    answers: list = []
+
+    def submit() -> None:
+        with client(proc.url) as http:
+            answers.append(http.post("/api/v1/generate", json={"text": SHORT, "avatar_id": "astronaut"}))
+
+    waiting = threading.Thread(target=submit)
+    waiting.start()
+    with client(proc.url) as http:
+        deadline = time.monotonic() + 20
+        while not http.get("/health").json()["jobs"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    time.sleep(1.0)  # the job exists: the request is inside its wait
+    started = time.monotonic()
+    proc.kill(signal.SIGTERM)  # waits for the exit (SIGKILL after 15 s)
+    stopped_in = time.monotonic() - started
+    waiting.join(10)
+    assert stopped_in < 8, f"shutdown took {stopped_in:.1f} s"
+    assert answers and answers[0].status_code == 202, answers
+    assert answers[0].json()["status_url"].endswith(answers[0].json()["task_id"])
 
 
 def _closed_port() -> int:

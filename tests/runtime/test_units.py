@@ -11,15 +11,14 @@ import threading
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from runtime.captions import align_words, spoken_words, to_webvtt
-from runtime.db import JobStore, request_hash
+from runtime.db import JobStore, key_fingerprint, request_hash
 from runtime.errors import Conflict, ValidationFailed
 from runtime.media import fit_audio
 from runtime.pipeline import speech_timeline
 from runtime.settings import Settings
-from runtime.text import chunk_text, split_sentences
+from avatar_contracts.text import chunk_text, split_sentences
 from runtime.webhooks import check_target, sign, verify
 
 
@@ -161,6 +160,8 @@ def test_webhook_allow_list_and_schemes():
     check_target("http://127.0.0.1:9/hook", allowed)
     with pytest.raises(ValidationFailed, match="http"):
         check_target("ftp://example.com/x", allowed)
+    with pytest.raises(ValidationFailed, match="not a valid URL"):  # checked again at delivery: never a crash
+        check_target("http://[::1", allowed)
     with pytest.raises(ValidationFailed, match="WEBHOOK_SECRET"):
         check_target("http://127.0.0.1:9/hook", Settings(webhook_allow_private=True))
 
@@ -264,19 +265,42 @@ def test_release_requeues_and_fail_records_the_reason(tmp_path):
     assert store.unfinished() == []
 
 
+OLD_SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, request_hash TEXT NOT NULL, request_json TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed')),
+    chunks_done INTEGER NOT NULL DEFAULT 0, chunks_total INTEGER NOT NULL DEFAULT 0, detail TEXT, reason TEXT,
+    error_type TEXT, attempts INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_until REAL, result_json TEXT,
+    webhook_url TEXT, base_url TEXT, webhook_state TEXT, webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL
+);
+CREATE INDEX jobs_status ON jobs (status);
+INSERT INTO jobs (id, idempotency_key, request_hash, request_json, status, created_at, updated_at)
+    VALUES ('aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 'order-7', 'h', '{"text": "old"}', 'succeeded', 1, 1);
+"""
+
+
+def test_a_job_database_from_before_ownership_is_migrated_in_place(tmp_path):
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+    store = JobStore(path)
+    old = store.get("a" * 32)
+    assert old["request_json"] == '{"text": "old"}' and old["owner"] is None
+    # the old table-wide UNIQUE is gone: another API key may use the same idempotency key
+    row, created = store.create("b" * 32, {"text": "new"}, "order-7", owner=key_fingerprint("k1"))
+    assert created and row["owner"] == key_fingerprint("k1")
+    assert store.create("c" * 32, {"text": "new"}, "order-7", owner=key_fingerprint("k1")) == (row, False)
+    JobStore(path)  # opening a migrated file again changes nothing
+    assert store.counts() == {"succeeded": 1, "queued": 1}
+
+
 # -- the app in process (boundary validation; no GPU service is running) ------------------------
 
 
 @pytest.fixture
-def client(tmp_path):
-    from runtime.app import create_app
-
-    settings = Settings(
-        data_dir=tmp_path, gpu_service_url="http://127.0.0.1:9", runtime_api_keys=["k1", "k2"],
-        max_text_chars=500, max_request_bytes=200_000, webhook_secret="w" * 32,
-    )
-    with TestClient(create_app(settings)) as c:
-        c.headers["X-API-Key"] = "k1"
+def client(app_client):
+    with app_client() as c:
         yield c
 
 
@@ -286,7 +310,6 @@ def client(tmp_path):
         ({"text": "", "avatar_id": "a"}, 422, "text is empty"),
         ({"text": "   ", "avatar_id": "a"}, 422, "text is empty"),
         ({"text": "x" * 501, "avatar_id": "a"}, 422, "maximum is 500"),
-        ({"text": "hi"}, 422, "neither"),
         ({"text": "hi", "avatar_id": "a", "avatar_image": "aGk="}, 422, "both"),
         ({"text": "hi", "avatar_image": "not base64!"}, 422, "not valid base64"),
         ({"text": "hi", "avatar_image": base64.b64encode(b"GIF89a....").decode()}, 422, "not a JPEG, PNG or WebP"),

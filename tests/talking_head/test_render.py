@@ -393,8 +393,10 @@ def test_speech_driven_clip_keeps_the_rest_of_the_face(astro, cpu, piper_engine)
         _, smap = structural_similarity(grey(astro.image), grey(frame), data_range=255, full=True)
         scores.append(float(smap[keep].mean()))
     assert min(scores) >= 0.95, scores
+    # The speech moved the mouth: closed it on m/b/p and opened it again. Speech opens to 0.08 face
+    # heights at most (controls.SPEECH_OPEN), about her smile's own gap (0.068), so around her rest, not past it.
     gaps = np.array(mode_weights(astro, c)[:, 0])
-    assert gaps.max() > 0  # the speech opened the mouth past its rest
+    assert gaps.max() - gaps.min() > 0.03 * astro.geometry.face_height
 
 
 def random_controls(n: int, seed: int, **ranges: tuple[float, float]) -> Controls:
@@ -431,7 +433,8 @@ def test_a_clip_rendered_in_blocks_is_the_clip_rendered_whole(astro, piper_engin
     speech = piper_engine.synthesize(SpeechRequest(text="Bring the map, please."))
     c = drive(speech.duration_s, 25, phonemes=speech.phonemes, audio=speech.audio, sample_rate=speech.sample_rate,
               seed=3, head_motion=True).slice(0, 30)
-    assert c.head_roll.any() and c.blink.any() and c.mouth_open.max() > 0.3  # head motion, a blink and speech
+    # Head motion, a blink and speech (which opens the mouth to controls.SPEECH_OPEN, 0.36, at most).
+    assert c.head_roll.any() and c.blink.any() and c.mouth_open.max() > 0.2
     renderer = Renderer("cpu", backend=backend, batch=4)
     whole = renderer.render(astro, c, head_motion=True)
     stream = LandmarkFrameStream(renderer, astro, "astro", 25.0, head_motion=True)

@@ -65,7 +65,7 @@ def preset_settings(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sync")
     (tmp / "presets" / "astro").mkdir(parents=True)
     (tmp / "presets" / "astro" / "portrait.png").write_bytes(png(data.astronaut()))
-    return Settings(tts_engines=["piper"], data_dir=tmp / "data", preset_avatars_dir=tmp / "presets")
+    return Settings(device="cpu", tts_engines=["piper"], data_dir=tmp / "data", preset_avatars_dir=tmp / "presets")
 
 
 def _measure(path):

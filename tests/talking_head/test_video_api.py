@@ -12,7 +12,8 @@ import pytest
 import soundfile as sf
 from skimage import data
 
-from gpu_service.talking_head.video import probe_mp4, read_frames
+from avatar_contracts.probe import probe
+from gpu_service.talking_head.video import read_frames
 from tests.conftest import running_app
 
 
@@ -59,10 +60,10 @@ def test_presets_speech_to_mp4_and_json(video_settings):
                                                               "phonemes": tts["phonemes"], "head_motion": False})
             assert resp.status_code == 200, resp.text
             assert resp.headers["content-type"] == "video/mp4"
-            info = probe_mp4(resp.content)
-            assert "h264" in info["video"] and "yuv420p" in info["video"] and "512x512" in info["video"]
-            assert "aac" in info["audio"]
-            assert info["duration_s"] == pytest.approx(tts["duration_s"], abs=0.05)
+            info = probe(resp.content)
+            assert (info.video_codec, info.pix_fmt, info.width, info.height) == ("h264", "yuv420p", 512, 512)
+            assert info.audio_codec == "aac"
+            assert info.duration_s == pytest.approx(tts["duration_s"], abs=0.05)
             assert int(resp.headers["X-Frames"]) == round(tts["duration_s"] * 25)
             assert resp.content[:64].find(b"ftyp") >= 0 and resp.content.find(b"moov") < resp.content.find(b"mdat")
             frames = read_frames(resp.content, (512, 512))
@@ -80,7 +81,7 @@ def test_presets_speech_to_mp4_and_json(video_settings):
             assert body["avatar_id"].startswith("img_") and body["timings_ms"]["total"] > 0
             video = await client.get(body["video_url"])
             assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
-            assert probe_mp4(video.content)["audio"] is None
+            assert probe(video.content).audio_codec is None
 
             # Upload, list, use, delete.
             up = await client.post("/avatars", files={"image": ("cam.png", png(cam), "image/png")})
@@ -111,7 +112,7 @@ def test_each_bad_input_gets_its_4xx(video_settings):
                 (await upload(client, png(noise)), 422, "no face"),
                 (await upload(client, png(two)), 422, "2 faces"),
                 (await upload(client, png(tiny)), 422, "too small"),
-                (await upload(client, b"hello, not an image"), 422, "not a readable image"),
+                (await upload(client, b"hello, not an image"), 422, "not a JPEG, PNG or WebP image"),
                 (await upload(client, png(big)), 422, "limit"),
             ]
             ok = await upload(client, png(two), pick_largest="true")
@@ -136,3 +137,67 @@ def test_each_bad_input_gets_its_4xx(video_settings):
                 assert words in resp.json()["error"], (words, resp.text)
 
     asyncio.run(scenario())
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height grey pixels (the data holds a few zero rows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + width) * 8)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(video_settings):
+    """A small file claiming 12000x12000 pixels is refused by its header, wherever an image enters."""
+    import resource
+
+    bomb = bomb_png(12000, 12000)  # 144 MP: 432 MB once decoded to RGB
+    assert len(bomb) < 64 * 1024
+
+    async def scenario():
+        async with running_app(video_settings) as client:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            upload = await client.post("/avatars", files={"image": ("bomb.png", bomb, "image/png")})
+            inline = await client.post("/video/generate", json={"avatar_image": b64(bomb), "audio": wav_b64(1.0)})
+            grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+            return upload, inline, grown_mb
+
+    upload, inline, grown_mb = run_scenario(scenario())
+    for resp, field in ((upload, "image"), (inline, "avatar_image")):
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error_type"] == "bad_media"
+        assert f"{field} is 12000x12000 pixels (144000000 in all); the limit is 40000000" in resp.json()["error"]
+    assert grown_mb < 200, f"memory grew by {grown_mb:.0f} MB"
+
+
+def run_scenario(coro):
+    """Run one async scenario to completion."""
+    return asyncio.run(coro)
+
+
+def test_two_full_size_faces_are_counted_and_one_can_be_chosen(video_settings):
+    """Two portraits side by side: not 'no face found' but how many, and face_index picks one (left to right)."""
+    astro = data.astronaut()
+    pair = np.ascontiguousarray(np.concatenate([astro, astro[:, ::-1]], axis=1))  # 1024x512, a face in each half
+
+    async def upload(client, **form):
+        return await client.post("/avatars", files={"image": ("pair.png", png(pair), "image/png")}, data=form)
+
+    async def scenario():
+        async with running_app(video_settings) as client:
+            return [await upload(client), await upload(client, face_index="0"), await upload(client, face_index="1"),
+                    await upload(client, face_index="2"), await upload(client, pick_largest="true")]
+
+    plain, left, right, beyond, largest = run_scenario(scenario())
+    assert plain.status_code == 422, plain.text
+    assert "2 faces found; pass pick_largest=true or face_index=N" in plain.json()["error"]
+    assert left.status_code == 200 and right.status_code == 200, (left.text, right.text)
+    assert left.json()["face_box"][0] + left.json()["face_box"][2] <= 512 < right.json()["face_box"][0]
+    assert left.json()["avatar_id"] != right.json()["avatar_id"]  # one image, two avatars
+    assert beyond.status_code == 422 and "face_index=2" in beyond.json()["error"], beyond.text
+    assert largest.status_code == 200, largest.text

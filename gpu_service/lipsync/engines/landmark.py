@@ -11,6 +11,7 @@ expression are left as filmed. Frames without a usable face pass through untouch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
 from gpu_service.lipsync.mouth import inner_gap, refine_inner_lips
 from gpu_service.lipsync.stream_io import VideoSource, frames_in_order, plan_length
 from gpu_service.lipsync.tracking import FaceTracker
+from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.driving import drive
 from gpu_service.talking_head.encoding import MODES, Encoding, encode_from_landmarks
@@ -193,12 +195,12 @@ class LandmarkLipSync:
         frames = self.revoice_frames(src, controls, job.length_policy, stats)
         # The audio is cut or padded to whole frames after the frames are known: write it lazily.
         mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
-                                sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf)
+                                sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
         n = stats["frames"]
         if n == 0:
             raise BadMedia("video has no decodable frames")
         if stats["frames_without_face"] == n:
-            raise BadMedia(f"no face found in any of the video's {n} frames; send a video of a visible, frontal face")
+            raise BadMedia(_why_no_face(src, n))
         if n < n_out:  # trim with a source shorter than probed: re-encode the audio to the frames we have
             mp4, facts = self._reencode_short(job, src, n, stats)
         total = (time.perf_counter() - started) * 1000
@@ -220,7 +222,19 @@ class LandmarkLipSync:
             stats[key] = 0 if key.startswith("frames") else 0.0
         frames = self.revoice_frames(src, controls, "trim", stats)
         return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
-                          sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf)
+                          sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
+
+
+def _why_no_face(src: VideoSource, n: int) -> str:
+    """Why no frame had a face to follow: none at all, or several (the tracker follows one and finds none
+    when two fill the frame side by side), as counted on the first frame by the portrait detector."""
+    with contextlib.closing(src.forward()) as frames:
+        first = next(frames, None)
+    faces = len(L.detect_faces(first)) if first is not None else 0
+    if faces > 1:
+        return (f"{faces} faces found in the video and none could be followed; lip-sync re-voices one face: "
+                "crop the video to the face to re-voice")
+    return f"no face found in any of the video's {n} frames; send a video of a visible, frontal face"
 
 
 def _fit(audio: np.ndarray, sample_rate: int, n_frames: int, fps: float) -> np.ndarray:

@@ -21,5 +21,5 @@ def build(name: str, settings: Settings) -> SpeechEngine:
     if name == "xtts":
         from gpu_service.speech.engines.xtts import XttsEngine
 
-        return XttsEngine(model_dir=settings.xtts_dir)
+        return XttsEngine(model_dir=settings.xtts_dir, model_dir_label=f"$AVATAR_MODEL_DIR/{settings.xtts.model_subdir}")
     raise ConfigurationError(f"unknown speech engine {name!r} in TTS_ENGINES; known: piper, xtts")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import unicodedata
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from avatar_contracts.text import split_clauses, split_sentences
 from gpu_service.engine import EngineHealth
 from gpu_service.speech.protocol import Phone, SpeechChunk, SpeechRequest, SpeechResult
 from gpu_service.errors import EngineUnavailable, ValidationFailed
@@ -19,8 +19,6 @@ log = logging.getLogger(__name__)
 
 _PREFIX_MARKS = {"ˈ", "ˌ"}  # stress marks belong to the phoneme after them
 _BOUNDARY = {"^", "$"}  # Piper's sentence start/end symbols
-_CLAUSE_SPLIT = re.compile(r"(?<=[,;:])\s+")
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 
 
 def fold_alignments(pairs: list[tuple[str, int]], sample_rate: int, offset_s: float = 0.0) -> list[Phone]:
@@ -233,10 +231,9 @@ class PiperEngine:
         """Sentence by sentence; a long first sentence is cut at its first clause so audio starts early."""
         voice = request.voice or self._default_voice
         rate = self._voices[voice].config.sample_rate
-        pieces = [s for s in _SENTENCE_SPLIT.split(request.text.strip()) if s.strip()]
+        pieces = split_sentences(request.text)
         if pieces and len(pieces[0]) > 60:
-            head = [c for c in _CLAUSE_SPLIT.split(pieces[0]) if c.strip()]
-            pieces = head + pieces[1:]
+            pieces = split_clauses(pieces[0]) + pieces[1:]
         offset = 0.0
         for piece in pieces:
             for chunk in self._chunks(voice, piece, request.speed, offset):

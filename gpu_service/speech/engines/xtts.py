@@ -11,7 +11,6 @@ import errno
 import hashlib
 import importlib.util
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +19,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from avatar_contracts.text import split_bounded
 from gpu_service.engine import CacheStats, EngineHealth
 from gpu_service.errors import EngineUnavailable, GenerationFailed, ValidationFailed
 from gpu_service.speech.protocol import SpeechChunk, SpeechRequest, SpeechResult
@@ -37,8 +37,6 @@ _COND_SAMPLE_RATE = 22050  # the rate XTTS computes its conditioning at
 # Languages whose text front end needs a package coqui-tts does not install by itself.
 _LANGUAGE_PACKAGES = {"ja": ("cutlet", "coqui-tts[ja]"), "zh-cn": ("pypinyin", "pypinyin")}
 
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?。！？؟।])\s*")
-_CLAUSE_SPLIT = re.compile(r"(?<=[,;:，、；：])\s*")
 
 
 def missing_files(model_dir: Path) -> list[str]:
@@ -51,37 +49,6 @@ def clip_key(audio: np.ndarray, sample_rate: int) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
     digest.update(str(int(sample_rate)).encode())
     return digest.hexdigest()
-
-
-def split_text(text: str, limit: int) -> list[str]:
-    """Cut text into pieces of at most `limit` characters, at sentences, then clauses, then words.
-
-    XTTS's GPT only sees a bounded number of text tokens per pass, and quality drops past the
-    per-language character limit, so long text is generated piece by piece.
-    """
-    pieces: list[str] = []
-    for sentence in (s.strip() for s in _SENTENCE_SPLIT.split(text)):
-        if not sentence:
-            continue
-        if len(sentence) <= limit:
-            pieces.append(sentence)
-            continue
-        for clause in (c.strip() for c in _CLAUSE_SPLIT.split(sentence)):
-            while len(clause) > limit:
-                cut = clause.rfind(" ", 0, limit + 1)
-                cut = cut if cut > 0 else limit  # unspaced scripts (ja, zh) are cut by characters
-                pieces.append(clause[:cut].strip())
-                clause = clause[cut:].strip()
-            if clause:
-                pieces.append(clause)
-    # Merge neighbours back while they fit: fewer passes, more natural prosody.
-    merged: list[str] = []
-    for piece in pieces:
-        if merged and len(merged[-1]) + 1 + len(piece) <= limit:
-            merged[-1] = f"{merged[-1]} {piece}"
-        else:
-            merged.append(piece)
-    return merged
 
 
 def _normalise_language(language: str) -> str:
@@ -97,8 +64,11 @@ class XttsEngine:
 
     name = "xtts"
 
-    def __init__(self, model_dir: Path, latent_cache_size: int = 32, stream_chunk_tokens: int = 20) -> None:
+    def __init__(self, model_dir: Path, latent_cache_size: int = 32, stream_chunk_tokens: int = 20,
+                 model_dir_label: str = "$AVATAR_MODEL_DIR/xtts_v2") -> None:
         self.model_dir = Path(model_dir)
+        self.model_dir_label = model_dir_label
+        """How messages name model_dir: by its settings, never the server's own path (they reach clients)."""
         self.latent_cache_size = latent_cache_size
         self.stream_chunk_tokens = stream_chunk_tokens
         self._model: Any = None
@@ -115,18 +85,20 @@ class XttsEngine:
 
     # -- lifecycle -------------------------------------------------------------------------
     def _unavailable(self, message: str) -> EngineUnavailable:
-        self._reason = message
-        return EngineUnavailable(message)
+        self._reason = message.replace(str(self.model_dir), self.model_dir_label)
+        return EngineUnavailable(self._reason)
 
     def load(self, device: str) -> None:
         """Load XTTS-v2 from `model_dir` onto `device`; EngineUnavailable naming what is missing."""
         missing = missing_files(self.model_dir)
+        label = self.model_dir_label
         if missing:
+            log.info("xtts weights missing", extra={"model_dir": str(self.model_dir), "missing": ", ".join(missing)})
             raise self._unavailable(
-                f"XTTS-v2 weights not found: {', '.join(missing)} missing from {self.model_dir}. "
-                f"Put config.json, model.pth and vocab.json (and optionally {SPEAKERS_FILE} for built-in voices) "
-                "from the XTTS-v2 release (coqui/XTTS-v2, Coqui Public Model License, CPML) into that folder "
-                "(AVATAR_MODEL_DIR/xtts_v2), then restart the service. Nothing is downloaded automatically."
+                f"XTTS-v2 weights not found ({', '.join(missing)} missing): put the XTTS-v2 files in {label}/ "
+                "(config.json, model.pth, vocab.json) from the XTTS-v2 release (coqui/XTTS-v2, Coqui Public Model "
+                f"License, CPML), optionally with {SPEAKERS_FILE} for built-in voices, then restart the service. "
+                "Nothing is downloaded automatically."
             )
         try:
             import torch
@@ -149,13 +121,13 @@ class XttsEngine:
             if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
                 # The released model.pth pickles its config; coqui-tts rewrites it once as a plain dict.
                 raise self._unavailable(
-                    f"XTTS-v2 in {self.model_dir} needs a one-time rewrite of model.pth by coqui-tts but the folder "
-                    f"is read-only ({exc}); start once with it writable"
+                    f"XTTS-v2 in {label} needs a one-time rewrite of model.pth by coqui-tts but the folder "
+                    f"is read-only ({exc.strerror}); start once with it writable"
                 ) from exc
-            raise self._unavailable(f"XTTS-v2 files in {self.model_dir} could not be read ({exc})") from exc
+            raise self._unavailable(f"XTTS-v2 files in {label} could not be read ({exc.strerror or exc})") from exc
         except Exception as exc:
             raise self._unavailable(
-                f"XTTS-v2 files in {self.model_dir} could not be loaded ({type(exc).__name__}: {exc}); "
+                f"XTTS-v2 files in {label} could not be loaded ({type(exc).__name__}: {exc}); "
                 "replace them with an intact copy of the XTTS-v2 release"
             ) from exc
 
@@ -313,7 +285,7 @@ class XttsEngine:
 
     def _pieces(self, text: str, language: str) -> list[str]:
         limit = self._model.tokenizer.char_limits.get(language.split("-")[0], 250)
-        return split_text(text, limit) or [text.strip()]
+        return split_bounded(text, limit) or [text.strip()]
 
     def _generate(self, piece: str, language: str, gpt_latent, speaker_embedding, speed: float) -> np.ndarray:
         """One piece through GPT and the HiFi-GAN decoder (the caller holds the lock)."""

@@ -15,6 +15,7 @@ def build(name: str, settings: Settings) -> TalkingHeadEngine:
         th = settings.talking_head
         return LandmarkTalkingHead(
             cache_dir=settings.avatar_cache_dir, cache_bytes=th.avatar_cache_bytes, max_image_bytes=th.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
             presets_dir=settings.preset_avatars_dir, preset=settings.mp4.x264_preset, crf=settings.mp4.crf,
             batch=th.render_batch,
         )

@@ -54,8 +54,8 @@ class LandmarkTalkingHead:
     name = "landmark"
 
     def __init__(self, *, cache_dir: Path, cache_bytes: int, max_image_bytes: int, presets_dir: Path,
-                 preset: str = "veryfast", crf: int = 16, batch: int = 16) -> None:
-        self._avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes)
+                 max_image_pixels: int = 40_000_000, preset: str = "veryfast", crf: int = 16, batch: int = 16) -> None:
+        self._avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes, max_image_pixels)
         self.presets_dir = presets_dir
         self.x264_preset = preset
         self.crf = crf
@@ -91,9 +91,9 @@ class LandmarkTalkingHead:
         return self.renderer
 
     # -- avatars ---------------------------------------------------------------------------
-    def add_avatar(self, image: bytes, pick_largest: bool = False) -> AvatarRecord:
+    def add_avatar(self, image: bytes, pick_largest: bool = False, face_index: Optional[int] = None) -> AvatarRecord:
         """Encode a portrait once (or find it cached) and register it."""
-        return self._avatars.add(image, pick_largest=pick_largest)
+        return self._avatars.add(image, pick_largest=pick_largest, face_index=face_index)
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""
@@ -111,7 +111,7 @@ class LandmarkTalkingHead:
     def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True,
                     idle_seed: Optional[int] = None) -> LandmarkFrameStream:
         """A frame stream of a registered avatar (its encoding loaded now, from memory or disk)."""
-        idle = None if idle_seed is None else IdleMotion(fps, idle_seed, head_motion)
+        idle = None if idle_seed is None else IdleMotion(fps, idle_seed, head_motion, avatar_key=avatar_id)
         return LandmarkFrameStream(self._require_renderer(), self._avatars.get(avatar_id), avatar_id, fps, head_motion,
                                    idle)
 
@@ -130,7 +130,7 @@ class LandmarkTalkingHead:
         duration = len(job.audio) / float(job.sample_rate)
         controls = drive(
             duration, job.fps, phonemes=job.phonemes, audio=job.audio, sample_rate=job.sample_rate,
-            emotion=job.emotion, text=job.text, seed=job.seed, head_motion=job.head_motion,
+            emotion=job.emotion, text=job.text, seed=job.seed, head_motion=job.head_motion, avatar_key=job.avatar_id,
         )
         t1 = time.perf_counter()
         w, h = stream.size
