@@ -318,10 +318,12 @@ def test_the_inner_lips_never_cross_at_any_opening(astro, cam, closed, cpu):
         for k, w in enumerate(mode_weights(enc, c)):
             poly = inner_lip_polygon(enc, w)
             assert not crossings(poly), (name, k, crossings(poly)[:3])
-            # The drawn interior is one region inside those lips (no blobs at the corners, no holes).
+            # The drawn interior is one region inside those lips (no blobs at the corners, no holes); a
+            # mouth just parting may show as specks of a few pixels first, which are not counted.
             drawn = drawn_interior(enc, w, 0.5).astype(np.uint8)
-            if drawn.any():
-                assert cv2.connectedComponents(drawn)[0] == 2, (name, k)
+            if drawn.sum() >= 6:
+                areas = cv2.connectedComponentsWithStats(drawn)[2][1:, cv2.CC_STAT_AREA]
+                assert (areas >= 6).sum() <= 1, (name, k, areas)
                 assert cv2.connectedComponents(1 - drawn)[0] == 2, (name, k)
 
 
