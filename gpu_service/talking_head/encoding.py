@@ -22,8 +22,8 @@ from avatar_contracts.media import check_image_header
 from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 
-ENCODING_VERSION = 8
-"""Bumped whenever the encoding or its npz layout changes (8: boxes and FaceGeometry by name); older caches are re-encoded."""
+ENCODING_VERSION = 9
+"""Bumped whenever the encoding or its npz layout changes (9: the interior's grain, blur and dark floor); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -105,6 +105,14 @@ class FaceGeometry:
     """Frontalness: 1 frontal .. 0 turned (unitless)."""
     landmark_mouth_half_width: float
     """Half the distance between the landmark mouth corners (may reach past a turned face's outline)."""
+    teeth_mid_u: float
+    """u of the teeth's midline (the upper lip's middle; off the visible mouth's middle on a turned face)."""
+    grain: float
+    """The portrait's fine texture around the mouth (grey levels, robust std of its high-pass): the interior gets as much."""
+    blur: float
+    """The portrait's edge blur around the mouth (Gaussian sigma, pixels): the interior's edges are as soft."""
+    dark_floor: float
+    """Luminance of the portrait's own darkest (pupils, lashes): no pixel of the interior is darker."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -323,35 +331,148 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
     return Box(int(ex0), int(ey0), int(ex1), int(ey1)), eye_map, np.ascontiguousarray(skin, dtype=np.float32)
 
 
-def interior_palette(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mouth-interior colours (cavity edge, cavity back, tongue) and fallback teeth colour, from the portrait.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+"""RGB weights of luminance (Rec. 601)."""
 
-    Every colour is a darkened or lightened copy of the portrait's own lip or skin colour, so the
-    interior has the photo's hue and colourfulness: a grey photo gets a grey mouth, a warm one a warm one.
-    `lm` are the landmarks in `crop`'s pixel coordinates.
+
+def dark_floor(image: np.ndarray, lm: np.ndarray) -> float:
+    """The portrait's own black: the 1st-percentile luminance of the box over its eyes and brows (pupils, lashes, brows).
+
+    A video frame's black level is often lifted (GRID's is about 45): an interior darker than
+    the darkest the face shows reads as a hole cut out of the picture.
     """
+    pts = lm[L.EYE_LEFT_UPPER + L.EYE_RIGHT_UPPER + L.EYE_LEFT_LOWER + L.EYE_RIGHT_LOWER + L.BROW_LEFT + L.BROW_RIGHT]
+    x0, y0 = np.maximum(np.floor(pts.min(0)).astype(int), 0)
+    x1, y1 = np.ceil(pts.max(0)).astype(int) + 1
+    box = image[y0:y1, x0:x1].reshape(-1, 3).astype(np.float32)
+    return float(np.percentile(box @ LUMA, 1)) if len(box) >= 16 else 0.0
+
+
+def _lips_and_skin(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the lips' median colour, the face's pixels) of a crop with its landmarks."""
     shape = crop.shape[:2]
     outer = _polygon_mask(shape, lm[L.OUTER_UPPER + L.OUTER_LOWER[::-1]])
     inner = _polygon_mask(shape, lm[L.INNER_UPPER + L.INNER_LOWER[::-1]])
     inner = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     face = _polygon_mask(shape, cv2.convexHull(lm[L.FACE_OVAL].astype(np.float32))[:, 0])
     skin_pix = crop[face].astype(np.float32)
-    skin = np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)
     lip_pix = crop[outer & ~inner].astype(np.float32)
     # Too few lip pixels (a tiny or profile face): the skin, slightly darker, stands in for the lips.
-    lip = np.median(lip_pix, 0) if len(lip_pix) >= 8 else 0.85 * skin
-    # Shadowed flesh reads a little richer than lit lips: the tint (the deviation from grey) is raised
-    # by a fixed gain, which keeps a grey portrait exactly grey.
-    def tinted(scale: float, gain: float) -> np.ndarray:
-        c = scale * lip
+    if len(lip_pix) >= 8:
+        return np.median(lip_pix, 0), skin_pix
+    return 0.85 * (np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)), skin_pix
+
+
+def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mouth-interior colours (cavity at the lips, throat, tongue), drawn-teeth colour and dark floor, from the portrait.
+
+    The cavity, throat and tongue are copies of the portrait's own lip colour at levels between
+    its own black (dark_floor) and its lips, so the interior has the photo's hue and
+    colourfulness: a grey photo gets a grey mouth, a warm one a warm one. The throat sits above
+    the floor by enough that its `grain` (interior_texture) does not pile up there. The teeth are
+    an off-white as bright as the face's lit highlights, with the colour cast of the eye whites
+    (the white balance) or, when the eyes show none, of the skin. `lm` are the landmarks in
+    `crop`'s pixel coordinates.
+    """
+    shape = crop.shape[:2]
+    lip, skin_pix = _lips_and_skin(crop, lm)
+    skin = np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)
+    eyes = (_polygon_mask(shape, lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER[::-1]])
+            | _polygon_mask(shape, lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER[::-1]]))
+    eye_pix = crop[eyes].astype(np.float32)
+    skin_lum = skin_pix @ LUMA if len(skin_pix) else np.array([160.0], np.float32)
+    floor = dark_floor(crop, lm)
+
+    def tinted(base: np.ndarray, level: float, gain: float) -> np.ndarray:
+        """`base`'s hue at luminance `level`, its tint (the deviation from grey) raised by `gain`; grey stays grey."""
+        c = base * (level / max(float(base @ LUMA), 1.0))
         return np.clip(c.mean() + gain * (c - c.mean()), 0, 255)
 
-    palette = np.stack([tinted(0.4, 1.4), tinted(0.1, 1.4), tinted(0.6, 1.5)]).astype(np.float32)
-    # Drawn teeth: a light neutral a little brighter than the face, carrying a trace of the skin's tint.
-    lum = skin_pix @ np.array([0.299, 0.587, 0.114], np.float32) if len(skin_pix) else np.array([160.0])
-    level = float(np.clip(1.05 * np.percentile(lum, 90), 120.0, 225.0))
-    teeth = np.clip(level + 0.2 * (skin - skin.mean()), 0, 255).astype(np.float32)
-    return palette, teeth
+    lip_l = float(lip @ LUMA)
+    # Shadowed flesh reads richer than lit lips: the cavity, throat and tongue are copies of the lips
+    # with a stronger tint, at levels between the portrait's own black and its lips (a lifted black
+    # lifts them all, so the throat stays darker than the lips even where the black is grey).
+    span = max(lip_l - floor, 10.0)
+    cavity = tinted(lip, floor + 0.42 * span, 1.2)
+    throat = tinted(lip, floor + max(0.04 * span, 3.0 + 1.2 * grain), 1.15)
+    tongue = tinted(lip, floor + 0.68 * span, 1.4)
+    palette = np.stack([cavity, throat, tongue]).astype(np.float32)
+    # Drawn teeth: as bright as the face's lit highlights (teeth catch the light the face does; the eye
+    # whites sit in the brows' shadow, so only their colour is used: the portrait's white balance, when
+    # the eyes show whites at all, else the skin's hue, mostly washed out).
+    white = _whitest(eye_pix, 0.2) if len(eye_pix) >= 12 else None
+    level = float(np.clip(0.92 * np.percentile(skin_lum, 99.5), 1.1 * lip_l, 235.0))
+    if white is not None and _chroma(white) < 0.3:
+        cast = white
+    else:
+        cast = skin.mean() + 0.25 * (skin - skin.mean())
+    # Teeth are yellower than eye whites (and never pink): a shift towards yellow as strong as the
+    # skin is colourful, so a grey portrait stays grey.
+    cast = cast * (level / max(float(cast @ LUMA), 1.0))
+    tint = cast - level + float(skin.max() - skin.min()) * np.array([0.08, 0.04, -0.14], np.float32)
+    teeth = np.clip(level + tint, 0, 255).astype(np.float32)
+    return palette, teeth, floor
+
+
+def _chroma(rgb: np.ndarray) -> float:
+    """Colourfulness of one colour: (max - min) over its luminance."""
+    return float((rgb.max() - rgb.min()) / max(float(rgb @ LUMA), 1.0))
+
+
+def _whitest(pix: np.ndarray, share: float) -> Optional[np.ndarray]:
+    """Median colour of the `share` of pixels that are brightest and least coloured, or None when there are none."""
+    if len(pix) == 0:
+        return None
+    lum = pix @ LUMA
+    score = lum - 1.5 * (pix.max(1) - pix.min(1))
+    cut = np.percentile(score, 100.0 * (1.0 - share))
+    top = pix[score >= cut]
+    # Not the very brightest (a catchlight, a clipped highlight).
+    top = top[(top @ LUMA) <= np.percentile(top @ LUMA, 95)] if len(top) >= 20 else top
+    return np.median(top, 0).astype(np.float32) if len(top) else None
+
+
+def _gradient(lum: np.ndarray) -> np.ndarray:
+    gx = cv2.Sobel(lum, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(lum, cv2.CV_32F, 0, 1, ksize=3)
+    return np.hypot(gx, gy) / 8.0
+
+
+def interior_texture(crop: np.ndarray, lm: np.ndarray) -> tuple[float, float]:
+    """(grain, blur) of the portrait around the mouth: what the drawn interior must carry to look of a piece.
+
+    Grain is the robust std (1.4826 MAD) of the luminance minus its Gaussian blur at 1 px, over the
+    skin around the lips away from strong edges: sensor noise and pores in a photo, craquelure and
+    brushwork in a painting. Blur is the Gaussian sigma of the strong edges there (lip outline,
+    shadows), measured by how much a known re-blur lowers their gradient (the re-blur estimator;
+    calibrated so a sharp step reads 0). `lm` are the landmarks in `crop`'s pixel coordinates.
+    """
+    pts = lm[L.OUTER_UPPER + L.OUTER_LOWER]
+    (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+    w = max(float(x1 - x0), 4.0)
+    h_img, w_img = crop.shape[:2]
+    bx0, by0 = int(max(0, x0 - 0.35 * w)), int(max(0, y0 - 0.35 * w))
+    bx1, by1 = int(min(w_img, x1 + 0.35 * w)), int(min(h_img, y1 + 0.5 * w))
+    lum = crop[by0:by1, bx0:bx1].astype(np.float32) @ LUMA
+    if min(lum.shape) < 8:
+        return 2.0, 0.5
+    # Blur: the fine texture is smoothed away first (sigma 0.7) so it is the forms' edges that are measured.
+    pre, s0 = 0.7, 1.5
+    soft = cv2.GaussianBlur(lum, (0, 0), pre)
+    g0 = _gradient(soft)
+    g1 = _gradient(cv2.GaussianBlur(soft, (0, 0), s0))
+    strong = g0 >= np.percentile(g0, 90)
+    r = float(g0[strong].sum() / max(float(g1[strong].sum()), 1e-6))
+    est = s0 / np.sqrt(max(r * r - 1.0, 1e-3))
+    # 0.68: what a perfect step sampled on pixels reads (Sobel's own smoothing), with the pre-smoothing.
+    blur = float(np.clip(np.sqrt(max(est * est - 0.68 - pre * pre, 0.0)), 0.0, 4.0))
+    lips = _polygon_mask(crop.shape[:2], pts)[by0:by1, bx0:bx1]
+    lips = cv2.dilate(lips.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    g = _gradient(lum)
+    keep = ~lips & (g < np.percentile(g, 80))
+    res = (lum - cv2.GaussianBlur(lum, (0, 0), 1.0))[keep]
+    grain = float(1.4826 * np.median(np.abs(res - np.median(res)))) if res.size >= 16 else 2.0
+    return float(np.clip(grain, 0.0, 12.0)), blur
 
 
 MOUTH_MODES = ("jaw", "upper", "spread", "tuck")
@@ -593,17 +714,20 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     else:
         eye_patch, eye_map, eye_skin = _eye_layers(image[y0:y1, x0:x1], lm - off, eye_t, eye_g, eye_which, e_v)
 
-    # The portrait's own teeth: a bright, unsaturated band between the inner lips.
+    # The portrait's own teeth: a bright band between the inner lips, unsaturated or (under a warm
+    # light, as GRID's yellow teeth) much brighter than the lips.
     own = 0.0
-    palette, teeth = interior_palette(image[y0:y1, x0:x1], lm - off)
+    grain, blur = interior_texture(image[y0:y1, x0:x1], lm - off)
+    palette, teeth, dark_floor = interior_palette(image[y0:y1, x0:x1], lm - off, grain)
     if g0 >= 2.5:
         band = (V > v_ui + 0.5) & (V < v_li - 0.5) & (AU < 0.6 * hw_m)
         pix = image[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1][band].astype(np.float32)
         if len(pix) >= 6:
-            lum = pix @ np.array([0.299, 0.587, 0.114], np.float32)
+            lum = pix @ LUMA
             sat = pix.max(1) - pix.min(1)
             bright = pix[lum >= np.median(lum)]
-            if np.median(lum) > 100 and np.median(sat) < 90:
+            lip_l = float(_lips_and_skin(image[y0:y1, x0:x1], lm - off)[0] @ LUMA)
+            if (np.median(lum) > 100 and np.median(sat) < 90) or np.percentile(lum, 75) > max(120.0, 1.35 * lip_l):
                 own = g0 / 2
                 teeth = np.clip(bright.mean(0) * 1.02, 0, 255).astype(np.float32)
 
@@ -625,6 +749,8 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
             lower_lip_height=lip_lo_h, own_teeth=own, brow_travel=0.035 * fh,
             mouth_x=mouth_c[0], mouth_y=mouth_c[1], roll_cos=cs, roll_sin=sn, lut_u0=u_lo, lut_step=step,
             mouth_u=u_mid, yaw=yaw, frontal=frontal, landmark_mouth_half_width=hw_lm,
+            teeth_mid_u=float(np.clip(uv[L.INNER_UPPER_MID[0], 0], c_left + 0.3 * hw_m, c_right - 0.3 * hw_m)),
+            grain=grain, blur=blur, dark_floor=dark_floor,
         ),
         patch_mask=np.ascontiguousarray(face[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0], dtype=np.float32),
         eye_patch=eye_patch,

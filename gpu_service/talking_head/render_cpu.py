@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 
 from gpu_service.talking_head.encoding import MODES, Encoding
-from gpu_service.talking_head.shading import PreparedCache, shade_eyes, shade_mouth
+from gpu_service.talking_head.shading import (PreparedCache, jaw_motion, lip_depths, mouth_alpha, mouth_colour,
+                                              mouth_layout, shade_eyes)
 
 BLINK_L, BLINK_R = MODES.index("blink_l"), MODES.index("blink_r")
 
@@ -34,6 +35,7 @@ class _Prepared:
         self.head_mask = enc.head_mask
         u0, step = enc.geometry.lut_u0, enc.geometry.lut_step
         self.lut = lambda table, u: lut_np(table, u, u0, step)
+        self.mouth = mouth_layout(enc)
         self.shape = (h, w)
 
 
@@ -55,12 +57,17 @@ class CpuRenderer:
         out = cv2.remap(p.crop_img, smap, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         patch = enc.patch.slices
         sub = smap[patch]
-        alpha, rgb = shade_mouth(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.lut, np.clip, enc.patch_mask)
+        below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.mouth, weights, p.lut)
+        alpha = mouth_alpha(below_up, above_lo, enc, np.clip, enc.patch_mask)
         if float(alpha.max()) > 0.0:
-            a = alpha[..., None]
-            region = out[patch].astype(np.float32)
-            mixed = region * (1.0 - a) + np.stack(rgb, -1) * a
-            out[patch] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+            # The colour only where the interior shows: the window of the patch its alpha covers.
+            rows, cols = np.nonzero(alpha.any(1))[0], np.nonzero(alpha.any(0))[0]
+            win = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+            rgb = mouth_colour(p.mouth.window(*win), below_up[win], above_lo[win], *jaw_motion(p.mouth, weights), enc, np.clip)
+            a = alpha[win][..., None]
+            view = out[patch][win]
+            mixed = view.astype(np.float32) * (1.0 - a) + np.stack(rgb, -1) * a
+            view[...] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
         lid_l, lid_r = float(weights[BLINK_L]), float(weights[BLINK_R])
         if lid_l > 0.0 or lid_r > 0.0:
             eyes = enc.eye_patch.slices

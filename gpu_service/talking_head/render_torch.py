@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_service.talking_head.encoding import MODES, Encoding
-from gpu_service.talking_head.shading import PreparedCache, shade_eyes, shade_mouth
+from gpu_service.talking_head.shading import PreparedCache, mouth_layout, shade_eyes, shade_mouth
 
 BLINK_L, BLINK_R = MODES.index("blink_l"), MODES.index("blink_r")
 
@@ -34,6 +34,7 @@ class _Prepared:
         self._tables = {id(enc.lut_upper): torch.from_numpy(enc.lut_upper).to(device),
                         id(enc.lut_lower): torch.from_numpy(enc.lut_lower).to(device)}
         self.u0, self.step = enc.geometry.lut_u0, enc.geometry.lut_step
+        self.mouth = mouth_layout(enc).convert(lambda a: torch.from_numpy(a).to(device))
         self.scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=device)
         self.shape = (h, w)
 
@@ -74,7 +75,7 @@ class TorchRenderer:
         out = torch.clamp(torch.floor(out + 0.5), 0, 255)
         rows, cols = enc.patch.slices
         sub = smap[:, rows, cols]
-        alpha, rgb = shade_mouth(sub[..., 0], sub[..., 1], p.side, enc, p.lut, torch.clamp, p.patch_mask)
+        alpha, rgb = shade_mouth(sub[..., 0], sub[..., 1], p.side, enc, p.mouth, wt, p.lut, torch.clamp, p.patch_mask)
         region = out[:, :, rows, cols]
         a = alpha.unsqueeze(1)
         mixed = region * (1.0 - a) + torch.stack(rgb, 1) * a

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from gpu_service.talking_head.encoding import Encoding
+import cv2
+import numpy as np
+
+from gpu_service.talking_head.encoding import LUMA, Encoding, smoothstep
 
 
 def smooth01(e0, e1, x, clamp: Callable):
@@ -20,55 +23,256 @@ def smooth01(e0, e1, x, clamp: Callable):
     return t * t * (3.0 - 2.0 * t)
 
 
-def shade_mouth(xs, ys, side, enc: Encoding, lut: Callable, clamp: Callable, mask=None):
-    """Mouth-interior alpha and colour (r, g, b) for output pixels that sample source (xs, ys).
+class MouthLayout(NamedTuple):
+    """What the drawn mouth interior needs of an encoding, per mouth-patch pixel, derived once (see mouth_layout).
 
-    `mask` (the encoding's patch_mask on the caller's device) keeps the interior inside the face.
+    A pixel is inside the open mouth when it is below the upper inner lip and above the lower
+    one. Its own side of the lip midline is read from the frame's sampling map; for the other
+    lip the layout keeps that lip's motion fields, read just outside it. The teeth are fixed in
+    the face (the upper row to the skull, the lower row to the jaw) and the tongue lies on the
+    jaw, so everything else about them (their colours, the gaps between teeth, the grain) is
+    where it is in the output, computed here once. Arrays are (ph, pw) unless noted, NumPy here
+    and tensors on a torch path's device (`convert`).
+    """
 
-    A pixel on the jaw side of the lip midline that samples from above the lower inner lip,
-    or on the upper side sampling below the upper inner lip, is inside the open mouth: how far
-    (its depth) says whether it shows teeth, tongue or the dark cavity.
+    other: object
+    """(K, 2 * ph * pw) the other lip's backward field per unit of each mode (x then y), for weights @ other."""
+    gap_rate: object
+    """(K,) the inner-lip gap at the teeth's midline grows by weights @ gap_rate."""
+    drop_rate: object
+    """(K,) the jaw (the lower lip at the midline) drops by weights @ drop_rate."""
+    out_xy: object
+    """(2, ph, pw) each pixel's own crop coordinates."""
+    upper_cover: object
+    """Opacity of the upper teeth (the skull's): 1 above their edge, 0 below it and out past the canines."""
+    upper_rgb: object
+    """(3, ph, pw) their colour, shaded for the arch's curve, each tooth's bulge and the gaps between teeth."""
+    below_contact: object
+    """Output distance below where the lips meet at rest: the lower teeth and tongue lie at fixed depths below it on the jaw."""
+    lower_cover: object
+    """Opacity of the lower teeth across the mouth (0 past them)."""
+    lower_notch: object
+    """How far below the lower teeth's top each pixel's tooth edge sits (rounded tooth corners)."""
+    lower_rgb: object
+    """(3, ph, pw) their colour."""
+    dome: object
+    """The tongue's height profile across the mouth, 1 in the middle, 0 at its sides."""
+    tongue_rgb: object
+    """(3, ph, pw) its colour, lit across its middle, with the median groove."""
+    throat: object
+    """How much of the throat's darkness a cavity pixel can take (less towards the corners)."""
+    grain: object
+    """Grey levels of texture added to the drawn interior, as much as the portrait carries."""
+
+    def window(self, rows: slice, cols: slice) -> "MouthLayout":
+        """The same layout over a window of the patch (the motion tables, not per pixel, stay whole)."""
+        return self._replace(**{name: getattr(self, name)[..., rows, cols] for name in self._fields[3:]})
+
+    def convert(self, to: Callable) -> "MouthLayout":
+        """Every array passed through `to` (e.g. onto a torch device)."""
+        return MouthLayout(*(to(a) for a in self))
+
+
+def _soft(width: float, blur: float) -> float:
+    """Width of a smoothstep edge as soft as the portrait's (a Gaussian of sigma `blur`, plus resampling)."""
+    return max(width, 3.2 * float(np.sqrt(blur * blur + 0.3)))
+
+
+def grain_texture(shape: tuple[int, int], grain: float, blur: float, seed: int = 0) -> np.ndarray:
+    """Fixed noise whose high-pass reads `grain` grey levels by interior_texture's measure, as soft as `blur`."""
+    n = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    if blur > 0.3:
+        n = cv2.GaussianBlur(n, (0, 0), 0.6 * blur)
+    res = n - cv2.GaussianBlur(n, (0, 0), 1.0)
+    gain = grain / max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-6)
+    return np.clip(n, -3.0, 3.0) * np.float32(gain)
+
+
+def _teeth_row(at: np.ndarray, half: np.ndarray, edges: tuple[float, ...], blur: float,
+               depth: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(shade, distance to the nearest gap over the tooth's width) across a row of teeth with gaps at |u| = `edges`."""
+    knots = np.asarray(edges, np.float32)
+    tau = np.interp(at, knots, np.arange(len(knots), dtype=np.float32)).astype(np.float32)
+    frac = tau - np.floor(tau)
+    width = np.interp(tau, np.arange(len(knots) - 1) + 0.5, np.diff(knots)).astype(np.float32) * half
+    to_gap = np.minimum(frac, 1.0 - frac) * width
+    gap = 1.0 - depth * (0.12 + 0.2 * np.clip(at, 0, 1)) * (1.0 - smoothstep(0.0, _soft(0.8, 0.5 * blur), to_gap))
+    bulge = 1.0 - 0.12 * (2.0 * frac - 1.0) ** 2  # each tooth's face curves away from the light at its sides
+    return (gap * bulge).astype(np.float32), (to_gap / np.maximum(width, 1e-3)).astype(np.float32)
+
+
+UPPER_GAPS = (0.0, 0.30, 0.53, 0.72, 0.86, 0.97, 1.08)
+"""Where the gaps between upper teeth sit across the mouth (half-widths from the midline): incisors, canine, premolars."""
+LOWER_GAPS = (0.0, 0.19, 0.38, 0.56, 0.72, 0.86, 0.98)
+"""The same for the narrower lower teeth."""
+
+
+def mouth_layout(enc: Encoding) -> MouthLayout:
+    """The interior's per-pixel layout of an encoding's mouth patch (NumPy; see MouthLayout)."""
+    geo = enc.geometry
+    px0, py0, px1, py1 = enc.patch
+    ys, xs = np.mgrid[py0:py1, px0:px1].astype(np.float32)
+    cs, sn = geo.roll_cos, geo.roll_sin
+    u = (xs - geo.mouth_x) * cs + (ys - geo.mouth_y) * sn
+    v = -(xs - geo.mouth_x) * sn + (ys - geo.mouth_y) * cs
+    lut_u = np.arange(len(enc.lut_upper), dtype=np.float32) * geo.lut_step + geo.lut_u0
+    v_up = np.interp(u, lut_u, enc.lut_upper).astype(np.float32)
+    v_lo = np.interp(u, lut_u, enc.lut_lower).astype(np.float32)
+    k = len(enc.bases)
+    # The fields are read only near the lips: a window of them around the patch, only the modes that move it.
+    wy0, wx0 = max(py0 - 3, 0), max(px0 - 3, 0)
+    window = enc.bases[:, wy0:py1 + 3, wx0:px1 + 3]
+    planes = [(m, c, np.ascontiguousarray(window[m, ..., c])) for m in range(k) if window[m].any() for c in range(2)]
+
+    def fields_at(uu: np.ndarray, vv: np.ndarray) -> np.ndarray:
+        """(K, 2, ...) every mode's backward field at face-frame points (bilinear)."""
+        mx = np.ascontiguousarray(geo.mouth_x + uu * cs - vv * sn - wx0, dtype=np.float32)
+        my = np.ascontiguousarray(geo.mouth_y + uu * sn + vv * cs - wy0, dtype=np.float32)
+        out = np.zeros((k, 2) + uu.shape, np.float32)
+        for m, c, plane in planes:
+            out[m, c] = cv2.remap(plane, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return out
+
+    # The other lip's field just outside it: for a pixel on the jaw side, the upper lip's field
+    # 1.5 px above the upper inner lip; on the upper side, the jaw's 1.5 px below the lower one.
+    side = enc.patch_side > 0.5
+    other = fields_at(u, np.where(side, v_up - 1.5, v_lo + 1.5))
+    # How the gap and the jaw move at the teeth's midline (backward fields: the lips move by minus the field).
+    mid_u = geo.teeth_mid_u
+    e_v = np.array([-sn, cs], np.float32)
+    mid = np.full((1, 1), mid_u, np.float32)
+    at_lip = lambda lut, dv: -np.tensordot(  # noqa: E731
+        fields_at(mid, np.full((1, 1), float(np.interp(mid_u, lut_u, lut)) + dv, np.float32))[..., 0, 0], e_v, 1)
+    drop_rate = at_lip(enc.lut_lower, 1.5)
+    gap_rate = drop_rate - at_lip(enc.lut_upper, -1.5)
+
+    # Across the mouth from the teeth's midline: -1 and 1 at the visible corners (a turned face's far side is narrower).
+    c_left, c_right = geo.mouth_u - geo.mouth_half_width, geo.mouth_u + geo.mouth_half_width
+    half = np.where(u < mid_u, mid_u - c_left, c_right - mid_u).astype(np.float32)
+    at = np.abs(u - mid_u) / np.maximum(half, 1.0)
+    blur, fh = geo.blur, geo.face_height
+    edge_w = _soft(1.0, blur)
+    teeth = np.asarray(enc.teeth_rgb, np.float32)[:, None, None]
+    # Upper teeth: fixed to the skull, their edge a little below where the lips meet at rest (the
+    # overbite), rising towards the canines and notched between teeth.
+    shade_u, gap_u = _teeth_row(at, half, UPPER_GAPS, blur)
+    notch = 0.12 * np.minimum(0.3 * half, 0.04 * fh) * (1.0 - smoothstep(0.0, 0.3, gap_u))
+    contact = (v_up + v_lo) / 2
+    edge = contact + 0.012 * fh * (1.0 - 0.5 * at * at) - notch
+    upper_cover = (1.0 - smoothstep(-0.5 * edge_w, 0.5 * edge_w, v - edge)) * (1.0 - smoothstep(0.85, 1.02, at))
+    translucent = 1.0 - 0.12 * smoothstep(-0.3 * 0.012 * fh - edge_w, 0.0, v - edge)
+    upper_rgb = teeth * (shade_u * (1.0 - 0.42 * at * at) * translucent)[None]
+    # Lower teeth: on the jaw, narrower, in the upper row's shadow.
+    shade_l, gap_l = _teeth_row(at, half, LOWER_GAPS, blur, depth=0.6)
+    lower_notch = 0.06 * np.minimum(0.2 * half, 0.03 * fh) * (1.0 - smoothstep(0.0, 0.3, gap_l))
+    lower_cover = 1.0 - smoothstep(0.45, 0.7, at)
+    lower_rgb = teeth * (0.88 * shade_l * (1.0 - 0.5 * at * at))[None]
+    # Tongue: a dome lying on the jaw behind the lower teeth, lit across its middle, a groove down it.
+    dome = np.clip(1.0 - (at / 0.8) ** 2, 0.0, 1.0)
+    groove = 1.0 - 0.1 * (1.0 - smoothstep(0.0, 0.08, at))
+    tongue_rgb = np.asarray(enc.palette[2], np.float32)[:, None, None] * ((0.72 + 0.28 * dome) * groove)[None]
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    return MouthLayout(
+        other=f32(other.reshape(k, -1)), gap_rate=f32(gap_rate), drop_rate=f32(drop_rate),
+        out_xy=f32(np.stack([xs, ys])), upper_cover=f32(upper_cover), upper_rgb=f32(upper_rgb),
+        below_contact=f32(v - contact), lower_cover=f32(lower_cover), lower_notch=f32(lower_notch),
+        lower_rgb=f32(lower_rgb), dome=f32(dome), tongue_rgb=f32(tongue_rgb),
+        throat=f32(1.0 - smoothstep(0.35, 1.0, at)), grain=f32(grain_texture(u.shape, geo.grain, blur)),
+    )
+
+
+def lip_depths(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable):
+    """(below the upper inner lip, above the lower inner lip) at output pixels that sample source (xs, ys).
+
+    Source pixels, so positive inside the opening. The pixel's own lip is read where it samples;
+    the other lip where that lip's field (the layout's) would have it sample. `w` are the frame's
+    mode weights, (K,) or (B, K).
     """
     geo = enc.geometry
-    mx, my, cs, sn = geo.mouth_x, geo.mouth_y, geo.roll_cos, geo.roll_sin
-    hw_m, g_max, own = geo.mouth_half_width, geo.max_gap, geo.own_teeth
-    dx, dy = xs - mx, ys - my
-    u = dx * cs + dy * sn
-    v = -dx * sn + dy * cs
-    v_up, v_lo = lut(enc.lut_upper, u), lut(enc.lut_lower, u)
-    depth = side * (v_lo - v) + (1.0 - side) * (v - v_up)
-    # A two-pixel ramp feathers the drawn interior into the inner edge of the lips.
-    alpha = smooth01(own + 0.1, own + 2.1, depth, clamp)
-    if mask is not None:
-        alpha = alpha * mask
-    un = u - geo.mouth_u  # across the visible mouth, corners at +-hw_m
-    d = depth - own
-    r2 = clamp((un / hw_m) ** 2, 0.0, 1.0)
-    # The cavity darkens with distance from the lips, so the middle of a wide opening (the back of
-    # the mouth) is darkest, and the corners fall into the cheeks' shadow.
-    k = smooth01(0.0, 0.3 * g_max, d, clamp)
-    lateral = 1.0 - 0.3 * r2
-    th_u = max(0.2 * hw_m, own + 1.5)
-    th_l = 0.09 * hw_m + own
-    # Tongue: a dome resting on the jaw behind the lower teeth, highest in the middle.
-    dome = clamp(1.0 - (un / (0.75 * hw_m)) ** 2, 0.0, 1.0)
-    top = th_l + 0.5 + 0.13 * g_max * dome
-    tongue = side * smooth01(th_l - 0.5, th_l + 0.5, depth, clamp) * (1.0 - smooth01(top - 2.0, top + 0.5, depth, clamp))
-    tongue = tongue * clamp(3.0 * dome, 0.0, 1.0) * 0.85
-    # Lit on its front, falling into shadow towards its back edge and its sides.
-    tongue_shade = (0.7 + 0.3 * dome) * (1.0 - 0.35 * smooth01(th_l, top, depth, clamp))
-    teeth_u = (1.0 - side) * (1.0 - smooth01(th_u - 1.5, th_u + 0.3, depth, clamp))
-    teeth_l = side * (1.0 - smooth01(th_l - 1.0, th_l, depth, clamp)) * 0.85
-    teeth_shade = 1.0 - 0.35 * clamp(depth / th_u, 0.0, 1.0)
-    teeth_a = teeth_u + teeth_l
-    edge, deep, tongue_rgb = (tuple(float(x) for x in row) for row in enc.palette)
+    cs, sn = geo.roll_cos, geo.roll_sin
+    o = (w @ lay.other).reshape(tuple(w.shape[:-1]) + tuple(lay.out_xy.shape)) + lay.out_xy
+
+    def depths(x, y):
+        dx, dy = x - geo.mouth_x, y - geo.mouth_y
+        u = dx * cs + dy * sn
+        v = -dx * sn + dy * cs
+        return v - lut(enc.lut_upper, u), lut(enc.lut_lower, u) - v
+
+    # Each side's own lip where the frame's map samples, the other where the layout's field would.
+    up_own, lo_own = depths(xs, ys)
+    up_other, lo_other = depths(o[..., 0, :, :], o[..., 1, :, :])
+    return up_own + side * (up_other - up_own), lo_other + side * (lo_own - lo_other)
+
+
+def mouth_alpha(below_up, above_lo, enc: Encoding, clamp: Callable, mask=None):
+    """Opacity of the drawn interior: inside both inner lips (past the portrait's own teeth), edges as soft as the portrait's.
+
+    `mask` (the encoding's patch_mask) keeps it inside the face.
+    """
+    own = enc.geometry.own_teeth
+    e0 = own + 0.1
+    e1 = e0 + _soft(2.0, enc.geometry.blur)
+    alpha = smooth01(e0, e1, below_up, clamp) * smooth01(e0, e1, above_lo, clamp)
+    return alpha if mask is None else alpha * mask
+
+
+def jaw_motion(lay: MouthLayout, w):
+    """(the gap's change at the teeth's midline, the jaw's drop there) for mode weights `w`, shaped to broadcast."""
+    lead = tuple(w.shape[:-1]) + (1, 1)
+    return (w @ lay.gap_rate).reshape(lead), (w @ lay.drop_rate).reshape(lead)
+
+
+def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding, clamp: Callable):
+    """Colour (r, g, b) of the drawn interior: throat, tongue, lower and upper teeth, back to front, with grain.
+
+    `below_up` and `above_lo` are each pixel's distances from the moving inner lips (lip_depths),
+    `gap` and `drop` the jaw's motion (jaw_motion); `lay` may be a window of the patch.
+    """
+    geo = enc.geometry
+    g_max, fh = geo.max_gap, geo.face_height
+    gap = gap + geo.rest_gap
+    opened = clamp(gap * (1.0 / g_max), 0.0, 1.0)
+    ew = _soft(1.0, geo.blur)
+    own = geo.own_teeth > 0.0  # the portrait's own teeth move with its lips: none are drawn
+    # The lower teeth ride on the jaw; their top rises above the lower lip as the jaw drops (the lip is
+    # drawn down off them). The tongue's back shows above them, more as the mouth opens. A portrait's
+    # own lower teeth end where the lips met at rest, moved down with the jaw.
+    teeth_top = drop if own else drop - (0.04 * fh) * smooth01(0.3, 0.9, opened, clamp)  # below the rest contact line
+    on_jaw = lay.below_contact - teeth_top  # > 0 below the lower teeth's top
+    tongue_h = clamp(0.3 * gap, 0.0, 0.055 * fh) * lay.dome
+    # Its back recedes into the throat's shadow: lit at the front, the throat's colour at its top edge, which is soft.
+    tongue = smooth01(-tongue_h - ew, 2.0 * ew - tongue_h, on_jaw, clamp) * clamp(4.0 * lay.dome, 0.0, 1.0)
+    lit = smooth01(-tongue_h, 0.5 * ew, on_jaw, clamp)
+    tongue_shade = 0.2 + 0.8 * lit
+    # The throat is darkest in the middle of the opening, far from every lit surface; it lightens
+    # gradually towards the lips (no flat core), and the upper lip shades the teeth just below it.
+    reach = 1.0 / (0.5 * gap + 1.0)
+    deep = lay.throat * clamp(below_up * reach, 0.0, 1.0) * clamp(above_lo * reach, 0.0, 1.0)
+    lip_shadow = 1.0 - 0.35 * (1.0 - smooth01(0.0, 0.125 * gap + 0.5, below_up, clamp))
+    if not own:
+        lower = lay.lower_cover * smooth01(0.0, ew, on_jaw - lay.lower_notch, clamp)
+        upper = lay.upper_cover
+    cavity, back, _ = (tuple(float(x) for x in row) for row in enc.palette)
+    # The floor keeps the throat's hue: each channel stops where the throat colour has the floor's luminance.
+    low = [c * geo.dark_floor / max(float(np.dot(back, LUMA)), 1.0) for c in back]
+    # Grain is fainter in the dark, as a photo's noise and a painting's cracks are.
+    g_dark, g_rate = 0.35, 0.65 / max(float(np.dot(enc.teeth_rgb, LUMA)), 1.0)
     rgb = []
     for ch in range(3):
-        col = edge[ch] * (1.0 - k) + deep[ch] * k
-        col = col * (1.0 - tongue) + tongue_rgb[ch] * tongue_shade * tongue
-        col = col * (1.0 - teeth_a) + float(enc.teeth_rgb[ch]) * teeth_shade * teeth_a
-        rgb.append(col * lateral)
-    return alpha, rgb
+        col = cavity[ch] + (back[ch] - cavity[ch]) * deep
+        col = col + (back[ch] + (lay.tongue_rgb[ch] - back[ch]) * tongue_shade - col) * tongue
+        if not own:
+            col = col + (lay.lower_rgb[ch] - col) * lower
+            col = col + (lay.upper_rgb[ch] * lip_shadow - col) * upper
+        rgb.append(clamp(col + lay.grain * (g_dark + g_rate * col), low[ch], 255.0))
+    return rgb
+
+
+def shade_mouth(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable, clamp: Callable, mask=None):
+    """Mouth-interior alpha and colour (r, g, b) over the whole patch, for output pixels that sample source (xs, ys)."""
+    below_up, above_lo = lip_depths(xs, ys, side, enc, lay, w, lut)
+    alpha = mouth_alpha(below_up, above_lo, enc, clamp, mask)
+    return alpha, mouth_colour(lay, below_up, above_lo, *jaw_motion(lay, w), enc, clamp)
 
 
 def shade_eyes(eye_map, lid_left, lid_right, clamp: Callable):

@@ -1,7 +1,10 @@
-"""Renderer on real faces: encoding, exact rest frame, untouched background, MediaPipe-measured mouth and lids, CPU vs torch."""
+"""Renderer on real faces: encoding, exact rest frame, untouched background, MediaPipe-measured mouth and lids, mouth interior, CPU vs torch."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 from skimage import data
@@ -12,6 +15,12 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.encoding import Encoding, encode_from_landmarks, encode_image
 from gpu_service.talking_head.renderer import Renderer, mode_weights
+from gpu_service.talking_head.shading import lip_depths, mouth_alpha, mouth_layout
+
+MEDIA = Path(__file__).resolve().parents[1] / "fixtures" / "media"
+CLOSED_MOUTHS = {"p01": "p01_neutral_closed_mouth_grid_bbaf2n_f000.png", "p06": "p06_darker_skin_closed_mouth_grid_swiz3n_f074.png"}
+"""Real closed-mouth portraits from the media kit (GRID; lighter and darker skin): nothing in them to copy a mouth from."""
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +36,16 @@ def cam() -> Encoding:
 @pytest.fixture(scope="module")
 def cpu() -> Renderer:
     return Renderer("cpu")
+
+
+@pytest.fixture(scope="module")
+def closed() -> dict[str, Encoding]:
+    return {name: encode_image(kit_portrait(name)) for name in CLOSED_MOUTHS}
+
+
+def kit_portrait(name: str) -> np.ndarray:
+    """One of the real portraits copied into tests/fixtures/media, RGB."""
+    return cv2.cvtColor(cv2.imread(str(MEDIA / CLOSED_MOUTHS[name])), cv2.COLOR_BGR2RGB)
 
 
 def rest_controls(enc: Encoding, n: int) -> Controls:
@@ -145,6 +164,169 @@ def test_mouth_interior_takes_the_portraits_colourfulness(astro, cam, cpu):
     assert hsv_saturation(px).mean() < 1.6 * hsv_saturation(lip).mean()
 
 
+def inner_lip_polygon(enc: Encoding, weights: np.ndarray, n: int = 41) -> np.ndarray:
+    """The renderer's inner lips (its lip curves, 1.5 px into each lip) moved by one frame's field, image coordinates.
+
+    Upper lip left to right, then lower lip right to left. Each point is carried forward through
+    the backward field by fixed-point iteration (q = p - field(q)); 1.5 px keeps the bilinear
+    samples on the point's own side of the lip midline, where the field jumps.
+    """
+    g = enc.geometry
+    lut_u = np.arange(len(enc.lut_upper)) * g.lut_step + g.lut_u0
+    d = enc.landmarks - np.array([enc.crop.x0 + g.mouth_x, enc.crop.y0 + g.mouth_y])
+    corners = d[[L.MOUTH_LEFT, L.MOUTH_RIGHT]] @ np.array([g.roll_cos, g.roll_sin])
+    u = np.linspace(corners[0], corners[1], n)
+    field = np.tensordot(weights, enc.bases, 1).astype(np.float32)
+    chains = []
+    for lut, off in ((enc.lut_upper, -1.5), (enc.lut_lower, 1.5)):
+        v = np.interp(u, lut_u, lut) + off
+        p = np.stack([g.mouth_x + u * g.roll_cos - v * g.roll_sin, g.mouth_y + u * g.roll_sin + v * g.roll_cos], 1).astype(np.float32)
+        q = p.copy()
+        for _ in range(40):
+            mx, my = np.ascontiguousarray(q[:, :1]), np.ascontiguousarray(q[:, 1:])
+            q = p - np.concatenate([cv2.remap(field[..., k], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                                    for k in range(2)], 1)
+        chains.append(q + np.array([enc.crop.x0, enc.crop.y0], np.float32))
+    return np.concatenate([chains[0], chains[1][::-1]])
+
+
+def crossings(poly: np.ndarray) -> list[tuple[int, int]]:
+    """Pairs of non-adjacent edges of a closed polygon that properly cross (empty: the polygon is simple)."""
+    n = len(poly)
+    a, b = poly, np.roll(poly, -1, axis=0)
+
+    def side(p, q, r):
+        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+
+    i, j = np.triu_indices(n, 2)
+    keep = ~((i == 0) & (j == n - 1))
+    i, j = i[keep], j[keep]
+    cross = (side(a[i], b[i], a[j]) * side(a[i], b[i], b[j]) < 0) & (side(a[j], b[j], a[i]) * side(a[j], b[j], b[i]) < 0)
+    return list(zip(i[cross].tolist(), j[cross].tolist()))
+
+
+def interior_regions(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks inside the frame's inner-lip polygon: all of it, its top quarter (upper teeth), middle (throat), lower half.
+
+    The bands are the central columns (the middle 60-80 % of the opening's width); rows are
+    fractions of the polygon's height.
+    """
+    mask = np.zeros(frame.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(inner_lip_polygon(enc, weights)).astype(np.int32)], 1)
+    mask = cv2.erode(mask, np.ones((3, 3), np.uint8)).astype(bool)
+    ys, xs = np.nonzero(mask)
+    rel = ((np.arange(frame.shape[0]) - ys.min()) / (ys.max() - ys.min() + 1))[:, None]
+    cx, half = (xs.min() + xs.max()) / 2, (xs.max() - xs.min()) / 2
+    off = np.abs(np.arange(frame.shape[1]) - cx)[None, :]
+    return {"all": mask, "upper": mask & (rel < 0.25) & (off < 0.4 * half),
+            "throat": mask & (rel > 0.3) & (rel < 0.7) & (off < 0.4 * half), "lower": mask & (rel > 0.5) & (off < 0.3 * half)}
+
+
+def grain_level(lum: np.ndarray, where: np.ndarray) -> float:
+    """Robust std of the luminance's fine texture (minus its 1 px Gaussian blur) over `where`."""
+    res = (lum - cv2.GaussianBlur(lum, (0, 0), 1.0))[where]
+    return float(1.4826 * np.median(np.abs(res - np.median(res))))
+
+
+def own_black(image: np.ndarray, lm: np.ndarray) -> float:
+    """The portrait's own darkest: the 1st-percentile luminance over its eyes and brows (pupils, lashes, brows)."""
+    pts = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER + L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER + L.BROW_LEFT + L.BROW_RIGHT]
+    (x0, y0), (x1, y1) = np.floor(pts.min(0)).astype(int), np.ceil(pts.max(0)).astype(int) + 1
+    return float(np.percentile(image[y0:y1, x0:x1].astype(np.float32) @ LUMA, 1))
+
+
+def drawn_interior(enc: Encoding, weights: np.ndarray, opacity: float = 0.99) -> np.ndarray:
+    """Boolean (H, W): the pixels where the renderer's drawn interior is at least `opacity` opaque for these weights."""
+    from gpu_service.talking_head.render_cpu import lut_np
+
+    smap = (np.tensordot(weights, enc.bases, 1) + np.stack(np.meshgrid(np.arange(enc.crop.width), np.arange(enc.crop.height)), -1))
+    sub = smap[enc.patch.slices].astype(np.float32)
+    lut = lambda t, u: lut_np(t, u, enc.geometry.lut_u0, enc.geometry.lut_step)  # noqa: E731
+    depths = lip_depths(sub[..., 0], sub[..., 1], enc.patch_side, enc, mouth_layout(enc), weights, lut)
+    out = np.zeros(enc.image.shape[:2], bool)
+    rows, cols = enc.patch.slices
+    out[enc.crop.y0 + rows.start:enc.crop.y0 + rows.stop, enc.crop.x0 + cols.start:enc.crop.x0 + cols.stop] = (
+        mouth_alpha(*depths, enc, np.clip, enc.patch_mask) >= opacity)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CLOSED_MOUTHS))
+def test_an_opened_closed_mouth_shows_teeth_tongue_and_a_shaded_throat(closed, cpu, name):
+    enc = closed[name]
+    assert enc.geometry.rest_gap < 1.0 and enc.geometry.own_teeth == 0.0  # closed: every tooth is drawn
+    c = Controls.neutral(2, 25.0)
+    c.mouth_open[:] = [0.5, 1.0]  # a mid opening and a wide-open vowel
+    weights = mode_weights(enc, c)
+    frames = cpu.render(enc, c, head_motion=False)
+    fh = enc.geometry.face_height
+    for frame, w, opening in zip(frames, weights, c.mouth_open):
+        lum = frame.astype(np.float32) @ LUMA
+        sat = (frame.max(-1).astype(np.float32) - frame.min(-1)) / np.maximum(frame.max(-1), 1)
+        r = interior_regions(enc, frame, w)
+        throat, upper = float(np.median(lum[r["throat"]])), float(np.percentile(lum[r["upper"]], 90))
+        # Not a flat hole: the opening spans dark throat to lit teeth, and the throat carries grain.
+        inside = lum[r["all"]]
+        assert np.percentile(inside, 90) - np.percentile(inside, 10) > 30, (name, opening)
+        # The upper teeth (under the upper lip) are lit; the throat behind them is dark.
+        assert np.percentile(lum[r["upper"]], 75) > throat + 25, (name, opening)
+        # Nothing drawn is darker than the portrait's own black (a lifted video black lifts the throat too).
+        drawn = drawn_interior(enc, w)
+        assert drawn.sum() > 40
+        assert lum[drawn].min() >= own_black(enc.image, enc.landmarks) - 1.0, (name, opening)
+        if opening == 1.0:
+            assert grain_level(lum, r["throat"]) > 0.4, name
+            # Lower teeth show above the lower lip: teeth-bright, teeth-pale pixels low in the opening,
+            # over 0.7 % of the face height on average across its middle (a thin line along the lip is not teeth).
+            teeth = r["lower"] & (lum > (throat + upper) / 2) & (sat < np.median(sat[r["upper"] & (lum > (throat + upper) / 2)]) + 0.1)
+            columns = r["lower"].any(0).sum()
+            assert teeth.sum() / columns > 0.007 * fh, (name, teeth.sum() / columns / fh)
+
+
+def test_the_interior_takes_the_portraits_grain_and_softness(closed, cpu):
+    # The same face (same landmarks) as photographed, with more sensor noise, and out of focus.
+    enc = closed["p06"]
+    image = enc.image.astype(np.float32)
+    noisy = np.clip(image + np.random.default_rng(0).normal(0.0, 6.0, image.shape), 0, 255).astype(np.uint8)
+    soft = cv2.GaussianBlur(enc.image, (0, 0), 2.0)
+    c = Controls.neutral(1, 25.0)
+    c.mouth_open[:] = 1.0
+    measured = {}
+    for label, img in (("photo", enc.image), ("noisy", noisy), ("soft", soft)):
+        e = encode_from_landmarks(img, enc.landmarks)
+        w = mode_weights(e, c)[0]
+        frame = cpu.render(e, c, head_motion=False)[0]
+        lum = frame.astype(np.float32) @ LUMA
+        r = interior_regions(e, frame, w)
+        gx, gy = cv2.Sobel(lum, cv2.CV_32F, 1, 0) / 8, cv2.Sobel(lum, cv2.CV_32F, 0, 1) / 8
+        measured[label] = (grain_level(lum, r["throat"]), float(np.percentile(np.hypot(gx, gy)[r["all"]], 95)), e.geometry)
+    (g_photo, edge_photo, geo), (g_noisy, _, geo_noisy), (_, edge_soft, geo_soft) = (measured[k] for k in ("photo", "noisy", "soft"))
+    assert geo_noisy.grain > 2 * geo.grain and geo_soft.blur > geo.blur + 1.0  # the encoder measures both
+    assert g_noisy > 2 * g_photo, (g_photo, g_noisy)  # a grainier photo, a grainier mouth
+    assert edge_soft < 0.7 * edge_photo, (edge_photo, edge_soft)  # a softer photo, softer teeth edges
+
+
+def test_the_inner_lips_never_cross_at_any_opening(astro, cam, closed, cpu):
+    bow_tie = np.array([[0, 0], [2, 2], [2, 0], [0, 2]], np.float32)
+    assert crossings(bow_tie) and not crossings(bow_tie[[0, 2, 1, 3]])  # the check tells a crossing from a simple outline
+    openings = [0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.2]
+    for name, enc in {"astro": astro, "cam": cam, **closed}.items():
+        c = Controls.neutral(4 * len(openings), 25.0)
+        c.mouth_open[:] = openings * 4
+        c.mouth_spread[len(openings):2 * len(openings)] = 1.0
+        c.mouth_round[2 * len(openings):3 * len(openings)] = 1.0
+        c.smile[3 * len(openings):] = 1.0
+        for k, w in enumerate(mode_weights(enc, c)):
+            poly = inner_lip_polygon(enc, w)
+            assert not crossings(poly), (name, k, crossings(poly)[:3])
+            # The drawn interior is one region inside those lips (no blobs at the corners, no holes); a
+            # mouth just parting may show as specks of a few pixels first, which are not counted.
+            drawn = drawn_interior(enc, w, 0.5).astype(np.uint8)
+            if drawn.sum() >= 6:
+                areas = cv2.connectedComponentsWithStats(drawn)[2][1:, cv2.CC_STAT_AREA]
+                assert (areas >= 6).sum() <= 1, (name, k, areas)
+                assert cv2.connectedComponents(1 - drawn)[0] == 2, (name, k)
+
+
 def test_turned_face_opens_inside_its_oval(cam, cpu):
     # The cameraman is near profile: his opening (and everything else) stays inside the face oval,
     # so no background beside the lips or below the chin is dragged or painted over.
@@ -234,10 +416,14 @@ def assert_paths_agree(a: np.ndarray, b: np.ndarray) -> None:
     assert diff.mean() < 0.1 and diff.max() <= 12, (float(diff.mean()), int(diff.max()))
 
 
-def test_cpu_and_torch_paths_agree(astro, cpu):
+def test_cpu_and_torch_paths_agree(astro, closed, cpu):
     c = random_controls(10, 0, mouth_open=(0, 1), blink=(0, 1), smile=(-1, 1), mouth_round=(0, 1),
                         head_roll=(-0.05, 0.05), head_dy=(-0.03, 0.03))
-    assert_paths_agree(cpu.render(astro, c), Renderer("cpu", backend="torch", batch=4).render(astro, c))
+    torch_path = Renderer("cpu", backend="torch", batch=4)
+    assert_paths_agree(cpu.render(astro, c), torch_path.render(astro, c))
+    # A closed mouth's interior is all drawn (teeth, tongue, throat, grain): the same on both paths.
+    c.mouth_open[:] = np.linspace(0.2, 1.2, 10)
+    assert_paths_agree(cpu.render(closed["p06"], c), torch_path.render(closed["p06"], c))
 
 
 @pytest.mark.parametrize("backend", ["cv2", "torch"])
