@@ -23,7 +23,6 @@ class MediaInfo:
     video_codec: Optional[str] = None
     width: int = 0
     height: int = 0
-    fps: Optional[float] = None
     frame_rate: Optional[Fraction] = None
     """The exact average frame rate (30000/1001, not 29.97)."""
     pix_fmt: Optional[str] = None
@@ -40,6 +39,11 @@ class MediaInfo:
     audio_codec: Optional[str] = None
     sample_rate: Optional[int] = None
     channels: Optional[int] = None
+
+    @property
+    def fps(self) -> Optional[float]:
+        """The frame rate as a float, None when the file does not say."""
+        return float(self.frame_rate) if self.frame_rate else None
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -86,7 +90,6 @@ def probe(source: Union[Path, str, bytes]) -> MediaInfo:
             rate = video.average_rate or video.guessed_rate
             if rate:
                 info.frame_rate = Fraction(rate)
-                info.fps = float(rate)
             info.pix_fmt = cc.pix_fmt
             sar = video.sample_aspect_ratio or cc.sample_aspect_ratio
             info.sample_aspect_ratio = Fraction(sar) if sar else None
@@ -123,8 +126,12 @@ def count_video_frames(path: Union[Path, str]) -> int:
     with av.open(str(path)) as container:
         if not container.streams.video:
             return 0
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        return _count_packets(container, container.streams.video[0])
+
+
+def _count_packets(container, stream) -> int:
+    """Frames of a video stream, counted from its packets without decoding (each packet holds one frame)."""
+    return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def decoded_duration(path: Union[Path, str], kind: str) -> float:
@@ -134,9 +141,7 @@ def decoded_duration(path: Union[Path, str], kind: str) -> float:
     with av.open(str(path)) as container:
         if kind == "v":
             stream = container.streams.video[0]
-            frames = sum(1 for packet in container.demux(stream) if packet.size)
-            rate = stream.average_rate or stream.guessed_rate
-            return frames / float(rate)
+            return _count_packets(container, stream) / float(stream.average_rate or stream.guessed_rate)
         stream = container.streams.audio[0]
         samples = sum(frame.samples for frame in container.decode(stream))
         return samples / float(stream.codec_context.sample_rate)

@@ -26,8 +26,6 @@ def split_sentences(text: str) -> list[str]:
     out: list[str] = []
     start = 0
     for match in _END.finditer(text):
-        if match.end() == match.start() and match.end() == len(text):
-            break
         piece = text[start:match.start()].rstrip()
         last_word = piece.rsplit(" ", 1)[-1].rstrip(".!?\u2026").lower()
         if piece.endswith(".") and (last_word in _ABBREV or (len(last_word) == 1 and last_word.isalpha())):
