@@ -65,7 +65,9 @@ def test_stream_first_audio_arrives_long_before_the_end(gpu_url):
                 first_at = time.perf_counter() - started
     total = time.perf_counter() - started
     assert (received - 44) / 2 / 22050 > 25
-    assert first_at is not None and first_at < total / 4, f"first audio at {first_at:.3f}s of {total:.3f}s"
+    # A buffered reply would deliver its first audio at the very end; a streamed one delivers it while
+    # most of the text is still to be spoken. The halfway line leaves room for a loaded CI host.
+    assert first_at is not None and first_at < total / 2, f"first audio at {first_at:.3f}s of {total:.3f}s"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
