@@ -1,21 +1,30 @@
-"""Lip-sync benchmark: frames per second at 512x512 and 1280x720 on this machine, and peak memory on a long clip.
+"""Lip-sync speed at 1280x720: this tree against a baseline git ref (default `main`), measured in the same run.
 
-Prints figures; asserts nothing. The source clips are the astronaut talking (talking head + Piper),
-the long one is the 720p clip looped with ffmpeg to --long-s seconds. Memory is measured in a fresh
-child process (ru_maxrss of the worker, and separately of its ffmpeg children), so it is the whole
-footprint of one job and not the benchmark's.
+Prints figures; asserts nothing. The input is a real talking clip (kit clip v01 by default: a
+GRID speaker, 360x288) scaled to 1280x720 (its height to 720 and padded at the sides, looped to
+the audio's length) and a real speech WAV (LJSpeech a01 by default, 8.1 s), re-voiced with the
+`trim` policy. The baseline is the ref checked out into a temporary git worktree and imported
+in a child process with PYTHONPATH pointing at it; this tree runs the same way. Runs alternate
+(baseline, new, new, baseline, ...) so a change in the machine's load hits both alike. Each run
+is a fresh child process (model load and warm-up excluded from the timing).
 
-Baseline, measured in the same run on the same clips and audio: a plain pass-through, the source
-decoded through stream_io's pipes (frames_in_order, trim) and encoded with the same encode_mp4
-settings and audio, no face work; printed as its fps and lipsync / pass-through.
+Per run it prints fps (frames / wall time of `engine.lipsync`), the CPU time per frame of the
+worker process and of its ffmpeg children (less sensitive to other load than wall time), and
+per-stage wall ms per frame: decode (blocked reading decoded frames from ffmpeg), landmarks
+(face tracking), driving (speech to controls), face (encoding the frame's face fields), render,
+encode (blocked handing frames to x264 plus finishing the MP4). With stages in threads they
+overlap, so they sum to more than the wall time. A pass-through (the same decode and encode, no
+face work) of this tree is measured in the same rounds as the floor.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_lipsync.py [--runs 3] [--long-s 60]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_lipsync.py [--runs 5] [--baseline main] [--clip MP4] [--audio WAV]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_lipsync.py --runs 1 --long-s 60   # plus peak memory on a long clip
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,56 +32,97 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
+KIT = Path(os.environ.get("KIT_MEDIA") or next(
+    (p / "shared" / "media" for p in REPO.parents if (p / "shared" / "media").is_dir()), REPO / "tests" / "fixtures" / "media"))
+"""The real-media kit (`../shared/media` beside the checkout, or KIT_MEDIA); else the test fixtures' copy of v01."""
+DEFAULT_CLIP = next(KIT.glob("**/v01_*.mp4"), KIT / "video" / "v01_grid_swiz3n_darker_skin_moustache.mp4")
+DEFAULT_AUDIO = next(KIT.glob("**/a01_*.wav"), None) or next(KIT.glob("**/a0*.wav"), KIT / "audio" / "a01.wav")
+STAGES = ("decode", "landmarks", "driving", "face", "render", "encode")
 
 
-def _canvas(size: tuple[int, int]) -> np.ndarray:
-    """The astronaut's portrait placed on a frame of `size` (w, h), the face about a fifth of the height."""
-    from skimage import data
+class _Clock:
+    """Wall time spent inside one stage, summed over calls (thread-safe enough: one writer per stage)."""
 
-    w, h = size
-    img = data.astronaut()
-    scale = h / 512 * 1.0
-    face = cv2.resize(img, (int(512 * scale), int(512 * scale)))
-    out = np.full((h, w, 3), 200, np.uint8)
-    x0 = (w - face.shape[1]) // 2
-    out[:, x0:x0 + face.shape[1]] = face[:h]
-    return out
+    def __init__(self) -> None:
+        self.s = 0.0
+
+    def wrap_iter(self, it):
+        """Yield from `it`, counting the time spent waiting for each item."""
+        it = iter(it)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.s += time.perf_counter() - t
+                return
+            self.s += time.perf_counter() - t
+            yield item
 
 
 def _worker(video: str, audio: str, policy: str) -> None:
-    """Child process: one lip-sync job, then print its figures and peak memory as JSON."""
+    """Child process: one lip-sync job on whichever tree PYTHONPATH names; print its figures as JSON."""
     import resource
     import tracemalloc
 
+    from gpu_service.lipsync import stream_io
+    from gpu_service.lipsync.engines import landmark
     from gpu_service.lipsync.protocol import LipSyncJob
-    from gpu_service.lipsync.engines.landmark import LandmarkLipSync
     from gpu_service.lipsync.stream_io import decode_audio_file, open_video
 
-    engine = LandmarkLipSync()
+    decode, upstream, encode = _Clock(), _Clock(), _Clock()
+    frames_of = stream_io.VideoSource._frames
+
+    def timed_frames(self, *a, **k):
+        return decode.wrap_iter(frames_of(self, *a, **k))
+
+    stream_io.VideoSource._frames = timed_frames
+    encode_mp4 = landmark.encode_mp4
+
+    def timed_encode(frames, *a, **k):
+        # Everything the encoder waits for upstream is counted apart; the rest is the encoder's own.
+        before = upstream.s
+        t = time.perf_counter()
+        out = encode_mp4(upstream.wrap_iter(frames), *a, **k)
+        encode.s += time.perf_counter() - t - (upstream.s - before)
+        return out
+
+    landmark.encode_mp4 = timed_encode
+    engine = landmark.LandmarkLipSync()
     engine.load("cpu")
     engine.warmup()
     src = open_video(Path(video), max_s=3600, max_pixels=1920 * 1080)
     wav, rate = decode_audio_file(Path(audio), max_s=3600)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tracemalloc.start()
+    track_mem = os.environ.get("BENCH_TRACEMALLOC") == "1"
+    if track_mem:
+        tracemalloc.start()
+    r0s, r0c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     res = engine.lipsync(LipSyncJob(video=src, audio=wav, sample_rate=rate, length_policy=policy))
     wall = time.perf_counter() - t0
-    _, py_peak = tracemalloc.get_traced_memory()
+    r1s, r1c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    py_peak = tracemalloc.get_traced_memory()[1] if track_mem else 0
+    t = res.timings_ms
+    n = res.frames
+    stages = {"decode": decode.s * 1000, "landmarks": t.get("track", 0.0), "driving": t.get("drive", 0.0),
+              "face": t.get("encode_face", 0.0), "render": t.get("render", 0.0), "encode": encode.s * 1000}
     print(json.dumps({
-        "frames": res.frames, "wall_s": wall, "fps": res.frames / wall, "mp4_mb": len(res.mp4) / 2**20,
+        "frames": n, "wall_s": wall, "fps": n / wall, "mp4_mb": len(res.mp4) / 2**20,
+        "cpu_ms_per_frame": (r1s.ru_utime + r1s.ru_stime - r0s.ru_utime - r0s.ru_stime) * 1000 / n,
+        "ffmpeg_cpu_ms_per_frame": (r1c.ru_utime + r1c.ru_stime - r0c.ru_utime - r0c.ru_stime) * 1000 / n,
+        "stages_ms_per_frame": {k: v / n for k, v in stages.items()},
         "rss_before_mb": base_rss / 1024, "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "ffmpeg_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        "python_alloc_peak_mb": py_peak / 2**20, "timings_ms": res.timings_ms,
+        "python_alloc_peak_mb": py_peak / 2**20, "timings_ms": t,
     }))
 
 
 def _passthrough(video: str, audio: str, policy: str) -> None:
-    """Child process, baseline: the same decode -> encode pipes and audio as a job, with no face work."""
+    """Child process, the floor: the same decode -> encode pipes and audio as a job, with no face work."""
+    import numpy as np
+
     from gpu_service.lipsync.engines.landmark import LandmarkLipSync
     from gpu_service.lipsync.stream_io import decode_audio_file, frames_in_order, open_video, plan_length
     from gpu_service.talking_head.video import encode_mp4
@@ -88,26 +138,65 @@ def _passthrough(video: str, audio: str, policy: str) -> None:
     sound = wav[:n_samples] if len(wav) >= n_samples else np.pad(wav, (0, n_samples - len(wav)))
     frames = (f for _, f in frames_in_order(src, n_out, policy, 64))
     mp4, facts = encode_mp4(frames, src.fps, src.size, audio=sound, sample_rate=rate,
-                            preset=settings.x264_preset, crf=settings.crf)
+                            preset=settings.x264_preset, crf=settings.crf, like=src.info)
     wall = time.perf_counter() - t0
-    print(json.dumps({"frames": facts["frames"], "wall_s": wall, "fps": facts["frames"] / wall, "mp4_mb": len(mp4) / 2**20}))
+    print(json.dumps({"frames": facts["frames"], "wall_s": wall, "fps": facts["frames"] / wall}))
 
 
-def _job(video: Path, audio: Path, policy: str = "trim", passthrough: bool = False) -> dict:
-    flag = "--passthrough" if passthrough else "--worker"
-    out = subprocess.run([sys.executable, __file__, flag, str(video), str(audio), policy], capture_output=True,
-                         text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+def _job(tree: Path, video: Path, audio: Path, policy: str = "trim", mode: str = "--worker",
+         env_extra: dict | None = None) -> dict:
+    """One child process running this script's worker against the code in `tree`."""
+    env = {"PYTHONPATH": str(tree), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+           **(env_extra or {})}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode, str(video), str(audio), policy],
+                         capture_output=True, text=True, cwd=tree, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(out.stderr[-2000:])
+        raise RuntimeError(f"{tree}: {out.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
+def make_clip(clip: Path, audio: Path, out: Path, size: tuple[int, int] = (1280, 720)) -> None:
+    """`clip` scaled to fit `size` (padded at the sides or top), looped to cover the audio, H.264 CRF 18, no audio."""
+    import soundfile as sf
+
+    from gpu_service.talking_head.video import ffmpeg_exe
+
+    w, h = size
+    seconds = sf.info(str(audio)).duration + 0.5
+    vf = (f"scale={w}:{h}:force_original_aspect_ratio=decrease:flags=lanczos,"
+          f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2,setsar=1")
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(clip),
+                    "-t", f"{seconds:.2f}", "-an", "-vf", vf, "-c:v", "libx264", "-preset", "fast", "-crf", "18",
+                    "-pix_fmt", "yuv420p", str(out)], check=True)
+
+
+def _baseline_tree(ref: str, root: Path) -> Path:
+    """`ref` checked out (detached) into a temporary worktree under `root`."""
+    path = root / "baseline"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(path), ref],
+                   check=True, capture_output=True)
+    return path
+
+
+def _row(name: str, runs: list[dict]) -> str:
+    fps = [r["fps"] for r in runs]
+    st = {k: statistics.median(r["stages_ms_per_frame"][k] for r in runs) for k in STAGES}
+    cpu = statistics.median(r["cpu_ms_per_frame"] for r in runs)
+    ff = statistics.median(r["ffmpeg_cpu_ms_per_frame"] for r in runs)
+    return (f"{name:<9} median {statistics.median(fps):6.2f} fps (all: {', '.join('%.2f' % f for f in fps)}); "
+            f"CPU ms/frame: worker {cpu:.1f}, ffmpeg {ff:.1f}; stage ms/frame: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in st.items()))
+
+
 def main() -> None:
-    """Make the clips, run the jobs, print the medians."""
+    """Make the 720p clip, run baseline and new jobs alternately, print medians, stages and the ratio."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--long-s", type=float, default=60.0)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--baseline", default="main", help="git ref measured as the old code ('' to skip)")
+    ap.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO)
+    ap.add_argument("--long-s", type=float, default=0.0, help="also measure peak memory on a clip this long (new code)")
     ap.add_argument("--worker", nargs=3)
     ap.add_argument("--passthrough", nargs=3)
     args = ap.parse_args()
@@ -118,43 +207,61 @@ def main() -> None:
         _passthrough(*args.passthrough)
         return
 
+    tmp = Path(tempfile.mkdtemp(prefix="bench_lipsync_"))
+    clip = tmp / "clip720.mp4"
+    make_clip(args.clip, args.audio, clip)
+    trees = {"new": REPO}
+    if args.baseline:
+        trees = {"baseline": _baseline_tree(args.baseline, tmp), "new": REPO}
+    load = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} cores, load {load:.1f}; clip {args.clip.name} -> 1280x720, audio {args.audio.name}; "
+          f"baseline {args.baseline or 'none'}; work dir {tmp}")
+    results: dict[str, list[dict]] = {k: [] for k in trees}
+    floor: list[dict] = []
+    try:
+        for i in range(args.runs):
+            order = list(trees) if i % 2 == 0 else list(trees)[::-1]
+            for name in order:
+                results[name].append(_job(trees[name], clip, args.audio))
+                r = results[name][-1]
+                print(f"  run {i + 1} {name}: {r['frames']} frames {r['fps']:.2f} fps", flush=True)
+            floor.append(_job(REPO, clip, args.audio, mode="--passthrough"))
+        print(f"1280x720, {results['new'][0]['frames']} frames, {args.runs} runs each, alternating:")
+        for name, runs in results.items():
+            print(_row(name, runs))
+        floor_fps = statistics.median(r["fps"] for r in floor)
+        new_fps = statistics.median(r["fps"] for r in results["new"])
+        print(f"pass-through (decode -> encode, same audio, no face work, this tree): median {floor_fps:.2f} fps; "
+              f"lip-sync / pass-through {new_fps / floor_fps:.3f}")
+        if "baseline" in results:
+            old_fps = statistics.median(r["fps"] for r in results["baseline"])
+            old_cpu = statistics.median(r["cpu_ms_per_frame"] + r["ffmpeg_cpu_ms_per_frame"] for r in results["baseline"])
+            new_cpu = statistics.median(r["cpu_ms_per_frame"] + r["ffmpeg_cpu_ms_per_frame"] for r in results["new"])
+            paired = [n["fps"] / o["fps"] for n, o in zip(results["new"], results["baseline"])]
+            print(f"new / baseline: fps {new_fps / old_fps:.2f}x (per round: {', '.join('%.2f' % p for p in paired)}); "
+                  f"CPU per frame (worker + ffmpeg) {old_cpu:.1f} -> {new_cpu:.1f} ms ({old_cpu / new_cpu:.2f}x less)")
+        if args.long_s > 0:
+            _long(clip, args.audio, tmp, args.long_s)
+    finally:
+        if "baseline" in trees:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(trees["baseline"])],
+                           capture_output=True)
+
+
+def _long(clip: Path, audio: Path, tmp: Path, seconds: float) -> None:
+    """Peak memory of one long 720p job on this tree: the clip looped, the speech repeated."""
+    import numpy as np
     import soundfile as sf
 
-    from gpu_service.speech.engines.piper import PiperEngine
     from gpu_service.talking_head.video import ffmpeg_exe
-    from tests.lipsync.media import SENTENCE_A, SENTENCE_B, speak, talking_clip
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_lipsync_"))
-    piper = PiperEngine()
-    piper.load("cpu")
-    audio_b, sr_b, _ = speak(piper, SENTENCE_B)
-    sf.write(tmp / "b.wav", audio_b, sr_b)
-    clips = {}
-    for name, size in (("512x512", (512, 512)), ("1280x720", (1280, 720))):
-        clips[name] = tmp / f"{name}.mp4"
-        talking_clip(piper, SENTENCE_A, clips[name], portrait=_canvas(size))
-    print(f"machine: {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; clips in {tmp}")
-    for name, clip in clips.items():
-        runs = [_job(clip, tmp / "b.wav") for _ in range(args.runs)]
-        fps = statistics.median(r["fps"] for r in runs)
-        t = runs[0]["timings_ms"]
-        per = {k: round(t[k] / runs[0]["frames"], 1) for k in ("track", "encode_face", "render")}
-        print(f"{name}: {runs[0]['frames']} frames, median {fps:.2f} fps over {args.runs} runs "
-              f"(all: {', '.join('%.2f' % r['fps'] for r in runs)}); ms/frame {per}")
-        base = [_job(clip, tmp / "b.wav", passthrough=True) for _ in range(args.runs)]
-        base_fps = statistics.median(r["fps"] for r in base)
-        print(f"{name} baseline pass-through (stream_io decode -> encode_mp4, same audio, no face work): "
-              f"{base[0]['frames']} frames, median {base_fps:.2f} fps (all: {', '.join('%.2f' % r['fps'] for r in base)}); "
-              f"lipsync / pass-through {fps / base_fps:.3f}")
-
-    long_clip = tmp / "long720.mp4"
-    subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(clips["1280x720"]),
-                    "-t", str(args.long_s), "-c", "copy", str(long_clip)], check=True)
-    long_audio = tmp / "long.wav"
-    reps = int(np.ceil(args.long_s / (len(audio_b) / sr_b)))
-    sf.write(long_audio, np.tile(audio_b, reps)[: int(args.long_s * sr_b)], sr_b)
-    r = _job(long_clip, long_audio)
-    print(f"long 1280x720 {args.long_s:g} s ({r['frames']} frames): {r['fps']:.2f} fps; worker RSS {r['rss_before_mb']:.0f} MB "
+    long_clip, long_audio = tmp / "long720.mp4", tmp / "long.wav"
+    subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(clip),
+                    "-t", str(seconds), "-c", "copy", str(long_clip)], check=True)
+    wav, sr = sf.read(str(audio), dtype="float32")
+    sf.write(long_audio, np.tile(wav, int(np.ceil(seconds * sr / len(wav))))[: int(seconds * sr)], sr)
+    r = _job(REPO, long_clip, long_audio, env_extra={"BENCH_TRACEMALLOC": "1"})
+    print(f"long 1280x720 {seconds:g} s ({r['frames']} frames): {r['fps']:.2f} fps; worker RSS {r['rss_before_mb']:.0f} MB "
           f"after load -> {r['rss_peak_mb']:.0f} MB peak; python allocations peak {r['python_alloc_peak_mb']:.0f} MB "
           f"(the MP4, {r['mp4_mb']:.1f} MB, included); ffmpeg children peak {r['ffmpeg_peak_mb']:.0f} MB")
 

@@ -10,12 +10,13 @@ stays at one chunk whatever the clip's length.
 from __future__ import annotations
 
 import logging
+import queue
 import subprocess
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import numpy as np
 
@@ -120,6 +121,74 @@ class VideoSource:
                 raise GenerationFailed(f"re-reading frames {start}..{stop - 1} gave {len(got)} frames")
             yield from reversed(got[: stop - start])
             stop = start
+
+
+class ReadAhead:
+    """An iterable run in a thread of its own, up to `depth` items ahead of the loop that consumes it.
+
+    Use as a context manager: leaving it (the consumer done, stopped early or failed) stops the
+    producer, closes its iterator (so a decoder's ffmpeg is ended there) and joins the thread. An
+    exception in the producer is raised in the consumer, at the item where it happened.
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterable, depth: int = 4, name: str = "read-ahead") -> None:
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        """Queue an item unless the consumer has gone; False once it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        it = iter(self._items)
+        try:
+            for item in it:
+                if not self._put((True, item)):
+                    return
+            self._put((True, self._END))
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((False, exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            ok, item = self._queue.get()
+            if not ok:
+                raise item
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        """Stop the producer and wait for its thread (dropping what it had queued)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(0.05)
+
+    def __enter__(self) -> "ReadAhead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _read_exact(stream, size: int) -> Optional[bytes]:

@@ -258,6 +258,13 @@ def find_landmarks(image: np.ndarray, pick_largest: bool = False, face_index: Op
     return faces[0]
 
 
+def _pixel_grid(x0: int, y0: int, x1: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) float32 pixel coordinates of the box [x0, x1) x [y0, y1), as np.mgrid gives them."""
+    xs = np.arange(x0, x1, dtype=np.float32)
+    ys = np.arange(y0, y1, dtype=np.float32)
+    return np.repeat(ys[:, None], len(xs), 1), np.repeat(xs[None, :], len(ys), 0)
+
+
 def _curve(points: np.ndarray, lo: float, hi: float, step: float) -> np.ndarray:
     """v(u) through points sorted by u, flat beyond the ends, sampled on [lo, hi)."""
     order = np.argsort(points[:, 0])
@@ -265,10 +272,10 @@ def _curve(points: np.ndarray, lo: float, hi: float, step: float) -> np.ndarray:
     return np.interp(us, points[order, 0], points[order, 1]).astype(np.float32)
 
 
-def _polygon_mask(shape: tuple[int, int], pts: np.ndarray) -> np.ndarray:
-    """Boolean mask of a closed polygon given in (x, y) pixel coordinates."""
+def _polygon_mask(shape: tuple[int, int], pts: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Boolean mask of a closed polygon given in (x, y) pixel coordinates, shifted by `offset` pixels after rounding."""
     mask = np.zeros(shape, np.uint8)
-    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1, offset=tuple(int(v) for v in offset))
     return mask.astype(bool)
 
 
@@ -348,22 +355,40 @@ def dark_floor(image: np.ndarray, lm: np.ndarray) -> float:
     return float(np.percentile(box @ LUMA, 1)) if len(box) >= 16 else 0.0
 
 
+def _box_around(image: np.ndarray, pts: np.ndarray, pad: int = 2) -> tuple[np.ndarray, tuple[int, int]]:
+    """The part of `image` around points `pts` (x, y), `pad` pixels wider (contiguous), and the offset that maps
+    image coordinates into it (for _polygon_mask): polygons of those points drawn in it cover the same pixels
+    as over the whole image, for a fraction of the work on a large video frame."""
+    x0, y0 = np.maximum(np.floor(pts.min(0)).astype(int) - pad, 0)
+    x1, y1 = np.minimum(np.ceil(pts.max(0)).astype(int) + pad + 1, image.shape[1::-1])
+    return np.ascontiguousarray(image[y0:y1, x0:x1]), (-int(x0), -int(y0))
+
+
+def _median_colour(pix: np.ndarray) -> np.ndarray:
+    """Per-channel median of (N, 3) pixels (channel by channel over contiguous rows: the same values, faster)."""
+    return np.median(np.ascontiguousarray(pix.T), 1)
+
+
 def _lips_and_skin(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the lips' median colour, the face's pixels) of a crop with its landmarks."""
-    shape = crop.shape[:2]
-    outer = _polygon_mask(shape, lm[L.OUTER_UPPER + L.OUTER_LOWER[::-1]])
-    inner = _polygon_mask(shape, lm[L.INNER_UPPER + L.INNER_LOWER[::-1]])
+    hull = cv2.convexHull(lm[L.FACE_OVAL].astype(np.float32))[:, 0]
+    outer_pts, inner_pts = lm[L.OUTER_UPPER + L.OUTER_LOWER[::-1]], lm[L.INNER_UPPER + L.INNER_LOWER[::-1]]
+    box, off = _box_around(crop, np.concatenate([hull, outer_pts, inner_pts]))
+    shape = box.shape[:2]
+    outer = _polygon_mask(shape, outer_pts, off)
+    inner = _polygon_mask(shape, inner_pts, off)
     inner = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    face = _polygon_mask(shape, cv2.convexHull(lm[L.FACE_OVAL].astype(np.float32))[:, 0])
-    skin_pix = crop[face].astype(np.float32)
-    lip_pix = crop[outer & ~inner].astype(np.float32)
+    face = _polygon_mask(shape, hull, off)
+    skin_pix = box[face].astype(np.float32)
+    lip_pix = box[outer & ~inner].astype(np.float32)
     # Too few lip pixels (a tiny or profile face): the skin, slightly darker, stands in for the lips.
     if len(lip_pix) >= 8:
-        return np.median(lip_pix, 0), skin_pix
-    return 0.85 * (np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)), skin_pix
+        return _median_colour(lip_pix), skin_pix
+    return 0.85 * (_median_colour(skin_pix) if len(skin_pix) else np.full(3, 160.0, np.float32)), skin_pix
 
 
-def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0,
+                     lips_and_skin: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Mouth-interior colours (cavity at the lips, throat, tongue), drawn-teeth colour and dark floor, from the portrait.
 
     The cavity, throat and tongue are copies of the portrait's own lip colour at levels between
@@ -372,14 +397,13 @@ def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0) -> tu
     the floor by enough that its `grain` (interior_texture) does not pile up there. The teeth are
     an off-white as bright as the face's lit highlights, with the colour cast of the eye whites
     (the white balance) or, when the eyes show none, of the skin. `lm` are the landmarks in
-    `crop`'s pixel coordinates.
+    `crop`'s pixel coordinates; `lips_and_skin` is `_lips_and_skin(crop, lm)` when the caller has it.
     """
-    shape = crop.shape[:2]
-    lip, skin_pix = _lips_and_skin(crop, lm)
-    skin = np.median(skin_pix, 0) if len(skin_pix) else np.full(3, 160.0, np.float32)
-    eyes = (_polygon_mask(shape, lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER[::-1]])
-            | _polygon_mask(shape, lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER[::-1]]))
-    eye_pix = crop[eyes].astype(np.float32)
+    lip, skin_pix = _lips_and_skin(crop, lm) if lips_and_skin is None else lips_and_skin
+    skin = _median_colour(skin_pix) if len(skin_pix) else np.full(3, 160.0, np.float32)
+    eye_l, eye_r = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER[::-1]], lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER[::-1]]
+    box, off = _box_around(crop, np.concatenate([eye_l, eye_r]))
+    eye_pix = box[_polygon_mask(box.shape[:2], eye_l, off) | _polygon_mask(box.shape[:2], eye_r, off)].astype(np.float32)
     skin_lum = skin_pix @ LUMA if len(skin_pix) else np.array([160.0], np.float32)
     floor = dark_floor(crop, lm)
 
@@ -475,12 +499,43 @@ def interior_texture(crop: np.ndarray, lm: np.ndarray) -> tuple[float, float]:
     return float(np.clip(grain, 0.0, 12.0)), blur
 
 
+class Appearance(NamedTuple):
+    """What a drawn mouth interior takes from the picture around the face (see measure_appearance)."""
+
+    lip: np.ndarray
+    """(3,) the lips' median colour."""
+    grain: float
+    """Fine texture around the mouth (interior_texture)."""
+    blur: float
+    """Edge blur around the mouth (interior_texture)."""
+    palette: np.ndarray
+    """(3, 3) cavity, throat and tongue colours (interior_palette)."""
+    teeth: np.ndarray
+    """(3,) drawn-teeth colour (interior_palette)."""
+    dark_floor: float
+    """The picture's own black (dark_floor)."""
+
+
+def measure_appearance(image: np.ndarray, lm: np.ndarray) -> Appearance:
+    """The interior's colours and texture, measured on `image` around the face whose landmarks `lm` are in its pixels.
+
+    Only the face and the boxes around its eyes and mouth are read, so a whole video frame and an
+    encoding's crop of it give the same figures. Lip-sync measures them on one frame and reuses
+    them for the next few (a person's colouring and the picture's grain change slowly; the
+    face's fields, rebuilt every frame, do not).
+    """
+    lip, skin = _lips_and_skin(image, lm)
+    grain, blur = interior_texture(image, lm)
+    palette, teeth, floor = interior_palette(image, lm, grain, (lip, skin))
+    return Appearance(lip=lip, grain=grain, blur=blur, palette=palette, teeth=teeth, dark_floor=floor)
+
+
 MOUTH_MODES = ("jaw", "upper", "spread", "tuck")
 """The modes a `mouth_only` encoding builds; the others stay zero."""
 
 
 def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, follow_gap: bool = False, *,
-                          mouth_only: bool = False) -> Encoding:
+                          mouth_only: bool = False, appearance: Optional[Appearance] = None) -> Encoding:
     """Build the encoding of `image` for face landmarks `lm` (478x2), e.g. for one video frame.
 
     `seam` is where the jaw's pixels begin, as a fraction of the inner-lip gap down from the upper
@@ -489,9 +544,11 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     video frame whose mouth may be wide open) makes the lips' lateral fall-off at least this
     frame's own inner-lip gap profile, so closing shuts every column, not just the middle.
     `mouth_only` (for re-voicing, where eyes, brows and smile stay as filmed) builds only
-    MOUTH_MODES, over the part of the crop they can reach; their fields equal the full
-    encoding's. The smile, blink and brow fields are zero and the eye patch is an empty 1x1, so
-    blinks draw no lid on such an encoding.
+    MOUTH_MODES, over the part of the crop they can reach, and crops the encoding to that window
+    (nothing outside it moves); their fields equal the full encoding's there. The smile, blink
+    and brow fields are zero and the eye patch is an empty 1x1, so blinks draw no lid on such an
+    encoding. `appearance` (measure_appearance of this or a recent frame) is used instead of
+    measuring the interior's colours and texture again.
     """
     image = np.ascontiguousarray(image, dtype=np.uint8)
     lm = np.asarray(lm, np.float32)
@@ -586,7 +643,9 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
         sx1, sy1 = (int(v) for v in np.minimum(np.ceil(pts.max(0)).astype(int) + 2, [w, h]))
         # The patch's own arrays (side, face mask) are cut from these fields.
         sx0, sy0, sx1, sy1 = min(sx0, px0), min(sy0, py0), max(sx1, px1), max(sy1, py1)
-    ys, xs = np.mgrid[sy0:sy1, sx0:sx1].astype(np.float32)
+        # A still rim of 3 px: where a field ends, the remap samples the frame's own pixels, not a repeated edge.
+        sx0, sy0, sx1, sy1 = max(sx0 - 3, 0), max(sy0 - 3, 0), min(sx1 + 3, w), min(sy1 + 3, h)
+    ys, xs = _pixel_grid(sx0, sy0, sx1, sy1)
     U = (xs - mouth_c[0]) * cs + (ys - mouth_c[1]) * sn
     V = -(xs - mouth_c[0]) * sn + (ys - mouth_c[1]) * cs
     AU = np.abs(U - u_mid)  # lateral distance from the visible mouth's middle
@@ -599,11 +658,12 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     below = (V > v_ui + seam * (v_li - v_ui)).astype(np.float32)
     above = 1.0 - below
 
-    bases = np.zeros((len(MODES), h, w, 2), np.float32)
-    sub = bases[:, sy0:sy1, sx0:sx1]
+    # A mouth-only encoding is cropped to the window its fields are built over: nothing outside it moves.
+    bases = np.zeros((len(MODES), sy1 - sy0, sx1 - sx0, 2) if mouth_only else (len(MODES), h, w, 2), np.float32)
+    sub = bases if mouth_only else bases[:, sy0:sy1, sx0:sx1]
 
     def put(k: int, weight: np.ndarray, direction: np.ndarray) -> None:
-        sub[k] = weight[..., None] * direction
+        np.multiply(weight[..., None], direction, out=sub[k])
 
     # Jaw: lower lip, chin and lower cheeks move down as one piece; the moving region widens
     # from the mouth corners to the jaw and fades out below the chin.
@@ -612,7 +672,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     # On a turned face the side the nose points to is the silhouette, with background just past it:
     # there the moving region stays as narrow as the mouth instead of widening to the jaw.
     far = np.sign(uv[L.NOSE_TIP, 0] - (oval[:, 0].max() + oval[:, 0].min()) / 2) * (U - u_mid) > 0
-    hw = hw_m + (0.40 * fw - hw_m) * ramp * np.where(far, frontal, 1.0)
+    hw = hw_m + (0.40 * fw - hw_m) * ramp * np.where(far, np.float32(frontal), np.float32(1.0))
     # A wide fall-off at the lips gives an oval opening rather than a box.
     lat = 1.0 - smoothstep((0.2 + 0.3 * ramp) * hw, hw, AU)
     if follow_gap:  # the oval fall-off left an open frame's sides open (0.10 of the face height at full opening)
@@ -695,14 +755,12 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     # Nor outside the face oval, which on a frontal face is swept down by the chin's travel.
     jaw_travel = 0.85 * max(0.0, 1.2 * g_max - g0) * frontal
     face = face_mask(xs, ys, lm - off, jaw_travel * e_v, max(2.0, 0.035 * fw))
-    built = [MODES.index(m) for m in MOUTH_MODES] if mouth_only else slice(None)
-    sub[built] *= (border * face)[None, ..., None]
+    keep = (border * face)[..., None]
+    for k in ([MODES.index(m) for m in MOUTH_MODES] if mouth_only else range(len(MODES))):
+        sub[k] *= keep  # in place, mode by mode: no copy of the fields
 
     # Head: an ellipse over face and hair, feathered out well inside the crop.
     hc = center - off
-    if mouth_only:  # the head mask spans the whole crop
-        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-        border = smoothstep(0, margin, np.minimum(np.minimum(xs, w - 1 - xs), np.minimum(ys, h - 1 - ys)))
     rx, ry = 0.62 * fw, 0.62 * fh
     r = np.sqrt(((xs - hc[0]) / rx) ** 2 + ((ys - hc[1]) / ry) ** 2)
     head_mask = ((1.0 - smoothstep(0.85, 1.4, r)) * border).astype(np.float32)
@@ -717,8 +775,8 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     # The portrait's own teeth: a bright band between the inner lips, unsaturated or (under a warm
     # light, as GRID's yellow teeth) much brighter than the lips.
     own = 0.0
-    grain, blur = interior_texture(image[y0:y1, x0:x1], lm - off)
-    palette, teeth, dark_floor = interior_palette(image[y0:y1, x0:x1], lm - off, grain)
+    look = measure_appearance(image[y0:y1, x0:x1], lm - off) if appearance is None else appearance
+    grain, blur, palette, teeth, dark_floor = look.grain, look.blur, look.palette, look.teeth, look.dark_floor
     if g0 >= 2.5:
         band = (V > v_ui + 0.5) & (V < v_li - 0.5) & (AU < 0.6 * hw_m)
         pix = image[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1][band].astype(np.float32)
@@ -726,19 +784,21 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
             lum = pix @ LUMA
             sat = pix.max(1) - pix.min(1)
             bright = pix[lum >= np.median(lum)]
-            lip_l = float(_lips_and_skin(image[y0:y1, x0:x1], lm - off)[0] @ LUMA)
+            lip_l = float(look.lip @ LUMA)
             if (np.median(lum) > 100 and np.median(sat) < 90) or np.percentile(lum, 75) > max(120.0, 1.35 * lip_l):
                 own = g0 / 2
                 teeth = np.clip(bright.mean(0) * 1.02, 0, 255).astype(np.float32)
 
+    # Crop coordinates of a mouth-only encoding count from its window (an integer shift: exact in float32).
+    ox, oy = (sx0, sy0) if mouth_only else (0, 0)
     return Encoding(
         image=image,
         landmarks=lm,
-        crop=Box(x0, y0, x1, y1),
+        crop=Box(x0 + ox, y0 + oy, x0 + sx1, y0 + sy1) if mouth_only else Box(x0, y0, x1, y1),
         bases=bases,
         head_mask=head_mask,
-        head_center=hc.astype(np.float32),
-        patch=Box(int(px0), int(py0), int(px1), int(py1)),
+        head_center=(hc - [ox, oy]).astype(np.float32),
+        patch=Box(int(px0) - ox, int(py0) - oy, int(px1) - ox, int(py1) - oy),
         patch_side=np.ascontiguousarray(below[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0]),
         lut_upper=lut_up,
         lut_lower=lut_lo,
@@ -747,7 +807,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
         geometry=FaceGeometry(
             face_width=fw, face_height=fh, mouth_half_width=hw_m, rest_gap=g0, max_gap=g_max,
             lower_lip_height=lip_lo_h, own_teeth=own, brow_travel=0.035 * fh,
-            mouth_x=mouth_c[0], mouth_y=mouth_c[1], roll_cos=cs, roll_sin=sn, lut_u0=u_lo, lut_step=step,
+            mouth_x=mouth_c[0] - ox, mouth_y=mouth_c[1] - oy, roll_cos=cs, roll_sin=sn, lut_u0=u_lo, lut_step=step,
             mouth_u=u_mid, yaw=yaw, frontal=frontal, landmark_mouth_half_width=hw_lm,
             teeth_mid_u=float(np.clip(uv[L.INNER_UPPER_MID[0], 0], c_left + 0.3 * hw_m, c_right - 0.3 * hw_m)),
             grain=grain, blur=blur, dark_floor=dark_floor,

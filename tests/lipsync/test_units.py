@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -189,14 +190,15 @@ def test_closes_compares_the_new_opening_with_this_frames_gap():
 
 @pytest.mark.parametrize("roll_deg,seam,follow", [(0.0, 0.5, False), (18.0, 0.15, True), (-12.0, 0.15, True)])
 def test_mouth_only_encoding_matches_the_full_one(roll_deg, seam, follow):
-    """The lip-sync's fast encoding builds the mouth's fields over part of the crop: they must equal the full ones."""
+    """The lip-sync's fast encoding builds the mouth's fields over the window they reach and is cropped to it:
+    inside, they must equal the full ones; outside, the full ones must be zero; the frames must be the same."""
     import cv2
 
     from gpu_service.lipsync.engines.landmark import CLOSE_SEAM
     from gpu_service.lipsync.mouth import refine_inner_lips
     from gpu_service.talking_head import landmarks as L
     from gpu_service.talking_head.controls import Controls
-    from gpu_service.talking_head.encoding import MODES, MOUTH_MODES, encode_from_landmarks
+    from gpu_service.talking_head.encoding import MODES, MOUTH_MODES, encode_from_landmarks, measure_appearance
     from gpu_service.talking_head.renderer import Renderer
 
     img = _astronaut_mouth(0.6)
@@ -206,15 +208,31 @@ def test_mouth_only_encoding_matches_the_full_one(roll_deg, seam, follow):
     lm = refine_inner_lips(img, L.detect_faces(img)[0])
     full = encode_from_landmarks(img, lm, seam=seam, follow_gap=follow)
     fast = encode_from_landmarks(img, lm, seam=seam, follow_gap=follow, mouth_only=True)
+    # The fast crop is a window of the full one, a good deal smaller (the lips to the chin, not the head).
+    ox, oy = fast.crop.x0 - full.crop.x0, fast.crop.y0 - full.crop.y0
+    assert ox >= 0 and oy >= 0 and fast.crop.x1 <= full.crop.x1 and fast.crop.y1 <= full.crop.y1
+    assert fast.crop.width * fast.crop.height < 0.6 * full.crop.width * full.crop.height
+    win = (slice(None), slice(oy, oy + fast.crop.height), slice(ox, ox + fast.crop.width))
     mouth = [MODES.index(m) for m in MOUTH_MODES]
-    assert np.array_equal(full.bases[mouth], fast.bases[mouth])
+    assert np.array_equal(full.bases[mouth][win], fast.bases[mouth])
+    outside = full.bases[mouth].copy()
+    outside[win] = 0.0
+    assert not outside.any()  # nothing the crop leaves out moves
     assert np.abs(full.bases[mouth]).max() > 0.9  # the fields are real (unit amounts), not two empty arrays
     others = [k for k in range(len(MODES)) if k not in mouth]
     assert not fast.bases[others].any() and full.bases[others].any()
-    assert full.geometry == fast.geometry
-    for name in ("crop", "patch", "patch_side", "patch_mask", "lut_upper", "lut_lower", "palette", "teeth_rgb", "head_mask"):
+    # Crop coordinates shift with the window; everything else about the face is the same.
+    assert fast.geometry.mouth_x == full.geometry.mouth_x - ox and fast.geometry.mouth_y == full.geometry.mouth_y - oy
+    assert replace(fast.geometry, mouth_x=0.0, mouth_y=0.0) == replace(full.geometry, mouth_x=0.0, mouth_y=0.0)
+    assert tuple(fast.patch) == (full.patch.x0 - ox, full.patch.y0 - oy, full.patch.x1 - ox, full.patch.y1 - oy)
+    assert np.array_equal(full.head_mask[win[1:]], fast.head_mask)
+    for name in ("patch_side", "patch_mask", "lut_upper", "lut_lower", "palette", "teeth_rgb"):
         assert np.array_equal(getattr(full, name), getattr(fast, name)), name
-    # With the controls a re-voice uses (eyes, brows, smile left as filmed) the frames are the same.
+    # The interior's colours measured on the whole frame (as lip-sync does, then reuses) are the crop's.
+    assert fast.geometry == encode_from_landmarks(img, lm, seam=seam, follow_gap=follow, mouth_only=True,
+                                                  appearance=measure_appearance(img, lm)).geometry
+    # With the controls a re-voice uses (eyes, brows, smile left as filmed) the frames are the same: sample
+    # positions counted from another origin round differently in float32, which may move a pixel by one level.
     c = Controls.neutral(2, 25.0)
     c.mouth_open[:] = [0.0, 0.8]
     c.mouth_spread[:] = [0.5, -0.3]
@@ -222,4 +240,6 @@ def test_mouth_only_encoding_matches_the_full_one(roll_deg, seam, follow):
     r = Renderer("cpu")
     for a, b in zip(r.frames(full, c, head_motion=False, close_upper=CLOSE_SEAM),
                     r.frames(fast, c, head_motion=False, close_upper=CLOSE_SEAM)):
-        assert np.array_equal(a, b)
+        diff = np.abs(a.astype(np.int16) - b)
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 20, (diff.max(), np.count_nonzero(diff))
+        assert not np.array_equal(a, img)  # the mouth did move

@@ -24,19 +24,18 @@ from gpu_service.engine import EngineHealth
 from gpu_service.errors import BadMedia
 from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
 from gpu_service.lipsync.mouth import inner_gap, refine_inner_lips
-from gpu_service.lipsync.stream_io import VideoSource, frames_in_order, plan_length
+from gpu_service.lipsync.stream_io import ReadAhead, VideoSource, frames_in_order, plan_length
 from gpu_service.lipsync.tracking import FaceTracker
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.driving import drive
-from gpu_service.talking_head.encoding import MODES, Encoding, encode_from_landmarks
+from gpu_service.talking_head.encoding import MODES, Appearance, Encoding, encode_from_landmarks, measure_appearance
 from gpu_service.talking_head.renderer import Renderer, mode_weights
 from gpu_service.talking_head.video import encode_mp4
 
 log = logging.getLogger(__name__)
 
 _SPREAD = MODES.index("spread")
-# Controls the source keeps as filmed: its own blinks, brows and expression.
 CLOSE_SEAM = 0.15
 """Where the source's open lips meet when closed, as a fraction of its inner-lip gap down from the upper lip.
 
@@ -48,6 +47,10 @@ re-voiced with every frame closed (MediaPipe gap of the output against the sourc
 per px): 0.21 at the midline with a 0.4/0.6 split, 0.12 at this seam, 0.08 adding the visible-edge
 refinement (mouth.py), 0.01 adding `follow_gap` (each column closed by its own gap).
 """
+APPEARANCE_EVERY_S = 0.2
+"""How often the interior's colours and grain are measured on the source (seconds): a person's colouring
+and the picture's grain change slowly, and measuring them took a fifth of each frame's face work at 720p."""
+# Controls the source keeps as filmed: its own blinks, brows and expression.
 _KEEP_SOURCE = ("smile", "brow", "eye_open", "blink", "head_yaw", "head_pitch", "head_roll", "head_dx", "head_dy")
 
 
@@ -141,32 +144,61 @@ class LandmarkLipSync:
         """Loaded once its render path is chosen; reports the device and the path (cv2 or torch)."""
         return self.renderer.health() if self.renderer is not None else EngineHealth.down("not loaded")
 
-    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
-        """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered."""
+    def _tracked(self, src: VideoSource, n_frames: int, policy: str, tracker: FaceTracker,
+                 stats: dict) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
+        """(frame, refined landmarks or None) for each output frame, in the policy's order: decode and tracking."""
         chunk = max(4, min(64, self.chunk_bytes // src.frame_bytes))
-        widths = MouthWidthReference(window=int(10 * float(src.fps)))
-        prev: Optional[Encoding] = None
-        with FaceTracker(float(src.fps)) as tracker:
-            for i, (_, frame) in enumerate(frames_in_order(src, controls.n_frames, policy, chunk)):
-                stats["frames"] = i + 1
+        frames = frames_in_order(src, n_frames, policy, chunk)
+        try:
+            while True:
                 t0 = time.perf_counter()
-                lm = tracker.track(frame)
+                item = next(frames, None)
                 t1 = time.perf_counter()
-                stats["track_ms"] += (t1 - t0) * 1000
+                stats["decode_ms"] += (t1 - t0) * 1000
+                if item is None:
+                    return
+                frame = item[1]
+                lm = tracker.track(frame)
+                # The mesh reads an open mouth as less open than it is: its inner lips go to the visible edges.
+                if lm is not None:
+                    lm = refine_inner_lips(frame, lm)
+                stats["track_ms"] += (time.perf_counter() - t1) * 1000
+                yield frame, lm
+        finally:
+            frames.close()
+
+    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
+        """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered.
+
+        Decoding and tracking run in their own thread, a few frames ahead of the face work here.
+        """
+        widths = MouthWidthReference(window=int(10 * float(src.fps)))
+        # The interior's colours and grain are measured on one frame in APPEARANCE_EVERY_S and reused.
+        refresh = max(1, int(round(APPEARANCE_EVERY_S * float(src.fps))))
+        prev: Optional[Encoding] = None
+        look: Optional[Appearance] = None
+        looked_at = -refresh
+        with FaceTracker(float(src.fps)) as tracker, \
+                ReadAhead(self._tracked(src, controls.n_frames, policy, tracker, stats), name="lipsync-decode") as tracked:
+            for i, (frame, lm) in enumerate(tracked):
+                stats["frames"] = i + 1
                 if lm is None:
                     stats["frames_without_face"] += 1
+                    look = None  # a cut or a lost face: measure the next face afresh
                     yield frame
                     continue
+                t1 = time.perf_counter()
                 ctl = controls.slice(i, i + 1)
-                # The mesh reads an open mouth as less open than it is: its inner lips go to the visible edges.
-                lm = refine_inner_lips(frame, lm)
                 # Closing this frame's mouth needs the low seam and per-column closing (CLOSE_SEAM); opening
                 # it keeps the midline, where the drawn upper teeth belong to the upper lip's side.
                 closing = closes(prev, ctl, inner_gap(lm))
                 try:
-                    # Eyes, brows and smile stay as filmed: only the mouth's fields are built (4x faster, same fields).
+                    if look is None or i - looked_at >= refresh:
+                        look, looked_at = measure_appearance(frame, lm), i
+                    # Eyes, brows and smile stay as filmed: only the mouth's fields are built, over the window
+                    # they reach (same fields, a fraction of the work).
                     enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing,
-                                                mouth_only=True)
+                                                mouth_only=True, appearance=look)
                 except BadMedia:  # face too small to animate: leave it as filmed
                     stats["frames_without_face"] += 1
                     yield frame
@@ -189,13 +221,14 @@ class LandmarkLipSync:
         # The source's real frame count is known only after decoding; trim can shorten to the probed estimate.
         n_out = plan_length(max(src.estimated_frames(), 1), n_audio, job.length_policy)
         controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes)
-        stats = {"frames": 0, "frames_without_face": 0, "track_ms": 0.0, "encode_ms": 0.0, "render_ms": 0.0}
+        stats = _new_stats()
         t_drive = time.perf_counter()
         w, h = src.size
-        frames = self.revoice_frames(src, controls, job.length_policy, stats)
-        # The audio is cut or padded to whole frames after the frames are known: write it lazily.
-        mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
-                                sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
+        # The face work runs a few frames ahead of the encoder, in its own thread: ffmpeg's pipes, MediaPipe
+        # and most NumPy/OpenCV work release the GIL, so decoding, face work and x264 overlap.
+        with ReadAhead(self.revoice_frames(src, controls, job.length_policy, stats), name="lipsync-face") as frames:
+            mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
+                                    sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
         n = stats["frames"]
         if n == 0:
             raise BadMedia("video has no decodable frames")
@@ -204,8 +237,9 @@ class LandmarkLipSync:
         if n < n_out:  # trim with a source shorter than probed: re-encode the audio to the frames we have
             mp4, facts = self._reencode_short(job, src, n, stats)
         total = (time.perf_counter() - started) * 1000
-        timings = {"drive": (t_drive - started) * 1000, "track": stats["track_ms"], "encode_face": stats["encode_ms"],
-                   "render": stats["render_ms"], "total": total}
+        # Stages overlap (threads): each is the wall time of its own thread, and they can sum to more than the total.
+        timings = {"drive": (t_drive - started) * 1000, "decode": stats["decode_ms"], "track": stats["track_ms"],
+                   "encode_face": stats["encode_ms"], "render": stats["render_ms"], "total": total}
         log.info("lipsync done", extra={"frames": n, "no_face": stats["frames_without_face"], "fps": fps,
                                         "policy": job.length_policy, "ms": round(total)})
         return LipSyncResult(
@@ -218,11 +252,15 @@ class LandmarkLipSync:
         """Redo a job whose source turned out shorter than probed, with the audio cut to its n frames."""
         fps = float(src.fps)
         controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes)
-        for key in stats:
-            stats[key] = 0 if key.startswith("frames") else 0.0
-        frames = self.revoice_frames(src, controls, "trim", stats)
-        return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
-                          sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
+        stats.update(_new_stats())
+        with ReadAhead(self.revoice_frames(src, controls, "trim", stats), name="lipsync-face") as frames:
+            return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
+                              sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
+
+
+def _new_stats() -> dict:
+    """A job's counters: frames, frames left as filmed, and each stage's wall milliseconds."""
+    return {"frames": 0, "frames_without_face": 0, "decode_ms": 0.0, "track_ms": 0.0, "encode_ms": 0.0, "render_ms": 0.0}
 
 
 def _why_no_face(src: VideoSource, n: int) -> str:
