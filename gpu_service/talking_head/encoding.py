@@ -662,8 +662,22 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     bases = np.zeros((len(MODES), sy1 - sy0, sx1 - sx0, 2) if mouth_only else (len(MODES), h, w, 2), np.float32)
     sub = bases if mouth_only else bases[:, sy0:sy1, sx0:sx1]
 
-    def put(k: int, weight: np.ndarray, direction: np.ndarray) -> None:
-        np.multiply(weight[..., None], direction, out=sub[k])
+    def put(k: int, weight: np.ndarray, direction: np.ndarray, where: tuple = (slice(None), slice(None))) -> None:
+        np.multiply(weight[..., None], direction, out=sub[k][where])
+        reached[k] = where
+
+    reached: dict[int, tuple] = {}
+    v_lips = (float(min(lut_up.min(), lut_lo.min())), float(max(lut_up.max(), lut_lo.max())))
+
+    def within(u_half: float, v0: float, v1: float) -> tuple:
+        """Slices of the fields' window holding every pixel with |U - u_mid| < u_half and v0 < V < v1; the whole
+        window unless mouth_only (where these modes' small reach is worth cutting out; the full path checks it)."""
+        if not mouth_only:
+            return slice(None), slice(None)
+        pts = np.array([mouth_c + uu * e_u + vv * e_v for uu in (u_mid - u_half, u_mid + u_half) for vv in (v0, v1)])
+        (bx0, by0), (bx1, by1) = np.floor(pts.min(0)).astype(int) - 2, np.ceil(pts.max(0)).astype(int) + 3
+        return (slice(max(by0 - sy0, 0), max(min(by1 - sy0, sy1 - sy0), 0)),
+                slice(max(bx0 - sx0, 0), max(min(bx1 - sx0, sx1 - sx0), 0)))
 
     # Jaw: lower lip, chin and lower cheeks move down as one piece; the moving region widens
     # from the mouth corners to the jaw and fades out below the chin.
@@ -686,21 +700,25 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     # Upper lip: rigid near the mouth, fading out at the nose.
     d_lip = max(1.0, -v_uo)
     d_nose = max(d_lip + 2.0, -float(uv[L.SUBNASALE, 1]))
-    lat_up = 1.0 - smoothstep(0.2 * hw_m, hw_m, AU)
+    # Its reach: above the seam, within the lips' width (1.1 of it following the gap), up to the nose.
+    r = within(1.1 * hw_m + 1.0, v_lips[0] - d_nose - 1.0, v_lips[1] + 1.0)
+    lat_up = 1.0 - smoothstep(0.2 * hw_m, hw_m, AU[r])
     if follow_gap:
-        lat_up = np.maximum(lat_up, gap_profile)
-    put(1, -(above * lat_up * (1.0 - smoothstep(d_lip, d_nose, -dv_mid))), e_v)
+        lat_up = np.maximum(lat_up, gap_profile[r])
+    put(1, -(above[r] * lat_up * (1.0 - smoothstep(d_lip, d_nose, -dv_mid[r]))), e_v, r)
     # Corners: spread (outwards along u) and smile (up); both fade away from the lips.
     lip_h = max(2.0, (v_lo - v_uo) / 2)
-    vband = 1.0 - smoothstep(0.8 * lip_h, 2.2 * lip_h, np.abs(dv_mid))
-    f_spread = np.clip((U - u_mid) / hw_m, -1.0, 1.0) * (1.0 - smoothstep(hw_m, 2.2 * hw_m, AU))
-    put(2, -(f_spread * vband), e_u)
+    r = within(2.2 * hw_m + 1.0, v_lips[0] - 2.2 * lip_h - 1.0, v_lips[1] + 2.2 * lip_h + 1.0)
+    vband = 1.0 - smoothstep(0.8 * lip_h, 2.2 * lip_h, np.abs(dv_mid[r]))
+    f_spread = np.clip((U[r] - u_mid) / hw_m, -1.0, 1.0) * (1.0 - smoothstep(hw_m, 2.2 * hw_m, AU[r]))
+    put(2, -(f_spread * vband), e_u, r)
     if not mouth_only:
         f_smile = np.clip(AU / hw_m, 0.0, 1.2) ** 2 * (1.0 - smoothstep(1.1 * hw_m, 2.2 * hw_m, AU))
         put(3, f_smile * (1.0 - smoothstep(1.0 * lip_h, 3.0 * lip_h, np.abs(dv_mid))), e_v)
     # Tuck (f, v): the lower lip slides up under the upper teeth.
-    lat_t = 1.0 - smoothstep(0.6 * hw_m, 1.1 * hw_m, AU)
-    put(4, below * lat_t * (1.0 - smoothstep(0.8 * lip_lo_h, 1.8 * lip_lo_h, V - v_li)), e_v)
+    r = within(1.1 * hw_m + 1.0, v_lips[0] - 1.0, v_lips[1] + 1.8 * lip_lo_h + 1.0)
+    lat_t = 1.0 - smoothstep(0.6 * hw_m, 1.1 * hw_m, AU[r])
+    put(4, below[r] * lat_t * (1.0 - smoothstep(0.8 * lip_lo_h, 1.8 * lip_lo_h, V[r] - v_li[r])), e_v, r)
     if not mouth_only:
         # Blinks: the upper lid sweeps down by the eye's own opening. The warp moves the skin only part
         # of the way (BLINK_SKIN_SHARE; at full strength the lashes and crease smear); the renderer draws
@@ -756,8 +774,8 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     jaw_travel = 0.85 * max(0.0, 1.2 * g_max - g0) * frontal
     face = face_mask(xs, ys, lm - off, jaw_travel * e_v, max(2.0, 0.035 * fw))
     keep = (border * face)[..., None]
-    for k in ([MODES.index(m) for m in MOUTH_MODES] if mouth_only else range(len(MODES))):
-        sub[k] *= keep  # in place, mode by mode: no copy of the fields
+    for k, r in reached.items():
+        sub[k][r] *= keep[r]  # in place, mode by mode and only where it reaches: no copy of the fields
 
     # Head: an ellipse over face and hair, feathered out well inside the crop.
     hc = center - off

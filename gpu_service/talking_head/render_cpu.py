@@ -27,16 +27,26 @@ class _Prepared:
 
     def __init__(self, enc: Encoding) -> None:
         h, w = enc.crop.height, enc.crop.width
-        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-        self.grid = np.stack([xs, ys], -1)
+        self.grid = np.empty((h, w, 2), np.float32)
+        self.grid[..., 0] = np.arange(w, dtype=np.float32)[None, :]
+        self.grid[..., 1] = np.arange(h, dtype=np.float32)[:, None]
         self.bases = np.ascontiguousarray(enc.bases.reshape(len(enc.bases), -1))
         self.crop_img = np.ascontiguousarray(enc.image[enc.crop.slices])
-        self.rel = self.grid - enc.head_center[None, None, :]
+        self._head_center = enc.head_center
+        self._rel: Optional[np.ndarray] = None
         self.head_mask = enc.head_mask
         u0, step = enc.geometry.lut_u0, enc.geometry.lut_step
         self.lut = lambda table, u: lut_np(table, u, u0, step)
         self.mouth = mouth_layout(enc)
         self.shape = (h, w)
+
+    @property
+    def rel(self) -> np.ndarray:
+        """(h, w, 2) each pixel's offset from the head's centre, made on the first frame with head motion
+        (lip-sync, an encoding per frame, never needs it)."""
+        if self._rel is None:
+            self._rel = self.grid - self._head_center[None, None, :]
+        return self._rel
 
 
 class CpuRenderer:

@@ -122,15 +122,16 @@ def mouth_layout(enc: Encoding) -> MouthLayout:
     # The fields are read only near the lips: a window of them around the patch, only the modes that move it.
     wy0, wx0 = max(py0 - 3, 0), max(px0 - 3, 0)
     window = enc.bases[:, wy0:py1 + 3, wx0:px1 + 3]
-    planes = [(m, c, np.ascontiguousarray(window[m, ..., c])) for m in range(k) if window[m].any() for c in range(2)]
+    moving = [m for m in range(k) if window[m].any()]
 
     def fields_at(uu: np.ndarray, vv: np.ndarray) -> np.ndarray:
         """(K, 2, ...) every mode's backward field at face-frame points (bilinear)."""
         mx = np.ascontiguousarray(geo.mouth_x + uu * cs - vv * sn - wx0, dtype=np.float32)
         my = np.ascontiguousarray(geo.mouth_y + uu * sn + vv * cs - wy0, dtype=np.float32)
         out = np.zeros((k, 2) + uu.shape, np.float32)
-        for m, c, plane in planes:
-            out[m, c] = cv2.remap(plane, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        for m in moving:  # both components in one remap (the same weights as one plane at a time)
+            both = cv2.remap(window[m], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            out[m] = np.moveaxis(both.reshape(uu.shape + (2,)), -1, 0)
         return out
 
     # The other lip's field just outside it: for a pixel on the jaw side, the upper lip's field
