@@ -128,7 +128,9 @@ def _passthrough(video: str, audio: str, policy: str) -> None:
     from gpu_service.talking_head.video import encode_mp4
 
     settings = LandmarkLipSync()  # the job's x264 preset and CRF, without loading its models
-    encode_mp4([np.zeros((128, 128, 3), np.uint8)] * 2, 25, (128, 128), preset=settings.x264_preset, crf=settings.crf)
+    x264 = {"x264_params": settings.x264_params} if getattr(settings, "x264_params", None) else {}
+    encode_mp4([np.zeros((128, 128, 3), np.uint8)] * 2, 25, (128, 128), preset=settings.x264_preset, crf=settings.crf,
+               **x264)
     src = open_video(Path(video), max_s=3600, max_pixels=1920 * 1080)
     wav, rate = decode_audio_file(Path(audio), max_s=3600)
     t0 = time.perf_counter()
@@ -138,7 +140,7 @@ def _passthrough(video: str, audio: str, policy: str) -> None:
     sound = wav[:n_samples] if len(wav) >= n_samples else np.pad(wav, (0, n_samples - len(wav)))
     frames = (f for _, f in frames_in_order(src, n_out, policy, 64))
     mp4, facts = encode_mp4(frames, src.fps, src.size, audio=sound, sample_rate=rate,
-                            preset=settings.x264_preset, crf=settings.crf, like=src.info)
+                            preset=settings.x264_preset, crf=settings.crf, like=src.info, **x264)
     wall = time.perf_counter() - t0
     print(json.dumps({"frames": facts["frames"], "wall_s": wall, "fps": facts["frames"] / wall}))
 

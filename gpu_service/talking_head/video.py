@@ -32,8 +32,11 @@ def encode_mp4(
     preset: str = "veryfast",
     crf: int = 16,
     like: Optional[MediaInfo] = None,
+    x264_params: Optional[str] = None,
 ) -> tuple[bytes, dict]:
     """Encode RGB frames of `size` (width, height) to MP4 bytes; returns (bytes, facts with timings).
+
+    `x264_params` are extra libx264 options (`key=value:key=value`) on top of the preset.
 
     `like` is the source of a re-voiced video: its sample aspect ratio and colour description are
     kept (the RGB frames are turned back into YUV with the source's own matrix and tagged like it).
@@ -49,6 +52,8 @@ def encode_mp4(
             cmd += ["-i", str(wav)]
         cmd += _keep_look(like)
         cmd += ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p", "-threads", "2"]
+        if x264_params:
+            cmd += ["-x264-params", x264_params]
         if audio is not None:
             cmd += ["-c:a", "aac", "-b:a", "128k"]
         cmd += ["-movflags", "+faststart", str(out)]

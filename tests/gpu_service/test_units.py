@@ -303,3 +303,21 @@ def test_engine_settings_nest_and_the_flat_names_still_work(monkeypatch):
     monkeypatch.setenv("TALKING_HEAD__RENDER_BATCH", "0")
     with pytest.raises(ValueError, match="render_batch"):
         Settings()
+
+
+def test_lipsync_encoder_settings_reach_the_engine_and_bad_x264_options_are_refused(monkeypatch):
+    from gpu_service.lipsync.engines import build
+
+    monkeypatch.setenv("LIPSYNC__X264_PRESET", "veryfast")
+    monkeypatch.setenv("LIPSYNC__X264_PARAMS", "me=dia:subme=1")
+    monkeypatch.setenv("MP4__CRF", "18")
+    eng = build("landmark", Settings())
+    assert (eng.x264_preset, eng.x264_params, eng.crf) == ("veryfast", "me=dia:subme=1", 18)
+    monkeypatch.delenv("LIPSYNC__X264_PRESET")
+    monkeypatch.delenv("LIPSYNC__X264_PARAMS")
+    default = build("landmark", Settings())
+    assert (default.x264_preset, default.x264_params) == ("superfast", "mbtree=1:rc-lookahead=10")
+    for bad in ("mbtree", "me=dia;rm -rf", "-preset=x", "a=b::c=d"):
+        monkeypatch.setenv("LIPSYNC__X264_PARAMS", bad)
+        with pytest.raises(ValueError, match="x264_params"):
+            Settings()

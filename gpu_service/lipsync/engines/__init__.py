@@ -12,5 +12,6 @@ def build(name: str, settings: Settings) -> LipSyncEngine:
     if name == "landmark":
         from gpu_service.lipsync.engines.landmark import LandmarkLipSync
 
-        return LandmarkLipSync(preset=settings.mp4.x264_preset, crf=settings.mp4.crf)
+        return LandmarkLipSync(preset=settings.lipsync.x264_preset, crf=settings.mp4.crf,
+                               x264_params=settings.lipsync.x264_params)
     raise ConfigurationError(f"unknown lip-sync engine {name!r} in LIPSYNC_ENGINES; known: landmark")

@@ -118,10 +118,12 @@ class LandmarkLipSync:
 
     name = "landmark"
 
-    def __init__(self, *, preset: str = "veryfast", crf: int = 16, chunk_bytes: int = 64 * 1024 * 1024,
-                 backend: str = "auto") -> None:
+    def __init__(self, *, preset: str = "superfast", crf: int = 16, x264_params: Optional[str] = "mbtree=1:rc-lookahead=10",
+                 chunk_bytes: int = 64 * 1024 * 1024, backend: str = "auto") -> None:
+        # The defaults are LipSyncSettings' (x264_preset, x264_params) and Mp4Settings.crf.
         self.x264_preset = preset
         self.crf = crf
+        self.x264_params = x264_params
         self.chunk_bytes = chunk_bytes
         self.backend = backend
         self.renderer: Optional[Renderer] = None
@@ -138,7 +140,7 @@ class LandmarkLipSync:
         frame = np.full((128, 128, 3), 128, np.uint8)
         with FaceTracker(25.0) as tracker:
             tracker.track(frame)
-        encode_mp4([frame, frame], 25, (128, 128), preset=self.x264_preset, crf=self.crf)
+        encode_mp4([frame, frame], 25, (128, 128), preset=self.x264_preset, crf=self.crf, x264_params=self.x264_params)
 
     def health(self) -> EngineHealth:
         """Loaded once its render path is chosen; reports the device and the path (cv2 or torch)."""
@@ -228,7 +230,8 @@ class LandmarkLipSync:
         # and most NumPy/OpenCV work release the GIL, so decoding, face work and x264 overlap.
         with ReadAhead(self.revoice_frames(src, controls, job.length_policy, stats), name="lipsync-face") as frames:
             mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
-                                    sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
+                                    sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
+                                    x264_params=self.x264_params)
         n = stats["frames"]
         if n == 0:
             raise BadMedia("video has no decodable frames")
@@ -255,7 +258,8 @@ class LandmarkLipSync:
         stats.update(_new_stats())
         with ReadAhead(self.revoice_frames(src, controls, "trim", stats), name="lipsync-face") as frames:
             return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
-                              sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
+                              sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
+                              x264_params=self.x264_params)
 
 
 def _new_stats() -> dict:
