@@ -191,16 +191,16 @@ class ReadAhead:
         self.close()
 
 
-def _read_exact(stream, size: int) -> Optional[bytes]:
-    """`size` bytes from a pipe, or None at its end (a partial last frame is dropped)."""
-    parts, got = [], 0
+def _read_exact(stream, size: int) -> Optional[bytearray]:
+    """`size` bytes from a pipe, read straight into one new buffer, or None at its end (a partial last frame is dropped)."""
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
     while got < size:
-        piece = stream.read(size - got)
-        if not piece:
+        n = stream.readinto(view[got:])
+        if not n:
             return None
-        parts.append(piece)
-        got += len(piece)
-    return b"".join(parts)
+        got += n
+    return buf
 
 
 def plan_length(n_source: int, n_target: int, policy: str) -> int:

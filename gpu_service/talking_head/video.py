@@ -68,7 +68,8 @@ def encode_mp4(
             for frame in frames:
                 if first_frame_ms is None:
                     first_frame_ms = (time.perf_counter() - started) * 1000
-                proc.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+                # The frame's own buffer, not a bytes copy of it (2.7 MB a frame at 720p).
+                proc.stdin.write(memoryview(np.ascontiguousarray(frame, dtype=np.uint8)).cast("B"))
                 n += 1
         except BrokenPipeError:
             pass

@@ -243,3 +243,35 @@ def test_mouth_only_encoding_matches_the_full_one(roll_deg, seam, follow):
         diff = np.abs(a.astype(np.int16) - b)
         assert diff.max() <= 1 and np.count_nonzero(diff) <= 20, (diff.max(), np.count_nonzero(diff))
         assert not np.array_equal(a, img)  # the mouth did move
+
+
+def test_read_ahead_keeps_order_raises_where_the_producer_failed_and_stops_it_when_left():
+    import threading
+
+    closed = threading.Event()
+
+    def numbers(fail_at=None):
+        try:
+            for i in range(1000):
+                if i == fail_at:
+                    raise ValueError(f"broken at {i}")
+                yield i
+        finally:
+            closed.set()
+
+    with sio.ReadAhead(numbers(), depth=3) as items:
+        assert list(items) == list(range(1000))
+    assert closed.is_set()
+    closed.clear()
+    got = []
+    with pytest.raises(ValueError, match="broken at 7"):
+        with sio.ReadAhead(numbers(fail_at=7)) as items:
+            got.extend(items)
+    assert got == list(range(7)) and closed.is_set()
+    closed.clear()
+    # Leaving early (the consumer stopped) ends the producer's thread and closes its generator (an ffmpeg pipe).
+    with sio.ReadAhead(numbers(), depth=2, name="early") as items:
+        for i in items:
+            if i == 5:
+                break
+    assert closed.wait(5) and not any(t.name == "early" for t in threading.enumerate())

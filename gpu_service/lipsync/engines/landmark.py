@@ -12,6 +12,7 @@ expression are left as filmed. Frames without a usable face pass through untouch
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -147,12 +148,16 @@ class LandmarkLipSync:
         return self.renderer.health() if self.renderer is not None else EngineHealth.down("not loaded")
 
     def _tracked(self, src: VideoSource, n_frames: int, policy: str, tracker: FaceTracker,
-                 stats: dict) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
-        """(frame, refined landmarks or None) for each output frame, in the policy's order: decode and tracking."""
+                 stats: dict) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], Optional[Appearance]]]:
+        """(frame, refined landmarks or None, appearance) for each output frame in the policy's order: decoding,
+        tracking and the interior's colours, measured on one frame in APPEARANCE_EVERY_S and reused."""
         chunk = max(4, min(64, self.chunk_bytes // src.frame_bytes))
+        refresh = max(1, int(round(APPEARANCE_EVERY_S * float(src.fps))))
+        look: Optional[Appearance] = None
+        looked_at = 0
         frames = frames_in_order(src, n_frames, policy, chunk)
         try:
-            while True:
+            for i in itertools.count():
                 t0 = time.perf_counter()
                 item = next(frames, None)
                 t1 = time.perf_counter()
@@ -161,33 +166,31 @@ class LandmarkLipSync:
                     return
                 frame = item[1]
                 lm = tracker.track(frame)
-                # The mesh reads an open mouth as less open than it is: its inner lips go to the visible edges.
-                if lm is not None:
+                if lm is None:
+                    look = None  # a cut or a lost face: measure the next face afresh
+                else:
+                    # The mesh reads an open mouth as less open than it is: its inner lips go to the visible edges.
                     lm = refine_inner_lips(frame, lm)
+                    if look is None or i - looked_at >= refresh:
+                        look, looked_at = measure_appearance(frame, lm), i
                 stats["track_ms"] += (time.perf_counter() - t1) * 1000
-                yield frame, lm
+                yield frame, lm, look
         finally:
             frames.close()
 
-    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
-        """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered.
-
-        Decoding and tracking run in their own thread, a few frames ahead of the face work here.
-        """
+    def _faces(self, src: VideoSource, controls: Controls, policy: str,
+               stats: dict) -> Iterator[tuple[np.ndarray, Optional[Encoding], Optional[Controls], float]]:
+        """(frame, its mouth-only encoding, its controls, close_upper) per output frame; no encoding for a frame
+        left as filmed. Decoding and tracking run in their own thread, a few frames ahead of this."""
         widths = MouthWidthReference(window=int(10 * float(src.fps)))
-        # The interior's colours and grain are measured on one frame in APPEARANCE_EVERY_S and reused.
-        refresh = max(1, int(round(APPEARANCE_EVERY_S * float(src.fps))))
         prev: Optional[Encoding] = None
-        look: Optional[Appearance] = None
-        looked_at = -refresh
         with FaceTracker(float(src.fps)) as tracker, \
                 ReadAhead(self._tracked(src, controls.n_frames, policy, tracker, stats), name="lipsync-decode") as tracked:
-            for i, (frame, lm) in enumerate(tracked):
+            for i, (frame, lm, look) in enumerate(tracked):
                 stats["frames"] = i + 1
                 if lm is None:
                     stats["frames_without_face"] += 1
-                    look = None  # a cut or a lost face: measure the next face afresh
-                    yield frame
+                    yield frame, None, None, 0.0
                     continue
                 t1 = time.perf_counter()
                 ctl = controls.slice(i, i + 1)
@@ -195,22 +198,33 @@ class LandmarkLipSync:
                 # it keeps the midline, where the drawn upper teeth belong to the upper lip's side.
                 closing = closes(prev, ctl, inner_gap(lm))
                 try:
-                    if look is None or i - looked_at >= refresh:
-                        look, looked_at = measure_appearance(frame, lm), i
                     # Eyes, brows and smile stay as filmed: only the mouth's fields are built, over the window
                     # they reach (same fields, a fraction of the work).
                     enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing,
                                                 mouth_only=True, appearance=look)
                 except BadMedia:  # face too small to animate: leave it as filmed
                     stats["frames_without_face"] += 1
+                    yield frame, None, None, 0.0
+                    continue
+                prev = enc
+                c = _width_correction(enc, ctl, widths.update(enc))
+                stats["encode_ms"] += (time.perf_counter() - t1) * 1000
+                yield frame, enc, c, CLOSE_SEAM if closing else 0.4
+
+    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
+        """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered.
+
+        Three stages overlap, each in its own thread: decoding and tracking, the frame's face encoding,
+        and (in the caller's thread, with the writes to x264) rendering. ffmpeg's pipes, MediaPipe and
+        most NumPy/OpenCV work release the GIL.
+        """
+        with ReadAhead(self._faces(src, controls, policy, stats), name="lipsync-face") as faces:
+            for frame, enc, c, close_upper in faces:
+                if enc is None:
                     yield frame
                     continue
                 t2 = time.perf_counter()
-                prev = enc
-                c = _width_correction(enc, ctl, widths.update(enc))
-                out = next(iter(self.renderer.frames(enc, c, head_motion=False,
-                                                     close_upper=CLOSE_SEAM if closing else 0.4)))
-                stats["encode_ms"] += (t2 - t1) * 1000
+                out = next(iter(self.renderer.frames(enc, c, head_motion=False, close_upper=close_upper)))
                 stats["render_ms"] += (time.perf_counter() - t2) * 1000
                 yield out
 
@@ -226,12 +240,10 @@ class LandmarkLipSync:
         stats = _new_stats()
         t_drive = time.perf_counter()
         w, h = src.size
-        # The face work runs a few frames ahead of the encoder, in its own thread: ffmpeg's pipes, MediaPipe
-        # and most NumPy/OpenCV work release the GIL, so decoding, face work and x264 overlap.
-        with ReadAhead(self.revoice_frames(src, controls, job.length_policy, stats), name="lipsync-face") as frames:
-            mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
-                                    sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
-                                    x264_params=self.x264_params)
+        frames = self.revoice_frames(src, controls, job.length_policy, stats)
+        mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
+                                sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
+                                x264_params=self.x264_params)
         n = stats["frames"]
         if n == 0:
             raise BadMedia("video has no decodable frames")
@@ -256,10 +268,10 @@ class LandmarkLipSync:
         fps = float(src.fps)
         controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes)
         stats.update(_new_stats())
-        with ReadAhead(self.revoice_frames(src, controls, "trim", stats), name="lipsync-face") as frames:
-            return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
-                              sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
-                              x264_params=self.x264_params)
+        frames = self.revoice_frames(src, controls, "trim", stats)
+        return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
+                          sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
+                          x264_params=self.x264_params)
 
 
 def _new_stats() -> dict:
