@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from typing import Optional
 
 import uvicorn
 from pydantic import ValidationError
@@ -31,12 +32,41 @@ def _worker_only(settings: Settings) -> int:
     return 0
 
 
+def _config_errors(exc: ValidationError) -> str:
+    """One line per bad setting, without the values given (a URL or a key may hold a secret)."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in err.get("loc", ())).upper()
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {msg}" if not where or msg.startswith(where) else f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def preflight(settings: Settings) -> Optional[str]:
+    """Open (and migrate) the job database and check the output store: what is wrong, naming the setting, or None."""
+    from runtime.db import DatabaseUnavailable, JobStore
+    from runtime.errors import StoreUnavailable
+    from runtime.storage import build
+
+    try:
+        JobStore(settings.database, pool_size=1).close()
+        build(settings).check()
+    except (DatabaseUnavailable, StoreUnavailable) as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str]) -> int:
-    """Start uvicorn with the app; a misconfiguration exits 2 with the message."""
+    """Start uvicorn with the app; a misconfiguration, or a database or store that cannot be used, exits 2
+    with the message."""
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"runtime: invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"runtime: invalid configuration:\n{_config_errors(exc)}", file=sys.stderr)
+        return 2
+    problem = preflight(settings)
+    if problem is not None:
+        print(f"runtime: {problem}", file=sys.stderr)
         return 2
     if argv[:1] == ["worker"]:
         return _worker_only(settings)

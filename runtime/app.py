@@ -19,7 +19,7 @@ from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from avatar_contracts.http import RequestContext, describe_validation, install_error_handlers
@@ -36,6 +36,7 @@ from runtime.errors import (
     PayloadTooLarge,
     ServiceError,
     Unauthorized,
+    StoreUnavailable,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -130,9 +131,13 @@ def _openapi(app: FastAPI, secured: bool) -> dict:
     return app.openapi_schema
 
 
+_PRESIGNED = {"description": "OUTPUT_STORE=s3 with S3_SERVE=redirect: the file is at the presigned URL in Location."}
+
+
 def _media(media_type: str, what: str) -> dict:
     """The OpenAPI answer of an output download."""
-    return {200: {"description": what, "content": {media_type: {"schema": {"type": "string", "format": "binary"}}}}}
+    return {200: {"description": what, "content": {media_type: {"schema": {"type": "string", "format": "binary"}}}},
+            307: _PRESIGNED}
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
@@ -147,7 +152,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         app.state.runtime = rt
         await asyncio.to_thread(rt.start)
         log.info("runtime started", extra={"port": settings.port, "broker": rt.broker_name,
-                                            "gpu_service_url": settings.gpu_service_url, "owner": rt.owner})
+                                            "gpu_service_url": settings.gpu_service_url, "owner": rt.owner,
+                                            "database": rt.store.describe(), "outputs": rt.outputs.describe()})
         pruner = asyncio.create_task(_prune_forever(rt))
         reaper = asyncio.create_task(_reap_forever(rt)) if settings.run_worker else None
         try:
@@ -282,15 +288,25 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         """A job's status: queued, running (with progress), succeeded (with URLs) or failed (with the reason)."""
         return job_view(_job(request, task_id), base_url(request))
 
-    def _output(request: Request, task_id: str, name: str, media_type: str) -> FileResponse:
+    def _output(request: Request, task_id: str, name: str, media_type: str) -> Response:
         row = _job(request, task_id)
         if row["status"] != "succeeded":
             why = f": {row['reason']}" if row["status"] == "failed" else ""
             raise Conflict(f"job {task_id} is {row['status']}{why}; its outputs exist once it has succeeded")
-        path = settings.jobs_dir / task_id / name
-        if not path.exists():
-            raise NotFound(f"the outputs of job {task_id} have expired")
-        return FileResponse(path, media_type=media_type)
+        outputs = runtime(request).outputs
+        expired = NotFound(f"the outputs of job {task_id} have expired")
+        path = outputs.local_path(task_id, name)
+        if path is not None:  # a local folder: sent as a file (ranges, conditional requests)
+            if not path.exists():
+                raise expired
+            return FileResponse(path, media_type=media_type)
+        if not outputs.exists(task_id, name):
+            raise expired
+        url = outputs.presigned_url(task_id, name)
+        if url is not None:  # the client fetches the bytes from the bucket itself; the URL is for this caller only
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+        pieces, size = outputs.stream(task_id, name)
+        return StreamingResponse(pieces, media_type=media_type, headers={"Content-Length": str(size)})
 
     @app.get("/api/v1/jobs/{task_id}/video", response_class=FileResponse,
              responses=_media("video/mp4", "The MP4 (H.264 + AAC, faststart)."))
@@ -305,7 +321,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return _output(request, task_id, pipeline.CAPTIONS_NAME, "text/vtt")
 
     @app.get("/api/v1/jobs/{task_id}/timing.json", response_class=FileResponse, responses={
-        200: {"description": "Phoneme, word and chunk timings.", "content": {"application/json": {"schema": {"type": "object"}}}}})
+        200: {"description": "Phoneme, word and chunk timings.", "content": {"application/json": {"schema": {"type": "object"}}}},
+        307: _PRESIGNED})
     def job_timing(task_id: str, request: Request):
         """Phoneme and word timings in seconds of the final video (fps, duration_s, phonemes, words, chunks)."""
         return _output(request, task_id, pipeline.TIMING_NAME, "application/json")
@@ -340,6 +357,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             await asyncio.to_thread(rt.store.ping)
         except Exception as exc:  # noqa: BLE001
             problems.append(f"job database: {type(exc).__name__}")
+        try:
+            await asyncio.to_thread(rt.outputs.check)
+        except StoreUnavailable as exc:
+            problems.append(exc.message)
         if settings.run_worker and rt.worker is None:
             problems.append("worker not running")
         if settings.redis_url:
@@ -357,8 +378,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
 def failed_status(error_type: Optional[str]) -> int:
     """HTTP status of a sync submit whose job failed: the GPU service could not generate it (424), could not be
-    reached (502), the runtime broke (500), or the inputs were refused (422)."""
-    return {"internal_error": 500, "gpu_service_unavailable": 502, "generation_failed": 424}.get(error_type or "", 422)
+    reached (502), nor could the output store, the runtime broke (500), or the inputs were refused (422)."""
+    return {"internal_error": 500, "gpu_service_unavailable": 502, "output_store_unavailable": 502,
+            "generation_failed": 424}.get(error_type or "", 422)
 
 
 async def _prune_forever(rt: Runtime, every_s: float = 600.0) -> None:
@@ -366,7 +388,7 @@ async def _prune_forever(rt: Runtime, every_s: float = 600.0) -> None:
     while True:
         with contextlib.suppress(Exception):
             for job_id in await asyncio.to_thread(rt.store.expired, time.time() - rt.settings.job_ttl_s):
-                await asyncio.to_thread(pipeline.remove_outputs, rt.settings, job_id)
+                await asyncio.to_thread(rt.outputs.remove, job_id)
                 await asyncio.to_thread(rt.store.delete, job_id)
         await asyncio.sleep(every_s)
 

@@ -26,6 +26,13 @@ class Conflict(ServiceError):
     error_type = "conflict"
 
 
+class StoreUnavailable(ServiceError):
+    """The output store (S3) cannot be reached or used right now; a job retries, a download answers 503."""
+
+    status_code = 503
+    error_type = "output_store_unavailable"
+
+
 class GPUServiceError(Exception):
     """A GPU-service call that did not succeed; `transient` says whether retrying can help."""
 

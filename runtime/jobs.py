@@ -23,9 +23,9 @@ from dramatiq.brokers.stub import StubBroker
 
 from avatar_contracts.errors import redact_paths
 from avatar_contracts.runtime import JobResult, WebhookEvent
-from runtime import pipeline, webhooks
+from runtime import pipeline, storage, webhooks
 from runtime.db import TERMINAL, JobStore
-from runtime.errors import GPUServiceError
+from runtime.errors import GPUServiceError, StoreUnavailable
 from runtime.gpu_client import GPUClient
 from runtime.settings import Settings
 
@@ -69,7 +69,8 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.owner = f"{uuid.uuid4().hex[:12]}"
-        self.store = JobStore(settings.db_path)
+        self.store = JobStore(settings.database, settings.database_pool_size)
+        self.outputs = storage.build(settings)
         self.gpu = GPUClient(settings)
         self.broker = self._make_broker()
         self.worker: Optional[dramatiq.Worker] = None
@@ -117,6 +118,7 @@ class Runtime:
             self.worker = None
         self.broker.close()
         self.gpu.close()
+        self.store.close()
 
     def recover(self) -> int:
         """Send every queued or running job again; the lease check drops the ones alive elsewhere."""
@@ -134,21 +136,19 @@ class Runtime:
     def reap(self) -> int:
         """Re-send jobs nobody is working on: running under a lapsed lease, or queued past any retry delay.
 
-        Covers a worker thread that died without recording an outcome, or a send lost between the
-        DB update and the broker. Duplicate sends are harmless: the lease decides who runs.
+        Covers a worker (or a whole runtime) that died without recording an outcome, or a send lost
+        between the DB update and the broker. Runtimes sharing the database sweep at the same time;
+        each stalled job goes to one of them (`JobStore.take_stalled`), and a duplicate send would be
+        harmless anyway: the lease decides who runs.
         """
         now = time.time()
         stale_queued = now - (self.settings.retry_max_backoff_s + self.settings.job_lease_s + 5)
-        count = 0
-        for row in self.store.unfinished():
-            lapsed = row["status"] == "running" and (row["lease_until"] or 0) < now
-            forgotten = row["status"] == "queued" and row["updated_at"] < stale_queued
-            if lapsed or forgotten:
-                self.run_job.send(row["id"])
-                count += 1
-        if count:
-            log.warning("re-sent stalled jobs", extra={"jobs": count})
-        return count
+        stalled = self.store.take_stalled(lapsed_before=now, queued_before=stale_queued)
+        for job_id in stalled:
+            self.run_job.send(job_id)
+        if stalled:
+            log.warning("re-sent stalled jobs", extra={"jobs": len(stalled)})
+        return len(stalled)
 
     def enqueue(self, job_id: str) -> None:
         """Send a job to the workers."""
@@ -212,14 +212,18 @@ class Runtime:
 
         log.info("job started", extra={"job_id": job_id, "attempt": claimed["attempts"], "owner": self.owner})
         try:
-            result = pipeline.run(self.gpu, self.settings, job_id, json.loads(claimed["request_json"]), progress)
+            result = pipeline.run(self.gpu, self.settings, job_id, json.loads(claimed["request_json"]), progress,
+                                  self.outputs)
             result["timings_ms"]["queue"] = round(max(0.0, (claimed["started_at"] - claimed["created_at"]) * 1000), 1)
             result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)
             if self.store.succeed(job_id, self.owner, result):
-                pipeline.drop_scratch(self.settings, job_id)
+                with contextlib.suppress(StoreUnavailable):  # left-over chunks then go with the job at expiry
+                    pipeline.drop_scratch(self.outputs, job_id)
                 log.info("job succeeded", extra={"job_id": job_id, "duration_s": result["duration_s"]})
                 self._notify(job_id)
-        except GPUServiceError as exc:
+        except (GPUServiceError, StoreUnavailable) as exc:
+            if isinstance(exc, StoreUnavailable):  # the bucket is unreachable: as transient as a GPU service that is down
+                exc = GPUServiceError(exc.message, transient=True, error_type=exc.error_type)
             if exc.error_type == "lease_lost":
                 log.warning("job lease lost; another worker has it", extra={"job_id": job_id})
             elif exc.transient and claimed["attempts"] <= self.settings.job_max_retries:
@@ -230,7 +234,8 @@ class Runtime:
                     self.run_job.send_with_options(args=(job_id,), delay=int(delay * 1000))
             else:
                 reason = exc.message if not exc.transient else f"gave up after {claimed['attempts']} attempts: {exc.message}"
-                self._fail(job_id, reason, exc.error_type if not exc.transient else "gpu_service_unavailable")
+                unavailable = "output_store_unavailable" if exc.error_type == "output_store_unavailable" else "gpu_service_unavailable"
+                self._fail(job_id, reason, exc.error_type if not exc.transient else unavailable)
         except Exception as exc:  # noqa: BLE001 - a job must end in a recorded state, never vanish
             log.exception("job crashed", extra={"job_id": job_id})
             self._fail(job_id, f"internal error while generating ({type(exc).__name__}: {exc})"[:500], "internal_error")

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -28,7 +28,47 @@ class Settings(BaseSettings):
     """Base URL of the GPU service (speech, video, avatars)."""
 
     data_dir: Path = Field(default=_REPO_ROOT / ".data" / "runtime")
-    """Holds the job database (jobs.db) and each job's work folder and outputs."""
+    """Holds the job database (jobs.db, unless DATABASE_URL is set) and each job's work folder and outputs
+    (with OUTPUT_STORE=s3, only the folders of the jobs running here)."""
+
+    database_url: Optional[str] = Field(default=None, max_length=4096)
+    """The job record when several runtimes share it: postgresql://user:password@host:5432/dbname (psycopg 3;
+    postgresql+psycopg:// too). Unset: a SQLite file at DATA_DIR/jobs.db, for one runtime."""
+
+    database_pool_size: int = Field(default=5, ge=1, le=100)
+    """Connections one runtime process keeps open to the job database (twice as many more in bursts)."""
+
+    output_store: Literal["local", "s3"] = "local"
+    """Where job outputs (and the chunks a retried job resumes from) are kept: `local` (DATA_DIR/jobs, one
+    runtime or a shared disk) or `s3` (S3-compatible object storage that every runtime reaches)."""
+
+    s3_bucket: Optional[str] = Field(default=None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    """Bucket of the outputs with OUTPUT_STORE=s3 (it must exist). Credentials: the usual AWS variables
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or an instance role."""
+
+    s3_endpoint_url: Optional[str] = Field(default=None, pattern=r"^https?://", max_length=2048)
+    """Endpoint of an S3-compatible service (MinIO, Ceph, R2...); unset: AWS S3 of S3_REGION."""
+
+    s3_public_endpoint_url: Optional[str] = Field(default=None, pattern=r"^https?://", max_length=2048)
+    """Endpoint that clients reach, when it differs from S3_ENDPOINT_URL (an internal hostname): presigned
+    URLs are signed for it."""
+
+    s3_region: Optional[str] = Field(default=None, pattern=r"^[a-z0-9-]{2,32}$")
+    """Region of the bucket (AWS_DEFAULT_REGION when unset)."""
+
+    s3_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9!_.*'()/-]*$", max_length=512)
+    """Key prefix of the runtime's objects in the bucket (e.g. avatar/); objects are <prefix><job id>/<file>."""
+
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """How bucket names go into URLs; some S3-compatible services need `path`."""
+
+    s3_serve: Literal["redirect", "stream"] = "redirect"
+    """How the runtime answers for an output in S3: `redirect` (307 to a presigned URL: the bytes never pass
+    through the runtime) or `stream` (the runtime reads the object and sends it, for clients or networks
+    that must not reach the bucket)."""
+
+    s3_presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    """Lifetime of a presigned URL (S3 allows at most 7 days)."""
 
     redis_url: Optional[str] = Field(default=None, pattern=r"^rediss?://", max_length=2048)
     """When set, jobs go through Redis (RedisBroker) so several workers can share them; else in-process."""
@@ -139,6 +179,40 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         """An empty variable (as compose writes `REDIS_URL=`) means unset."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url", "s3_region",
+                     "output_store", "s3_serve", "s3_addressing_style", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object, info: ValidationInfo) -> object:
+        """An empty variable (compose's `DATABASE_URL=`) means unset: None, or the field's default."""
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[info.field_name].default
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: Optional[str]) -> Optional[str]:
+        """postgresql:// gets the psycopg 3 driver; an unsupported URL is refused, naming DATABASE_URL."""
+        from runtime.db import normalize_url
+
+        return None if value is None else normalize_url(value)
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> "Settings":
+        """OUTPUT_STORE=s3 without S3_BUCKET cannot work: refused at start-up rather than at the first job."""
+        if self.output_store == "s3" and not self.s3_bucket:
+            raise ValueError("OUTPUT_STORE=s3 needs S3_BUCKET (the bucket the outputs go to)")
+        return self
+
+    @property
+    def database(self) -> str:
+        """The job database's SQLAlchemy URL: DATABASE_URL, else the SQLite file in DATA_DIR."""
+        return self.database_url or f"sqlite:///{self.db_path}"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Local working folders of jobs whose files are kept in object storage."""
+        return self.data_dir / "scratch"
 
     @property
     def db_path(self) -> Path:

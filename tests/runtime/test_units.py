@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import sqlalchemy
 
 from runtime.captions import align_words, spoken_words, to_webvtt
 from runtime.db import JobStore, key_fingerprint, request_hash
@@ -199,11 +200,17 @@ def _documented() -> set[str]:
     return names
 
 
-# -- the job store ------------------------------------------------------------------------------
+# -- the job store (each test on SQLite and on PostgreSQL: the db_url fixture) ------------------
 
 
-def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(tmp_path):
-    store = JobStore(tmp_path / "jobs.db")
+def sql(store: JobStore, statement: str) -> None:
+    """Run raw SQL on the store's database (a test reaching past the API, e.g. to make a lease lapse)."""
+    with store.engine.begin() as conn:
+        conn.execute(sqlalchemy.text(statement))
+
+
+def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(db_url):
+    store = JobStore(db_url)
     body = {"text": "hello", "avatar_id": "a"}
     results, errors = [], []
     barrier = threading.Barrier(20)
@@ -211,7 +218,8 @@ def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(tmp_pa
     def submit(i: int) -> None:
         barrier.wait()
         try:
-            results.append(JobStore(tmp_path / "jobs.db").create(f"{i:032x}", body, "key-1"))
+            with JobStore(db_url) as own:  # 20 stores opening (and migrating) at once, then racing the insert
+                results.append(own.create(f"{i:032x}", body, "key-1"))
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -226,34 +234,36 @@ def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(tmp_pa
     assert store.count_idempotent("key-1") == 1
     with pytest.raises(Conflict, match="different body"):
         store.create("f" * 32, {**body, "text": "other"}, "key-1")
-    with pytest.raises(sqlite3.IntegrityError):  # the constraint itself lives in the schema
-        store._conn().execute("INSERT INTO jobs (id, idempotency_key, request_hash, request_json, status,"
-                              " created_at, updated_at) VALUES ('z', 'key-1', 'h', '{}', 'queued', 0, 0)")
+    with pytest.raises(sqlalchemy.exc.IntegrityError):  # the constraint itself lives in the schema
+        sql(store, "INSERT INTO jobs (id, idempotency_key, request_hash, request_json, status,"
+                   " created_at, updated_at) VALUES ('z', 'key-1', 'h', '{}', 'queued', 0, 0)")
+    store.close()
 
 
 def test_request_hash_ignores_key_order():
     assert request_hash({"a": 1, "b": [1, 2]}) == request_hash({"b": [1, 2], "a": 1})
 
 
-def test_leases_decide_who_runs_a_job(tmp_path):
-    store = JobStore(tmp_path / "jobs.db")
+def test_leases_decide_who_runs_a_job(db_url):
+    store = JobStore(db_url)
     store.create("a" * 32, {"text": "x"}, None)
     first = store.claim("a" * 32, "w1", lease_s=60)
     assert first and first["status"] == "running" and first["attempts"] == 1
     assert store.claim("a" * 32, "w2", lease_s=60) is None  # live lease elsewhere
     assert store.progress("a" * 32, "w1", 1, 3, "chunk 2 of 3")
     assert not store.progress("a" * 32, "w2", 1, 3, "chunk 2 of 3")
-    store._conn().execute("UPDATE jobs SET lease_until = 0")  # w1 died: its lease lapses
+    sql(store, "UPDATE jobs SET lease_until = 0")  # w1 died: its lease lapses
     second = store.claim("a" * 32, "w2", lease_s=60)
     assert second and second["attempts"] == 2
     assert not store.succeed("a" * 32, "w1", {"duration_s": 1})  # the dead owner cannot finish it
     assert store.succeed("a" * 32, "w2", {"duration_s": 1})
     assert store.claim("a" * 32, "w3", lease_s=60) is None  # finished jobs are never taken again
     assert store.get("a" * 32)["status"] == "succeeded"
+    store.close()
 
 
-def test_release_requeues_and_fail_records_the_reason(tmp_path):
-    store = JobStore(tmp_path / "jobs.db")
+def test_release_requeues_and_fail_records_the_reason(db_url):
+    store = JobStore(db_url)
     store.create("b" * 32, {"text": "x"}, None)
     store.claim("b" * 32, "w1", 60)
     assert store.release("b" * 32, "w1", "waiting")
@@ -263,6 +273,7 @@ def test_release_requeues_and_fail_records_the_reason(tmp_path):
     row = store.get("b" * 32)
     assert row["status"] == "failed" and row["reason"] == "speech: 422 bad voice"
     assert store.unfinished() == []
+    store.close()
 
 
 OLD_SCHEMA = """
@@ -383,17 +394,19 @@ def test_a_short_first_chunk_lets_speech_run_ahead():
     assert all(len(c) <= 400 for c in chunks[1:]) and " ".join(chunks) == text
 
 
-def test_reaper_resends_a_job_whose_worker_vanished(tmp_path):
+def test_reaper_resends_a_job_whose_worker_vanished(tmp_path, db_url):
     from runtime.jobs import Runtime
 
-    rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, job_lease_s=2, retry_max_backoff_s=1))
+    rt = Runtime(Settings(data_dir=tmp_path, database_url=None if db_url.startswith("sqlite") else db_url,
+                          run_worker=False, job_lease_s=2, retry_max_backoff_s=1))
     try:
         rt.store.create("c" * 32, {"text": "x"}, None)
         rt.store.claim("c" * 32, "dead-worker", lease_s=60)
         assert rt.reap() == 0  # its lease is live: leave it alone
-        rt.store._conn().execute("UPDATE jobs SET lease_until = 1")
+        sql(rt.store, "UPDATE jobs SET lease_until = 1")
         assert rt.reap() == 1
         assert rt.broker.queues["avatar_jobs"].qsize() == 1
+        assert rt.store.get("c" * 32)["status"] == "queued" and rt.reap() == 0  # handed out once, not every sweep
     finally:
         rt.stop()
 
