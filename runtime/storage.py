@@ -218,10 +218,11 @@ class LocalStore(OutputStore):
 
 
 class _S3Files(JobFiles):
-    def __init__(self, store: "S3Store", job_id: str, folder: Path) -> None:
+    def __init__(self, store: "S3Store", job_id: str, folder: Path, stored: set[str]) -> None:
         super().__init__(job_id, folder)
         self.store = store
-        self.stored = set(store.names(job_id))  # one listing per attempt, kept up to date by our own writes
+        self.stored = stored
+        """What the bucket holds for the job: listed once per attempt, kept up to date by our own writes."""
 
     def has(self, name: str) -> bool:
         _checked(self.job_id, name)
@@ -312,11 +313,11 @@ class S3Store(OutputStore):
                     shutil.rmtree(entry, ignore_errors=True)
 
     def open_job(self, job_id: str) -> JobFiles:
-        _checked(job_id)
+        stored = set(self.names(job_id))
         self.scratch.mkdir(parents=True, exist_ok=True)
         # a fresh folder per attempt: a copy left by an older attempt could be a chunk another runtime has since redone
         folder = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=self.scratch))
-        return _S3Files(self, job_id, folder)
+        return _S3Files(self, job_id, folder, stored)
 
     def exists(self, job_id: str, name: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
