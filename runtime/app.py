@@ -35,8 +35,8 @@ from runtime.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
-    Unauthorized,
     StoreUnavailable,
+    Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
 )

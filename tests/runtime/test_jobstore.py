@@ -315,6 +315,21 @@ def test_the_s3_store_says_what_is_wrong(s3, tmp_path):
         down.open_job("f" * 32)  # a job retries on this, as on a GPU service that is down
 
 
+def test_a_job_whose_bucket_is_unreachable_waits_and_retries_instead_of_failing(s3, tmp_path):
+    from runtime.jobs import Runtime
+
+    rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, **{**s3, "s3_endpoint_url": f"http://127.0.0.1:{free_port()}"}))
+    try:
+        rt.store.create("b" * 32, {"text": "Hello.", "avatar_id": "a"}, None)
+        rt._run_job("b" * 32)  # the actor, called here: its first store call fails
+        row = rt.store.get("b" * 32)
+        assert row["status"] == "queued" and row["attempts"] == 1, row
+        assert "retry" in row["detail"] and "object storage: ListObjectsV2" in row["detail"]
+        assert rt.broker.queues["avatar_jobs.DQ"].qsize() == 1  # sent again, after a backoff
+    finally:
+        rt.stop()
+
+
 def _succeeded_job(client, store_files: dict[str, bytes]) -> str:
     """A job recorded as succeeded (by a worker of the test's own) with these output files in the runtime's store."""
     rt = client.app.state.runtime
