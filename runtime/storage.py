@@ -93,8 +93,6 @@ class JobFiles(ABC):
 class OutputStore(ABC):
     """A job's files by job id and file name, whichever runtime asks."""
 
-    kind: str
-
     @abstractmethod
     def open_job(self, job_id: str) -> JobFiles:
         """The files of one attempt at the job (close it when the attempt ends)."""
@@ -156,8 +154,6 @@ class _LocalFiles(JobFiles):
 
 class LocalStore(OutputStore):
     """Each job's files in DATA_DIR/jobs/<job id>/: one runtime, or several sharing one disk."""
-
-    kind = "local"
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -254,8 +250,6 @@ class _S3Files(JobFiles):
 
 class S3Store(OutputStore):
     """Each job's files as objects <S3_PREFIX><job id>/<name> in S3_BUCKET."""
-
-    kind = "s3"
 
     def __init__(self, settings: Settings) -> None:
         import boto3
