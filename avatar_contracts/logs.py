@@ -52,16 +52,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
+OWN_LOGGERS = ("avatar_contracts", "gpu_service", "runtime", "evaluator")
+"""The project's own loggers: only these log at debug level. Libraries stay at info or above whatever
+LOG_LEVEL says, since their debug lines carry content (Piper logs each sentence's text and phonemes)."""
+
+
+def _set_levels(level: str) -> None:
+    wanted = logging.getLevelName(level.upper())
+    logging.getLogger().setLevel(max(wanted, logging.INFO))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(wanted)
+
+
 def setup_logging(level: str = "info") -> None:
-    """Send every logger's records to stderr as JSON lines, once per process."""
+    """Send every logger's records to stderr as JSON lines, once per process (the levels on every call)."""
     root = logging.getLogger()
     if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        root.setLevel(level.upper())
+        _set_levels(level)
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    _set_levels(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_json      TEXT,
     webhook_url      TEXT,
     base_url         TEXT,
+    request_id       TEXT,
     webhook_state    TEXT,
     webhook_attempts INTEGER NOT NULL DEFAULT 0,
     created_at       REAL NOT NULL,
@@ -79,6 +80,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute("DROP TABLE jobs_v1")
         else:
             conn.execute(_TABLE)
+            if columns and "request_id" not in columns:  # files from before request ids were kept
+                conn.execute("ALTER TABLE jobs ADD COLUMN request_id TEXT")
         for statement in _INDEXES:
             conn.execute(statement)
         conn.execute("COMMIT")
@@ -123,17 +126,18 @@ class JobStore:
 
     def create(
         self, job_id: str, body: dict[str, Any], idempotency_key: Optional[str], base_url: Optional[str] = None,
-        owner: Optional[str] = None,
+        owner: Optional[str] = None, request_id: Optional[str] = None,
     ) -> tuple[dict, bool]:
-        """Insert a queued job for `owner` (a key fingerprint); with an idempotency key that owner already
-        used, return that job (same body) or raise Conflict."""
+        """Insert a queued job for `owner` (a key fingerprint) made by request `request_id`; with an idempotency
+        key that owner already used, return that job (same body) or raise Conflict."""
         digest = request_hash(body)
         now = time.time()
         try:
             self._conn().execute(
                 "INSERT INTO jobs (id, owner, idempotency_key, request_hash, request_json, status, webhook_url,"
-                " base_url, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, owner, idempotency_key, digest, json.dumps(body), body.get("webhook_url"), base_url, now, now),
+                " base_url, request_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, owner, idempotency_key, digest, json.dumps(body), body.get("webhook_url"), base_url,
+                 request_id, now, now),
             )
             return self.get(job_id), True
         except sqlite3.IntegrityError:

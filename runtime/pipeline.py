@@ -13,6 +13,7 @@ times a job runs, it has one output.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import shutil
@@ -42,6 +43,12 @@ TIMING_NAME = "timing.json"
 THUMBNAIL_NAME = "thumbnail.jpg"
 
 Progress = Callable[[int, int, str], None]
+Observe = Callable[[str, float], None]
+"""Told each stage's duration in seconds: `tts` and `video` per chunk, `mux` and `assemble` per job."""
+
+
+def _unobserved(stage: str, seconds: float) -> None:
+    """The default Observe: nobody is counting."""
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -222,6 +229,7 @@ def run(
     job_id: str,
     body: dict,
     progress: Progress,
+    observe: Observe = _unobserved,
 ) -> dict:
     """Generate a job's outputs in its folder, resuming from finished chunks; returns its result record."""
     req = GenerateRequest.model_validate(body)
@@ -239,7 +247,9 @@ def run(
 
     def top_up() -> None:
         while len(ahead) < SPEECH_AHEAD and (following := next(pending, None)) is not None:
-            ahead[following] = speech_pool.submit(synthesize_chunk, gpu, req, chunks[following])
+            # in this thread's context: the GPU calls made in the pool carry the job's request id
+            ahead[following] = speech_pool.submit(contextvars.copy_context().run, synthesize_chunk, gpu, req,
+                                                  chunks[following])
 
     try:
         top_up()
@@ -252,14 +262,20 @@ def run(
             progress(index, total, f"generating chunk {index + 1} of {total}")
             speech = ahead.pop(index).result()
             top_up()
-            wav = wav_pool.submit(gpu.fetch, speech.tts.audio_url, "speech download")  # for the mux, meanwhile
+            wav = wav_pool.submit(contextvars.copy_context().run, gpu.fetch, speech.tts.audio_url,
+                                  "speech download")  # for the mux, meanwhile
             records.append(render_chunk(gpu, req, text, speech, wav, settings.fps, workdir, index))
+            observe("tts", records[-1]["timings_ms"]["tts"] / 1000)
+            observe("video", records[-1]["timings_ms"]["video"] / 1000)
             log.info("chunk done", extra={"job_id": job_id, "chunk": index + 1, "chunks": total})
     finally:  # a failed chunk fails the attempt: speech not yet started is not made for nothing
         speech_pool.shutdown(wait=True, cancel_futures=True)
         wav_pool.shutdown(wait=True, cancel_futures=True)
     progress(total, total, "joining chunks")
+    assembling = time.perf_counter()
     facts = assemble(workdir, records)
+    observe("mux", facts["timings_ms"]["mux"] / 1000)
+    observe("assemble", time.perf_counter() - assembling)
     # tts and video are each summed over chunks; after the first chunk they overlap in time
     timings = {
         "tts": sum(r["timings_ms"]["tts"] for r in records),

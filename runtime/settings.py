@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Level of the structured (JSON) logs."""
 
+    metrics_require_key: bool = False
+    """Put /metrics behind the API keys too (a Prometheus scraper then sends one); needs RUNTIME_API_KEYS."""
+
     @field_validator("runtime_api_keys", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
@@ -139,6 +142,13 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         """An empty variable (as compose writes `REDIS_URL=`) means unset."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _metrics_key_needs_keys(self) -> "Settings":
+        """METRICS_REQUIRE_KEY without any key to require would leave /metrics open while saying it is closed."""
+        if self.metrics_require_key and not self.runtime_api_keys:
+            raise ValueError("METRICS_REQUIRE_KEY=true needs RUNTIME_API_KEYS (there is no key to require)")
+        return self
 
     @property
     def db_path(self) -> Path:
