@@ -71,7 +71,9 @@ def parse_request(raw: bytes, request_id: str) -> GenerateRequest:
     except ValidationError as exc:
         message, unknown = _describe(exc)
         if unknown:
-            log.warning("unknown request fields", extra={"fields": ",".join(unknown), "request_id": request_id})
+            # names only, bounded: a client chooses them, and a body's text has no place in the log
+            log.warning("unknown request fields", extra={"fields": ",".join(name[:64] for name in unknown[:10]),
+                                                         "count": len(unknown), "request_id": request_id})
         raise ValidationFailed(message) from None
 
 
