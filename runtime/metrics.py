@@ -114,8 +114,10 @@ class RuntimeMetrics:
                                  ("endpoint", "outcome"), registry=self.registry)
         self._jobs = JobCollector()
         self.registry.register(self._jobs)
-        for stage in STAGES:  # every stage is listed from the first scrape, at zero
+        for stage in STAGES:  # every stage and retry reason is listed from the first scrape, at zero
             self.stage_duration.labels(stage)
+        for reason in RETRY_REASONS:
+            self.job_retries.labels(reason)
 
     def watch(self, store) -> None:
         """Report the jobs of `store` (anything with `counts() -> {state: n}`) from now on."""
