@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -14,21 +15,32 @@ from runtime.settings import Settings
 
 
 def _worker_only(settings: Settings) -> int:
-    """Run job workers without the HTTP API (scale-out with REDIS_URL)."""
+    """Run job workers without the HTTP API (scale-out with REDIS_URL); PORT serves their /metrics only."""
     from avatar_contracts.logs import setup_logging
     from runtime.jobs import Runtime
 
     if not settings.redis_url:
         print("runtime worker: REDIS_URL must be set for a separate worker process", file=sys.stderr)
         return 2
+    from prometheus_client import start_http_server
+
     setup_logging(settings.log_level)
     rt = Runtime(settings.model_copy(update={"run_worker": True}))
+    # no API here: PORT serves the worker's own /metrics (stage times, GPU calls, retries) to Prometheus
+    try:
+        server, _ = start_http_server(settings.port, addr=settings.host, registry=rt.metrics.registry)
+    except OSError as exc:  # PORT taken (an API process on this host): the jobs matter more than their metrics
+        server = None
+        logging.getLogger("runtime").warning("worker metrics not served", extra={
+            "port": settings.port, "why": f"{type(exc).__name__}: {exc}; give this worker its own PORT"})
     rt.start()
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     rt.stop()
+    if server is not None:
+        server.shutdown()
     return 0
 
 

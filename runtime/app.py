@@ -26,6 +26,7 @@ from avatar_contracts.http import RequestContext, describe_validation, install_e
 from avatar_contracts.gpu import EMOTIONS, ErrorResponse
 from avatar_contracts.logs import setup_logging
 from avatar_contracts.media import check_image_header, decode_base64
+from avatar_contracts.metrics import HttpMetrics, scrape
 from avatar_contracts.runtime import GenerateRequest, GPUServiceStatus, JobAccepted, JobResult, RuntimeHealth, RuntimeReady
 from runtime import pipeline, webhooks
 from runtime.db import TERMINAL, key_fingerprint
@@ -41,6 +42,7 @@ from runtime.errors import (
     ValidationFailed,
 )
 from runtime.jobs import Runtime, job_view
+from runtime.metrics import RuntimeMetrics
 from runtime.settings import Settings, get_settings
 
 log = logging.getLogger("runtime")
@@ -70,7 +72,9 @@ def parse_request(raw: bytes, request_id: str) -> GenerateRequest:
     except ValidationError as exc:
         message, unknown = _describe(exc)
         if unknown:
-            log.warning("unknown request fields", extra={"fields": ",".join(unknown), "request_id": request_id})
+            # names only, bounded: a client chooses them, and a body's text has no place in the log
+            log.warning("unknown request fields", extra={"fields": ",".join(name[:64] for name in unknown[:10]),
+                                                         "count": len(unknown), "request_id": request_id})
         raise ValidationFailed(message) from None
 
 
@@ -145,10 +149,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(settings.log_level)
     keys = {key_fingerprint(k): k.encode() for k in settings.runtime_api_keys}
+    metrics = RuntimeMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        rt = Runtime(settings)
+        rt = Runtime(settings, metrics)
         app.state.runtime = rt
         await asyncio.to_thread(rt.start)
         log.info("runtime started", extra={"port": settings.port, "broker": rt.broker_name,
@@ -167,6 +172,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app = FastAPI(title="Avatar runtime", version="0.1.0", lifespan=lifespan,
                   responses={"4XX": _ERRORS, "5XX": _ERRORS})
     app.state.settings = settings
+    app.state.metrics = metrics
     # set by `python -m runtime` to the server's exit flag: a sync request stops waiting once it is up
     app.state.shutting_down = lambda: False
     app.openapi = lambda: _openapi(app, bool(keys))
@@ -184,12 +190,17 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     def gate(request: Request) -> Optional[ServiceError]:
         """Record who is calling (the key's fingerprint); the API itself needs a valid key when keys are set."""
         request.state.owner = caller(request) if keys else None
-        if keys and request.state.owner is None and request.url.path.startswith("/api/"):
+        path = request.url.path
+        guarded = path.startswith("/api/") or (path == "/metrics" and settings.metrics_require_key)
+        if keys and request.state.owner is None and guarded:
             return Unauthorized("a valid API key is required (X-API-Key or Authorization: Bearer)",
                                 headers={"WWW-Authenticate": "Bearer"})
         return None
 
     app.add_middleware(RequestContext, limit_for=lambda path: settings.max_request_bytes, log=log, gate=gate)
+    # outermost: the answers RequestContext gives itself (401, 413, 500) are counted too
+    app.add_middleware(HttpMetrics, requests=metrics.http_requests, duration=metrics.http_duration,
+                       router=app.router, log=log)
     install_error_handlers(app, log)
 
     def base_url(request: Request) -> str:
@@ -242,7 +253,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 raise ValidationFailed(f"unknown avatar_id {req.avatar_id!r}; known avatars: {shown}")
         canonical = req.model_dump(exclude_none=True)
         row, created = await asyncio.to_thread(
-            rt.store.create, uuid.uuid4().hex, canonical, key, base_url(request), request.state.owner)
+            rt.store.create, uuid.uuid4().hex, canonical, key, base_url(request), request.state.owner,
+            request.state.request_id)
         if created:
             await asyncio.to_thread(rt.enqueue, row["id"])
             log.info("job queued", extra={"job_id": row["id"], "chars": len(req.text), "async": is_async,
@@ -372,6 +384,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         body = RuntimeReady(ready=not problems, gpu_service_ready=gpu_ready, problems=problems)
         return JSONResponse(body.model_dump(), status_code=200 if not problems else 503,
                             headers={} if not problems else {"Retry-After": "1"})
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format (runtime/metrics.py lists the families); behind the keys with METRICS_REQUIRE_KEY."""
+        return scrape(metrics.registry)
 
     return app
 

@@ -91,6 +91,8 @@ jobs = Table(
     Column("result_json", Text),
     Column("webhook_url", Text),
     Column("base_url", Text),
+    # the request that made the job: carried on every log line and GPU-service call of its attempts
+    Column("request_id", Text),
     Column("webhook_state", Text),
     Column("webhook_attempts", Integer, nullable=False, server_default="0"),
     Column("created_at", Float, nullable=False),
@@ -207,8 +209,15 @@ def _m1_owned_idempotency(conn: Connection) -> None:
         conn.execute(CreateIndex(index, if_not_exists=True))
 
 
+def _m2_request_id(conn: Connection) -> None:
+    """Jobs remember the request that made them (`request_id`), for their logs and GPU-service calls."""
+    if "request_id" not in [c["name"] for c in inspect(conn).get_columns("jobs")]:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN request_id TEXT"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs table with idempotency keys unique per owner", _m1_owned_idempotency),
+    (2, "jobs remember the request id that made them", _m2_request_id),
 ]
 """(version, description, step) in order: step N brings a database at version N-1 to version N."""
 
@@ -313,15 +322,15 @@ class JobStore:
 
     def create(
         self, job_id: str, body: dict[str, Any], idempotency_key: Optional[str], base_url: Optional[str] = None,
-        owner: Optional[str] = None,
+        owner: Optional[str] = None, request_id: Optional[str] = None,
     ) -> tuple[dict, bool]:
-        """Insert a queued job for `owner` (a key fingerprint); with an idempotency key that owner already
-        used, return that job (same body) or raise Conflict."""
+        """Insert a queued job for `owner` (a key fingerprint) made by request `request_id`; with an idempotency
+        key that owner already used, return that job (same body) or raise Conflict."""
         digest = request_hash(body)
         now = time.time()
         row = {"id": job_id, "owner": owner, "idempotency_key": idempotency_key, "request_hash": digest,
                "request_json": json.dumps(body), "status": "queued", "webhook_url": body.get("webhook_url"),
-               "base_url": base_url, "created_at": now, "updated_at": now}
+               "base_url": base_url, "request_id": request_id, "created_at": now, "updated_at": now}
         try:
             with self.engine.begin() as conn:
                 created = conn.execute(insert(jobs).values(**row).returning(*jobs.c)).one()

@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from avatar_contracts.gpu import TTSRequest, TTSResponse, VideoRequest, VideoResponse
+from avatar_contracts.logs import current_request_id
 from runtime.errors import GPUServiceError
+from runtime.metrics import RuntimeMetrics, call_outcome
 from runtime.settings import Settings
 
 log = logging.getLogger("runtime.gpu")
@@ -41,13 +43,21 @@ def _message(response: httpx.Response) -> tuple[str, str]:
         return response.text[:300] or response.reason_phrase, "gpu_service_error"
 
 
+def _send_request_id(request: httpx.Request) -> None:
+    """Carry the id of the request (or job) being served to the GPU service, which logs it on every line."""
+    rid = current_request_id()
+    if rid:
+        request.headers["X-Request-ID"] = rid
+
+
 class GPUClient:
     """Thread-safe, connection-pooling client; one per process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Optional[RuntimeMetrics] = None) -> None:
         self.base = settings.gpu_service_url.rstrip("/")
+        self.metrics = metrics if metrics is not None else RuntimeMetrics()
         timeout = httpx.Timeout(settings.gpu_timeout_s, connect=settings.gpu_connect_timeout_s)
-        self._http = httpx.Client(base_url=self.base, timeout=timeout)
+        self._http = httpx.Client(base_url=self.base, timeout=timeout, event_hooks={"request": [_send_request_id]})
         self._avatar_cache_s = settings.avatar_cache_s
         self._avatars: tuple[float, Optional[set[str]]] = (0.0, None)
         self._lock = threading.Lock()
@@ -68,11 +78,14 @@ class GPUClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
+            self.metrics.gpu_call(path, "timeout")
             raise GPUServiceError(f"{what}: GPU service timed out ({type(exc).__name__})", transient=True) from exc
         except httpx.TransportError as exc:
+            self.metrics.gpu_call(path, "unreachable")
             raise GPUServiceError(
                 f"{what}: GPU service at {self.base} is unreachable ({type(exc).__name__})", transient=True
             ) from exc
+        self.metrics.gpu_call(path, call_outcome(response.status_code))
         if response.is_success:
             return response
         text, etype = _message(response)

@@ -22,11 +22,13 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
 from avatar_contracts.errors import redact_paths
+from avatar_contracts.logs import REQUEST_ID
 from avatar_contracts.runtime import JobResult, WebhookEvent
 from runtime import pipeline, storage, webhooks
 from runtime.db import TERMINAL, JobStore
 from runtime.errors import GPUServiceError, StoreUnavailable
 from runtime.gpu_client import GPUClient
+from runtime.metrics import RuntimeMetrics, retry_reason
 from runtime.settings import Settings
 
 log = logging.getLogger("runtime.jobs")
@@ -66,12 +68,14 @@ def job_view(row: dict, base_url: Optional[str]) -> JobResult:
 class Runtime:
     """Process-wide job machinery: store, GPU client, broker, actors and (optionally) the worker."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Optional[RuntimeMetrics] = None) -> None:
         self.settings = settings
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self.store = JobStore(settings.database, settings.database_pool_size)
         self.outputs = storage.build(settings)
-        self.gpu = GPUClient(settings)
+        self.metrics = metrics if metrics is not None else RuntimeMetrics()
+        self.metrics.watch(self.store)
+        self.gpu = GPUClient(settings, self.metrics)
         self.broker = self._make_broker()
         self.worker: Optional[dramatiq.Worker] = None
         self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
@@ -192,6 +196,8 @@ class Runtime:
         if claimed is None:
             log.info("job held elsewhere; skipping", extra={"job_id": job_id})
             return
+        if row["status"] == "running" and row["lease_owner"] != self.owner:  # its worker died: taken over
+            self.metrics.job_retry("lease_expired")
         started = time.perf_counter()
         lost = threading.Event()
         stop = threading.Event()
@@ -210,10 +216,12 @@ class Runtime:
                 raise GPUServiceError("lease lost to another worker", transient=False, error_type="lease_lost")
             self.store.progress(job_id, self.owner, done, total, detail)
 
+        # the id of the request that made the job: on every log line of this attempt and every GPU-service call
+        bound = REQUEST_ID.set(claimed.get("request_id") or job_id)
         log.info("job started", extra={"job_id": job_id, "attempt": claimed["attempts"], "owner": self.owner})
         try:
             result = pipeline.run(self.gpu, self.settings, job_id, json.loads(claimed["request_json"]), progress,
-                                  self.outputs)
+                                  self.outputs, observe=self.metrics.observe_stage)
             result["timings_ms"]["queue"] = round(max(0.0, (claimed["started_at"] - claimed["created_at"]) * 1000), 1)
             result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)
             if self.store.succeed(job_id, self.owner, result):
@@ -231,6 +239,7 @@ class Runtime:
                 detail = redact_paths(f"waiting {delay:.1f}s to retry (attempt {claimed['attempts']}): {exc.message}")
                 if self.store.release(job_id, self.owner, detail):
                     log.warning("job will retry", extra={"job_id": job_id, "why": exc.message, "delay_s": delay})
+                    self.metrics.job_retry(retry_reason(exc))
                     self.run_job.send_with_options(args=(job_id,), delay=int(delay * 1000))
             else:
                 reason = exc.message if not exc.transient else f"gave up after {claimed['attempts']} attempts: {exc.message}"
@@ -241,6 +250,7 @@ class Runtime:
             self._fail(job_id, f"internal error while generating ({type(exc).__name__}: {exc})"[:500], "internal_error")
         finally:
             stop.set()
+            REQUEST_ID.reset(bound)
 
     def _fail(self, job_id: str, reason: str, error_type: str) -> None:
         # reasons reach clients (status, webhook); the GPU service's messages may name its model files

@@ -14,6 +14,7 @@ one output.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
@@ -44,6 +45,12 @@ THUMBNAIL_NAME = "thumbnail.jpg"
 OUTPUTS = (VIDEO_NAME, CAPTIONS_NAME, TIMING_NAME, THUMBNAIL_NAME)
 
 Progress = Callable[[int, int, str], None]
+Observe = Callable[[str, float], None]
+"""Told each stage's duration in seconds: `tts` and `video` per chunk, `mux` and `assemble` per job."""
+
+
+def _unobserved(stage: str, seconds: float) -> None:
+    """The default Observe: nobody is counting."""
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -231,16 +238,18 @@ def run(
     body: dict,
     progress: Progress,
     store: Optional[OutputStore] = None,
+    observe: Observe = _unobserved,
 ) -> dict:
     """Generate a job's outputs in its store, resuming from finished chunks; returns its result record."""
     files = (store or storage.build(settings)).open_job(job_id)
     try:
-        return _run(gpu, settings, job_id, body, progress, files)
+        return _run(gpu, settings, job_id, body, progress, files, observe)
     finally:
         files.close()
 
 
-def _run(gpu: GPUClient, settings: Settings, job_id: str, body: dict, progress: Progress, files: JobFiles) -> dict:
+def _run(gpu: GPUClient, settings: Settings, job_id: str, body: dict, progress: Progress, files: JobFiles,
+         observe: Observe) -> dict:
     req = GenerateRequest.model_validate(body)
     chunks = chunk_text(req.text, settings.chunk_chars, settings.first_chunk_chars or None)
     total = len(chunks)
@@ -254,7 +263,9 @@ def _run(gpu: GPUClient, settings: Settings, job_id: str, body: dict, progress: 
 
     def top_up() -> None:
         while len(ahead) < SPEECH_AHEAD and (following := next(pending, None)) is not None:
-            ahead[following] = speech_pool.submit(synthesize_chunk, gpu, req, chunks[following])
+            # in this thread's context: the GPU calls made in the pool carry the job's request id
+            ahead[following] = speech_pool.submit(contextvars.copy_context().run, synthesize_chunk, gpu, req,
+                                                  chunks[following])
 
     try:
         top_up()
@@ -267,8 +278,11 @@ def _run(gpu: GPUClient, settings: Settings, job_id: str, body: dict, progress: 
             progress(index, total, f"generating chunk {index + 1} of {total}")
             speech = ahead.pop(index).result()
             top_up()
-            wav = wav_pool.submit(gpu.fetch, speech.tts.audio_url, "speech download")  # for the mux, meanwhile
+            wav = wav_pool.submit(contextvars.copy_context().run, gpu.fetch, speech.tts.audio_url,
+                                  "speech download")  # for the mux, meanwhile
             records.append(render_chunk(gpu, req, text, speech, wav, settings.fps, files, index))
+            observe("tts", records[-1]["timings_ms"]["tts"] / 1000)
+            observe("video", records[-1]["timings_ms"]["video"] / 1000)
             log.info("chunk done", extra={"job_id": job_id, "chunk": index + 1, "chunks": total})
     finally:  # a failed chunk fails the attempt: speech not yet started is not made for nothing
         speech_pool.shutdown(wait=True, cancel_futures=True)
@@ -277,7 +291,10 @@ def _run(gpu: GPUClient, settings: Settings, job_id: str, body: dict, progress: 
     for rec in records:  # chunks of an earlier attempt come from the store when they are not here
         for name in _chunk_names(rec["index"])[:2]:
             files.fetch(name)
+    assembling = time.perf_counter()
     facts = assemble(files.dir, records)
+    observe("mux", facts["timings_ms"]["mux"] / 1000)
+    observe("assemble", time.perf_counter() - assembling)
     for name in OUTPUTS:  # in the store before the job is recorded as succeeded
         files.save(name)
     # tts and video are each summed over chunks; after the first chunk they overlap in time

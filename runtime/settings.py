@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Level of the structured (JSON) logs."""
 
+    metrics_require_key: bool = False
+    """Put /metrics behind the API keys too (a Prometheus scraper then sends one); needs RUNTIME_API_KEYS."""
+
     @field_validator("runtime_api_keys", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
@@ -213,6 +216,13 @@ class Settings(BaseSettings):
     def scratch_dir(self) -> Path:
         """Local working folders of jobs whose files are kept in object storage."""
         return self.data_dir / "scratch"
+
+    @model_validator(mode="after")
+    def _metrics_key_needs_keys(self) -> "Settings":
+        """METRICS_REQUIRE_KEY without any key to require would leave /metrics open while saying it is closed."""
+        if self.metrics_require_key and not self.runtime_api_keys:
+            raise ValueError("METRICS_REQUIRE_KEY=true needs RUNTIME_API_KEYS (there is no key to require)")
+        return self
 
     @property
     def db_path(self) -> Path:

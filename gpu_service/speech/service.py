@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from avatar_contracts import PhonemeTiming, TTSRequest
 from avatar_contracts.media import decode_base64
 from gpu_service.audio import decode_audio, pcm16, wav_bytes, wav_stream_header
 from gpu_service.errors import ValidationFailed
+from gpu_service.metrics import GpuMetrics
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
 from gpu_service.speech.alignment import align
@@ -43,9 +44,10 @@ class SpeechOutcome:
 class SpeechService:
     """Turns a validated TTSRequest into audio on the right engine."""
 
-    def __init__(self, registry: EngineRegistry, settings: Settings) -> None:
+    def __init__(self, registry: EngineRegistry, settings: Settings, metrics: Optional[GpuMetrics] = None) -> None:
         self.registry = registry
         self.settings = settings
+        self.metrics = metrics if metrics is not None else GpuMetrics()
 
     def speaker_clip(self, value: str) -> tuple[np.ndarray, int]:
         """A base64 speaker clip as mono float32 audio and its rate, within the clip length bounds (blocking)."""
@@ -81,11 +83,12 @@ class SpeechService:
         """Whole-text synthesis on an engine slot; speech without timings (XTTS) is aligned to its text."""
         entry, request = await self.prepare(body)
         started = time.perf_counter()
-        result = await entry.slots.run(entry.engine.synthesize, request)
+        result = await entry.slots.run(self.metrics.timed("tts", entry.engine.synthesize), request)
         elapsed = (time.perf_counter() - started) * 1000
         if not result.phonemes:
-            result.phonemes, _ = await asyncio.to_thread(align, result.audio, result.sample_rate, request.text,
-                                                         request.language)
+            result.phonemes, _ = await asyncio.to_thread(self.metrics.timed("align", align), result.audio,
+                                                         result.sample_rate, request.text, request.language)
+        self.metrics.generated("tts")
         device = entry.engine.health().device or self.registry.device
         return SpeechOutcome(result=result, engine=entry.name, language=request.language, generation_time_ms=elapsed,
                              device=device)
@@ -101,3 +104,4 @@ class SpeechService:
                     first = False
                 else:
                     yield pcm16(chunk.audio)
+        self.metrics.generated("tts")  # the whole text was spoken (a stream cut short never gets here)

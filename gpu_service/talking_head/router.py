@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from avatar_contracts.gpu import AvatarInfo, VideoRequest, VideoResponse
 from gpu_service.errors import BadMedia
-from gpu_service.http import artifact_url, artifacts, mp4_response, registry, require_json, settings, wants_json
+from gpu_service.http import (artifact_url, artifacts, metrics, mp4_response, registry, require_json, settings,
+                              wants_json)
 from gpu_service.talking_head.service import TalkingHeadService
 
 router = APIRouter(tags=["video"])
@@ -16,7 +17,7 @@ router = APIRouter(tags=["video"])
 
 def service(request: Request) -> TalkingHeadService:
     """The talking-head service over the app's registry, settings and artifacts."""
-    return TalkingHeadService(registry(request), settings(request), artifacts(request))
+    return TalkingHeadService(registry(request), settings(request), artifacts(request), metrics(request))
 
 
 @router.post("/avatars", response_model=AvatarInfo)

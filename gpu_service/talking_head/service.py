@@ -14,6 +14,7 @@ from avatar_contracts.media import decode_base64
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.audio import decode_audio
 from gpu_service.errors import BadMedia, ValidationFailed
+from gpu_service.metrics import GpuMetrics
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
 from gpu_service.talking_head.encoding import check_image
@@ -37,10 +38,12 @@ def _ffmpeg_decode(raw: bytes, field: str) -> bytes:
 class TalkingHeadService:
     """Avatars and MP4s on the talking-head engine, through its slots."""
 
-    def __init__(self, registry: EngineRegistry, settings: Settings, artifacts: ArtifactStore) -> None:
+    def __init__(self, registry: EngineRegistry, settings: Settings, artifacts: ArtifactStore,
+                 metrics: Optional[GpuMetrics] = None) -> None:
         self.registry = registry
         self.settings = settings
         self.artifacts = artifacts
+        self.metrics = metrics if metrics is not None else GpuMetrics()
 
     def entry(self) -> EngineEntry[TalkingHeadEngine]:
         """The loaded talking-head engine, or a 4xx/503 saying why not."""
@@ -117,4 +120,9 @@ class TalkingHeadService:
         result.timing_source = source
         if source != "request":
             result.timings_ms["align"] = round(align_ms, 2)
+            self.metrics.observe("align", align_ms / 1000)
+        for stage in ("render", "encode"):
+            if stage in result.timings_ms:
+                self.metrics.observe(stage, result.timings_ms[stage] / 1000)
+        self.metrics.generated("video")
         return result

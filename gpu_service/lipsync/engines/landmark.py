@@ -205,7 +205,7 @@ class LandmarkLipSync:
             mp4, facts = self._reencode_short(job, src, n, stats)
         total = (time.perf_counter() - started) * 1000
         timings = {"drive": (t_drive - started) * 1000, "track": stats["track_ms"], "encode_face": stats["encode_ms"],
-                   "render": stats["render_ms"], "total": total}
+                   "render": stats["render_ms"], "encode": facts["encode_ms"], "total": total}
         log.info("lipsync done", extra={"frames": n, "no_face": stats["frames_without_face"], "fps": fps,
                                         "policy": job.length_policy, "ms": round(total)})
         return LipSyncResult(

@@ -144,6 +144,8 @@ class LandmarkTalkingHead:
             "drive": (t1 - t0) * 1000,
             "first_frame": (t1 - t0) * 1000 + facts["first_frame_ms"],
             "render_encode": (t2 - t1) * 1000,
+            "render": facts["frames_ms"],
+            "encode": facts["encode_ms"],
             "total": (t2 - t0) * 1000,
         }
         return VideoResult(mp4, facts["frames"], job.fps, w, h, controls.n_frames / job.fps,
