@@ -201,7 +201,8 @@ class LipSyncService:
             log.info("lipsync request", extra={"video_bytes": form.sizes["video"], "size": video.size,
                                                "fps": float(video.fps), "audio_s": round(len(audio) / rate, 3),
                                                "policy": policy, "timing_source": source})
-            result = await entry.slots.run(entry.engine.lipsync, job)
+            replica = entry.place()
+            result = await replica.slots.run(replica.engine.lipsync, job)
             result.timing_source = source
             return result, kind
         finally:
