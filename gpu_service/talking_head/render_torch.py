@@ -11,7 +11,9 @@ lip positions to a fraction of a pixel).
 
 Out of memory: a batch that does not fit is halved (the cache emptied first) and tried again,
 down to one frame; one frame that does not fit is a DeviceOutOfMemory (503). Each halving is
-counted per device in gpu_service.oom.
+counted per device in gpu_service.oom. The smaller batch is kept for the following calls (a clip
+is rendered in blocks of `batch` frames, each a call) and doubled back towards `batch` after
+RECOVER_FRAMES frames render without running out of memory.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ BLINK_L, BLINK_R = MODES.index("blink_l"), MODES.index("blink_r")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OOM_RETRY_AFTER_S = 2
 """Retry-After of the 503 when a single frame does not fit: the memory is held by other work for now."""
+RECOVER_FRAMES = 256
+"""Frames rendered without running out of memory (about 10 s of video) before a halved batch is doubled again."""
 
 
 def dtype_works(dtype: torch.dtype, device: str) -> bool:
@@ -139,11 +143,16 @@ def _sample(img: torch.Tensor, smap: torch.Tensor, prep: _Prepared, mode: str = 
 class TorchRenderer:
     """Batched renderer; the same maths as CpuRenderer, on any torch device, in float32 or half precision."""
 
-    def __init__(self, device: str = "cpu", batch: int = 16, keep: int = 8, dtype: str = "float32") -> None:
+    def __init__(self, device: str = "cpu", batch: int = 16, keep: int = 8, dtype: str = "float32",
+                 recover_frames: int = RECOVER_FRAMES) -> None:
         self.name = device
         """The device's name (cuda:1, cpu:0): what out-of-memory retries are counted under."""
         self.device = torch.device(torch_device(device))
         self.batch = batch
+        self.fits = batch
+        """The batch tried now: `batch`, or less since the device last ran out of memory."""
+        self.recover_frames = recover_frames
+        self._clean_frames = 0
         self.dtype = resolve_dtype(dtype, device)
         # bfloat16's 8-bit mantissa cannot hold a pixel position: its sampling stays float32 (see the module's docstring).
         half_sampling = self.dtype == torch.float16 and sampling_accurate(self.dtype, device)
@@ -214,12 +223,12 @@ class TorchRenderer:
     def frames(self, enc: Encoding, weights: np.ndarray, head: Optional[np.ndarray]) -> Iterator[np.ndarray]:
         """Full frames, rendered `batch` at a time on the device and handed back one by one.
 
-        A batch that runs out of device memory is halved and rendered again (the rest of the clip keeps
-        the smaller batch); a single frame that does not fit raises DeviceOutOfMemory.
+        A batch that runs out of device memory is halved and rendered again (the following batches keep
+        the smaller size, see the module's docstring); a single frame that does not fit raises DeviceOutOfMemory.
         """
-        start, batch = 0, self.batch
+        start = 0
         while start < len(weights):
-            stop = min(start + batch, len(weights))
+            stop = min(start + max(self.fits, 1), len(weights))
             block = None
             try:
                 block = self.render_block(enc, weights[start:stop], None if head is None else head[start:stop])
@@ -233,9 +242,14 @@ class TorchRenderer:
                     raise DeviceOutOfMemory(
                         f"{self.name} is out of memory for even one frame of this avatar; retry shortly",
                         headers={"Retry-After": str(OOM_RETRY_AFTER_S)})
-                batch = tried // 2
+                self.fits, self._clean_frames = tried // 2, 0
                 oom.record_retry(self.name)
-                log.warning("render batch out of memory, halved", extra={"device": self.name, "tried": tried, "batch": batch})
+                log.warning("render batch out of memory, halved", extra={"device": self.name, "tried": tried,
+                                                                         "batch": self.fits})
                 continue
+            if self.fits < self.batch:
+                self._clean_frames += stop - start
+                if self._clean_frames >= self.recover_frames:  # the pressure may have passed: try a larger batch
+                    self.fits, self._clean_frames = min(self.batch, 2 * self.fits), 0
             yield from block
             start = stop
