@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterator, Literal, Optional, Sequence, TypeVar, Union
 
+from gpu_service import oom
+from gpu_service.device import device_kind
 from gpu_service.engine import Engine, EngineHealth
 from gpu_service.errors import ConfigurationError, EngineUnavailable, NotReady, ValidationFailed
 from gpu_service.lipsync.protocol import LipSyncEngine
-from gpu_service import oom
-from gpu_service.device import device_kind
 from gpu_service.scheduler import EngineSlots, SlotTotals
 from gpu_service.settings import Settings
 from gpu_service.speech.protocol import SpeechEngine
