@@ -25,14 +25,15 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     """Build the app; engines load in the lifespan, so /ready is 503 until they are warm."""
     settings = settings or get_settings()
     setup_logging(settings.log_level)
-    device = resolve_device(settings.device)  # an impossible DEVICE fails here, before serving
+    device = resolve_device(settings.device, settings.devices)  # an impossible DEVICE(S) fails here, before serving
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        log.info("starting", extra={"device": device.name, "detail": device.detail, "port": settings.port})
+        log.info("starting", extra={"device": device.name, "devices": ",".join(device.devices), "detail": device.detail,
+                                    "placement": settings.placement, "port": settings.port})
         registry: EngineRegistry = app.state.registry
         app.state.metrics.bind()  # the engines' load and warm-up count their OOM retries in this app's metrics
-        loader = asyncio.create_task(asyncio.to_thread(registry.load_all, device.name, settings.warmup))
+        loader = asyncio.create_task(asyncio.to_thread(registry.load_all, settings.warmup))
         pruner = asyncio.create_task(_prune_forever(app.state.artifacts))
         try:
             yield
@@ -40,13 +41,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             pruner.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(loader, timeout=0.1)
-            for entry in registry.entries():
-                entry.slots.close()
+            registry.close()
 
     app = FastAPI(title="Avatar GPU service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.device = device
-    app.state.registry = EngineRegistry.from_settings(settings)
+    app.state.registry = EngineRegistry.from_settings(settings, device.devices)
     app.state.artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes, settings.artifact_ttl_s)
     metrics = app.state.metrics = GpuMetrics(app.state.registry, device.name)
 

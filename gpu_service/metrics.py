@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from avatar_contracts.metrics import STAGE_BUCKETS, http_families, new_registry
+from gpu_service import oom
 
 log = logging.getLogger("gpu_service.metrics")
 
@@ -49,22 +50,21 @@ def device_label(name: str) -> str:
 
 
 def slot_usage(engines) -> dict[str, dict[str, int]]:
-    """{device: {busy, free, waiting}} summed over the loaded engines' slots.
+    """{device: {busy, free, waiting}} summed over the loaded replicas' slots, each on its own device.
 
-    An entry that names its own `device` counts there; otherwise the registry's device. Engines that
-    are not loaded are left out: their slots can take no work (as /health's available_slots).
+    Engines and replicas that are not loaded are left out: their slots can take no work (as /health's
+    available_slots).
     """
     usage: dict[str, dict[str, int]] = {}
-    default = getattr(engines, "device", "cpu")
     for entry in engines.entries():
-        if not entry.loaded:
-            continue
-        device = device_label(getattr(entry, "device", None) or default)
-        slots = entry.slots
-        row = usage.setdefault(device, {"busy": 0, "free": 0, "waiting": 0})
-        row["busy"] += slots.busy
-        row["free"] += max(0, slots.slots - slots.busy)
-        row["waiting"] += slots.waiting
+        for replica in entry.replicas:
+            if not replica.loaded:
+                continue
+            slots = replica.slots
+            row = usage.setdefault(device_label(replica.device), {"busy": 0, "free": 0, "waiting": 0})
+            row["busy"] += slots.busy
+            row["free"] += max(0, slots.slots - slots.busy)
+            row["waiting"] += slots.waiting
     return usage
 
 
@@ -279,3 +279,6 @@ class BindMetrics:
             await self.app(scope, receive, send)
         finally:
             _CURRENT.reset(token)
+
+
+oom.RETRY_HOOKS.append(record_oom_retry)  # the renderer's batch halvings (gpu_service/oom.py) count here

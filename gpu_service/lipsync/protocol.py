@@ -44,6 +44,8 @@ class LipSyncResult:
     timings_ms: dict = field(default_factory=dict)
     timing_source: Optional[str] = None
     """Where the phoneme timings of the new speech came from (avatar_contracts.gpu.TimingSource)."""
+    device: str = ""
+    """The device that rendered it (cuda:1, cpu, ...)."""
 
 
 @runtime_checkable

@@ -39,6 +39,7 @@ async def generate_lipsync(request: Request):
                 "X-Length-Policy": result.length_policy,
                 "X-Engine": result.engine,
                 "X-Timing-Source": result.timing_source or "",
+                "X-Device": result.device,
             },
         )
     return LipSyncResponse(

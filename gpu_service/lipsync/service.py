@@ -208,7 +208,8 @@ class LipSyncService:
             log.info("lipsync request", extra={"video_bytes": form.sizes["video"], "size": video.size,
                                                "fps": float(video.fps), "audio_s": round(len(audio) / rate, 3),
                                                "policy": policy, "timing_source": source})
-            result = await entry.slots.run(self.metrics.timed("lipsync", entry.engine.lipsync), job)
+            replica = entry.place()
+            result = await replica.slots.run(self.metrics.timed("lipsync", replica.engine.lipsync), job)
             result.timing_source = source
             for stage in ("render", "encode"):
                 if stage in result.timings_ms:

@@ -67,6 +67,8 @@ class VideoResult:
     """The avatar the video shows (an uploaded avatar_image gets an id too)."""
     timing_source: Optional[str] = None
     """Where the phoneme timings that drove the mouth came from (avatar_contracts.gpu.TimingSource)."""
+    device: str = ""
+    """The device that rendered it (cuda:1, cpu, ...)."""
 
 
 @runtime_checkable
@@ -102,6 +104,9 @@ class TalkingHeadEngine(Engine, Protocol):
 
     def delete_avatar(self, avatar_id: str) -> None:
         """Forget an uploaded avatar (presets stay)."""
+
+    def is_warm(self, avatar_id: str) -> bool:
+        """Whether this engine's device holds the avatar's encoding in memory now (placement prefers such a replica)."""
 
     def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True,
                     idle_seed: Optional[int] = None) -> FrameStream:

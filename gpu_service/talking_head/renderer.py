@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from gpu_service.device import device_kind
 from gpu_service.engine import EngineHealth
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.encoding import BLINK_SKIN_SHARE, MODES, Encoding
@@ -88,26 +89,34 @@ def head_params(enc: Encoding, c: Controls, head_motion: bool) -> np.ndarray | N
 class Renderer:
     """Renders controls on encodings with the path the device calls for (torch off the CPU)."""
 
-    def __init__(self, device: str = "cpu", backend: str = "auto", batch: int = 16) -> None:
+    def __init__(self, device: str = "cpu", backend: str = "auto", batch: int = 16, dtype: str = "auto") -> None:
+        """`device` is a device name (cuda:1, cpu:0, ...); `dtype` the torch path's RENDER_DTYPE (the CPU path is 8-bit/float32)."""
         self.device = device
-        self.backend = ("cv2" if device == "cpu" else "torch") if backend == "auto" else backend
+        self.backend = ("cv2" if device_kind(device) == "cpu" else "torch") if backend == "auto" else backend
         if self.backend == "torch":
             from gpu_service.talking_head.render_torch import TorchRenderer
 
-            self._impl = TorchRenderer(device, batch=batch)
+            self._impl = TorchRenderer(device, batch=batch, dtype=dtype)
             self.block_frames = batch
+            self.precision = self._impl.precision
         elif self.backend == "cv2":
             from gpu_service.talking_head.render_cpu import CpuRenderer
 
             self._impl = CpuRenderer()
             self.block_frames = 1
+            self.precision = "float32"
         else:
             raise ValueError(f"unknown render backend {backend!r}; use auto, cv2 or torch")
-        log.info("renderer ready", extra={"device": device, "backend": self.backend})
+        log.info("renderer ready", extra={"device": device, "backend": self.backend, "precision": self.precision})
 
     def health(self) -> EngineHealth:
-        """The report of an engine whose work is this renderer: available, on its device and path."""
-        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.backend,))
+        """The report of an engine whose work is this renderer: available, on its device and path, at its precision."""
+        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.backend,),
+                            precision=self.precision)
+
+    def forget(self, enc: Encoding) -> None:
+        """Drop what was prepared for `enc` on this renderer's device (its avatar left the device's cache)."""
+        self._impl.forget(enc)
 
     def frames(self, enc: Encoding, controls: Controls, head_motion: bool = True,
                close_upper: float = 0.4) -> Iterator[np.ndarray]:

@@ -60,7 +60,7 @@ async def generate_video(body: VideoRequest, request: Request):
             result.mp4,
             result.timings_ms,
             {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": result.avatar_id,
-             "X-Timing-Source": result.timing_source or ""},
+             "X-Timing-Source": result.timing_source or "", "X-Device": result.device},
         )
     return VideoResponse(
         video_url=await artifact_url(request, result.mp4, "mp4"),

@@ -54,17 +54,17 @@ class TalkingHeadService:
         """Encode and register a portrait on an engine slot; its size and pixel count are checked from its
         header first, so a bad or oversized image never waits for a slot (nor a bomb gets decoded)."""
         check_image(raw, self.settings.talking_head.max_image_bytes, self.settings.max_image_pixels, field)
-        entry = self.entry()
-        return await entry.slots.run(entry.engine.add_avatar, raw, pick_largest, face_index)
+        replica = self.entry().place()
+        return await replica.slots.run(replica.engine.add_avatar, raw, pick_largest, face_index)
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""
         return self.entry().engine.list_avatars()
 
     async def delete_avatar(self, avatar_id: str) -> None:
-        """Forget an uploaded avatar on an engine slot."""
-        entry = self.entry()
-        await entry.slots.run(entry.engine.delete_avatar, avatar_id)
+        """Forget an uploaded avatar on an engine slot (the avatars are shared: any replica's will do)."""
+        replica = self.entry().place()
+        await replica.slots.run(replica.engine.delete_avatar, avatar_id)
 
     def decode_audio(self, raw: bytes, field: str) -> tuple[np.ndarray, int]:
         """Mono float32 audio within the length limit (MP3 through ffmpeg)."""
@@ -111,12 +111,14 @@ class TalkingHeadService:
         return entry, job
 
     async def generate(self, body: VideoRequest) -> VideoResult:
-        """Render the request's video on an engine slot; audio without phonemes is aligned first."""
+        """Render the request's video on a slot of the replica placement picks; audio without phonemes is aligned first."""
         entry, job = await self.prepare(body)
         started = time.perf_counter()
         job.phonemes, source = await asyncio.to_thread(timings_for, job.audio, job.sample_rate, job.phonemes, job.text)
         align_ms = (time.perf_counter() - started) * 1000
-        result = await entry.slots.run(entry.engine.generate, job)
+        # Placed now, right before the slot is taken: least-loaded reads the counts as they are.
+        replica = entry.place(prefer=lambda engine: engine.is_warm(job.avatar_id))
+        result = await replica.slots.run(replica.engine.generate, job)
         result.timing_source = source
         if source != "request":
             result.timings_ms["align"] = round(align_ms, 2)

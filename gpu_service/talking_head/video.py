@@ -81,6 +81,10 @@ def encode_mp4(
                 n += 1
         except BrokenPipeError:
             pass
+        except BaseException:  # the frames failed (a device out of memory): stop ffmpeg, leave no process behind
+            proc.kill()
+            proc.wait()
+            raise
         finally:
             try:
                 proc.stdin.close()

@@ -12,5 +12,5 @@ def build(name: str, settings: Settings) -> LipSyncEngine:
     if name == "landmark":
         from gpu_service.lipsync.engines.landmark import LandmarkLipSync
 
-        return LandmarkLipSync(preset=settings.mp4.x264_preset, crf=settings.mp4.crf)
+        return LandmarkLipSync(preset=settings.mp4.x264_preset, crf=settings.mp4.crf, dtype=settings.render_dtype)
     raise ConfigurationError(f"unknown lip-sync engine {name!r} in LIPSYNC_ENGINES; known: landmark")

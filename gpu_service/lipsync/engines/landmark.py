@@ -116,18 +116,19 @@ class LandmarkLipSync:
     name = "landmark"
 
     def __init__(self, *, preset: str = "veryfast", crf: int = 16, chunk_bytes: int = 64 * 1024 * 1024,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", dtype: str = "auto") -> None:
         self.x264_preset = preset
         self.crf = crf
         self.chunk_bytes = chunk_bytes
         self.backend = backend
+        self.dtype = dtype
         self.renderer: Optional[Renderer] = None
         self.device = "cpu"
 
     def load(self, device: str) -> None:
         """Pick the render path for the device."""
         self.device = device
-        self.renderer = Renderer(device, backend=self.backend)
+        self.renderer = Renderer(device, backend=self.backend, dtype=self.dtype)
         log.info("lipsync loaded", extra={"device": device, "backend": self.renderer.backend})
 
     def warmup(self) -> None:
@@ -212,6 +213,7 @@ class LandmarkLipSync:
             mp4=mp4, frames=n, frames_without_face=stats["frames_without_face"], fps=fps, width=w, height=h,
             duration_s=n / fps, source_frames=min(n, src.estimated_frames()) if job.length_policy == "trim" else src.estimated_frames(),
             length_policy=job.length_policy, engine=self.name, timings_ms={k: round(v, 2) for k, v in timings.items()},
+            device=self.device,
         )
 
     def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict) -> tuple[bytes, dict]:

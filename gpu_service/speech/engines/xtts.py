@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from avatar_contracts.text import split_bounded
+from gpu_service.device import torch_device
 from gpu_service.engine import CacheStats, EngineHealth
 from gpu_service.errors import EngineUnavailable, GenerationFailed, ValidationFailed
 from gpu_service.speech.protocol import SpeechChunk, SpeechRequest, SpeechResult
@@ -115,7 +116,7 @@ class XttsEngine:
             config.load_json(str(self.model_dir / "config.json"))
             model = Xtts(config)
             model.load_checkpoint(config, checkpoint_dir=str(self.model_dir), eval=True, use_deepspeed=False)
-            model.to(torch.device(device))
+            model.to(torch.device(torch_device(device)))
             model.eval()
         except OSError as exc:
             if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
