@@ -415,7 +415,7 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
     import http.server
 
     from runtime.errors import GPUServiceError
-    from runtime.gpu_client import GPUClient
+    from runtime.gpu_client import GPUClient, ServiceClient
     from runtime.jobs import Runtime
     from tests.helpers import free_port
 
@@ -440,7 +440,8 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    gpu = GPUClient(Settings(gpu_service_url=f"http://127.0.0.1:{server.server_port}", avatar_cache_s=0))
+    url = f"http://127.0.0.1:{server.server_port}"
+    gpu = ServiceClient(url, Settings(avatar_cache_s=0))
     try:
         from avatar_contracts.gpu import TTSRequest, VideoRequest
 
@@ -450,14 +451,18 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
         with pytest.raises(GPUServiceError) as bad:
             gpu.video(VideoRequest(avatar_id="a", audio="aGk="))
         assert not bad.value.transient and "no face found" in bad.value.message and bad.value.error_type == "bad_media"
+        assert busy.value.status == 429 and not busy.value.down  # busy, not failing: it stays in placement
         assert gpu.avatar_ids() is None  # 5xx: cannot tell, so the submit is not refused for it
+        pool = GPUClient(Settings(gpu_service_url=url, avatar_cache_s=0))
+        assert pool.avatar_ids() is None
+        pool.close()
     finally:
         server.shutdown()
         gpu.close()
-    down = GPUClient(Settings(gpu_service_url=f"http://127.0.0.1:{free_port()}"))
+    down = ServiceClient(f"http://127.0.0.1:{free_port()}", Settings())
     with pytest.raises(GPUServiceError) as refused:
         down.tts(TTSRequest(text="hi"))
-    assert refused.value.transient and "unreachable" in refused.value.message
+    assert refused.value.transient and refused.value.down and "unreachable" in refused.value.message
     rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, retry_min_backoff_s=0.5, retry_max_backoff_s=4))
     try:
         assert [rt._backoff_s(n, None) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
