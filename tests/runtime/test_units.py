@@ -184,6 +184,34 @@ def test_settings_are_bounded_and_parse_lists(monkeypatch):
     assert not missing, f"undocumented settings: {missing}"
 
 
+def test_one_gpu_service_url_or_a_list_of_them(monkeypatch):
+    from pydantic import ValidationError
+
+    assert Settings().gpu_urls == ["http://127.0.0.1:8001"]  # the embedded default: one service
+    assert Settings(gpu_service_url="http://gpu:8001/").gpu_urls == ["http://gpu:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", "http://10.0.0.5:8001, http://10.0.0.6:8001/")
+    assert Settings(gpu_service_url="http://ignored:1").gpu_urls == ["http://10.0.0.5:8001", "http://10.0.0.6:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", '["https://a.example", "http://b:8001"]')
+    assert Settings().gpu_urls == ["https://a.example", "http://b:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", "")  # as compose writes an unset variable: the one URL again
+    assert Settings().gpu_urls == ["http://127.0.0.1:8001"]
+    monkeypatch.delenv("GPU_SERVICE_URLS")
+    with pytest.raises(ValidationError, match="'ftp://a' is not an http"):
+        Settings(gpu_service_urls="http://ok:1,ftp://a")
+    with pytest.raises(ValidationError, match="listed more than once: http://a:1"):
+        Settings(gpu_service_urls="http://a:1,http://a:1/")
+
+
+def test_service_labels_and_affinity_keys():
+    from runtime.gpu_client import affinity_key, service_label
+
+    assert service_label("http://user:secret@10.0.0.5:8001/prefix") == "10.0.0.5:8001"
+    assert service_label("https://gpu.example") == "gpu.example:443" and service_label("http://[::1]:9") == "[::1]:9"
+    assert affinity_key("astronaut", None) == "id:astronaut"
+    image = affinity_key(None, "aGVsbG8=")
+    assert image.startswith("image:") and image == affinity_key(None, "aGVsbG8=") != affinity_key(None, "aGk=")
+
+
 def _documented() -> set[str]:
     """Fields with a docstring under them in settings.py (how this codebase documents settings)."""
     import ast
