@@ -103,6 +103,15 @@ class EngineInfo(BaseModel):
     queued: int = 0
 
 
+class SlotFigures(BaseModel):
+    """Slots of the loaded engines (of one capability, or of all): how many, how many run, how many wait."""
+
+    total: int
+    busy: int
+    free: int
+    queued: int
+
+
 class HealthResponse(BaseModel):
     """Body of ``GET /health``."""
 
@@ -114,6 +123,10 @@ class HealthResponse(BaseModel):
     available_slots: int
     contract_version: str = CONTRACT_VERSION
     engines: list[EngineInfo] = Field(default_factory=list)
+    slots: Optional[SlotFigures] = Field(default=None, description="Over every loaded engine.")
+    slots_by_capability: dict[str, SlotFigures] = Field(
+        default_factory=dict, description="Per capability (tts, video, lipsync): what a client placing work reads."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from avatar_contracts import HealthResponse
-from avatar_contracts.gpu import EngineInfo
+from avatar_contracts.gpu import EngineInfo, SlotFigures
 from gpu_service.registry import CAPABILITIES, AnyEntry, EngineRegistry
 
 router = APIRouter(tags=["health"])
@@ -61,6 +61,13 @@ def engine_report(entry: AnyEntry, redact: Callable[[str], str]) -> EngineReport
     )
 
 
+def slot_figures(entries: list[AnyEntry]) -> SlotFigures:
+    """Slots of these (loaded) engines: total, running, free and waiting."""
+    total = sum(e.slots.slots for e in entries)
+    busy = sum(e.slots.busy for e in entries)
+    return SlotFigures(total=total, busy=busy, free=max(0, total - busy), queued=sum(e.slots.waiting for e in entries))
+
+
 @router.get("/health", response_model=HealthReport)
 def health(request: Request) -> HealthReport:
     """Always 200 while the process runs: device, accelerators, engines and slots."""
@@ -77,6 +84,8 @@ def health(request: Request) -> HealthReport:
         available_slots=sum(e.slots.slots - e.slots.busy for e in loaded),
         engines=[engine_report(e, request.app.state.settings.redact_paths) for e in registry.entries()],
         devices=[DeviceReport(**vars(f)) for f in registry.device_figures()],
+        slots=slot_figures(loaded),
+        slots_by_capability={cap: slot_figures([e for e in loaded if e.capability == cap]) for cap in CAPABILITIES},
     )
 
 

@@ -27,7 +27,7 @@ from avatar_contracts.gpu import EMOTIONS, ErrorResponse
 from avatar_contracts.logs import setup_logging
 from avatar_contracts.media import check_image_header, decode_base64
 from avatar_contracts.metrics import HttpMetrics, scrape
-from avatar_contracts.runtime import GenerateRequest, GPUServiceStatus, JobAccepted, JobResult, RuntimeHealth, RuntimeReady
+from avatar_contracts.runtime import GenerateRequest, GPUServicePlacement, GPUServiceStatus, JobAccepted, JobResult, RuntimeHealth, RuntimeReady
 from runtime import pipeline, webhooks
 from runtime.db import TERMINAL, key_fingerprint
 from runtime.errors import (
@@ -157,7 +157,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         app.state.runtime = rt
         await asyncio.to_thread(rt.start)
         log.info("runtime started", extra={"port": settings.port, "broker": rt.broker_name,
-                                            "gpu_service_url": settings.gpu_service_url, "owner": rt.owner,
+                                            "gpu_services": ",".join(s.label for s in rt.gpu.services), "owner": rt.owner,
                                             "database": rt.store.describe(), "outputs": rt.outputs.describe()})
         pruner = asyncio.create_task(_prune_forever(rt))
         reaper = asyncio.create_task(_reap_forever(rt)) if settings.run_worker else None
@@ -348,21 +348,24 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.get("/health", response_model=RuntimeHealth, response_model_exclude_none=True)
     async def health(request: Request) -> RuntimeHealth:
         """Always 200 while the process runs. With API keys set, only the status unless the caller sends a key;
-        with one (or without keys): the broker, worker, job counts and the GPU service's URL and health."""
+        with one (or without keys): the broker, worker, job counts, the first GPU service's URL and health, and
+        every GPU service's state as chunk placement sees it."""
         rt = runtime(request)
-        answers, body = await asyncio.to_thread(rt.gpu.health)
-        status = "healthy" if answers else "degraded"
+        rows = await asyncio.to_thread(rt.gpu.report)
+        status = "healthy" if all(row["answers"] for row in rows) else "degraded"
         if keys and request.state.owner is None:
             return RuntimeHealth(status=status)
+        first = rows[0]
         return RuntimeHealth(
             status=status, broker=rt.broker_name, worker=rt.worker is not None,
             jobs=await asyncio.to_thread(rt.store.counts),
-            gpu_service=GPUServiceStatus(url=settings.gpu_service_url, reachable=answers, health=body),
+            gpu_service=GPUServiceStatus(url=settings.gpu_urls[0], reachable=first["answers"], health=first["health"]),
+            gpu_services=[GPUServicePlacement.model_validate(row) for row in rows],
         )
 
     @app.get("/ready", responses={200: {"model": RuntimeReady}, 503: {"model": RuntimeReady}})
     async def ready(request: Request):
-        """200 when the job store, broker and worker work; reports whether the GPU service is ready too."""
+        """200 when the job store, broker and worker work; reports whether the GPU services are ready too."""
         rt = runtime(request)
         problems = []
         try:
@@ -381,7 +384,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"redis: {type(exc).__name__}")
         gpu_ready = await asyncio.to_thread(rt.gpu.ready)
-        body = RuntimeReady(ready=not problems, gpu_service_ready=gpu_ready, problems=problems)
+        body = RuntimeReady(ready=not problems, gpu_service_ready=any(gpu_ready.values()),
+                            gpu_services_ready=gpu_ready, problems=problems)
         return JSONResponse(body.model_dump(), status_code=200 if not problems else 503,
                             headers={} if not problems else {"Retry-After": "1"})
 

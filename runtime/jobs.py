@@ -109,7 +109,8 @@ class Runtime:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the in-process worker (if configured) and re-enqueue unfinished jobs."""
+        """Start the GPU services' health polls, the in-process worker (if configured), and re-enqueue unfinished jobs."""
+        self.gpu.start()
         if self.settings.run_worker:
             self.worker = dramatiq.Worker(self.broker, worker_threads=self.settings.worker_threads, worker_timeout=200)
             self.worker.start()

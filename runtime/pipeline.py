@@ -5,6 +5,10 @@ video renders), a chunk's video is asked for with the speech's own audio_url (th
 the GPU service; nothing is uploaded back), and the WAV the final mux needs is downloaded while
 the video renders.
 
+Each chunk is placed on one GPU service (`GPUClient.place`: avatar affinity under bounded load);
+its speech, video and downloads all go to that service. When the service fails mid-chunk
+(unreachable, 5xx, 429) the chunk is made again at once on another one, within the same attempt.
+
 Each finished chunk is saved in the job's store (`runtime.storage`: its folder, or object storage
 that every runtime reaches), its metadata file written last, atomically, so a retried or recovered
 job resumes at the first missing chunk, on any runtime, and never generates a finished one again.
@@ -31,7 +35,7 @@ from avatar_contracts.runtime import GenerateRequest
 from runtime import media, storage
 from runtime.captions import Word, align_words, to_webvtt
 from runtime.errors import GPUServiceError
-from runtime.gpu_client import GPUClient
+from runtime.gpu_client import GPUClient, Placement, ServiceClient, affinity_key
 from runtime.settings import Settings
 from runtime.storage import JobFiles, OutputStore
 from avatar_contracts.text import chunk_text
@@ -80,7 +84,7 @@ class Speech:
     elapsed_ms: float
 
 
-def synthesize_chunk(gpu: GPUClient, req: GenerateRequest, text: str) -> Speech:
+def synthesize_chunk(gpu: ServiceClient, req: GenerateRequest, text: str) -> Speech:
     """Speech for one chunk: its audio_url and phonemes (the audio stays on the GPU service)."""
     t0 = time.perf_counter()
     speech = gpu.tts(
@@ -90,7 +94,7 @@ def synthesize_chunk(gpu: GPUClient, req: GenerateRequest, text: str) -> Speech:
 
 
 def render_chunk(
-    gpu: GPUClient, req: GenerateRequest, text: str, speech: Speech, wav: "Future[bytes]", fps: int,
+    gpu: ServiceClient, req: GenerateRequest, text: str, speech: Speech, wav: "Future[bytes]", fps: int,
     files: JobFiles, index: int,
 ) -> dict:
     """Video for one chunk's speech (by its audio_url); saves wav, mp4 and (last) the metadata json."""
@@ -133,6 +137,7 @@ def render_chunk(
         "speech_s": speech.tts.duration_s,
         "phonemes": [p.model_dump() for p in speech.tts.phonemes],
         "timings_ms": {"tts": speech.elapsed_ms, "video": (t2 - t1) * 1000},
+        "gpu_service": gpu.label,
     }
     files.put(meta_name, json.dumps(record).encode("utf-8"))
     return record
@@ -231,6 +236,32 @@ def assemble(workdir: Path, records: list[dict]) -> dict:
     }
 
 
+def make_chunk(
+    gpu: GPUClient, req: GenerateRequest, key: str, text: str, placement: Placement, speech: "Future[Speech]",
+    wav_pool: ThreadPoolExecutor, fps: int, files: JobFiles, index: int,
+) -> dict:
+    """One chunk on its placed service (speech already asked for); when that service fails, made again at once on
+    another ready one. Every placement is released; the last failure stands when no other service can take it."""
+    tried = [placement.service]
+    pending: Optional[Future[Speech]] = speech
+    try:
+        while True:
+            service = placement.service
+            try:
+                said = pending.result() if pending is not None else synthesize_chunk(service, req, text)
+                wav = wav_pool.submit(contextvars.copy_context().run, service.fetch, said.tts.audio_url,
+                                      "speech download")  # for the mux, meanwhile; with the job's request id
+                return render_chunk(service, req, text, said, wav, fps, files, index)
+            except GPUServiceError as exc:
+                moved = gpu.failover(placement, exc, key, tried, req.avatar_id)
+                if moved is None:
+                    raise
+                placement, pending = moved, None
+                tried.append(placement.service)
+    finally:
+        placement.release()
+
+
 def run(
     gpu: GPUClient,
     settings: Settings,
@@ -253,19 +284,21 @@ def _run(gpu: GPUClient, settings: Settings, job_id: str, body: dict, progress: 
     req = GenerateRequest.model_validate(body)
     chunks = chunk_text(req.text, settings.chunk_chars, settings.first_chunk_chars or None)
     total = len(chunks)
+    key = affinity_key(req.avatar_id, req.avatar_image)
     records: list[dict] = []
     resumed = 0
     pending = iter([i for i in range(total) if not files.has(_chunk_names(i)[2])])
     # one speech call at a time, up to SPEECH_AHEAD chunks ahead of the video being rendered
     speech_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tts-{job_id[:8]}")
     wav_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wav-{job_id[:8]}")
-    ahead: dict[int, Future[Speech]] = {}
+    ahead: dict[int, tuple[Placement, Future[Speech]]] = {}
 
     def top_up() -> None:
         while len(ahead) < SPEECH_AHEAD and (following := next(pending, None)) is not None:
+            placement = gpu.place(key, job_id, req.avatar_id)
             # in this thread's context: the GPU calls made in the pool carry the job's request id
-            ahead[following] = speech_pool.submit(contextvars.copy_context().run, synthesize_chunk, gpu, req,
-                                                  chunks[following])
+            ahead[following] = (placement, speech_pool.submit(
+                contextvars.copy_context().run, synthesize_chunk, placement.service, req, chunks[following]))
 
     try:
         top_up()
@@ -276,17 +309,18 @@ def _run(gpu: GPUClient, settings: Settings, job_id: str, body: dict, progress: 
                 resumed += 1
                 continue
             progress(index, total, f"generating chunk {index + 1} of {total}")
-            speech = ahead.pop(index).result()
+            placement, speech = ahead.pop(index)
             top_up()
-            wav = wav_pool.submit(contextvars.copy_context().run, gpu.fetch, speech.tts.audio_url,
-                                  "speech download")  # for the mux, meanwhile
-            records.append(render_chunk(gpu, req, text, speech, wav, settings.fps, files, index))
+            records.append(make_chunk(gpu, req, key, text, placement, speech, wav_pool, settings.fps, files, index))
             observe("tts", records[-1]["timings_ms"]["tts"] / 1000)
             observe("video", records[-1]["timings_ms"]["video"] / 1000)
-            log.info("chunk done", extra={"job_id": job_id, "chunk": index + 1, "chunks": total})
+            log.info("chunk done", extra={"job_id": job_id, "chunk": index + 1, "chunks": total,
+                                          "gpu_service": records[-1]["gpu_service"]})
     finally:  # a failed chunk fails the attempt: speech not yet started is not made for nothing
         speech_pool.shutdown(wait=True, cancel_futures=True)
         wav_pool.shutdown(wait=True, cancel_futures=True)
+        for placement, _ in ahead.values():
+            placement.release()
     progress(total, total, "joining chunks")
     for rec in records:  # chunks of an earlier attempt come from the store when they are not here
         for name in _chunk_names(rec["index"])[:2]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
@@ -25,7 +26,21 @@ class Settings(BaseSettings):
     """TCP port of the public API."""
 
     gpu_service_url: str = Field(default="http://127.0.0.1:8001", pattern=r"^https?://", max_length=2048)
-    """Base URL of the GPU service (speech, video, avatars)."""
+    """Base URL of the GPU service (speech, video, avatars), when there is one."""
+
+    gpu_service_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=64)
+    """Base URLs of several GPU services (comma-separated or a JSON list); when set, GPU_SERVICE_URL is not used.
+    Each chunk goes to one of the ready ones: see runtime/gpu_client.py."""
+
+    gpu_health_interval_s: float = Field(default=2.0, ge=0.1, le=300)
+    """How often each GPU service's /health is polled for its state and free slots."""
+
+    gpu_health_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """Timeout of one /health poll; a service that does not answer in time is marked down."""
+
+    gpu_balance_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    """Bounded load of avatar affinity: a chunk leaves its avatar's service once that service has more than
+    this many times the average number of jobs in flight."""
 
     data_dir: Path = Field(default=_REPO_ROOT / ".data" / "runtime")
     """Holds the job database (jobs.db, unless DATABASE_URL is set) and each job's work folder and outputs
@@ -164,7 +179,7 @@ class Settings(BaseSettings):
     metrics_require_key: bool = False
     """Put /metrics behind the API keys too (a Prometheus scraper then sends one); needs RUNTIME_API_KEYS."""
 
-    @field_validator("runtime_api_keys", "webhook_allowed_hosts", mode="before")
+    @field_validator("runtime_api_keys", "webhook_allowed_hosts", "gpu_service_urls", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         """Accept `A,B` as well as a JSON list."""
@@ -176,6 +191,19 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
+
+    @field_validator("gpu_service_urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        """Each an http(s) URL, none twice (a service listed twice would take twice its share)."""
+        cleaned = [url.strip().rstrip("/") for url in urls]
+        for url in cleaned:
+            if not re.match(r"^https?://[^/?#]+", url) or len(url) > 2048:
+                raise ValueError(f"{url!r} is not an http(s) base URL such as http://10.0.0.5:8001")
+        twice = sorted({url for url in cleaned if cleaned.count(url) > 1})
+        if twice:
+            raise ValueError(f"listed more than once: {', '.join(twice)}")
+        return cleaned
 
     @field_validator("redis_url", "webhook_secret", "public_url", "default_avatar_id", mode="before")
     @classmethod
@@ -223,6 +251,11 @@ class Settings(BaseSettings):
         if self.metrics_require_key and not self.runtime_api_keys:
             raise ValueError("METRICS_REQUIRE_KEY=true needs RUNTIME_API_KEYS (there is no key to require)")
         return self
+
+    @property
+    def gpu_urls(self) -> list[str]:
+        """The GPU services jobs go to: GPU_SERVICE_URLS, or the one GPU_SERVICE_URL."""
+        return self.gpu_service_urls or [self.gpu_service_url.rstrip("/")]
 
     @property
     def db_path(self) -> Path:

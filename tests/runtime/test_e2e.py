@@ -126,7 +126,7 @@ def test_chunks_pass_their_speech_by_audio_url_and_speech_runs_ahead_of_video(gp
         call = next(c for c in reversed(calls) if c["path"] == response.request.url.path and c["end"] is None)
         call["end"] = time.perf_counter()
 
-    client._http.event_hooks = {"request": [sent], "response": [answered]}
+    client.primary._http.event_hooks = {"request": [sent], "response": [answered]}
     try:
         result = pipeline.run(client, settings, uuid.uuid4().hex, {"text": LONG, **avatar}, lambda *_: None)
     finally:

@@ -184,6 +184,34 @@ def test_settings_are_bounded_and_parse_lists(monkeypatch):
     assert not missing, f"undocumented settings: {missing}"
 
 
+def test_one_gpu_service_url_or_a_list_of_them(monkeypatch):
+    from pydantic import ValidationError
+
+    assert Settings().gpu_urls == ["http://127.0.0.1:8001"]  # the embedded default: one service
+    assert Settings(gpu_service_url="http://gpu:8001/").gpu_urls == ["http://gpu:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", "http://10.0.0.5:8001, http://10.0.0.6:8001/")
+    assert Settings(gpu_service_url="http://ignored:1").gpu_urls == ["http://10.0.0.5:8001", "http://10.0.0.6:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", '["https://a.example", "http://b:8001"]')
+    assert Settings().gpu_urls == ["https://a.example", "http://b:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", "")  # as compose writes an unset variable: the one URL again
+    assert Settings().gpu_urls == ["http://127.0.0.1:8001"]
+    monkeypatch.delenv("GPU_SERVICE_URLS")
+    with pytest.raises(ValidationError, match="'ftp://a' is not an http"):
+        Settings(gpu_service_urls="http://ok:1,ftp://a")
+    with pytest.raises(ValidationError, match="listed more than once: http://a:1"):
+        Settings(gpu_service_urls="http://a:1,http://a:1/")
+
+
+def test_service_labels_and_affinity_keys():
+    from runtime.gpu_client import affinity_key, service_label
+
+    assert service_label("http://user:secret@10.0.0.5:8001/prefix") == "10.0.0.5:8001"
+    assert service_label("https://gpu.example") == "gpu.example:443" and service_label("http://[::1]:9") == "[::1]:9"
+    assert affinity_key("astronaut", None) == "id:astronaut"
+    image = affinity_key(None, "aGVsbG8=")
+    assert image.startswith("image:") and image == affinity_key(None, "aGVsbG8=") != affinity_key(None, "aGk=")
+
+
 def _documented() -> set[str]:
     """Fields with a docstring under them in settings.py (how this codebase documents settings)."""
     import ast
@@ -415,7 +443,7 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
     import http.server
 
     from runtime.errors import GPUServiceError
-    from runtime.gpu_client import GPUClient
+    from runtime.gpu_client import GPUClient, ServiceClient
     from runtime.jobs import Runtime
     from tests.helpers import free_port
 
@@ -440,7 +468,8 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    gpu = GPUClient(Settings(gpu_service_url=f"http://127.0.0.1:{server.server_port}", avatar_cache_s=0))
+    url = f"http://127.0.0.1:{server.server_port}"
+    gpu = ServiceClient(url, Settings(avatar_cache_s=0))
     try:
         from avatar_contracts.gpu import TTSRequest, VideoRequest
 
@@ -450,14 +479,18 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
         with pytest.raises(GPUServiceError) as bad:
             gpu.video(VideoRequest(avatar_id="a", audio="aGk="))
         assert not bad.value.transient and "no face found" in bad.value.message and bad.value.error_type == "bad_media"
+        assert busy.value.status == 429 and not busy.value.down  # busy, not failing: it stays in placement
         assert gpu.avatar_ids() is None  # 5xx: cannot tell, so the submit is not refused for it
+        pool = GPUClient(Settings(gpu_service_url=url, avatar_cache_s=0))
+        assert pool.avatar_ids() is None
+        pool.close()
     finally:
         server.shutdown()
         gpu.close()
-    down = GPUClient(Settings(gpu_service_url=f"http://127.0.0.1:{free_port()}"))
+    down = ServiceClient(f"http://127.0.0.1:{free_port()}", Settings())
     with pytest.raises(GPUServiceError) as refused:
         down.tts(TTSRequest(text="hi"))
-    assert refused.value.transient and "unreachable" in refused.value.message
+    assert refused.value.transient and refused.value.down and "unreachable" in refused.value.message
     rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, retry_min_backoff_s=0.5, retry_max_backoff_s=4))
     try:
         assert [rt._backoff_s(n, None) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
