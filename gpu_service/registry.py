@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Generic, Iterator, Literal, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Generic, Iterator, Literal, Optional, TypeVar, Union
 
 from gpu_service.engine import Engine, EngineHealth
 from gpu_service.errors import ConfigurationError, EngineUnavailable, NotReady, ValidationFailed
@@ -14,6 +14,9 @@ from gpu_service.scheduler import EngineSlots
 from gpu_service.settings import Settings
 from gpu_service.speech.protocol import SpeechEngine
 from gpu_service.talking_head.protocol import TalkingHeadEngine
+
+if TYPE_CHECKING:
+    from gpu_service.models.store import WeightsGuard
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +40,20 @@ class EngineEntry(Generic[E]):
     """Loading has finished, well or not."""
     reason: Optional[str] = None
     load_ms: float = 0.0
+    weights: Optional["WeightsGuard"] = None
+    """Checks the engine's weight files against its manifest before it reads them (MODEL_VERIFY)."""
 
     def load(self, device: str, warmup: bool) -> None:
         """Load then warm the engine; one that cannot load is recorded unavailable, never raised."""
         started = time.perf_counter()
         try:
+            snapshot = self.weights.before_load() if self.weights is not None else None
             self.engine.load(device)
+            if self.weights is not None and snapshot is not None:
+                try:
+                    self.weights.after_load(snapshot)
+                except OSError as exc:  # the engine loaded; only the record of a rewritten file is lost
+                    log.warning("could not record rewritten model files", extra={"engine": self.name, "why": str(exc)})
             if warmup:
                 self.engine.warmup()
             self.loaded = True
@@ -84,6 +95,27 @@ class Readiness:
     loading: bool = False
 
 
+def _weights_guards(settings: Settings):
+    """(capability, engine) -> the WeightsGuard of an engine that has a manifest, when MODEL_VERIFY is on."""
+    if settings.model_verify == "off":
+        return lambda cap, name: None
+    from gpu_service.models.manifest import ManifestError
+    from gpu_service.models.store import ModelStore, WeightsGuard
+
+    try:
+        store = ModelStore.from_settings(settings)
+    except ManifestError as exc:
+        raise ConfigurationError(f"MODEL_MANIFESTS_DIR: {exc}") from None
+
+    def guard(cap: Capability, name: str) -> Optional[WeightsGuard]:
+        manifest = store.manifests.get(name)
+        if manifest is None or manifest.capability != cap:
+            return None
+        return WeightsGuard(store, name, settings.model_verify)  # type: ignore[arg-type]
+
+    return guard
+
+
 def _pick(entries: dict[str, EngineEntry[E]], cap: Capability, name: Optional[str]) -> EngineEntry[E]:
     """The loaded engine `name` (default: the first configured) of one capability, or a 4xx/503 saying why not."""
     name = name or next(iter(entries), None)
@@ -122,12 +154,14 @@ class EngineRegistry:
         def slots(cap: Capability, name: str) -> EngineSlots:
             return EngineSlots(f"{cap}:{name}", settings.engine_slots, settings.engine_queue)
 
+        guard = _weights_guards(settings)
         return cls(
-            speech={n: EngineEntry(n, "tts", build_speech(n, settings), slots("tts", n)) for n in settings.tts_engines},
-            talking_head={n: EngineEntry(n, "video", build_talking_head(n, settings), slots("video", n))
-                          for n in settings.video_engines},
-            lipsync={n: EngineEntry(n, "lipsync", build_lipsync(n, settings), slots("lipsync", n))
-                     for n in settings.lipsync_engines},
+            speech={n: EngineEntry(n, "tts", build_speech(n, settings), slots("tts", n), weights=guard("tts", n))
+                    for n in settings.tts_engines},
+            talking_head={n: EngineEntry(n, "video", build_talking_head(n, settings), slots("video", n),
+                                         weights=guard("video", n)) for n in settings.video_engines},
+            lipsync={n: EngineEntry(n, "lipsync", build_lipsync(n, settings), slots("lipsync", n),
+                                    weights=guard("lipsync", n)) for n in settings.lipsync_engines},
             default_speech=settings.default_tts_engine,
         )
 
