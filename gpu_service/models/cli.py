@@ -14,7 +14,7 @@ from typing import Optional
 from pydantic import ValidationError
 
 from gpu_service.models.manifest import ManifestError
-from gpu_service.models.store import FetchError, FileCheck, ModelStore, human_size
+from gpu_service.models.store import FetchError, FileCheck, LicenseNotAccepted, ModelStore, human_size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,15 +103,15 @@ def main(argv: list[str]) -> int:
                 print(f"{engine}: {len(bad)} file(s) failed; run `python -m gpu_service models fetch {engine}`",
                       file=sys.stderr)
         else:
-            if not (args.accept_license or store.license_accepted(engine)) and not args.engine:
-                pending = [c for c in store.verify(engine, "sha256", trust_record=True) if c.state not in ("ok", "unverified")]
-                if pending:
-                    lic = manifest.license
-                    print(f"{engine}: skipped: its weights come under the {lic.name} ({lic.url}); set "  # type: ignore[union-attr]
-                          f"{lic.accept_env}=1 to accept it and fetch them", file=sys.stderr)  # type: ignore[union-attr]
-                    continue
             try:
                 store.fetch(engine, progress=args.progress, retries=max(0, args.retries), accept_license=args.accept_license)
+            except LicenseNotAccepted as exc:
+                if args.engine:
+                    print(f"gpu_service models: {exc}", file=sys.stderr)
+                    failed = True
+                else:  # a configured engine whose licence nobody accepted: the service runs without it
+                    print(f"{engine}: skipped; {exc}", file=sys.stderr)
+                continue
             except FetchError as exc:
                 print(f"gpu_service models: {exc}", file=sys.stderr)
                 failed = True

@@ -9,6 +9,7 @@ refuses a corrupt set with a message saying what to run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -92,6 +93,10 @@ class FileCheck:
 
 class FetchError(RuntimeError):
     """A file could not be fetched; the message names the file and why."""
+
+
+class LicenseNotAccepted(FetchError):
+    """Files must be downloaded, but the licence they come under has not been accepted."""
 
 
 class _Interrupted(Exception):
@@ -202,12 +207,13 @@ class ModelStore:
                 size, sha, rec = self.expected(engine, f)
                 path = self.engine_dir(engine) / f.name
                 if rec is not None and rec.unchanged(path) and sha is not None and rec.sha256 == sha:
-                    check = FileCheck(**{**check.__dict__, "state": "ok", "detail": "sha256 checked when recorded"})
+                    check = dataclasses.replace(check, state="ok", detail="sha256 checked when recorded")
                 elif sha is None:
-                    check = FileCheck(**{**check.__dict__, "state": "unverified", "detail": "no published sha256"
-                                         + ("; untouched since fetched" if rec is not None and rec.unchanged(path) else "")})
+                    untouched = rec is not None and rec.unchanged(path)
+                    check = dataclasses.replace(check, state="unverified", detail="no published sha256"
+                                                + ("; untouched since fetched" if untouched else ""))
                 else:
-                    check = FileCheck(**{**check.__dict__, "detail": "size matches; sha256 not checked (run verify)"})
+                    check = dataclasses.replace(check, detail="size matches; sha256 not checked (run verify)")
             out.append(check)
         return out
 
@@ -258,8 +264,8 @@ class ModelStore:
         if not (accept_license or self.license_accepted(engine)):
             lic = manifest.license
             assert lic is not None
-            raise FetchError(f"{engine}: its weights come under the {lic.name} ({lic.url}); set {lic.accept_env}=1 "
-                             f"(or pass --accept-license) to accept it and fetch them")
+            raise LicenseNotAccepted(f"{engine}: its weights come under the {lic.name} ({lic.url}); set "
+                                     f"{lic.accept_env}=1 (or pass --accept-license) to accept it and fetch them")
         missing_url = [f.name for f in todo if not f.url]
         if missing_url:
             raise FetchError(f"{engine}: the manifest gives no URL for {', '.join(missing_url)}")

@@ -143,7 +143,8 @@ def store(tmp_path, server) -> ModelStore:
 def _fetch(store: ModelStore, engine: str = "demo", **kw):
     lines: list[str] = []
     kw.setdefault("retry_wait_s", 0.0)
-    result = store.fetch(engine, progress=False, say=lines.append, **kw)
+    kw.setdefault("progress", False)
+    result = store.fetch(engine, say=lines.append, **kw)
     return result, lines
 
 
@@ -494,3 +495,24 @@ def test_a_release_checkpoint_rewritten_by_coqui_still_verifies_on_the_next_star
     _, lines = _fetch(store, "xtts")
     assert any("model.pth already present (ok)" in line for line in lines)
     assert len(server.gets("/x/model.pth")) == 1, "the rewritten file is not fetched again"
+
+
+def test_the_progress_bar_goes_to_stderr(store, capsys):
+    _fetch(store, progress=True)
+    captured = capsys.readouterr()
+    assert "model.bin:" in captured.err and "/3.00M" in captured.err and captured.out == ""
+
+
+def test_a_configured_engine_under_an_unaccepted_licence_is_skipped_not_failed(tmp_path, server, monkeypatch, capsys):
+    _write_manifest(tmp_path / "manifests", server.url, license_env="TEST_MODEL_TOS")
+    monkeypatch.delenv("TEST_MODEL_TOS", raising=False)
+    monkeypatch.setenv("AVATAR_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("MODEL_MANIFESTS_DIR", str(tmp_path / "manifests"))
+    # "demo" stands for a configured engine (no real engine has that name to put in TTS_ENGINES)
+    monkeypatch.setattr(cli, "_configured", lambda settings: {"piper", "demo"})
+    assert cli.main(["fetch", "--no-progress"]) == 0
+    assert "demo: skipped; demo: its weights come under the Test Model License" in capsys.readouterr().err
+    assert cli.main(["fetch", "demo", "--no-progress"]) == 1, "asked for by name, it is an error"
+    assert server.requests == []
+    assert cli.main(["fetch", "demo", "--no-progress", "--accept-license"]) == 0
+    assert len(server.requests) == 3
