@@ -119,7 +119,10 @@ def parse_manifest(data: Any, path: Path) -> EngineManifest:
         url = _field(item, "url", str, at)
         if url is not None and not re.match(r"^https?://", url):
             raise ManifestError(f"{at}: 'url' must be http(s), got {url!r}")
-        files.append(ModelFile(name, size, sha, url, bool(item.get("optional", False)), str(item.get("purpose", ""))))
+        optional = item.get("optional", False)
+        if not isinstance(optional, bool):
+            raise ManifestError(f"{at}: 'optional' must be true or false, got {optional!r}")
+        files.append(ModelFile(name, size, sha, url, optional, str(item.get("purpose", ""))))
     if len({f.name for f in files}) != len(files):
         raise ManifestError(f"{where}: a file name appears twice")
     lic = data.get("license")
@@ -132,8 +135,11 @@ def parse_manifest(data: Any, path: Path) -> EngineManifest:
     subdir = _field(data, "dir", str, where)
     if not _NAME.match(subdir):
         raise ManifestError(f"{where}: 'dir' {subdir!r} must be a plain directory name")
+    capability = _field(data, "capability", str, where)
+    if capability not in ("tts", "video", "lipsync"):
+        raise ManifestError(f"{where}: 'capability' must be tts, video or lipsync, got {capability!r}")
     return EngineManifest(
-        engine=engine, capability=_field(data, "capability", str, where), title=_field(data, "title", str, where),
+        engine=engine, capability=capability, title=_field(data, "title", str, where),
         dir=subdir, files=tuple(files), dir_setting=_field(data, "dir_setting", str, where, required=False),
         license=license_, source=_field(data, "source", str, where, required=False) or "", path=path,
     )

@@ -389,6 +389,7 @@ def test_the_shipped_xtts_manifest_describes_the_release():
     ({"url": "file:///etc/passwd"}, "'url' must be http(s)"),
     ({"size": "12"}, "'size' must be int"),
     ({"sizes": 12}, "unknown keys ['sizes']"),
+    ({"optional": "false"}, "'optional' must be true or false"),
 ])
 def test_a_malformed_manifest_names_the_field(tmp_path, change, message):
     entry = {"name": "a.bin", "size": 1, "sha256": None, "url": "https://example.invalid/a.bin", **change}
