@@ -33,16 +33,18 @@ OVERLAYS = ("latency", "batch", "external-datastores")
 K8S_VERSIONS = ("1.30", "1.32")
 DASHBOARD = REPO / "deploy" / "grafana" / "avatar-stack.json"
 
-# The metric families the services export (name -> kind, labels), fixed for the scale-out work.
+# The metric families the services export (name -> kind, labels): runtime/metrics.py,
+# gpu_service/metrics.py and avatar_contracts/metrics.py (checked against their registries below).
 METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "avatar_runtime_http_requests_total": ("counter", frozenset({"method", "route", "status"})),
-    "avatar_runtime_http_request_duration_seconds": ("histogram", frozenset()),
+    "avatar_runtime_http_request_duration_seconds": ("histogram", frozenset({"method", "route"})),
     "avatar_runtime_stage_duration_seconds": ("histogram", frozenset({"stage"})),
     "avatar_runtime_jobs": ("gauge", frozenset({"state"})),
     "avatar_runtime_queue_depth": ("gauge", frozenset()),
     "avatar_runtime_job_retries_total": ("counter", frozenset({"reason"})),
-    "avatar_gpu_http_requests_total": ("counter", frozenset()),
-    "avatar_gpu_http_request_duration_seconds": ("histogram", frozenset()),
+    "avatar_runtime_gpu_calls_total": ("counter", frozenset({"endpoint", "outcome"})),
+    "avatar_gpu_http_requests_total": ("counter", frozenset({"method", "route", "status"})),
+    "avatar_gpu_http_request_duration_seconds": ("histogram", frozenset({"method", "route"})),
     "avatar_gpu_stage_duration_seconds": ("histogram", frozenset({"stage"})),
     "avatar_gpu_slots": ("gauge", frozenset({"device", "state"})),
     "avatar_gpu_queue_depth": ("gauge", frozenset()),
@@ -50,15 +52,16 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "avatar_gpu_oom_retries_total": ("counter", frozenset({"device"})),
     "avatar_gpu_chunks_generated_total": ("counter", frozenset({"kind"})),
     "avatar_gpu_memory_used_bytes": ("gauge", frozenset({"device"})),
+    "avatar_gpu_memory_total_bytes": ("gauge", frozenset({"device"})),
     "avatar_gpu_utilization_ratio": ("gauge", frozenset({"device"})),
 }
 TARGET_LABELS = frozenset({"instance", "job", "pod", "namespace"})
 """Labels Prometheus adds to every scraped series."""
 
-# Runtime settings the scale-out branches add (job record on PostgreSQL, several GPU services, object
-# storage); until runtime/settings.py reads them they are allowed here by name, and nothing else is.
-PENDING_RUNTIME_SETTINGS = frozenset({"DATABASE_URL", "GPU_SERVICE_URLS", "OUTPUT_STORE", "S3_BUCKET", "S3_ENDPOINT_URL"})
-LIBRARY_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"})
+# Runtime settings another scale-out branch adds (several GPU services); until runtime/settings.py reads
+# them they are allowed here by name, and nothing else is.
+PENDING_RUNTIME_SETTINGS = frozenset({"GPU_SERVICE_URLS"})
+LIBRARY_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
 """Read by boto3 from the environment, not by the runtime's settings."""
 
 # KEDA trigger metadata keys, per scaler, from KEDA's scaler documentation (the CRD leaves `metadata` a
@@ -526,6 +529,34 @@ def test_the_promql_check_can_fail():
                      ("rate(avatar_gpu_stage_duration_seconds[5m])", "is a histogram"), ("vector(1)", "no avatar_ metric")]:
         with pytest.raises(AssertionError, match=why):
             _check_promql(bad)
+
+
+REGISTERED_WITH_ENGINES_OR_NVML = frozenset({"avatar_gpu_slots", "avatar_gpu_queue_depth", "avatar_gpu_memory_used_bytes",
+                                             "avatar_gpu_memory_total_bytes", "avatar_gpu_utilization_ratio"})
+"""GPU families whose collectors exist only with loaded engines (slots) or NVML (memory, utilisation)."""
+
+
+def test_the_metric_list_is_what_the_services_register():
+    from gpu_service.metrics import GpuMetrics
+    from runtime.metrics import RuntimeMetrics
+
+    kinds = {"Counter": "counter", "Histogram": "histogram", "Gauge": "gauge"}
+    for registry, prefix in ((RuntimeMetrics().registry, "avatar_runtime_"), (GpuMetrics().registry, "avatar_gpu_")):
+        collectors = registry._names_to_collectors  # family name -> its collector (prometheus_client's index)
+        for name in (n for n in METRICS if n.startswith(prefix)):
+            if name in REGISTERED_WITH_ENGINES_OR_NVML:
+                source = (REPO / "gpu_service" / "metrics.py").read_text()
+                assert f'f"{{PREFIX}}_{name.removeprefix(prefix)}"' in source, f"{name} is not made by gpu_service/metrics.py"
+                continue
+            assert name in collectors, f"{name} is not registered by the service"
+            collector = collectors[name]
+            if type(collector).__name__ in kinds:  # the custom collectors (slots, jobs, NVML) carry no label list
+                assert kinds[type(collector).__name__] == METRICS[name][0], name
+                assert frozenset(collector._labelnames) == METRICS[name][1], name
+        families = {n for n, c in collectors.items() if n.startswith(prefix) and type(c).__name__ in kinds
+                    and not n.endswith(("_created", "_bucket", "_sum", "_count"))}
+        unlisted = {n for n in families if n not in METRICS and f"{n}_total" not in METRICS}
+        assert not unlisted, f"families the dashboard and these checks do not know: {sorted(unlisted)}"
 
 
 def _dashboard_exprs(node: object) -> list[str]:

@@ -86,11 +86,6 @@ def test_runtime_extra_carries_the_broker_dependencies():
 
 
 # -- the `scale` profile: API + two workers on PostgreSQL and Redis ----------------------------------
-# Settings the scale-out branches add to the runtime (the job record on PostgreSQL); allowed by name
-# until runtime/settings.py reads them.
-PENDING_SETTINGS = {"database_url"}
-
-
 def _scale(compose: dict) -> dict[str, dict]:
     return {name: svc for name, svc in compose["services"].items() if "scale" in svc.get("profiles", [])}
 
@@ -116,7 +111,7 @@ def test_scale_services_share_the_record_queue_and_outputs(compose):
     scale = _scale(compose)
     default_env = compose["services"]["runtime"]["environment"]
     pg = scale["postgres"]["environment"]
-    fields = set(Settings.model_fields) | PENDING_SETTINGS
+    fields = set(Settings.model_fields)
     for name in ("runtime-api", "runtime-worker"):
         svc = scale[name]
         env = svc["environment"]
