@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterator, Literal, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Generic, Iterator, Literal, Optional, Sequence, TypeVar, Union
 
 from gpu_service import oom
 from gpu_service.device import device_kind
@@ -17,6 +17,9 @@ from gpu_service.scheduler import EngineSlots, SlotTotals
 from gpu_service.settings import Settings
 from gpu_service.speech.protocol import SpeechEngine
 from gpu_service.talking_head.protocol import TalkingHeadEngine
+
+if TYPE_CHECKING:
+    from gpu_service.models.store import WeightsGuard
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,21 @@ class Replica(Generic[E]):
     load_ms: float = 0.0
     placed: int = 0
     """Calls placed on this replica so far."""
+    weights: Optional["WeightsGuard"] = None
+    """Checks the engine's weight files against its manifest before it reads them (MODEL_VERIFY)."""
 
     def load(self, name: str, capability: Capability, warmup: bool) -> None:
         """Load then warm the engine on its device; one that cannot load is recorded unavailable, never raised."""
         where = {"engine": name, "capability": capability, "device": self.device}
         started = time.perf_counter()
         try:
+            snapshot = self.weights.before_load() if self.weights is not None else None
             self.engine.load(self.device)
+            if self.weights is not None and snapshot is not None:
+                try:
+                    self.weights.after_load(snapshot)
+                except OSError as exc:  # the engine loaded; only the record of a rewritten file is lost
+                    log.warning("could not record rewritten model files", extra={**where, "why": str(exc)})
             if warmup:
                 self.engine.warmup()
             self.loaded = True
@@ -206,6 +217,27 @@ class Readiness:
     loading: bool = False
 
 
+def _weights_guards(settings: Settings):
+    """(capability, engine) -> the WeightsGuard of an engine that has a manifest, when MODEL_VERIFY is on."""
+    if settings.model_verify == "off":
+        return lambda cap, name: None
+    from gpu_service.models.manifest import ManifestError
+    from gpu_service.models.store import ModelStore, WeightsGuard
+
+    try:
+        store = ModelStore.from_settings(settings)
+    except ManifestError as exc:
+        raise ConfigurationError(f"MODEL_MANIFESTS_DIR: {exc}") from None
+
+    def guard(cap: Capability, name: str) -> Optional[WeightsGuard]:
+        manifest = store.manifests.get(name)
+        if manifest is None or manifest.capability != cap:
+            return None
+        return WeightsGuard(store, name, settings.model_verify)  # type: ignore[arg-type]
+
+    return guard
+
+
 def _pick(entries: dict[str, EngineEntry[E]], cap: Capability, name: Optional[str]) -> EngineEntry[E]:
     """The loaded engine `name` (default: the first configured) of one capability, or a 4xx/503 saying why not."""
     name = name or next(iter(entries), None)
@@ -263,8 +295,11 @@ class EngineRegistry:
             for device in copies:
                 replicate = getattr(first, "replicate", None)
                 made.add_replica(device, replicate() if replicate else build(name, settings), slots(device))
+            for replica in made.replicas:  # the same files on every device: each load checks them first
+                replica.weights = guard(cap, name)
             return made
 
+        guard = _weights_guards(settings)
         return cls(
             speech={n: entry("tts", n, build_speech) for n in settings.tts_engines},
             talking_head={n: entry("video", n, build_talking_head) for n in settings.video_engines},

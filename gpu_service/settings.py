@@ -190,7 +190,15 @@ class Settings(BaseSettings):
     stay float32 whatever is chosen."""
 
     avatar_model_dir: Path = Field(default=_REPO_ROOT / "models")
-    """Directory holding optional model weights (e.g. `xtts_v2/`). Nothing is downloaded into it."""
+    """Directory holding optional model weights (e.g. `xtts_v2/`) and their record (`manifest.json`).
+    Filled by `python -m gpu_service models fetch`; the service itself never downloads into it."""
+
+    model_verify: Literal["off", "size", "sha256"] = "size"
+    """Check an engine's weight files against its manifest before loading them: sizes (fast), sizes and
+    sha256 (reads every byte), or off (weights of your own). A file that fails is not loaded."""
+
+    model_manifests_dir: Path = Field(default=_REPO_ROOT / "gpu_service" / "models" / "manifests")
+    """Where the engines' weight manifests (`<engine>.json`: name, size, sha256, url of each file) are read from."""
 
     preset_avatars_dir: Path = Field(default=_REPO_ROOT / "preset_avatars")
     """Each subfolder is one preset avatar; its id is the folder name."""

@@ -1,8 +1,9 @@
 """XTTS-v2 speech engine (coqui-tts): voice cloning from a clip, built-in speakers, real streaming.
 
-The weights are never downloaded: they are read from AVATAR_MODEL_DIR/xtts_v2 and loaded with
-coqui-tts's own XttsConfig and Xtts classes, so a tiny test model and the released model take
-the same path.
+The engine never downloads: the weights are read from AVATAR_MODEL_DIR/xtts_v2 (put there by hand or
+by `python -m gpu_service models fetch xtts`, and checked against gpu_service/models/manifests/xtts.json
+before this engine reads them) and loaded with coqui-tts's own XttsConfig and Xtts classes, so a tiny
+test model and the released model take the same path.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class XttsEngine:
             raise self._unavailable(
                 f"XTTS-v2 weights not found ({', '.join(missing)} missing): put the XTTS-v2 files in {label}/ "
                 "(config.json, model.pth, vocab.json) from the XTTS-v2 release (coqui/XTTS-v2, Coqui Public Model "
-                f"License, CPML), optionally with {SPEAKERS_FILE} for built-in voices, then restart the service. "
-                "Nothing is downloaded automatically."
+                f"License, CPML), optionally with {SPEAKERS_FILE} for built-in voices, then restart the service; "
+                "`python -m gpu_service models fetch xtts` downloads and verifies them. Nothing is downloaded automatically."
             )
         try:
             import torch
