@@ -37,7 +37,12 @@ def _worker_only(settings: Settings) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    # API processes may run without workers (RUN_WORKER=false): the workers re-send stalled jobs themselves
+    while not done.wait(settings.job_lease_s):
+        try:
+            rt.reap()
+        except Exception:  # noqa: BLE001 - the sweep must survive a locked or briefly missing DB
+            logging.getLogger("runtime").exception("reaper sweep failed")
     rt.stop()
     if server is not None:
         server.shutdown()

@@ -58,9 +58,6 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
 TARGET_LABELS = frozenset({"instance", "job", "pod", "namespace"})
 """Labels Prometheus adds to every scraped series."""
 
-# Runtime settings another scale-out branch adds (several GPU services); until runtime/settings.py reads
-# them they are allowed here by name, and nothing else is.
-PENDING_RUNTIME_SETTINGS = frozenset({"GPU_SERVICE_URLS"})
 LIBRARY_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
 """Read by boto3 from the environment, not by the runtime's settings."""
 
@@ -392,7 +389,7 @@ def test_every_setting_given_is_one_the_service_reads_and_accepts(overlay, monke
         for container in pod.get("initContainers", []) + pod["containers"]:
             image = container["image"]
             if image.startswith("avatar-runtime"):
-                settings_cls, allowed = RuntimeSettings, PENDING_RUNTIME_SETTINGS | LIBRARY_ENV
+                settings_cls, allowed = RuntimeSettings, LIBRARY_ENV
             elif image.startswith("avatar-gpu-service"):
                 settings_cls, allowed = GpuSettings, accept_envs
             else:
