@@ -100,7 +100,7 @@ def validate_request(req: GenerateRequest, settings: Settings) -> GenerateReques
         check_image_header(raw, settings.max_image_pixels, "avatar_image")
     if req.avatar_image is None and (req.background is not None or req.face_index is not None):
         given = " and ".join(n for n in ("background", "face_index") if getattr(req, n) is not None)
-        raise ValidationFailed(f"{given} apply to avatar_image; an avatar_id names a portrait already encoded")
+        raise ValidationFailed(f"{given} {'apply' if ' and ' in given else 'applies'} to avatar_image; an avatar_id names a portrait already encoded")
     if req.background is not None:  # a colour, or an image checked from its header (the GPU service decodes it)
         parse_background(req.background, settings.max_image_bytes, settings.max_image_pixels)
     if req.speaker_wav is not None:

@@ -108,7 +108,7 @@ class TalkingHeadService:
             raise ValidationFailed("send exactly one of audio or audio_url")
         if body.avatar_id is not None and (body.background is not None or body.face_index is not None):
             given = " and ".join(n for n in ("background", "face_index") if getattr(body, n) is not None)
-            raise ValidationFailed(f"{given} apply to avatar_image; an avatar_id names a portrait already encoded "
+            raise ValidationFailed(f"{given} {'apply' if ' and ' in given else 'applies'} to avatar_image; an avatar_id names a portrait already encoded "
                                    f"(upload it again to POST /avatars with them)")
         # Base64 and audio decoding, and reading an artifact, run in threads: a large upload must not stall the loop.
         if body.avatar_id is not None:
