@@ -126,8 +126,9 @@ def detect_faces(image_rgb: np.ndarray, max_faces: int = 8) -> list[np.ndarray]:
 
     The mesh's detector sees the image shrunk to 128 px, so it misses faces that are small in
     the frame: when none is found, a wide (or tall) image is searched in square windows (two
-    portraits side by side are found so), a large one in a grid of smaller tiles (a face a tenth
-    of the frame), then the image is tried upscaled (the cameraman of skimage is found at 2x).
+    portraits side by side are found so), then the image is tried upscaled (the cameraman of
+    skimage is found at 2x), then a large one is searched in a grid of smaller tiles (a face a
+    tenth of the frame's side, which upscaling does not help: the detector still sees it small).
     """
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
         raise BadMedia("the image must be RGB")
@@ -137,10 +138,6 @@ def detect_faces(image_rgb: np.ndarray, max_faces: int = 8) -> list[np.ndarray]:
         faces = _in_windows(image_rgb, max_faces)
         if faces:
             log.info("faces found in windows", extra={"faces": len(faces)})
-    if not faces and min(h, w) >= 2 * TILE_MIN:
-        faces = _in_tiles(image_rgb, max_faces)
-        if faces:
-            log.info("faces found in tiles", extra={"faces": len(faces)})
     if not faces and max(image_rgb.shape[:2]) <= 1600:
         for scale in (2.0, 3.0):
             big = cv2.resize(image_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
@@ -148,6 +145,10 @@ def detect_faces(image_rgb: np.ndarray, max_faces: int = 8) -> list[np.ndarray]:
             if faces:
                 log.info("face found after upscaling", extra={"scale": scale})
                 break
+    if not faces and min(h, w) >= 2 * TILE_MIN:
+        faces = _in_tiles(image_rgb, max_faces)
+        if faces:
+            log.info("faces found in tiles", extra={"faces": len(faces)})
     return by_size(faces)
 
 
