@@ -22,56 +22,62 @@ from avatar_contracts.media import Background, check_image_header, image_has_alp
 from gpu_service.errors import BadMedia
 
 
-def _neighbour_sums(a: np.ndarray, f: np.ndarray, b: np.ndarray, eps: float, omega: float):
-    """(sum of weights, weighted sum of F, weighted sum of B) over each pixel's 4 neighbours (edges repeat)."""
-    pa = np.pad(a, 1, mode="edge")
-    pf = np.pad(f, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    pb = np.pad(b, ((1, 1), (1, 1), (0, 0)), mode="edge")
+def _sweeps(img: np.ndarray, a: np.ndarray, f: np.ndarray, b: np.ndarray, idx: np.ndarray, eps: float, omega: float,
+            iters: int) -> None:
+    """Jacobi sweeps of the per-pixel 2x2 least-squares system at the flat pixel indices `idx` (f and b in place).
+
+    Data: a F + (1 - a) B = I; smoothness to the 4 neighbours (edges repeat), weighted by
+    eps + omega |a_i - a_j|: weak everywhere, strong across alpha edges, so F and B stay apart there.
+    """
     h, w = a.shape
-    total = np.zeros_like(a)
-    sf = np.zeros_like(f)
-    sb = np.zeros_like(b)
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        an = pa[dy:dy + h, dx:dx + w]
-        # Weak smoothing everywhere (eps), strong where alpha changes: F and B stay apart across the edge.
-        wn = (eps + omega * np.abs(a - an))[..., None]
-        total += wn[..., 0]
-        sf += wn * pf[dy:dy + h, dx:dx + w]
-        sb += wn * pb[dy:dy + h, dx:dx + w]
-    return total[..., None], sf, sb
+    af, ff, bf = a.reshape(-1), f.reshape(-1, 3), b.reshape(-1, 3)
+    ys, xs = np.divmod(idx, w)
+    nbrs = (np.maximum(ys - 1, 0) * w + xs, np.minimum(ys + 1, h - 1) * w + xs,
+            ys * w + np.maximum(xs - 1, 0), ys * w + np.minimum(xs + 1, w - 1))
+    ai = af[idx][:, None]
+    ii = img.reshape(-1, 3)[idx]
+    weights = [(eps + omega * np.abs(af[idx] - af[n]))[:, None].astype(np.float32) for n in nbrs]
+    total = sum(weights)
+    a11, a12, a22 = ai * ai + total, ai * (1.0 - ai), (1.0 - ai) ** 2 + total
+    det = a11 * a22 - a12 * a12
+    for _ in range(iters):
+        sf = sum(wk * ff[n] for wk, n in zip(weights, nbrs))
+        sb = sum(wk * bf[n] for wk, n in zip(weights, nbrs))
+        r1, r2 = ai * ii + sf, (1.0 - ai) * ii + sb
+        ff[idx] = np.clip((a22 * r1 - a12 * r2) / det, 0.0, 1.0)
+        bf[idx] = np.clip((a11 * r2 - a12 * r1) / det, 0.0, 1.0)
 
 
 def estimate_foreground(image: np.ndarray, alpha: np.ndarray, eps: float = 5e-3, omega: float = 0.1,
-                        small_iters: int = 10, big_iters: int = 2) -> np.ndarray:
+                        small_iters: int = 10, big_iters: int = 2, band: int = 4) -> np.ndarray:
     """(H, W, 3) float32 foreground colours in 0..1 of an image (float 0..1) under a matte (float 0..1).
 
-    Coarse to fine from 1x1 to full size; at each level a few Jacobi sweeps of the per-pixel 2x2
-    least-squares system (data: a F + (1 - a) B = I; smoothness to the neighbours, weighted by
-    eps + omega |a_i - a_j|). Opaque pixels come out as their own colour.
+    Coarse to fine from 1x1 to full size, a few sweeps at each level (`_sweeps`). Levels larger
+    than 128x128 are swept only within `band` pixels of the partly transparent ones: elsewhere F
+    matters only as those pixels' neighbours, and the coarser level's value serves (a 1 MP
+    cut-out's thin edge is a few percent of its pixels). Opaque pixels come out as their own colour.
     """
     h0, w0 = alpha.shape
     levels = max(1, math.ceil(math.log2(max(h0, w0))))
     f = np.broadcast_to(image.reshape(-1, 3).mean(0), (1, 1, 3)).astype(np.float32)
     b = f.copy()
+    kernel = np.ones((2 * band + 1, 2 * band + 1), np.uint8)
     for level in range(levels + 1):
         h = max(1, round(h0 ** (level / levels)))
         w = max(1, round(w0 ** (level / levels)))
-        img = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA) if (h, w) != (h0, w0) else image
-        a = cv2.resize(alpha, (w, h), interpolation=cv2.INTER_AREA) if (h, w) != (h0, w0) else alpha
-        img = img.reshape(h, w, 3)
-        f = cv2.resize(f, (w, h), interpolation=cv2.INTER_NEAREST).reshape(h, w, 3)
-        b = cv2.resize(b, (w, h), interpolation=cv2.INTER_NEAREST).reshape(h, w, 3)
-        a3 = a[..., None]
-        for _ in range(small_iters if min(h, w) <= 32 else big_iters):
-            total, sf, sb = _neighbour_sums(a, f, b, eps, omega)
-            a11 = a3 * a3 + total
-            a12 = a3 * (1.0 - a3)
-            a22 = (1.0 - a3) ** 2 + total
-            r1 = a3 * img + sf
-            r2 = (1.0 - a3) * img + sb
-            det = a11 * a22 - a12 * a12
-            f = np.clip((a22 * r1 - a12 * r2) / det, 0.0, 1.0).astype(np.float32)
-            b = np.clip((a11 * r2 - a12 * r1) / det, 0.0, 1.0).astype(np.float32)
+        full = (h, w) == (h0, w0)
+        img = image if full else cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).reshape(h, w, 3)
+        a = alpha if full else cv2.resize(alpha, (w, h), interpolation=cv2.INTER_AREA).reshape(h, w)
+        f = np.ascontiguousarray(cv2.resize(f, (w, h), interpolation=cv2.INTER_NEAREST).reshape(h, w, 3))
+        b = np.ascontiguousarray(cv2.resize(b, (w, h), interpolation=cv2.INTER_NEAREST).reshape(h, w, 3))
+        if h * w > 128 * 128:
+            edge = ((a > 0.0) & (a < 1.0)).astype(np.uint8)
+            idx = np.flatnonzero(cv2.dilate(edge, kernel))
+        else:
+            idx = np.arange(h * w)
+        if len(idx):
+            _sweeps(np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(a, dtype=np.float32), f, b, idx,
+                    eps, omega, small_iters if min(h, w) <= 32 else big_iters)
     return f
 
 
