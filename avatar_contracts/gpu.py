@@ -144,6 +144,13 @@ TimingSource = Literal["request", "forced_alignment", "phone_recognition", "enve
 """Where a video's phoneme timings came from: the request, derived from its audio (with or without its text), or none."""
 
 
+FACE_INDEX_DOC = ("Which face of avatar_image to animate, by size: 0 (the default) is the largest face, 1 the next "
+                  "largest, and so on. An index past the last face is a 422 saying how many faces were found.")
+BACKGROUND_DOC = ("What a transparent avatar_image (PNG or WebP with alpha) is composited on before it is animated: a "
+                  "colour as #rrggbb, or a base64 JPEG/PNG/WebP image scaled to cover the portrait. Default #e9e6e1, "
+                  "a neutral light grey. An opaque portrait ignores it.")
+
+
 class AvatarInfo(BaseModel):
     """An encoded avatar (preset or uploaded)."""
 
@@ -162,6 +169,8 @@ class VideoRequest(BaseModel):
 
     avatar_id: Optional[CleanText] = Field(default=None, max_length=128)
     avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
+    face_index: Optional[int] = Field(default=None, ge=0, le=63, description=FACE_INDEX_DOC)
+    background: Optional[str] = Field(default=None, description=BACKGROUND_DOC)
     audio: Optional[str] = Field(default=None, description="Base64 audio (WAV/FLAC/OGG/MP3).")
     audio_url: Optional[UrlOrPath] = Field(default=None, description="An audio_url returned by this service's /tts.")
     phonemes: Optional[list[PhonemeTiming]] = None

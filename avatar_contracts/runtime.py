@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from avatar_contracts.checks import CleanText, HttpUrl, SpeakableText
+from avatar_contracts.gpu import BACKGROUND_DOC, FACE_INDEX_DOC
 
 RUNTIME_API_VERSION = "v1"
 """Path version of the public API; bumped on an incompatible change."""
@@ -36,6 +37,8 @@ class GenerateRequest(BaseModel):
         "neither this nor avatar_image is sent."
     )
     avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
+    face_index: Optional[int] = Field(default=None, ge=0, le=63, description=FACE_INDEX_DOC)
+    background: Optional[str] = Field(default=None, description=BACKGROUND_DOC)
     voice: Optional[CleanText] = Field(default=None, max_length=128, description="Voice of the speech engine.")
     engine: Optional[CleanText] = Field(default=None, max_length=64, description="Speech engine (piper, xtts).")
     speaker_wav: Optional[str] = Field(default=None, description="Base64 voice clip to clone (xtts).")

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from avatar_contracts.http import RequestContext, describe_validation, install_error_handlers
 from avatar_contracts.gpu import EMOTIONS, ErrorResponse
 from avatar_contracts.logs import setup_logging
-from avatar_contracts.media import check_image_header, decode_base64
+from avatar_contracts.media import check_image_header, decode_base64, parse_background
 from avatar_contracts.metrics import HttpMetrics, scrape
 from avatar_contracts.runtime import GenerateRequest, GPUServicePlacement, GPUServiceStatus, JobAccepted, JobResult, RuntimeHealth, RuntimeReady
 from runtime import pipeline, webhooks
@@ -98,6 +98,11 @@ def validate_request(req: GenerateRequest, settings: Settings) -> GenerateReques
     if req.avatar_image is not None:
         raw = decode_base64(req.avatar_image, "avatar_image", settings.max_image_bytes)
         check_image_header(raw, settings.max_image_pixels, "avatar_image")
+    if req.avatar_image is None and (req.background is not None or req.face_index is not None):
+        given = " and ".join(n for n in ("background", "face_index") if getattr(req, n) is not None)
+        raise ValidationFailed(f"{given} {'apply' if ' and ' in given else 'applies'} to avatar_image; an avatar_id names a portrait already encoded")
+    if req.background is not None:  # a colour, or an image checked from its header (the GPU service decodes it)
+        parse_background(req.background, settings.max_image_bytes, settings.max_image_pixels)
     if req.speaker_wav is not None:
         raw = decode_base64(req.speaker_wav, "speaker_wav", settings.max_speaker_wav_bytes)
         if not raw.startswith(_AUDIO_MAGIC):

@@ -105,6 +105,8 @@ def render_chunk(
             VideoRequest(
                 avatar_id=req.avatar_id,
                 avatar_image=req.avatar_image,
+                face_index=req.face_index,
+                background=req.background,
                 audio_url=speech.tts.audio_url,
                 phonemes=speech.tts.phonemes,
                 text=text,

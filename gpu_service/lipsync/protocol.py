@@ -25,6 +25,8 @@ class LipSyncJob:
     """trim | loop | pingpong: what to do with the video when the audio is longer."""
     phonemes: Optional[list] = None
     """(phoneme, start_s, end_s) timings of the new speech, when known."""
+    face_index: int = 0
+    """Which face to re-voice, by size on the first frame: 0 the largest."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from gpu_service.speech.alignment import timings_for
 log = logging.getLogger(__name__)
 
 FILE_FIELDS = ("video", "audio")
-TEXT_FIELDS = ("audio_url", "phonemes", "text", "fps", "length_policy", "response", "engine")
+TEXT_FIELDS = ("audio_url", "phonemes", "text", "fps", "length_policy", "response", "engine", "face_index")
 FIELD_MAX_BYTES = 1024 * 1024
 """A form field (phoneme JSON included) larger than this is refused."""
 DEFAULT_POLICY = "pingpong"
@@ -146,6 +146,16 @@ class LipSyncService:
         return self.registry.lipsync_engine(name)
 
     @staticmethod
+    def face_index(form: LipSyncForm) -> int:
+        """The form's face_index (0, the largest face, when absent), or a 422 naming the field."""
+        text = form.fields.get("face_index", "").strip()
+        if not text:
+            return 0
+        if not text.isdigit() or int(text) > 63:
+            raise ValidationFailed(f"face_index must be a whole number from 0 (the largest face) to 63, got {text[:16]!r}")
+        return int(text)
+
+    @staticmethod
     def options(form: LipSyncForm) -> tuple[Optional[float], str, Optional[list]]:
         """fps, length policy and phoneme timings from the form, or a 422 naming the bad field."""
         fps = None
@@ -191,6 +201,7 @@ class LipSyncService:
                 if form.sizes.get(name, 0) == 0:
                     raise BadMedia(f"{name} is empty")
             fps, policy, phonemes = self.options(form)
+            face_index = self.face_index(form)
             kind = form.fields.get("response", "").strip() or "mp4"
             if kind not in ("mp4", "json"):
                 raise ValidationFailed(f"response must be mp4 or json, got {kind!r}")
@@ -204,7 +215,8 @@ class LipSyncService:
                                                        form.fields.get("text", "").strip() or None)
             if source != "request":
                 self.metrics.observe("align", time.perf_counter() - aligning)
-            job = LipSyncJob(video=video, audio=audio, sample_rate=rate, length_policy=policy, phonemes=phonemes)
+            job = LipSyncJob(video=video, audio=audio, sample_rate=rate, length_policy=policy, phonemes=phonemes,
+                             face_index=face_index)
             log.info("lipsync request", extra={"video_bytes": form.sizes["video"], "size": video.size,
                                                "fps": float(video.fps), "audio_s": round(len(audio) / rate, 3),
                                                "policy": policy, "timing_source": source})

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gpu_service.engine import CacheStats
+from avatar_contracts.media import Background
 from gpu_service.errors import BadMedia, NotFound, ValidationFailed
 from gpu_service.talking_head.encoding import Encoding, check_image, decode_image, encode_image, image_key
 from gpu_service.talking_head.protocol import AvatarRecord
@@ -194,14 +195,15 @@ class AvatarStore:
             return rec is not None and rec.key in self.device_cache(device)
 
     # -- operations --------------------------------------------------------------------------
-    def encode_bytes(self, raw: bytes, *, pick_largest: bool = False, face_index: Optional[int] = None,
+    def encode_bytes(self, raw: bytes, *, face_index: Optional[int] = None, background: Optional[Background] = None,
                      field: str = "image", device: str = DEFAULT_DEVICE) -> tuple[str, Encoding, float, bool]:
-        """(key, encoding, encode ms, from cache) for image bytes and the face chosen; memory and disk caches first.
+        """(key, encoding, encode ms, from cache) for image bytes, the face chosen (None: the largest) and the
+        background of a transparent image (None: the default); memory and disk caches first.
 
         The encoding is remembered in `device`'s LRU.
         """
         check_image(raw, self.max_image_bytes, self.max_image_pixels, field)
-        key = image_key(raw, face_index)
+        key = image_key(raw, face_index, background)
         enc = self._recall(key, device)
         if enc is not None:
             return key, enc, 0.0, True
@@ -209,21 +211,27 @@ class AvatarStore:
         if enc is not None:
             self._remember(key, enc, device)
             return key, enc, 0.0, True
-        image = decode_image(raw, self.max_image_bytes, field, self.max_image_pixels)
+        image = decode_image(raw, self.max_image_bytes, field, self.max_image_pixels, background)
         started = time.perf_counter()
-        enc = encode_image(image, pick_largest=pick_largest, face_index=face_index)
+        enc = encode_image(image, face_index=face_index)
         ms = (time.perf_counter() - started) * 1000
         enc.save(self._npz(key))
         self._remember(key, enc, device)
         return key, enc, ms, False
 
-    def add(self, raw: bytes, *, pick_largest: bool = False, face_index: Optional[int] = None,
-            avatar_id: Optional[str] = None, preset: bool = False, device: str = DEFAULT_DEVICE) -> AvatarRecord:
-        """Register an image as an avatar (id from its hash and the face chosen, unless given) and return its record."""
-        key, enc, ms, cached = self.encode_bytes(raw, pick_largest=pick_largest, face_index=face_index, device=device)
-        face = "" if face_index is None else f"_f{face_index}"  # one image, one avatar per face
+    def add(self, raw: bytes, *, face_index: Optional[int] = None, background: Optional[Background] = None,
+            avatar_id: Optional[str] = None, preset: bool = False, field: str = "image",
+            device: str = DEFAULT_DEVICE) -> AvatarRecord:
+        """Register an image as an avatar (id from its key, unless given), warm on `device`, and return its record.
+
+        The key holds the image's hash, the background of a transparent image and the face chosen,
+        so each face and each background is its own avatar.
+        """
+        key, enc, ms, cached = self.encode_bytes(raw, face_index=face_index, background=background, field=field,
+                                                 device=device)
+        face = f"_f{face_index}" if face_index else ""  # one image, one avatar per face (0, the default, is the largest)
         avatar_id = check_avatar_id(avatar_id) if avatar_id else "img_" + key[:20] + face
-        h, w = enc.image.shape[:2]
+        w, h = enc.frame_size
         rec = AvatarRecord(avatar_id, key, list(enc.face_box), [w, h], preset, ms, cached)
         with self._lock:
             self._records[avatar_id] = rec
@@ -248,7 +256,7 @@ class AvatarStore:
                 log.warning("preset skipped: no image", extra={"avatar_id": folder.name})
                 continue
             try:
-                self.add(images[0].read_bytes(), avatar_id=folder.name, preset=True, pick_largest=True, device=device)
+                self.add(images[0].read_bytes(), avatar_id=folder.name, preset=True, device=device)
                 loaded.append(folder.name)
             except (BadMedia, ValidationFailed, OSError) as exc:
                 log.warning("preset skipped", extra={"avatar_id": folder.name, "why": getattr(exc, "message", str(exc))})

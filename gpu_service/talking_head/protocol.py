@@ -12,6 +12,7 @@ from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
+from avatar_contracts.media import Background
 from gpu_service.engine import Engine
 from gpu_service.talking_head.controls import Controls
 
@@ -90,10 +91,12 @@ class FrameStream(Protocol):
 class TalkingHeadEngine(Engine, Protocol):
     """A portrait and face controls in, frames out; speech in, an MP4 out."""
 
-    def add_avatar(self, image: bytes, pick_largest: bool = False, face_index: Optional[int] = None) -> AvatarRecord:
+    def add_avatar(self, image: bytes, face_index: Optional[int] = None, background: Optional[Background] = None,
+                   field: str = "image") -> AvatarRecord:
         """Register a portrait (JPEG/PNG/WebP bytes) once; later work names it by avatar_id.
 
-        With several faces, `pick_largest` takes the largest and `face_index` the N-th from the left (0-based).
+        `face_index` picks a face by size, 0 (the default) the largest; a transparent portrait is
+        composited on `background` (None: the default colour) before it is encoded.
         """
 
     def list_avatars(self) -> list[AvatarRecord]:

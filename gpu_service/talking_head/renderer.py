@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
+import cv2
 import numpy as np
 
 from gpu_service.device import device_kind
 from gpu_service.engine import EngineHealth
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.encoding import BLINK_SKIN_SHARE, MODES, Encoding
+from gpu_service.talking_head.shading import PreparedCache
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,22 @@ def head_params(enc: Encoding, c: Controls, head_motion: bool) -> np.ndarray | N
     return params
 
 
+class _Paste:
+    """How an encoding made at a working resolution goes back into its full portrait (see encode_portrait)."""
+
+    def __init__(self, enc: Encoding) -> None:
+        r = enc.region
+        self.size = (r.width, r.height)
+        # Back to the region's size: averaged down from an upscaled face, bicubic up for a downscaled one.
+        self.interp = cv2.INTER_AREA if enc.image.shape[1] > r.width else cv2.INTER_CUBIC
+        rows, cols = np.nonzero(enc.blend.any(1))[0], np.nonzero(enc.blend.any(0))[0]
+        self.window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        self.target = (slice(r.y0 + self.window[0].start, r.y0 + self.window[0].stop),
+                       slice(r.x0 + self.window[1].start, r.x0 + self.window[1].stop))
+        self.weight = np.ascontiguousarray(enc.blend[self.window][..., None])
+        self.original = enc.frame[self.target].astype(np.float32)
+
+
 class Renderer:
     """Renders controls on encodings with the path the device calls for (torch off the CPU)."""
 
@@ -107,6 +125,7 @@ class Renderer:
             self.precision = "float32"
         else:
             raise ValueError(f"unknown render backend {backend!r}; use auto, cv2 or torch")
+        self._pastes = PreparedCache(_Paste, keep=8)
         log.info("renderer ready", extra={"device": device, "backend": self.backend, "precision": self.precision})
 
     def health(self) -> EngineHealth:
@@ -123,11 +142,26 @@ class Renderer:
         """Yield (H, W, 3) uint8 RGB frames, one per control frame (close_upper: see mode_weights)."""
         weights = mode_weights(enc, controls, close_upper)
         head = head_params(enc, controls, head_motion)
-        yield from self._impl.frames(enc, weights, head)
+        if not enc.placed:
+            yield from self._impl.frames(enc, weights, head)
+            return
+        for work in self._impl.frames(enc, weights, head):
+            yield self.paste(enc, work)
+
+    def paste(self, enc: Encoding, work: np.ndarray) -> np.ndarray:
+        """The full portrait with a working-resolution frame of `enc` scaled back and blended in (Encoding.blend):
+        the portrait's size, and its own pixels wherever the blend weight is 0."""
+        p = self._pastes.get(enc)
+        back = cv2.resize(work, p.size, interpolation=p.interp)[p.window].astype(np.float32)
+        frame = enc.frame.copy()
+        mixed = p.original + p.weight * (back - p.original)
+        frame[p.target] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+        return frame
 
     def render(self, enc: Encoding, controls: Controls, head_motion: bool = True, close_upper: float = 0.4) -> np.ndarray:
         """All frames as one (T, H, W, 3) uint8 array (T may be 0)."""
         frames = list(self.frames(enc, controls, head_motion, close_upper))
         if not frames:
-            return np.zeros((0, *enc.image.shape), np.uint8)
+            w, h = enc.frame_size
+            return np.zeros((0, h, w, 3), np.uint8)
         return np.stack(frames)

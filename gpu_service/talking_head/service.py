@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from avatar_contracts.gpu import VideoRequest
-from avatar_contracts.media import decode_base64
+from avatar_contracts.media import Background, decode_base64, parse_background
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.audio import decode_audio
 from gpu_service.errors import BadMedia, ValidationFailed
@@ -18,6 +18,7 @@ from gpu_service.metrics import GpuMetrics
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
 from gpu_service.talking_head.encoding import check_image
+from gpu_service.talking_head.portrait import background_pixels
 from gpu_service.speech.alignment import timings_for
 from gpu_service.talking_head.protocol import AvatarRecord, TalkingHeadEngine, VideoJob, VideoResult
 
@@ -49,13 +50,24 @@ class TalkingHeadService:
         """The loaded talking-head engine, or a 4xx/503 saying why not."""
         return self.registry.talking_head_engine()
 
-    async def add_avatar(self, raw: bytes, pick_largest: bool = False, field: str = "image",
-                         face_index: Optional[int] = None) -> AvatarRecord:
+    async def add_avatar(self, raw: bytes, field: str = "image", face_index: Optional[int] = None,
+                         background: Optional[Background] = None) -> AvatarRecord:
         """Encode and register a portrait on an engine slot; its size and pixel count are checked from its
         header first, so a bad or oversized image never waits for a slot (nor a bomb gets decoded)."""
         check_image(raw, self.settings.talking_head.max_image_bytes, self.settings.max_image_pixels, field)
         replica = self.entry().place()
-        return await replica.slots.run(replica.engine.add_avatar, raw, pick_largest, face_index)
+        return await replica.slots.run(replica.engine.add_avatar, raw, face_index, background, field)
+
+    def background(self, value: Optional[str], field: str = "background") -> Optional[Background]:
+        """A request's background checked whole (blocking: base64, header, and an image decoded once), so a
+        bad one is a 422 naming `field` before any slot is taken, even for a portrait it would not touch."""
+        if value is None:
+            return None
+        limits = self.settings.talking_head.max_image_bytes, self.settings.max_image_pixels
+        bg = parse_background(value, *limits, field=field)
+        if bg.image is not None:
+            background_pixels(bg, (64, 64), *limits, field=field)
+        return bg
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""
@@ -94,13 +106,18 @@ class TalkingHeadService:
             raise ValidationFailed("send exactly one of avatar_id or avatar_image")
         if (body.audio is None) == (body.audio_url is None):
             raise ValidationFailed("send exactly one of audio or audio_url")
+        if body.avatar_id is not None and (body.background is not None or body.face_index is not None):
+            given = " and ".join(n for n in ("background", "face_index") if getattr(body, n) is not None)
+            raise ValidationFailed(f"{given} {'apply' if ' and ' in given else 'applies'} to avatar_image; an avatar_id names a portrait already encoded "
+                                   f"(upload it again to POST /avatars with them)")
         # Base64 and audio decoding, and reading an artifact, run in threads: a large upload must not stall the loop.
         if body.avatar_id is not None:
             record = entry.engine.get_avatar(body.avatar_id)
         else:
             raw = await asyncio.to_thread(decode_base64, body.avatar_image, "avatar_image",
                                           self.settings.talking_head.max_image_bytes)
-            record = await self.add_avatar(raw, field="avatar_image")
+            background = await asyncio.to_thread(self.background, body.background)
+            record = await self.add_avatar(raw, field="avatar_image", face_index=body.face_index, background=background)
         audio, rate = await asyncio.to_thread(self.request_audio, body)
         job = VideoJob(
             avatar_id=record.avatar_id, audio=audio, sample_rate=rate, fps=body.fps,

@@ -343,6 +343,20 @@ def client(app_client):
         yield c
 
 
+def _png_b64() -> str:
+    """A small valid PNG (64x64 grey) as base64, for requests whose other fields are under test."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"".join(b"\x00" + b"\x80" * 64 for _ in range(64)))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return base64.b64encode(png).decode()
+
+
 @pytest.mark.parametrize(
     "body, status, fragment",
     [
@@ -359,6 +373,14 @@ def client(app_client):
         ({"text": "hi", "avatar_id": "a", "language": "english!"}, 422, "language"),
         ({"text": "hi", "avatar_id": "a", "avatar": "x"}, 422, "unknown field 'avatar'"),
         ({"text": 5, "avatar_id": "a"}, 422, "text"),
+        ({"text": "hi", "avatar_image": _png_b64(), "background": "#12345"}, 422, "background '#12345' is not a colour"),
+        ({"text": "hi", "avatar_image": _png_b64(), "background": "white"}, 422, "background is not valid base64"),
+        ({"text": "hi", "avatar_image": _png_b64(), "background": base64.b64encode(b"GIF89a....").decode()}, 422,
+         "background is not a JPEG, PNG or WebP image"),
+        ({"text": "hi", "avatar_id": "a", "background": "#ffffff"}, 422, "background applies to avatar_image"),
+        ({"text": "hi", "avatar_id": "a", "face_index": 1}, 422, "face_index applies to avatar_image"),
+        ({"text": "hi", "avatar_image": _png_b64(), "face_index": 64}, 422, "face_index"),
+        ({"text": "hi", "avatar_image": _png_b64(), "face_index": -1}, 422, "face_index"),
     ],
 )
 def test_bad_input_is_refused_before_any_job_exists(client, body, status, fragment):

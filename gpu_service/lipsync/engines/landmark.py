@@ -29,7 +29,7 @@ from gpu_service.lipsync.tracking import FaceTracker
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.driving import drive
-from gpu_service.talking_head.encoding import MODES, Encoding, encode_from_landmarks
+from gpu_service.talking_head.encoding import MODES, Encoding, choose_face, encode_from_landmarks
 from gpu_service.talking_head.renderer import Renderer, mode_weights
 from gpu_service.talking_head.video import encode_mp4
 
@@ -142,12 +142,17 @@ class LandmarkLipSync:
         """Loaded once its render path is chosen; reports the device and the path (cv2 or torch)."""
         return self.renderer.health() if self.renderer is not None else EngineHealth.down("not loaded")
 
-    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
-        """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered."""
+    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict,
+                       faces: int = 1, face_index: int = 0) -> Iterator[np.ndarray]:
+        """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered.
+
+        With `faces` > 1 (counted on the first frame), that many are tracked and the `face_index`-th
+        by size is the one re-voiced (see FaceTracker).
+        """
         chunk = max(4, min(64, self.chunk_bytes // src.frame_bytes))
         widths = MouthWidthReference(window=int(10 * float(src.fps)))
         prev: Optional[Encoding] = None
-        with FaceTracker(float(src.fps)) as tracker:
+        with FaceTracker(float(src.fps), max_faces=faces, face_index=face_index) as tracker:
             for i, (_, frame) in enumerate(frames_in_order(src, controls.n_frames, policy, chunk)):
                 stats["frames"] = i + 1
                 t0 = time.perf_counter()
@@ -189,11 +194,12 @@ class LandmarkLipSync:
         n_audio = max(1, int(round(len(job.audio) / job.sample_rate * fps)))
         # The source's real frame count is known only after decoding; trim can shorten to the probed estimate.
         n_out = plan_length(max(src.estimated_frames(), 1), n_audio, job.length_policy)
+        faces = _faces_on_first_frame(src, job.face_index)
         controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes)
         stats = {"frames": 0, "frames_without_face": 0, "track_ms": 0.0, "encode_ms": 0.0, "render_ms": 0.0}
         t_drive = time.perf_counter()
         w, h = src.size
-        frames = self.revoice_frames(src, controls, job.length_policy, stats)
+        frames = self.revoice_frames(src, controls, job.length_policy, stats, faces, job.face_index)
         # The audio is cut or padded to whole frames after the frames are known: write it lazily.
         mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
                                 sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
@@ -203,7 +209,7 @@ class LandmarkLipSync:
         if stats["frames_without_face"] == n:
             raise BadMedia(_why_no_face(src, n))
         if n < n_out:  # trim with a source shorter than probed: re-encode the audio to the frames we have
-            mp4, facts = self._reencode_short(job, src, n, stats)
+            mp4, facts = self._reencode_short(job, src, n, stats, faces)
         total = (time.perf_counter() - started) * 1000
         timings = {"drive": (t_drive - started) * 1000, "track": stats["track_ms"], "encode_face": stats["encode_ms"],
                    "render": stats["render_ms"], "encode": facts["encode_ms"], "total": total}
@@ -216,15 +222,26 @@ class LandmarkLipSync:
             device=self.device,
         )
 
-    def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict) -> tuple[bytes, dict]:
+    def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict, faces: int) -> tuple[bytes, dict]:
         """Redo a job whose source turned out shorter than probed, with the audio cut to its n frames."""
         fps = float(src.fps)
         controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes)
         for key in stats:
             stats[key] = 0 if key.startswith("frames") else 0.0
-        frames = self.revoice_frames(src, controls, "trim", stats)
+        frames = self.revoice_frames(src, controls, "trim", stats, faces, job.face_index)
         return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
                           sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info)
+
+
+def _faces_on_first_frame(src: VideoSource, face_index: int) -> int:
+    """How many faces the first frame shows (at least 1: a video whose face comes later is tracked as one);
+    BadMedia (422) when `face_index` is past them, before any frame is re-voiced."""
+    with contextlib.closing(src.forward()) as frames:
+        first = next(frames, None)
+    faces = L.detect_faces(first) if first is not None else []
+    if face_index > 0 or len(faces) > 1:
+        choose_face(faces, face_index, "the video's first frame")
+    return max(1, len(faces))
 
 
 def _why_no_face(src: VideoSource, n: int) -> str:
@@ -235,7 +252,7 @@ def _why_no_face(src: VideoSource, n: int) -> str:
     faces = len(L.detect_faces(first)) if first is not None else 0
     if faces > 1:
         return (f"{faces} faces found in the video and none could be followed; lip-sync re-voices one face: "
-                "crop the video to the face to re-voice")
+                "crop the video to the face to re-voice (face_index picks one by size)")
     return f"no face found in any of the video's {n} frames; send a video of a visible, frontal face"
 
 

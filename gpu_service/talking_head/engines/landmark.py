@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from avatar_contracts.media import Background
 from gpu_service.engine import EngineHealth
 from gpu_service.errors import EngineUnavailable, ValidationFailed
 from gpu_service.talking_head.avatars import AvatarStore
@@ -34,8 +35,7 @@ class LandmarkFrameStream:
         self._idle = idle
         self.avatar_id = avatar_id
         self.fps = float(fps)
-        h, w = enc.image.shape[:2]
-        self.size = (w, h)
+        self.size = enc.frame_size
         self.frames_rendered = 0
 
     def render(self, controls: Controls) -> np.ndarray:
@@ -113,9 +113,10 @@ class LandmarkTalkingHead:
         return self.renderer
 
     # -- avatars ---------------------------------------------------------------------------
-    def add_avatar(self, image: bytes, pick_largest: bool = False, face_index: Optional[int] = None) -> AvatarRecord:
+    def add_avatar(self, image: bytes, face_index: Optional[int] = None, background: Optional[Background] = None,
+                   field: str = "image") -> AvatarRecord:
         """Encode a portrait once (or find it cached) and register it, warm on this device."""
-        return self._avatars.add(image, pick_largest=pick_largest, face_index=face_index, device=self.device)
+        return self._avatars.add(image, face_index=face_index, background=background, field=field, device=self.device)
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""
