@@ -409,7 +409,7 @@ def _xtts_entry(settings: Settings):
     from gpu_service.registry import EngineRegistry
 
     entry = EngineRegistry.from_settings(settings).speech["xtts"]
-    entry.load("cpu", warmup=False)
+    entry.load(warmup=False)
     return entry
 
 

@@ -158,8 +158,8 @@ def test_background_and_face_index_reach_the_gpu_service_and_the_video(gpu, tmp_
     settings = Settings(gpu_service_url=gpu.url, data_dir=tmp_path, chunk_chars=120)
     client = GPUClient(settings)
     bodies: list[dict] = []
-    client._http.event_hooks = {"request": [lambda r: bodies.append(json.loads(r.content))
-                                            if r.url.path == "/video/generate" else None]}
+    client.services[0]._http.event_hooks = {"request": [lambda r: bodies.append(json.loads(r.content))
+                                                        if r.url.path == "/video/generate" else None]}
     job = uuid.uuid4().hex
     body = {"text": "Hello there.", "avatar_image": base64.b64encode(portrait.read_bytes()).decode(),
             "background": "#2050a0", "face_index": 0}
