@@ -103,6 +103,15 @@ class EngineInfo(BaseModel):
     queued: int = 0
 
 
+class SlotFigures(BaseModel):
+    """Slots of the loaded engines (of one capability, or of all): how many, how many run, how many wait."""
+
+    total: int
+    busy: int
+    free: int
+    queued: int
+
+
 class HealthResponse(BaseModel):
     """Body of ``GET /health``."""
 
@@ -114,6 +123,10 @@ class HealthResponse(BaseModel):
     available_slots: int
     contract_version: str = CONTRACT_VERSION
     engines: list[EngineInfo] = Field(default_factory=list)
+    slots: Optional[SlotFigures] = Field(default=None, description="Over every loaded engine.")
+    slots_by_capability: dict[str, SlotFigures] = Field(
+        default_factory=dict, description="Per capability (tts, video, lipsync): what a client placing work reads."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -129,6 +142,13 @@ class ErrorResponse(BaseModel):
 EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised", "fearful", "disgusted")
 TimingSource = Literal["request", "forced_alignment", "phone_recognition", "envelope"]
 """Where a video's phoneme timings came from: the request, derived from its audio (with or without its text), or none."""
+
+
+FACE_INDEX_DOC = ("Which face of avatar_image to animate, by size: 0 (the default) is the largest face, 1 the next "
+                  "largest, and so on. An index past the last face is a 422 saying how many faces were found.")
+BACKGROUND_DOC = ("What a transparent avatar_image (PNG or WebP with alpha) is composited on before it is animated: a "
+                  "colour as #rrggbb, or a base64 JPEG/PNG/WebP image scaled to cover the portrait. Default #e9e6e1, "
+                  "a neutral light grey. An opaque portrait ignores it.")
 
 
 class AvatarInfo(BaseModel):
@@ -149,6 +169,8 @@ class VideoRequest(BaseModel):
 
     avatar_id: Optional[CleanText] = Field(default=None, max_length=128)
     avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
+    face_index: Optional[int] = Field(default=None, ge=0, le=63, description=FACE_INDEX_DOC)
+    background: Optional[str] = Field(default=None, description=BACKGROUND_DOC)
     audio: Optional[str] = Field(default=None, description="Base64 audio (WAV/FLAC/OGG/MP3).")
     audio_url: Optional[UrlOrPath] = Field(default=None, description="An audio_url returned by this service's /tts.")
     phonemes: Optional[list[PhonemeTiming]] = None

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avatar_contracts.errors import PayloadTooLarge, ServiceError, error_response
+from avatar_contracts.logs import REQUEST_ID
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -60,6 +61,13 @@ class RequestContext:
         given = request.headers.get("x-request-id", "")
         rid = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        token = REQUEST_ID.set(rid)  # every line logged while serving it carries the id (avatar_contracts.logs)
+        try:
+            await self._serve(scope, receive, send, request, rid)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, request: Request, rid: str) -> None:
         limit = self.limit_for(scope["path"])
 
         async def answer(exc: ServiceError) -> None:

@@ -1,4 +1,4 @@
-"""Checks of uploaded media shared by the services: base64 decoding and image headers.
+"""Checks of uploaded media shared by the services: base64 decoding, image headers, portrait backgrounds.
 
 Pure Python (no Pillow, no OpenCV), so the runtime can refuse a bad upload at its boundary
 without the GPU service's dependencies. The image check reads the header only: a small file
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import re
 import struct
+from dataclasses import dataclass
 from typing import Optional
 
 from avatar_contracts.errors import BadMedia
@@ -108,3 +111,74 @@ def check_image_header(raw: bytes, max_pixels: int, field: str = "image") -> tup
             f"{field} is {width}x{height} pixels ({width * height} in all); the limit is {max_pixels} pixels"
         )
     return width, height, kind
+
+
+def image_has_alpha(raw: bytes) -> bool:
+    """Whether a PNG or WebP can carry transparency, from its header and chunks alone (JPEG never does).
+
+    PNG: a grey+alpha or RGBA colour type, or a tRNS chunk before the image data. WebP: the
+    extended header's alpha flag, or a lossless stream that says it uses alpha.
+    """
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        if len(raw) >= 26 and raw[12:16] == b"IHDR" and raw[25] in (4, 6):
+            return True
+        pos = 8
+        while pos + 8 <= len(raw):
+            (length,) = struct.unpack(">I", raw[pos:pos + 4])
+            kind = raw[pos + 4:pos + 8]
+            if kind == b"tRNS":
+                return True
+            if kind in (b"IDAT", b"IEND"):
+                return False
+            pos += 12 + length
+        return False
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        chunk, data = raw[12:16], raw[20:]
+        if chunk == b"VP8X":
+            return len(data) >= 1 and bool(data[0] & 0x10)
+        if chunk == b"VP8L" and len(data) >= 5:
+            return bool((int.from_bytes(data[1:5], "little") >> 28) & 1)
+    return False
+
+
+DEFAULT_BACKGROUND = "#e9e6e1"
+"""What a transparent portrait is composited on when the request names no background: a neutral light grey."""
+_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+
+
+@dataclass(frozen=True)
+class Background:
+    """What a portrait's transparent pixels are composited on: one colour, or an image (bytes, header-checked)."""
+
+    colour: Optional[tuple[int, int, int]] = None
+    """(r, g, b) in 0..255, when the background is a colour."""
+    image: Optional[bytes] = None
+    """JPEG, PNG or WebP bytes, when the background is an image (scaled to cover the portrait)."""
+
+    @property
+    def key(self) -> str:
+        """A short name of this background for cache keys: the colour's hex, or the image's content hash."""
+        if self.image is not None:
+            return "i" + hashlib.sha256(self.image).hexdigest()[:16]
+        r, g, b = self.colour or (0, 0, 0)
+        return f"c{r:02x}{g:02x}{b:02x}"
+
+
+def parse_background(value: Optional[str], max_bytes: int, max_pixels: int, field: str = "background") -> Background:
+    """A request's `background` (`#rrggbb`, or a base64 JPEG/PNG/WebP image; None: DEFAULT_BACKGROUND), or
+    BadMedia naming the field. An image is checked from its header only; decoding it is the GPU service's."""
+    text = DEFAULT_BACKGROUND if value is None else value
+    if not isinstance(text, str):
+        raise BadMedia(f"{field} must be a colour as #rrggbb or a base64 image")
+    text = text.strip()
+    if text.startswith("#"):
+        if not _COLOUR.fullmatch(text):
+            raise BadMedia(f"{field} {text[:16]!r} is not a colour; write it as #rrggbb (e.g. {DEFAULT_BACKGROUND}) "
+                           f"or send a base64 image")
+        return Background(colour=(int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)))
+    raw = decode_base64(text, field, max_bytes)
+    try:
+        check_image_header(raw, max_pixels, field)
+    except BadMedia as exc:
+        raise BadMedia(f"{exc.message} (background is a colour as #rrggbb or a base64 image)") from None
+    return Background(image=raw)

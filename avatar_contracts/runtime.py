@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from avatar_contracts.checks import CleanText, HttpUrl, SpeakableText
+from avatar_contracts.gpu import BACKGROUND_DOC, FACE_INDEX_DOC
 
 RUNTIME_API_VERSION = "v1"
 """Path version of the public API; bumped on an incompatible change."""
@@ -36,6 +37,8 @@ class GenerateRequest(BaseModel):
         "neither this nor avatar_image is sent."
     )
     avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
+    face_index: Optional[int] = Field(default=None, ge=0, le=63, description=FACE_INDEX_DOC)
+    background: Optional[str] = Field(default=None, description=BACKGROUND_DOC)
     voice: Optional[CleanText] = Field(default=None, max_length=128, description="Voice of the speech engine.")
     engine: Optional[CleanText] = Field(default=None, max_length=64, description="Speech engine (piper, xtts).")
     speaker_wav: Optional[str] = Field(default=None, description="Base64 voice clip to clone (xtts).")
@@ -94,19 +97,37 @@ class GPUServiceStatus(BaseModel):
     health: Optional[dict[str, Any]] = Field(default=None, description="The GPU service's own /health body.")
 
 
+class GPUServicePlacement(BaseModel):
+    """One of the runtime's GPU services as its chunk placement sees it (detailed /health only)."""
+
+    service: str = Field(description="host:port")
+    state: Literal["unknown", "ready", "not_ready", "down"] = Field(
+        description="ready: /health says healthy; down: no answer, or a call failed since (until /health answers).")
+    reason: Optional[str] = None
+    in_flight: int = Field(description="This runtime's chunks running there.")
+    jobs: int = Field(description="This runtime's jobs with chunks running there.")
+    placed: int = Field(description="Chunks placed there since this runtime started.")
+    moved_away: int = Field(description="Chunks moved from there to another service when it failed.")
+    free_slots: Optional[int] = Field(
+        default=None, description="Free speech/video slots less waiting requests, as its last /health said.")
+    slots: Optional[dict[str, int]] = Field(default=None, description="Its own slot figures (total, busy, free, queued).")
+
+
 class RuntimeHealth(BaseModel):
     """Body of ``GET /health``. While API keys are set, a caller without one gets only ``status``."""
 
-    status: Literal["healthy", "degraded"] = Field(description="degraded: the GPU service does not answer.")
+    status: Literal["healthy", "degraded"] = Field(description="degraded: a GPU service does not answer.")
     broker: Optional[Literal["redis", "stub"]] = None
     worker: Optional[bool] = Field(default=None, description="Whether this process runs job workers.")
     jobs: Optional[dict[str, int]] = Field(default=None, description="How many jobs are in each status.")
-    gpu_service: Optional[GPUServiceStatus] = None
+    gpu_service: Optional[GPUServiceStatus] = Field(default=None, description="The first (or only) GPU service.")
+    gpu_services: Optional[list[GPUServicePlacement]] = Field(default=None, description="Every GPU service.")
 
 
 class RuntimeReady(BaseModel):
     """Body of ``GET /ready`` (200 ready, 503 not)."""
 
     ready: bool
-    gpu_service_ready: bool
+    gpu_service_ready: bool = Field(description="Whether at least one GPU service is ready.")
+    gpu_services_ready: dict[str, bool] = Field(default_factory=dict, description="Each GPU service (host:port).")
     problems: list[str] = Field(default_factory=list)

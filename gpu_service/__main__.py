@@ -1,4 +1,4 @@
-"""`python -m gpu_service`: serve on HOST:PORT from the settings."""
+"""`python -m gpu_service`: serve on HOST:PORT from the settings (`python -m gpu_service models ...`: the model store)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,17 @@ from gpu_service.errors import ConfigurationError
 from gpu_service.settings import Settings, describe_error
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Start uvicorn with the app; a misconfiguration exits 2 with one line that names the setting."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["models"]:
+        from gpu_service.models.cli import main as models_main
+
+        return models_main(argv[1:])
+    if argv:
+        print(f"gpu_service: unknown arguments {argv}; usage: python -m gpu_service [models fetch|verify|list [ENGINE]]",
+              file=sys.stderr)
+        return 2
     try:
         settings = Settings()
         from gpu_service.app import create_app

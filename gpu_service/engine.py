@@ -33,6 +33,8 @@ class EngineHealth:
     """Where its work really runs (cpu, cuda, mps), which may differ from the service's device."""
     providers: tuple[str, ...] = ()
     """The compute backends in use: onnxruntime execution providers, or the render path (cv2, torch)."""
+    precision: Optional[str] = None
+    """The float precision its tensors compute in (float32, float16, bfloat16), where it has a choice."""
     voices: tuple[str, ...] = ()
     """Voices a speech engine offers."""
     languages: tuple[str, ...] = ()

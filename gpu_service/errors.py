@@ -41,6 +41,17 @@ class NotReady(ServiceError):
     error_type = "not_ready"
 
 
+class DeviceOutOfMemory(ServiceError):
+    """The device ran out of memory even for the smallest unit of work (one frame), after its cache was emptied.
+
+    A 503 with Retry-After: the memory is taken by other work now, so the same request may fit later
+    or on another GPU service.
+    """
+
+    status_code = 503
+    error_type = "out_of_memory"
+
+
 class GenerationFailed(ServiceError):
     """The engine ran and failed on this input (an encoder error, no audio for the text).
 

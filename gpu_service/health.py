@@ -6,10 +6,10 @@ from typing import Callable, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from avatar_contracts import HealthResponse
-from avatar_contracts.gpu import EngineInfo
+from avatar_contracts.gpu import EngineInfo, SlotFigures
 from gpu_service.registry import CAPABILITIES, AnyEntry, EngineRegistry
 
 router = APIRouter(tags=["health"])
@@ -20,12 +20,33 @@ class EngineReport(EngineInfo):
 
     device: Optional[str] = None
     providers: list[str] = Field(default_factory=list)
+    precision: Optional[str] = None
+    """The float precision of a torch render path (float16 on CUDA/MPS by default)."""
+    replicas: list[str] = Field(default_factory=list)
+    """The devices it has a copy on; its slots, busy and queued are summed over them."""
+
+
+class DeviceReport(BaseModel):
+    """One device's share: its loaded replicas, their slots, calls placed, its avatar LRU, out-of-memory retries."""
+
+    name: str
+    kind: str
+    engines: list[str] = Field(default_factory=list)
+    slots_total: int = 0
+    slots_busy: int = 0
+    slots_queued: int = 0
+    placed: int = 0
+    cached_avatars: int = 0
+    avatar_cache_hits: int = 0
+    avatar_cache_misses: int = 0
+    oom_retries: int = 0
 
 
 class HealthReport(HealthResponse):
-    """HealthResponse whose engines carry EngineReport's device and providers."""
+    """HealthResponse whose engines carry EngineReport's device and providers, plus a line per device."""
 
     engines: list[EngineReport] = Field(default_factory=list)
+    devices: list[DeviceReport] = Field(default_factory=list)
 
 
 def engine_report(entry: AnyEntry, redact: Callable[[str], str]) -> EngineReport:
@@ -35,8 +56,16 @@ def engine_report(entry: AnyEntry, redact: Callable[[str], str]) -> EngineReport
         name=entry.name, capability=entry.capability, available=h.available, loaded=entry.loaded,
         reason=redact(h.reason) if h.reason else h.reason, voices=list(h.voices), languages=list(h.languages),
         slots=entry.slots.slots, busy=entry.slots.busy, queued=entry.slots.waiting,
-        device=h.device, providers=list(h.providers),
+        device=h.device, providers=list(h.providers), precision=h.precision,
+        replicas=[r.device for r in entry.replicas],
     )
+
+
+def slot_figures(entries: list[AnyEntry]) -> SlotFigures:
+    """Slots of these (loaded) engines: total, running, free and waiting."""
+    total = sum(e.slots.slots for e in entries)
+    busy = sum(e.slots.busy for e in entries)
+    return SlotFigures(total=total, busy=busy, free=max(0, total - busy), queued=sum(e.slots.waiting for e in entries))
 
 
 @router.get("/health", response_model=HealthReport)
@@ -54,6 +83,9 @@ def health(request: Request) -> HealthReport:
         active_workers=sum(e.slots.busy for e in loaded),
         available_slots=sum(e.slots.slots - e.slots.busy for e in loaded),
         engines=[engine_report(e, request.app.state.settings.redact_paths) for e in registry.entries()],
+        devices=[DeviceReport(**vars(f)) for f in registry.device_figures()],
+        slots=slot_figures(loaded),
+        slots_by_capability={cap: slot_figures([e for e in loaded if e.capability == cap]) for cap in CAPABILITIES},
     )
 
 

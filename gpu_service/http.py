@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from gpu_service.artifacts import MEDIA_TYPES, ArtifactStore
 from gpu_service.errors import UnsupportedMediaType
+from gpu_service.metrics import GpuMetrics
 from gpu_service.registry import EngineRegistry
 from gpu_service.settings import Settings
 
@@ -62,6 +63,11 @@ def settings(request: Request) -> Settings:
 def artifacts(request: Request) -> ArtifactStore:
     """The app's artifact store."""
     return request.app.state.artifacts
+
+
+def metrics(request: Request) -> GpuMetrics:
+    """The app's Prometheus families."""
+    return request.app.state.metrics
 
 
 async def artifact_url(request: Request, data: bytes, ext: str) -> str:

@@ -38,13 +38,23 @@ class EngineSlots:
         self.busy = 0
         self.waiting = 0
 
+    @property
+    def load(self) -> float:
+        """Running and waiting calls per slot: what least-loaded placement compares."""
+        return (self.busy + self.waiting) / self.slots
+
+    @property
+    def full(self) -> bool:
+        """Every slot busy and the queue full: the next call would be refused."""
+        return self.busy >= self.slots and self.waiting >= self.queue_size
+
     def close(self) -> None:
         """Let the worker threads end once their current call returns (the app is stopping)."""
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _enter(self) -> None:
         """Take a slot, waiting in the queue if there is room in it, else raise Overloaded."""
-        if self.busy >= self.slots and self.waiting >= self.queue_size:
+        if self.full:
             raise Overloaded(
                 f"engine {self.name!r} is busy: {self.busy} running and {self.waiting} waiting; retry shortly",
                 headers={"Retry-After": str(self.retry_after_s)},
@@ -144,3 +154,31 @@ class EngineSlots:
                     return
         finally:
             stop.set()  # no await here: a cancelled consumer may not wait for anything
+
+
+class SlotTotals:
+    """The counts of several EngineSlots summed (one engine's replicas on several devices), read-only."""
+
+    def __init__(self, name: str, members: list[EngineSlots]) -> None:
+        self.name = name
+        self.members = members
+
+    @property
+    def slots(self) -> int:
+        """Slots over every member."""
+        return sum(m.slots for m in self.members)
+
+    @property
+    def busy(self) -> int:
+        """Calls running over every member."""
+        return sum(m.busy for m in self.members)
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting over every member."""
+        return sum(m.waiting for m in self.members)
+
+    @property
+    def queue_size(self) -> int:
+        """Queue room over every member."""
+        return sum(m.queue_size for m in self.members)

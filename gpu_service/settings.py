@@ -57,7 +57,8 @@ class TalkingHeadSettings(_Group):
     """The talking-head engine and /video, /avatars (`TALKING_HEAD__*`)."""
 
     avatar_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=16 * 1024 * 1024, le=64 * 1024**3)
-    """Memory budget for encoded avatars; the least recently used leave first (they stay on disk)."""
+    """Memory budget for encoded avatars, per device (each device keeps the avatars it rendered last, with their
+    render layout); the least recently used leave first (they stay on disk)."""
 
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=64 * 1024, le=100 * 1024 * 1024)
     """Largest portrait accepted (upload or base64); larger is a 422 naming the limit."""
@@ -186,8 +187,30 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     """Compute device: auto picks CUDA, else MPS, else CPU. A forced device that is absent fails at start."""
 
+    devices: str = "auto"
+    """Devices the engines run on: auto (every visible CUDA device of DEVICE's choice, else MPS, else the CPU) or a
+    list such as `cuda:0,cuda:1` (or `cpu:0,cpu:1`: CPU replicas, for testing placement). Engines that run on a
+    device (talking head, lip-sync, XTTS) get one replica per device, each with ENGINE_SLOTS slots; Piper runs once."""
+
+    placement: Literal["least_loaded", "round_robin"] = "least_loaded"
+    """How a request picks among an engine's replicas: the one with the fewest running and waiting calls per slot
+    (ties: the one holding the request's avatar, then in turn), or each in turn."""
+
+    render_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Precision of the torch render path (talking head and lip-sync on CUDA/MPS): auto is float16 there (bfloat16
+    where the device has no float16 kernels) and float32 on the CPU. Sampling positions and the mouth's shading
+    stay float32 whatever is chosen."""
+
     avatar_model_dir: Path = Field(default=_REPO_ROOT / "models")
-    """Directory holding optional model weights (e.g. `xtts_v2/`). Nothing is downloaded into it."""
+    """Directory holding optional model weights (e.g. `xtts_v2/`) and their record (`manifest.json`).
+    Filled by `python -m gpu_service models fetch`; the service itself never downloads into it."""
+
+    model_verify: Literal["off", "size", "sha256"] = "size"
+    """Check an engine's weight files against its manifest before loading them: sizes (fast), sizes and
+    sha256 (reads every byte), or off (weights of your own). A file that fails is not loaded."""
+
+    model_manifests_dir: Path = Field(default=_REPO_ROOT / "gpu_service" / "models" / "manifests")
+    """Where the engines' weight manifests (`<engine>.json`: name, size, sha256, url of each file) are read from."""
 
     preset_avatars_dir: Path = Field(default=_REPO_ROOT / "preset_avatars")
     """Each subfolder is one preset avatar; its id is the folder name."""
@@ -262,6 +285,15 @@ class Settings(BaseSettings):
                                    file_secret_settings):
         """The usual sources, then the flat names of earlier releases (lowest priority)."""
         return init_settings, env_settings, dotenv_settings, file_secret_settings, _LegacyNames(settings_cls)
+
+    @field_validator("devices")
+    @classmethod
+    def _device_list(cls, value: str) -> str:
+        """`auto` or a comma list of device names (cuda:N, mps, cpu, cpu:N) of one kind."""
+        from gpu_service.device import parse_devices
+
+        names = parse_devices(value)
+        return "auto" if names is None else ",".join(names)
 
     @field_validator("tts_engines", "video_engines", "lipsync_engines", mode="before")
     @classmethod

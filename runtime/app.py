@@ -19,14 +19,15 @@ from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from avatar_contracts.http import RequestContext, describe_validation, install_error_handlers
 from avatar_contracts.gpu import EMOTIONS, ErrorResponse
 from avatar_contracts.logs import setup_logging
-from avatar_contracts.media import check_image_header, decode_base64
-from avatar_contracts.runtime import GenerateRequest, GPUServiceStatus, JobAccepted, JobResult, RuntimeHealth, RuntimeReady
+from avatar_contracts.media import check_image_header, decode_base64, parse_background
+from avatar_contracts.metrics import HttpMetrics, scrape
+from avatar_contracts.runtime import GenerateRequest, GPUServicePlacement, GPUServiceStatus, JobAccepted, JobResult, RuntimeHealth, RuntimeReady
 from runtime import pipeline, webhooks
 from runtime.db import TERMINAL, key_fingerprint
 from runtime.errors import (
@@ -35,11 +36,13 @@ from runtime.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
+    StoreUnavailable,
     Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
 )
 from runtime.jobs import Runtime, job_view
+from runtime.metrics import RuntimeMetrics
 from runtime.settings import Settings, get_settings
 
 log = logging.getLogger("runtime")
@@ -69,7 +72,9 @@ def parse_request(raw: bytes, request_id: str) -> GenerateRequest:
     except ValidationError as exc:
         message, unknown = _describe(exc)
         if unknown:
-            log.warning("unknown request fields", extra={"fields": ",".join(unknown), "request_id": request_id})
+            # names only, bounded: a client chooses them, and a body's text has no place in the log
+            log.warning("unknown request fields", extra={"fields": ",".join(name[:64] for name in unknown[:10]),
+                                                         "count": len(unknown), "request_id": request_id})
         raise ValidationFailed(message) from None
 
 
@@ -93,6 +98,11 @@ def validate_request(req: GenerateRequest, settings: Settings) -> GenerateReques
     if req.avatar_image is not None:
         raw = decode_base64(req.avatar_image, "avatar_image", settings.max_image_bytes)
         check_image_header(raw, settings.max_image_pixels, "avatar_image")
+    if req.avatar_image is None and (req.background is not None or req.face_index is not None):
+        given = " and ".join(n for n in ("background", "face_index") if getattr(req, n) is not None)
+        raise ValidationFailed(f"{given} {'apply' if ' and ' in given else 'applies'} to avatar_image; an avatar_id names a portrait already encoded")
+    if req.background is not None:  # a colour, or an image checked from its header (the GPU service decodes it)
+        parse_background(req.background, settings.max_image_bytes, settings.max_image_pixels)
     if req.speaker_wav is not None:
         raw = decode_base64(req.speaker_wav, "speaker_wav", settings.max_speaker_wav_bytes)
         if not raw.startswith(_AUDIO_MAGIC):
@@ -130,9 +140,13 @@ def _openapi(app: FastAPI, secured: bool) -> dict:
     return app.openapi_schema
 
 
+_PRESIGNED = {"description": "OUTPUT_STORE=s3 with S3_SERVE=redirect: the file is at the presigned URL in Location."}
+
+
 def _media(media_type: str, what: str) -> dict:
     """The OpenAPI answer of an output download."""
-    return {200: {"description": what, "content": {media_type: {"schema": {"type": "string", "format": "binary"}}}}}
+    return {200: {"description": what, "content": {media_type: {"schema": {"type": "string", "format": "binary"}}}},
+            307: _PRESIGNED}
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
@@ -140,14 +154,16 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(settings.log_level)
     keys = {key_fingerprint(k): k.encode() for k in settings.runtime_api_keys}
+    metrics = RuntimeMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        rt = Runtime(settings)
+        rt = Runtime(settings, metrics)
         app.state.runtime = rt
         await asyncio.to_thread(rt.start)
         log.info("runtime started", extra={"port": settings.port, "broker": rt.broker_name,
-                                            "gpu_service_url": settings.gpu_service_url, "owner": rt.owner})
+                                            "gpu_services": ",".join(s.label for s in rt.gpu.services), "owner": rt.owner,
+                                            "database": rt.store.describe(), "outputs": rt.outputs.describe()})
         pruner = asyncio.create_task(_prune_forever(rt))
         reaper = asyncio.create_task(_reap_forever(rt)) if settings.run_worker else None
         try:
@@ -161,6 +177,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app = FastAPI(title="Avatar runtime", version="0.1.0", lifespan=lifespan,
                   responses={"4XX": _ERRORS, "5XX": _ERRORS})
     app.state.settings = settings
+    app.state.metrics = metrics
     # set by `python -m runtime` to the server's exit flag: a sync request stops waiting once it is up
     app.state.shutting_down = lambda: False
     app.openapi = lambda: _openapi(app, bool(keys))
@@ -178,12 +195,17 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     def gate(request: Request) -> Optional[ServiceError]:
         """Record who is calling (the key's fingerprint); the API itself needs a valid key when keys are set."""
         request.state.owner = caller(request) if keys else None
-        if keys and request.state.owner is None and request.url.path.startswith("/api/"):
+        path = request.url.path
+        guarded = path.startswith("/api/") or (path == "/metrics" and settings.metrics_require_key)
+        if keys and request.state.owner is None and guarded:
             return Unauthorized("a valid API key is required (X-API-Key or Authorization: Bearer)",
                                 headers={"WWW-Authenticate": "Bearer"})
         return None
 
     app.add_middleware(RequestContext, limit_for=lambda path: settings.max_request_bytes, log=log, gate=gate)
+    # outermost: the answers RequestContext gives itself (401, 413, 500) are counted too
+    app.add_middleware(HttpMetrics, requests=metrics.http_requests, duration=metrics.http_duration,
+                       router=app.router, log=log)
     install_error_handlers(app, log)
 
     def base_url(request: Request) -> str:
@@ -236,7 +258,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 raise ValidationFailed(f"unknown avatar_id {req.avatar_id!r}; known avatars: {shown}")
         canonical = req.model_dump(exclude_none=True)
         row, created = await asyncio.to_thread(
-            rt.store.create, uuid.uuid4().hex, canonical, key, base_url(request), request.state.owner)
+            rt.store.create, uuid.uuid4().hex, canonical, key, base_url(request), request.state.owner,
+            request.state.request_id)
         if created:
             await asyncio.to_thread(rt.enqueue, row["id"])
             log.info("job queued", extra={"job_id": row["id"], "chars": len(req.text), "async": is_async,
@@ -282,15 +305,25 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         """A job's status: queued, running (with progress), succeeded (with URLs) or failed (with the reason)."""
         return job_view(_job(request, task_id), base_url(request))
 
-    def _output(request: Request, task_id: str, name: str, media_type: str) -> FileResponse:
+    def _output(request: Request, task_id: str, name: str, media_type: str) -> Response:
         row = _job(request, task_id)
         if row["status"] != "succeeded":
             why = f": {row['reason']}" if row["status"] == "failed" else ""
             raise Conflict(f"job {task_id} is {row['status']}{why}; its outputs exist once it has succeeded")
-        path = settings.jobs_dir / task_id / name
-        if not path.exists():
-            raise NotFound(f"the outputs of job {task_id} have expired")
-        return FileResponse(path, media_type=media_type)
+        outputs = runtime(request).outputs
+        expired = NotFound(f"the outputs of job {task_id} have expired")
+        path = outputs.local_path(task_id, name)
+        if path is not None:  # a local folder: sent as a file (ranges, conditional requests)
+            if not path.exists():
+                raise expired
+            return FileResponse(path, media_type=media_type)
+        if not outputs.exists(task_id, name):
+            raise expired
+        url = outputs.presigned_url(task_id, name)
+        if url is not None:  # the client fetches the bytes from the bucket itself; the URL is for this caller only
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+        pieces, size = outputs.stream(task_id, name)
+        return StreamingResponse(pieces, media_type=media_type, headers={"Content-Length": str(size)})
 
     @app.get("/api/v1/jobs/{task_id}/video", response_class=FileResponse,
              responses=_media("video/mp4", "The MP4 (H.264 + AAC, faststart)."))
@@ -305,7 +338,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return _output(request, task_id, pipeline.CAPTIONS_NAME, "text/vtt")
 
     @app.get("/api/v1/jobs/{task_id}/timing.json", response_class=FileResponse, responses={
-        200: {"description": "Phoneme, word and chunk timings.", "content": {"application/json": {"schema": {"type": "object"}}}}})
+        200: {"description": "Phoneme, word and chunk timings.", "content": {"application/json": {"schema": {"type": "object"}}}},
+        307: _PRESIGNED})
     def job_timing(task_id: str, request: Request):
         """Phoneme and word timings in seconds of the final video (fps, duration_s, phonemes, words, chunks)."""
         return _output(request, task_id, pipeline.TIMING_NAME, "application/json")
@@ -319,27 +353,34 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.get("/health", response_model=RuntimeHealth, response_model_exclude_none=True)
     async def health(request: Request) -> RuntimeHealth:
         """Always 200 while the process runs. With API keys set, only the status unless the caller sends a key;
-        with one (or without keys): the broker, worker, job counts and the GPU service's URL and health."""
+        with one (or without keys): the broker, worker, job counts, the first GPU service's URL and health, and
+        every GPU service's state as chunk placement sees it."""
         rt = runtime(request)
-        answers, body = await asyncio.to_thread(rt.gpu.health)
-        status = "healthy" if answers else "degraded"
+        rows = await asyncio.to_thread(rt.gpu.report)
+        status = "healthy" if all(row["answers"] for row in rows) else "degraded"
         if keys and request.state.owner is None:
             return RuntimeHealth(status=status)
+        first = rows[0]
         return RuntimeHealth(
             status=status, broker=rt.broker_name, worker=rt.worker is not None,
             jobs=await asyncio.to_thread(rt.store.counts),
-            gpu_service=GPUServiceStatus(url=settings.gpu_service_url, reachable=answers, health=body),
+            gpu_service=GPUServiceStatus(url=settings.gpu_urls[0], reachable=first["answers"], health=first["health"]),
+            gpu_services=[GPUServicePlacement.model_validate(row) for row in rows],
         )
 
     @app.get("/ready", responses={200: {"model": RuntimeReady}, 503: {"model": RuntimeReady}})
     async def ready(request: Request):
-        """200 when the job store, broker and worker work; reports whether the GPU service is ready too."""
+        """200 when the job store, broker and worker work; reports whether the GPU services are ready too."""
         rt = runtime(request)
         problems = []
         try:
             await asyncio.to_thread(rt.store.ping)
         except Exception as exc:  # noqa: BLE001
             problems.append(f"job database: {type(exc).__name__}")
+        try:
+            await asyncio.to_thread(rt.outputs.check)
+        except StoreUnavailable as exc:
+            problems.append(exc.message)
         if settings.run_worker and rt.worker is None:
             problems.append("worker not running")
         if settings.redis_url:
@@ -348,17 +389,24 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"redis: {type(exc).__name__}")
         gpu_ready = await asyncio.to_thread(rt.gpu.ready)
-        body = RuntimeReady(ready=not problems, gpu_service_ready=gpu_ready, problems=problems)
+        body = RuntimeReady(ready=not problems, gpu_service_ready=any(gpu_ready.values()),
+                            gpu_services_ready=gpu_ready, problems=problems)
         return JSONResponse(body.model_dump(), status_code=200 if not problems else 503,
                             headers={} if not problems else {"Retry-After": "1"})
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format (runtime/metrics.py lists the families); behind the keys with METRICS_REQUIRE_KEY."""
+        return scrape(metrics.registry)
 
     return app
 
 
 def failed_status(error_type: Optional[str]) -> int:
     """HTTP status of a sync submit whose job failed: the GPU service could not generate it (424), could not be
-    reached (502), the runtime broke (500), or the inputs were refused (422)."""
-    return {"internal_error": 500, "gpu_service_unavailable": 502, "generation_failed": 424}.get(error_type or "", 422)
+    reached (502), nor could the output store, the runtime broke (500), or the inputs were refused (422)."""
+    return {"internal_error": 500, "gpu_service_unavailable": 502, "output_store_unavailable": 502,
+            "generation_failed": 424}.get(error_type or "", 422)
 
 
 async def _prune_forever(rt: Runtime, every_s: float = 600.0) -> None:
@@ -366,7 +414,7 @@ async def _prune_forever(rt: Runtime, every_s: float = 600.0) -> None:
     while True:
         with contextlib.suppress(Exception):
             for job_id in await asyncio.to_thread(rt.store.expired, time.time() - rt.settings.job_ttl_s):
-                await asyncio.to_thread(pipeline.remove_outputs, rt.settings, job_id)
+                await asyncio.to_thread(rt.outputs.remove, job_id)
                 await asyncio.to_thread(rt.store.delete, job_id)
         await asyncio.sleep(every_s)
 

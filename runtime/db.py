@@ -1,90 +1,126 @@
-"""The durable job record: one SQLite file (WAL), the truth about every job.
+"""The durable job record, the truth about every job: SQLite (default, one file, WAL) or PostgreSQL.
+
+One table definition (SQLAlchemy Core) serves both; what differs between the two databases lives
+in two places only: how an engine is made (`make_engine`) and the migration lock (`_migration_lock`).
 
 The broker only carries job ids; whatever it delivers, a worker first asks this table whether
 the job still needs doing and takes a lease on it, so a message delivered twice never makes
-two outputs. Idempotency keys are UNIQUE per API key (an index over the owner and the key):
-concurrent identical submits race on the insert and all but one lose, inside SQLite, with no
-lock of ours.
+two outputs.
+
+- Idempotency keys are unique per owner (the API key's fingerprint): a unique index over
+  `coalesce(owner, '')` and the key. Concurrent identical submits race on the insert, from one
+  runtime or many sharing the database, and all but one lose inside the database, with no lock of ours.
+- A claim takes a job that is queued, or running under a lapsed lease (its worker died), in one
+  `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING *`. On PostgreSQL a row
+  another runtime is claiming right now is skipped, not waited for; SQLite has one writer at a
+  time, so the statement is atomic there as it stands (it renders no FOR UPDATE).
+- Leases are wall-clock times (seconds since the epoch) written by the runtimes, so runtimes on
+  several hosts need synchronised clocks (NTP): a skew of a second is nothing against a 30 s lease.
+
+Schema versions: a `schema_version` table records the migrations applied; `MIGRATIONS` lists them
+in order, and every start-up applies the missing ones under a lock (PostgreSQL's
+`pg_advisory_xact_lock`, SQLite's write lock), so runtimes starting together migrate once.
+A new database is created from the table definition and stamped with the latest version; a
+database from before versioning (no `schema_version`, a `jobs` table) is version 0 and goes
+through every migration, the first of which brings any earlier runtime's file to today's schema.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import threading
+import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.schema import CreateIndex
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from runtime.errors import Conflict
 
-TERMINAL = ("succeeded", "failed")
+log = logging.getLogger("runtime.db")
 
-_TABLE = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id               TEXT PRIMARY KEY,
-    owner            TEXT,
-    idempotency_key  TEXT,
-    request_hash     TEXT NOT NULL,
-    request_json     TEXT NOT NULL,
-    status           TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed')),
-    chunks_done      INTEGER NOT NULL DEFAULT 0,
-    chunks_total     INTEGER NOT NULL DEFAULT 0,
-    detail           TEXT,
-    reason           TEXT,
-    error_type       TEXT,
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    lease_owner      TEXT,
-    lease_until      REAL,
-    result_json      TEXT,
-    webhook_url      TEXT,
-    base_url         TEXT,
-    webhook_state    TEXT,
-    webhook_attempts INTEGER NOT NULL DEFAULT 0,
-    created_at       REAL NOT NULL,
-    updated_at       REAL NOT NULL,
-    started_at       REAL,
-    finished_at      REAL
+TERMINAL = ("succeeded", "failed")
+UNFINISHED = ("queued", "running")
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Text, primary_key=True),
+    # the fingerprint of the API key that made the job (NULL when the runtime has no keys)
+    Column("owner", Text),
+    Column("idempotency_key", Text),
+    Column("request_hash", Text, nullable=False),
+    Column("request_json", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("chunks_done", Integer, nullable=False, server_default="0"),
+    Column("chunks_total", Integer, nullable=False, server_default="0"),
+    Column("detail", Text),
+    Column("reason", Text),
+    Column("error_type", Text),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("lease_owner", Text),
+    Column("lease_until", Float),
+    Column("result_json", Text),
+    Column("webhook_url", Text),
+    Column("base_url", Text),
+    # the request that made the job: carried on every log line and GPU-service call of its attempts
+    Column("request_id", Text),
+    Column("webhook_state", Text),
+    Column("webhook_attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed')", name="jobs_status_check"),
 )
-"""
-# `owner` is the fingerprint of the API key that made the job (NULL when the runtime has no keys);
-# an idempotency key is unique per owner, so two clients never see each other's jobs through one.
-_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (ifnull(owner, ''), idempotency_key)",
+Index("jobs_status", jobs.c.status)
+# an idempotency key is unique per owner, so two clients never see each other's jobs through one
+Index("jobs_idempotency", func.coalesce(jobs.c.owner, ""), jobs.c.idempotency_key, unique=True)
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("description", Text, nullable=False),
+    Column("applied_at", Float, nullable=False),
 )
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The job database cannot be opened or used at start-up; the message names the setting to fix."""
 
 
 def key_fingerprint(api_key: str) -> str:
     """What a job records of the API key that made it: a SHA-256 digest, never the key."""
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Create the table, or bring one written by an older runtime up to date, in one transaction.
-
-    Files from before job ownership have no `owner` column and a UNIQUE idempotency_key across
-    all callers; SQLite cannot drop a column constraint, so the table is rebuilt and its rows copied
-    (their owner stays NULL: they are visible only while the runtime runs without API keys).
-    """
-    conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait and then find it done
-    try:
-        columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
-        if columns and "owner" not in columns:
-            conn.execute("ALTER TABLE jobs RENAME TO jobs_v1")
-            conn.execute(_TABLE)
-            listed = ", ".join(columns)
-            conn.execute(f"INSERT INTO jobs ({listed}) SELECT {listed} FROM jobs_v1")
-            conn.execute("DROP TABLE jobs_v1")
-        else:
-            conn.execute(_TABLE)
-        for statement in _INDEXES:
-            conn.execute(statement)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -93,168 +129,342 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+# -- URLs and engines ---------------------------------------------------------------------------
+
+
+def normalize_url(raw: str) -> str:
+    """DATABASE_URL as SQLAlchemy takes it: postgresql:// (or postgres://) gets the psycopg 3 driver;
+    sqlite:///path stays. Anything else is a ValueError that names the setting."""
+    try:
+        url = make_url(raw.strip())
+    except ArgumentError:
+        raise ValueError("DATABASE_URL is not a database URL; use postgresql://user:password@host:5432/dbname") from None
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend in ("postgresql", "postgres"):
+        if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError(f"DATABASE_URL uses the driver {driver!r}; use postgresql:// (psycopg 3 is the driver installed)")
+        url = url.set(drivername="postgresql+psycopg")
+    elif backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise ValueError("DATABASE_URL names an in-memory SQLite database, which connections do not share; "
+                             "name a file (sqlite:////path/jobs.db) or leave DATABASE_URL unset")
+    else:
+        raise ValueError(f"DATABASE_URL names {backend!r}, which is not supported; use postgresql://... "
+                         "(or leave it unset for SQLite)")
+    return url.render_as_string(hide_password=False)
+
+
+def describe_url(url: Union[str, URL]) -> str:
+    """The URL with its password hidden, for logs and messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """A SQLAlchemy engine for the job database, set up for its dialect (the one place that knows them)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, pool_size=pool_size, max_overflow=2 * pool_size,
+                               connect_args={"timeout": 30.0, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record) -> None:
+            # the driver's own transaction handling is off; `_on_begin` says BEGIN itself (SQLAlchemy's recipe)
+            dbapi_conn.isolation_level = None
+            for pragma in ("journal_mode=WAL", "busy_timeout=30000", "synchronous=NORMAL"):
+                dbapi_conn.execute(f"PRAGMA {pragma}")
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock at once: a transaction that reads before it writes then waits
+            # for another writer (busy_timeout) instead of failing when that writer commits first
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
+
+        return engine
+    connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": 10}
+    return create_engine(parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=True,
+                         connect_args=connect_args)
+
+
+# -- migrations ---------------------------------------------------------------------------------
+
+
+def _m1_owned_idempotency(conn: Connection) -> None:
+    """Today's schema. Files from before job ownership have no `owner` column and a UNIQUE idempotency_key
+    across all callers; SQLite cannot drop a column constraint, so that table is rebuilt and its rows
+    copied (their owner stays NULL: they are visible only while the runtime runs without API keys).
+
+    Built from the one table definition: while no later migration changes `jobs`, that is version 1.
+    """
+    columns = [c["name"] for c in inspect(conn).get_columns("jobs")]
+    if "owner" not in columns:
+        conn.execute(text("ALTER TABLE jobs RENAME TO jobs_v0"))
+        for index in jobs.indexes:  # SQLite index names are per database: the old table's go with it
+            conn.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
+        jobs.create(conn)
+        old = Table("jobs_v0", MetaData(), autoload_with=conn)
+        conn.execute(insert(jobs).from_select(columns, select(*(old.c[name] for name in columns))))
+        old.drop(conn)
+    for index in jobs.indexes:  # IF NOT EXISTS: reflection does not see the expression index to check first
+        conn.execute(CreateIndex(index, if_not_exists=True))
+
+
+def _m2_request_id(conn: Connection) -> None:
+    """Jobs remember the request that made them (`request_id`), for their logs and GPU-service calls."""
+    if "request_id" not in [c["name"] for c in inspect(conn).get_columns("jobs")]:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN request_id TEXT"))
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "jobs table with idempotency keys unique per owner", _m1_owned_idempotency),
+    (2, "jobs remember the request id that made them", _m2_request_id),
+]
+"""(version, description, step) in order: step N brings a database at version N-1 to version N."""
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def _migration_lock(conn: Connection) -> None:
+    """Hold the database's migration lock until the transaction ends (SQLite: its BEGIN IMMEDIATE write lock)."""
+    if conn.dialect.name == "postgresql":  # per schema, so runtimes on different schemas do not wait for each other
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('avatar-runtime schema ' || current_schema()))"))
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the database to the latest schema version under the migration lock; returns the version it found."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(immediate=True)
+        with conn.begin():
+            _migration_lock(conn)
+            inspector = inspect(conn)
+            if inspector.has_table("schema_version"):
+                found = conn.execute(select(func.max(schema_version.c.version))).scalar() or 0
+            else:
+                found = 0
+                schema_version.create(conn)
+            if found > LATEST:
+                raise DatabaseUnavailable(
+                    f"the job database is at schema version {found}, newer than this runtime's {LATEST}: "
+                    "a newer runtime migrated it; run that version (or point DATABASE_URL at another database)")
+            now = time.time()
+            if found == 0 and not inspector.has_table("jobs"):  # a new database: today's tables as defined
+                jobs.create(conn)
+                conn.execute(insert(schema_version), [
+                    {"version": v, "description": d, "applied_at": now} for v, d, _ in MIGRATIONS])
+                return found
+            for version, description, step in MIGRATIONS:
+                if version > found:
+                    step(conn)
+                    conn.execute(insert(schema_version).values(version=version, description=description, applied_at=now))
+                    log.info("job database migrated", extra={"schema_version": version, "migration": description})
+    return found
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+def _row(row: Any) -> Optional[dict]:
+    return dict(row._mapping) if row is not None else None
+
+
 class JobStore:
-    """Thread-safe access to the jobs table; each thread keeps its own connection."""
+    """Thread-safe access to the jobs table through a pool of connections; opening it migrates the schema."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        conn = self._conn()
-        conn.execute("PRAGMA journal_mode=WAL")
-        _migrate(conn)
+    def __init__(self, url: Union[str, Path], pool_size: int = 5) -> None:
+        if isinstance(url, Path) or "://" not in str(url):
+            url = f"sqlite:///{Path(url)}"
+        self.url = normalize_url(str(url))
+        self.dialect = make_url(self.url).get_backend_name()
+        where = describe_url(self.url) if self.dialect == "postgresql" else make_url(self.url).database
+        setting = "DATABASE_URL" if self.dialect == "postgresql" else "DATA_DIR (or DATABASE_URL)"
+        try:
+            self.engine = make_engine(self.url, pool_size)
+        except OSError as exc:
+            raise DatabaseUnavailable(f"{setting}: cannot create the job database at {where}: {exc}") from None
+        try:
+            migrate(self.engine)
+        except DatabaseUnavailable:
+            self.engine.dispose()
+            raise
+        except SQLAlchemyError as exc:
+            self.engine.dispose()
+            orig = getattr(exc, "orig", None) or exc
+            why = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+            raise DatabaseUnavailable(f"{setting}: cannot use the job database at {where}: {why}") from None
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # autocommit (isolation_level=None): every statement is its own transaction unless we BEGIN
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+    def describe(self) -> str:
+        """Where the record is, password hidden."""
+        return describe_url(self.url)
+
+    def close(self) -> None:
+        """Close the pool's connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def ping(self) -> bool:
         """True when the database answers a query."""
-        return self._conn().execute("SELECT 1").fetchone()[0] == 1
+        with self.engine.connect() as conn:
+            return conn.execute(select(1)).scalar() == 1
+
+    def _write(self, statement) -> Any:
+        with self.engine.begin() as conn:
+            return conn.execute(statement)
+
+    def _changed(self, statement) -> bool:
+        return self._write(statement).rowcount == 1
 
     # -- submit ---------------------------------------------------------------------------
 
     def create(
         self, job_id: str, body: dict[str, Any], idempotency_key: Optional[str], base_url: Optional[str] = None,
-        owner: Optional[str] = None,
+        owner: Optional[str] = None, request_id: Optional[str] = None,
     ) -> tuple[dict, bool]:
-        """Insert a queued job for `owner` (a key fingerprint); with an idempotency key that owner already
-        used, return that job (same body) or raise Conflict."""
+        """Insert a queued job for `owner` (a key fingerprint) made by request `request_id`; with an idempotency
+        key that owner already used, return that job (same body) or raise Conflict."""
         digest = request_hash(body)
         now = time.time()
+        row = {"id": job_id, "owner": owner, "idempotency_key": idempotency_key, "request_hash": digest,
+               "request_json": json.dumps(body), "status": "queued", "webhook_url": body.get("webhook_url"),
+               "base_url": base_url, "request_id": request_id, "created_at": now, "updated_at": now}
         try:
-            self._conn().execute(
-                "INSERT INTO jobs (id, owner, idempotency_key, request_hash, request_json, status, webhook_url,"
-                " base_url, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, owner, idempotency_key, digest, json.dumps(body), body.get("webhook_url"), base_url, now, now),
-            )
-            return self.get(job_id), True
-        except sqlite3.IntegrityError:
+            with self.engine.begin() as conn:
+                created = conn.execute(insert(jobs).values(**row).returning(*jobs.c)).one()
+            return _row(created), True
+        except IntegrityError:
             if idempotency_key is None:
                 raise
-            row = self._idempotent(idempotency_key, owner)
-            if row is None:  # pragma: no cover - a UNIQUE failure implies the row exists
+            existing = self._idempotent(idempotency_key, owner)
+            if existing is None:  # pragma: no cover - a unique failure implies the row exists
                 raise
-            if row["request_hash"] != digest:
+            if existing["request_hash"] != digest:
                 raise Conflict(
                     f"Idempotency-Key {idempotency_key!r} was already used with a different body "
-                    f"(job {row['id']}); use a new key for a new request"
+                    f"(job {existing['id']}); use a new key for a new request"
                 ) from None
-            return dict(row), False
+            return existing, False
 
     # -- reads ----------------------------------------------------------------------------
 
+    def _one(self, statement) -> Optional[dict]:
+        with self.engine.connect() as conn:
+            return _row(conn.execute(statement).first())
+
     def get(self, job_id: str) -> Optional[dict]:
         """The job's row as a dict, or None."""
-        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return dict(row) if row else None
+        return self._one(select(jobs).where(jobs.c.id == job_id))
 
     def unfinished(self) -> list[dict]:
         """Jobs that are queued or running, oldest first (restart recovery)."""
-        rows = self._conn().execute(
-            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY created_at"
-        ).fetchall()
-        return [dict(r) for r in rows]
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs).where(jobs.c.status.in_(UNFINISHED)).order_by(jobs.c.created_at))
+            return [_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """How many jobs are in each status."""
-        rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        return {r[0]: r[1] for r in rows}
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
+            return {status: count for status, count in rows}
 
-    def _idempotent(self, key: str, owner: Optional[str]) -> Optional[sqlite3.Row]:
-        return self._conn().execute(
-            "SELECT * FROM jobs WHERE ifnull(owner, '') = ? AND idempotency_key = ?", (owner or "", key)
-        ).fetchone()
+    def _idempotent(self, key: str, owner: Optional[str]) -> Optional[dict]:
+        return self._one(select(jobs).where(func.coalesce(jobs.c.owner, "") == (owner or ""),
+                                            jobs.c.idempotency_key == key))
 
     def count_idempotent(self, key: str, owner: Optional[str] = None) -> int:
-        """Jobs one owner recorded under an idempotency key (0 or 1: the pair is UNIQUE)."""
+        """Jobs one owner recorded under an idempotency key (0 or 1: the pair is unique)."""
         return 0 if self._idempotent(key, owner) is None else 1
 
     def expired(self, before: float) -> list[str]:
         """Finished jobs older than `before` (their outputs are due for removal)."""
-        rows = self._conn().execute(
-            "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed') AND finished_at < ?", (before,)
-        ).fetchall()
-        return [r[0] for r in rows]
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.id).where(jobs.c.status.in_(TERMINAL), jobs.c.finished_at < before))
+            return [r[0] for r in rows]
 
     # -- worker side ----------------------------------------------------------------------
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> Optional[dict]:
-        """Take the job for `owner` if it is queued, or running under a lapsed (or our own) lease."""
+        """Take the job for `owner` if it is queued, or running under a lapsed (or our own) lease; the row
+        as it now is, or None. A row another worker is claiming this instant counts as taken (SKIP LOCKED)."""
         now = time.time()
-        cur = self._conn().execute(
-            "UPDATE jobs SET status = 'running', lease_owner = ?, lease_until = ?, attempts = attempts + 1,"
-            " started_at = COALESCE(started_at, ?), updated_at = ?, detail = 'started'"
-            " WHERE id = ? AND (status = 'queued' OR (status = 'running' AND"
-            " (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)))",
-            (owner, now + lease_s, now, now, job_id, now, owner),
+        claimable = select(jobs.c.id).where(
+            jobs.c.id == job_id,
+            or_(jobs.c.status == "queued",
+                and_(jobs.c.status == "running",
+                     or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now, jobs.c.lease_owner == owner))),
+        ).with_for_update(skip_locked=True)
+        statement = (
+            update(jobs).where(jobs.c.id == claimable.scalar_subquery())
+            .values(status="running", lease_owner=owner, lease_until=now + lease_s, attempts=jobs.c.attempts + 1,
+                    started_at=func.coalesce(jobs.c.started_at, now), updated_at=now, detail="started")
+            .returning(*jobs.c)
         )
-        return self.get(job_id) if cur.rowcount == 1 else None
+        with self.engine.begin() as conn:
+            return _row(conn.execute(statement).first())
+
+    def take_stalled(self, lapsed_before: float, queued_before: float) -> list[str]:
+        """Jobs nobody is working on, handed to one caller: running under a lease that lapsed before
+        `lapsed_before` (put back to queued) or queued and untouched since `queued_before` (touched).
+
+        Two runtimes sweeping at once never both get a job (SKIP LOCKED), so a stalled job is re-sent once.
+        """
+        now = time.time()
+        lapsed = and_(jobs.c.status == "running", or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < lapsed_before))
+        stalled = (
+            select(jobs.c.id)
+            .where(or_(lapsed, and_(jobs.c.status == "queued", jobs.c.updated_at < queued_before)))
+            .with_for_update(skip_locked=True)
+        )
+        statement = (
+            update(jobs).where(jobs.c.id.in_(stalled))
+            .values(status="queued", lease_owner=None, lease_until=None, updated_at=now)
+            .returning(jobs.c.id)
+        )
+        with self.engine.begin() as conn:
+            return [r[0] for r in conn.execute(statement)]
+
+    def _ours(self, job_id: str, owner: str):
+        return and_(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.lease_owner == owner)
 
     def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
         """Extend our lease; False when the job is no longer ours."""
-        now = time.time()
-        cur = self._conn().execute(
-            "UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running' AND lease_owner = ?",
-            (now + lease_s, job_id, owner),
-        )
-        return cur.rowcount == 1
+        return self._changed(update(jobs).where(self._ours(job_id, owner)).values(lease_until=time.time() + lease_s))
 
     def progress(self, job_id: str, owner: str, done: int, total: int, detail: str) -> bool:
         """Record finished chunks; False when the job is no longer ours."""
-        cur = self._conn().execute(
-            "UPDATE jobs SET chunks_done = ?, chunks_total = ?, detail = ?, updated_at = ?"
-            " WHERE id = ? AND status = 'running' AND lease_owner = ?",
-            (done, total, detail, time.time(), job_id, owner),
-        )
-        return cur.rowcount == 1
+        return self._changed(update(jobs).where(self._ours(job_id, owner)).values(
+            chunks_done=done, chunks_total=total, detail=detail, updated_at=time.time()))
 
     def release(self, job_id: str, owner: str, detail: str) -> bool:
         """Put a running job back to queued (a transient failure; it will be retried)."""
-        cur = self._conn().execute(
-            "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL, detail = ?, updated_at = ?"
-            " WHERE id = ? AND status = 'running' AND lease_owner = ?",
-            (detail, time.time(), job_id, owner),
-        )
-        return cur.rowcount == 1
+        return self._changed(update(jobs).where(self._ours(job_id, owner)).values(
+            status="queued", lease_owner=None, lease_until=None, detail=detail, updated_at=time.time()))
 
     def succeed(self, job_id: str, owner: str, result: dict) -> bool:
         """Mark our running job succeeded with its result; False when it was not ours to finish."""
         now = time.time()
-        cur = self._conn().execute(
-            "UPDATE jobs SET status = 'succeeded', result_json = ?, chunks_done = chunks_total, detail = NULL,"
-            " lease_owner = NULL, lease_until = NULL, updated_at = ?, finished_at = ?"
-            " WHERE id = ? AND status = 'running' AND lease_owner = ?",
-            (json.dumps(result), now, now, job_id, owner),
-        )
-        return cur.rowcount == 1
+        return self._changed(update(jobs).where(self._ours(job_id, owner)).values(
+            status="succeeded", result_json=json.dumps(result), chunks_done=jobs.c.chunks_total, detail=None,
+            lease_owner=None, lease_until=None, updated_at=now, finished_at=now))
 
     def fail(self, job_id: str, reason: str, error_type: str, owner: Optional[str] = None) -> bool:
         """Mark an unfinished job failed with its reason (ours, or any unfinished one when owner is None)."""
         now = time.time()
-        sql = (
-            "UPDATE jobs SET status = 'failed', reason = ?, error_type = ?, detail = NULL, lease_owner = NULL,"
-            " lease_until = NULL, updated_at = ?, finished_at = ? WHERE id = ? AND status IN ('queued', 'running')"
-        )
-        args: tuple = (reason, error_type, now, now, job_id)
+        where = and_(jobs.c.id == job_id, jobs.c.status.in_(UNFINISHED))
         if owner is not None:
-            sql += " AND (lease_owner = ? OR lease_owner IS NULL)"
-            args += (owner,)
-        return self._conn().execute(sql, args).rowcount == 1
+            where = and_(where, or_(jobs.c.lease_owner == owner, jobs.c.lease_owner.is_(None)))
+        return self._changed(update(jobs).where(where).values(
+            status="failed", reason=reason, error_type=error_type, detail=None, lease_owner=None, lease_until=None,
+            updated_at=now, finished_at=now))
 
     def webhook_state(self, job_id: str, state: str, attempts: int) -> None:
         """Record how the job's webhook delivery went (pending, delivered, gave_up)."""
-        self._conn().execute(
-            "UPDATE jobs SET webhook_state = ?, webhook_attempts = ? WHERE id = ?", (state, attempts, job_id)
-        )
+        self._write(update(jobs).where(jobs.c.id == job_id).values(webhook_state=state, webhook_attempts=attempts))
 
     def delete(self, job_id: str) -> None:
         """Forget a job (after its outputs were removed)."""
-        self._conn().execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        self._write(delete(jobs).where(jobs.c.id == job_id))
+

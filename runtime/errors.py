@@ -26,17 +26,27 @@ class Conflict(ServiceError):
     error_type = "conflict"
 
 
+class StoreUnavailable(ServiceError):
+    """The output store (S3) cannot be reached or used right now; a job retries, a download answers 503."""
+
+    status_code = 503
+    error_type = "output_store_unavailable"
+
+
 class GPUServiceError(Exception):
-    """A GPU-service call that did not succeed; `transient` says whether retrying can help."""
+    """A GPU-service call that did not succeed; `transient` says whether retrying can help, `down` whether the
+    service itself failed (unreachable, timed out, 5xx), so that another GPU service may do the work instead."""
 
     def __init__(self, message: str, *, transient: bool, status: int | None = None,
-                 error_type: str = "gpu_service_error", retry_after_s: float | None = None) -> None:
+                 error_type: str = "gpu_service_error", retry_after_s: float | None = None,
+                 down: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.transient = transient
         self.status = status
         self.error_type = error_type
         self.retry_after_s = retry_after_s
+        self.down = down
 
 
 class JobInputError(Exception):

@@ -22,11 +22,13 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
 from avatar_contracts.errors import redact_paths
+from avatar_contracts.logs import REQUEST_ID
 from avatar_contracts.runtime import JobResult, WebhookEvent
-from runtime import pipeline, webhooks
+from runtime import pipeline, storage, webhooks
 from runtime.db import TERMINAL, JobStore
-from runtime.errors import GPUServiceError
+from runtime.errors import GPUServiceError, StoreUnavailable
 from runtime.gpu_client import GPUClient
+from runtime.metrics import RuntimeMetrics, retry_reason
 from runtime.settings import Settings
 
 log = logging.getLogger("runtime.jobs")
@@ -66,11 +68,14 @@ def job_view(row: dict, base_url: Optional[str]) -> JobResult:
 class Runtime:
     """Process-wide job machinery: store, GPU client, broker, actors and (optionally) the worker."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Optional[RuntimeMetrics] = None) -> None:
         self.settings = settings
         self.owner = f"{uuid.uuid4().hex[:12]}"
-        self.store = JobStore(settings.db_path)
-        self.gpu = GPUClient(settings)
+        self.store = JobStore(settings.database, settings.database_pool_size)
+        self.outputs = storage.build(settings)
+        self.metrics = metrics if metrics is not None else RuntimeMetrics()
+        self.metrics.watch(self.store)
+        self.gpu = GPUClient(settings, self.metrics)
         self.broker = self._make_broker()
         self.worker: Optional[dramatiq.Worker] = None
         self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
@@ -104,7 +109,8 @@ class Runtime:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the in-process worker (if configured) and re-enqueue unfinished jobs."""
+        """Start the GPU services' health polls, the in-process worker (if configured), and re-enqueue unfinished jobs."""
+        self.gpu.start()
         if self.settings.run_worker:
             self.worker = dramatiq.Worker(self.broker, worker_threads=self.settings.worker_threads, worker_timeout=200)
             self.worker.start()
@@ -117,6 +123,7 @@ class Runtime:
             self.worker = None
         self.broker.close()
         self.gpu.close()
+        self.store.close()
 
     def recover(self) -> int:
         """Send every queued or running job again; the lease check drops the ones alive elsewhere."""
@@ -134,21 +141,19 @@ class Runtime:
     def reap(self) -> int:
         """Re-send jobs nobody is working on: running under a lapsed lease, or queued past any retry delay.
 
-        Covers a worker thread that died without recording an outcome, or a send lost between the
-        DB update and the broker. Duplicate sends are harmless: the lease decides who runs.
+        Covers a worker (or a whole runtime) that died without recording an outcome, or a send lost
+        between the DB update and the broker. Runtimes sharing the database sweep at the same time;
+        each stalled job goes to one of them (`JobStore.take_stalled`), and a duplicate send would be
+        harmless anyway: the lease decides who runs.
         """
         now = time.time()
         stale_queued = now - (self.settings.retry_max_backoff_s + self.settings.job_lease_s + 5)
-        count = 0
-        for row in self.store.unfinished():
-            lapsed = row["status"] == "running" and (row["lease_until"] or 0) < now
-            forgotten = row["status"] == "queued" and row["updated_at"] < stale_queued
-            if lapsed or forgotten:
-                self.run_job.send(row["id"])
-                count += 1
-        if count:
-            log.warning("re-sent stalled jobs", extra={"jobs": count})
-        return count
+        stalled = self.store.take_stalled(lapsed_before=now, queued_before=stale_queued)
+        for job_id in stalled:
+            self.run_job.send(job_id)
+        if stalled:
+            log.warning("re-sent stalled jobs", extra={"jobs": len(stalled)})
+        return len(stalled)
 
     def enqueue(self, job_id: str) -> None:
         """Send a job to the workers."""
@@ -192,6 +197,8 @@ class Runtime:
         if claimed is None:
             log.info("job held elsewhere; skipping", extra={"job_id": job_id})
             return
+        if row["status"] == "running" and row["lease_owner"] != self.owner:  # its worker died: taken over
+            self.metrics.job_retry("lease_expired")
         started = time.perf_counter()
         lost = threading.Event()
         stop = threading.Event()
@@ -210,16 +217,22 @@ class Runtime:
                 raise GPUServiceError("lease lost to another worker", transient=False, error_type="lease_lost")
             self.store.progress(job_id, self.owner, done, total, detail)
 
+        # the id of the request that made the job: on every log line of this attempt and every GPU-service call
+        bound = REQUEST_ID.set(claimed.get("request_id") or job_id)
         log.info("job started", extra={"job_id": job_id, "attempt": claimed["attempts"], "owner": self.owner})
         try:
-            result = pipeline.run(self.gpu, self.settings, job_id, json.loads(claimed["request_json"]), progress)
+            result = pipeline.run(self.gpu, self.settings, job_id, json.loads(claimed["request_json"]), progress,
+                                  self.outputs, observe=self.metrics.observe_stage)
             result["timings_ms"]["queue"] = round(max(0.0, (claimed["started_at"] - claimed["created_at"]) * 1000), 1)
             result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)
             if self.store.succeed(job_id, self.owner, result):
-                pipeline.drop_scratch(self.settings, job_id)
+                with contextlib.suppress(StoreUnavailable):  # left-over chunks then go with the job at expiry
+                    pipeline.drop_scratch(self.outputs, job_id)
                 log.info("job succeeded", extra={"job_id": job_id, "duration_s": result["duration_s"]})
                 self._notify(job_id)
-        except GPUServiceError as exc:
+        except (GPUServiceError, StoreUnavailable) as exc:
+            if isinstance(exc, StoreUnavailable):  # the bucket is unreachable: as transient as a GPU service that is down
+                exc = GPUServiceError(exc.message, transient=True, error_type=exc.error_type)
             if exc.error_type == "lease_lost":
                 log.warning("job lease lost; another worker has it", extra={"job_id": job_id})
             elif exc.transient and claimed["attempts"] <= self.settings.job_max_retries:
@@ -227,15 +240,18 @@ class Runtime:
                 detail = redact_paths(f"waiting {delay:.1f}s to retry (attempt {claimed['attempts']}): {exc.message}")
                 if self.store.release(job_id, self.owner, detail):
                     log.warning("job will retry", extra={"job_id": job_id, "why": exc.message, "delay_s": delay})
+                    self.metrics.job_retry(retry_reason(exc))
                     self.run_job.send_with_options(args=(job_id,), delay=int(delay * 1000))
             else:
                 reason = exc.message if not exc.transient else f"gave up after {claimed['attempts']} attempts: {exc.message}"
-                self._fail(job_id, reason, exc.error_type if not exc.transient else "gpu_service_unavailable")
+                unavailable = "output_store_unavailable" if exc.error_type == "output_store_unavailable" else "gpu_service_unavailable"
+                self._fail(job_id, reason, exc.error_type if not exc.transient else unavailable)
         except Exception as exc:  # noqa: BLE001 - a job must end in a recorded state, never vanish
             log.exception("job crashed", extra={"job_id": job_id})
             self._fail(job_id, f"internal error while generating ({type(exc).__name__}: {exc})"[:500], "internal_error")
         finally:
             stop.set()
+            REQUEST_ID.reset(bound)
 
     def _fail(self, job_id: str, reason: str, error_type: str) -> None:
         # reasons reach clients (status, webhook); the GPU service's messages may name its model files

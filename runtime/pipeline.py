@@ -5,17 +5,22 @@ video renders), a chunk's video is asked for with the speech's own audio_url (th
 the GPU service; nothing is uploaded back), and the WAV the final mux needs is downloaded while
 the video renders.
 
-Each finished chunk is saved in the job's folder (its metadata file written last, atomically),
-so a retried or recovered job resumes at the first missing chunk and never generates a
-finished one again. The final files are written atomically under fixed names: however many
-times a job runs, it has one output.
+Each chunk is placed on one GPU service (`GPUClient.place`: avatar affinity under bounded load);
+its speech, video and downloads all go to that service. When the service fails mid-chunk
+(unreachable, 5xx, 429) the chunk is made again at once on another one, within the same attempt.
+
+Each finished chunk is saved in the job's store (`runtime.storage`: its folder, or object storage
+that every runtime reaches), its metadata file written last, atomically, so a retried or recovered
+job resumes at the first missing chunk, on any runtime, and never generates a finished one again.
+The final files are written atomically under fixed names: however many times a job runs, it has
+one output.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,11 +32,12 @@ import soundfile as sf
 
 from avatar_contracts.gpu import TTSRequest, TTSResponse, VideoRequest
 from avatar_contracts.runtime import GenerateRequest
-from runtime import media
+from runtime import media, storage
 from runtime.captions import Word, align_words, to_webvtt
 from runtime.errors import GPUServiceError
-from runtime.gpu_client import GPUClient
+from runtime.gpu_client import GPUClient, Placement, ServiceClient, affinity_key
 from runtime.settings import Settings
+from runtime.storage import JobFiles, OutputStore
 from avatar_contracts.text import chunk_text
 
 log = logging.getLogger("runtime.pipeline")
@@ -40,17 +46,29 @@ VIDEO_NAME = "video.mp4"
 CAPTIONS_NAME = "captions.vtt"
 TIMING_NAME = "timing.json"
 THUMBNAIL_NAME = "thumbnail.jpg"
+OUTPUTS = (VIDEO_NAME, CAPTIONS_NAME, TIMING_NAME, THUMBNAIL_NAME)
 
 Progress = Callable[[int, int, str], None]
+Observe = Callable[[str, float], None]
+"""Told each stage's duration in seconds: `tts` and `video` per chunk, `mux` and `assemble` per job."""
+
+
+def _unobserved(stage: str, seconds: float) -> None:
+    """The default Observe: nobody is counting."""
 
 
 def _write_json(path: Path, data: dict) -> None:
     media.write_atomic(path, json.dumps(data).encode("utf-8"))
 
 
-def _chunk_paths(workdir: Path, index: int) -> tuple[Path, Path, Path]:
+def _chunk_names(index: int) -> tuple[str, str, str]:
     stem = f"chunk_{index:04d}"
-    return workdir / f"{stem}.wav", workdir / f"{stem}.mp4", workdir / f"{stem}.json"
+    return f"{stem}.wav", f"{stem}.mp4", f"{stem}.json"
+
+
+def _chunk_paths(workdir: Path, index: int) -> tuple[Path, Path, Path]:
+    wav, mp4, meta = _chunk_names(index)
+    return workdir / wav, workdir / mp4, workdir / meta
 
 
 SPEECH_AHEAD = 2
@@ -66,7 +84,7 @@ class Speech:
     elapsed_ms: float
 
 
-def synthesize_chunk(gpu: GPUClient, req: GenerateRequest, text: str) -> Speech:
+def synthesize_chunk(gpu: ServiceClient, req: GenerateRequest, text: str) -> Speech:
     """Speech for one chunk: its audio_url and phonemes (the audio stays on the GPU service)."""
     t0 = time.perf_counter()
     speech = gpu.tts(
@@ -76,17 +94,19 @@ def synthesize_chunk(gpu: GPUClient, req: GenerateRequest, text: str) -> Speech:
 
 
 def render_chunk(
-    gpu: GPUClient, req: GenerateRequest, text: str, speech: Speech, wav: "Future[bytes]", fps: int,
-    workdir: Path, index: int,
+    gpu: ServiceClient, req: GenerateRequest, text: str, speech: Speech, wav: "Future[bytes]", fps: int,
+    files: JobFiles, index: int,
 ) -> dict:
     """Video for one chunk's speech (by its audio_url); saves wav, mp4 and (last) the metadata json."""
-    wav_path, mp4_path, meta_path = _chunk_paths(workdir, index)
+    wav_name, mp4_name, meta_name = _chunk_names(index)
     t1 = time.perf_counter()
     try:
         meta, mp4 = gpu.video(
             VideoRequest(
                 avatar_id=req.avatar_id,
                 avatar_image=req.avatar_image,
+                face_index=req.face_index,
+                background=req.background,
                 audio_url=speech.tts.audio_url,
                 phonemes=speech.tts.phonemes,
                 text=text,
@@ -101,11 +121,12 @@ def render_chunk(
             exc.transient = True
         raise
     t2 = time.perf_counter()
-    media.write_atomic(wav_path, wav.result())
-    media.write_atomic(mp4_path, mp4)
+    files.put(wav_name, wav.result())
+    files.put(mp4_name, mp4)
     if meta is not None:
         frames, rate, width, height = meta.frames, meta.fps, meta.width, meta.height
     else:  # the service sent the bytes only: measure them
+        mp4_path = files.path(mp4_name)
         info = media.probe(mp4_path)
         frames, rate, width, height = media.count_frames(mp4_path), int(round(info.fps or fps)), info.width, info.height
     record = {
@@ -118,8 +139,9 @@ def render_chunk(
         "speech_s": speech.tts.duration_s,
         "phonemes": [p.model_dump() for p in speech.tts.phonemes],
         "timings_ms": {"tts": speech.elapsed_ms, "video": (t2 - t1) * 1000},
+        "gpu_service": gpu.label,
     }
-    _write_json(meta_path, record)
+    files.put(meta_name, json.dumps(record).encode("utf-8"))
     return record
 
 
@@ -216,50 +238,101 @@ def assemble(workdir: Path, records: list[dict]) -> dict:
     }
 
 
+def make_chunk(
+    gpu: GPUClient, req: GenerateRequest, key: str, text: str, placement: Placement, speech: "Future[Speech]",
+    wav_pool: ThreadPoolExecutor, fps: int, files: JobFiles, index: int,
+) -> dict:
+    """One chunk on its placed service (speech already asked for); when that service fails, made again at once on
+    another ready one. Every placement is released; the last failure stands when no other service can take it."""
+    tried = [placement.service]
+    pending: Optional[Future[Speech]] = speech
+    try:
+        while True:
+            service = placement.service
+            try:
+                said = pending.result() if pending is not None else synthesize_chunk(service, req, text)
+                wav = wav_pool.submit(contextvars.copy_context().run, service.fetch, said.tts.audio_url,
+                                      "speech download")  # for the mux, meanwhile; with the job's request id
+                return render_chunk(service, req, text, said, wav, fps, files, index)
+            except GPUServiceError as exc:
+                moved = gpu.failover(placement, exc, key, tried, req.avatar_id)
+                if moved is None:
+                    raise
+                placement, pending = moved, None
+                tried.append(placement.service)
+    finally:
+        placement.release()
+
+
 def run(
     gpu: GPUClient,
     settings: Settings,
     job_id: str,
     body: dict,
     progress: Progress,
+    store: Optional[OutputStore] = None,
+    observe: Observe = _unobserved,
 ) -> dict:
-    """Generate a job's outputs in its folder, resuming from finished chunks; returns its result record."""
+    """Generate a job's outputs in its store, resuming from finished chunks; returns its result record."""
+    files = (store or storage.build(settings)).open_job(job_id)
+    try:
+        return _run(gpu, settings, job_id, body, progress, files, observe)
+    finally:
+        files.close()
+
+
+def _run(gpu: GPUClient, settings: Settings, job_id: str, body: dict, progress: Progress, files: JobFiles,
+         observe: Observe) -> dict:
     req = GenerateRequest.model_validate(body)
-    workdir = settings.jobs_dir / job_id
-    workdir.mkdir(parents=True, exist_ok=True)
     chunks = chunk_text(req.text, settings.chunk_chars, settings.first_chunk_chars or None)
     total = len(chunks)
+    key = affinity_key(req.avatar_id, req.avatar_image)
     records: list[dict] = []
     resumed = 0
-    pending = iter([i for i in range(total) if not _chunk_paths(workdir, i)[2].exists()])
+    pending = iter([i for i in range(total) if not files.has(_chunk_names(i)[2])])
     # one speech call at a time, up to SPEECH_AHEAD chunks ahead of the video being rendered
     speech_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tts-{job_id[:8]}")
     wav_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wav-{job_id[:8]}")
-    ahead: dict[int, Future[Speech]] = {}
+    ahead: dict[int, tuple[Placement, Future[Speech]]] = {}
 
     def top_up() -> None:
         while len(ahead) < SPEECH_AHEAD and (following := next(pending, None)) is not None:
-            ahead[following] = speech_pool.submit(synthesize_chunk, gpu, req, chunks[following])
+            placement = gpu.place(key, job_id, req.avatar_id)
+            # in this thread's context: the GPU calls made in the pool carry the job's request id
+            ahead[following] = (placement, speech_pool.submit(
+                contextvars.copy_context().run, synthesize_chunk, placement.service, req, chunks[following]))
 
     try:
         top_up()
         for index, text in enumerate(chunks):
-            meta_path = _chunk_paths(workdir, index)[2]
-            if meta_path.exists():  # finished in an earlier attempt
-                records.append(json.loads(meta_path.read_text()))
+            meta_name = _chunk_names(index)[2]
+            if files.has(meta_name):  # finished in an earlier attempt (on any runtime)
+                records.append(json.loads(files.read(meta_name)))
                 resumed += 1
                 continue
             progress(index, total, f"generating chunk {index + 1} of {total}")
-            speech = ahead.pop(index).result()
+            placement, speech = ahead.pop(index)
             top_up()
-            wav = wav_pool.submit(gpu.fetch, speech.tts.audio_url, "speech download")  # for the mux, meanwhile
-            records.append(render_chunk(gpu, req, text, speech, wav, settings.fps, workdir, index))
-            log.info("chunk done", extra={"job_id": job_id, "chunk": index + 1, "chunks": total})
+            records.append(make_chunk(gpu, req, key, text, placement, speech, wav_pool, settings.fps, files, index))
+            observe("tts", records[-1]["timings_ms"]["tts"] / 1000)
+            observe("video", records[-1]["timings_ms"]["video"] / 1000)
+            log.info("chunk done", extra={"job_id": job_id, "chunk": index + 1, "chunks": total,
+                                          "gpu_service": records[-1]["gpu_service"]})
     finally:  # a failed chunk fails the attempt: speech not yet started is not made for nothing
         speech_pool.shutdown(wait=True, cancel_futures=True)
         wav_pool.shutdown(wait=True, cancel_futures=True)
+        for placement, _ in ahead.values():
+            placement.release()
     progress(total, total, "joining chunks")
-    facts = assemble(workdir, records)
+    for rec in records:  # chunks of an earlier attempt come from the store when they are not here
+        for name in _chunk_names(rec["index"])[:2]:
+            files.fetch(name)
+    assembling = time.perf_counter()
+    facts = assemble(files.dir, records)
+    observe("mux", facts["timings_ms"]["mux"] / 1000)
+    observe("assemble", time.perf_counter() - assembling)
+    for name in OUTPUTS:  # in the store before the job is recorded as succeeded
+        files.save(name)
     # tts and video are each summed over chunks; after the first chunk they overlap in time
     timings = {
         "tts": sum(r["timings_ms"]["tts"] for r in records),
@@ -269,15 +342,6 @@ def run(
     return {**facts, "chunks": total, "chunks_resumed": resumed, "timings_ms": {k: round(v, 1) for k, v in timings.items()}}
 
 
-def drop_scratch(settings: Settings, job_id: str) -> None:
+def drop_scratch(store: OutputStore, job_id: str) -> None:
     """Remove a finished job's chunk files (called once its success is recorded, so a crash before that resumes)."""
-    workdir = settings.jobs_dir / job_id
-    for path in workdir.glob("chunk_*"):
-        path.unlink(missing_ok=True)
-    for scratch in ("speech.wav", "video_only.mp4"):  # video_only.mp4: from earlier versions
-        (workdir / scratch).unlink(missing_ok=True)
-
-
-def remove_outputs(settings: Settings, job_id: str) -> None:
-    """Delete a job's folder (expired or abandoned)."""
-    shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)
+    store.delete(job_id, [name for name in store.names(job_id) if name not in OUTPUTS])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -25,10 +26,64 @@ class Settings(BaseSettings):
     """TCP port of the public API."""
 
     gpu_service_url: str = Field(default="http://127.0.0.1:8001", pattern=r"^https?://", max_length=2048)
-    """Base URL of the GPU service (speech, video, avatars)."""
+    """Base URL of the GPU service (speech, video, avatars), when there is one."""
+
+    gpu_service_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=64)
+    """Base URLs of several GPU services (comma-separated or a JSON list); when set, GPU_SERVICE_URL is not used.
+    Each chunk goes to one of the ready ones: see runtime/gpu_client.py."""
+
+    gpu_health_interval_s: float = Field(default=2.0, ge=0.1, le=300)
+    """How often each GPU service's /health is polled for its state and free slots."""
+
+    gpu_health_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """Timeout of one /health poll; a service that does not answer in time is marked down."""
+
+    gpu_balance_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    """Bounded load of avatar affinity: a chunk leaves its avatar's service once that service has more than
+    this many times the average number of jobs in flight."""
 
     data_dir: Path = Field(default=_REPO_ROOT / ".data" / "runtime")
-    """Holds the job database (jobs.db) and each job's work folder and outputs."""
+    """Holds the job database (jobs.db, unless DATABASE_URL is set) and each job's work folder and outputs
+    (with OUTPUT_STORE=s3, only the folders of the jobs running here)."""
+
+    database_url: Optional[str] = Field(default=None, max_length=4096)
+    """The job record when several runtimes share it: postgresql://user:password@host:5432/dbname (psycopg 3;
+    postgresql+psycopg:// too). Unset: a SQLite file at DATA_DIR/jobs.db, for one runtime."""
+
+    database_pool_size: int = Field(default=5, ge=1, le=100)
+    """Connections one runtime process keeps open to the job database (twice as many more in bursts)."""
+
+    output_store: Literal["local", "s3"] = "local"
+    """Where job outputs (and the chunks a retried job resumes from) are kept: `local` (DATA_DIR/jobs, one
+    runtime or a shared disk) or `s3` (S3-compatible object storage that every runtime reaches)."""
+
+    s3_bucket: Optional[str] = Field(default=None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    """Bucket of the outputs with OUTPUT_STORE=s3 (it must exist). Credentials: the usual AWS variables
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or an instance role."""
+
+    s3_endpoint_url: Optional[str] = Field(default=None, pattern=r"^https?://", max_length=2048)
+    """Endpoint of an S3-compatible service (MinIO, Ceph, R2...); unset: AWS S3 of S3_REGION."""
+
+    s3_public_endpoint_url: Optional[str] = Field(default=None, pattern=r"^https?://", max_length=2048)
+    """Endpoint that clients reach, when it differs from S3_ENDPOINT_URL (an internal hostname): presigned
+    URLs are signed for it."""
+
+    s3_region: Optional[str] = Field(default=None, pattern=r"^[a-z0-9-]{2,32}$")
+    """Region of the bucket (AWS_DEFAULT_REGION when unset)."""
+
+    s3_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9!_.*'()/-]*$", max_length=512)
+    """Key prefix of the runtime's objects in the bucket (e.g. avatar/); objects are <prefix><job id>/<file>."""
+
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """How bucket names go into URLs; some S3-compatible services need `path`."""
+
+    s3_serve: Literal["redirect", "stream"] = "redirect"
+    """How the runtime answers for an output in S3: `redirect` (307 to a presigned URL: the bytes never pass
+    through the runtime) or `stream` (the runtime reads the object and sends it, for clients or networks
+    that must not reach the bucket)."""
+
+    s3_presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    """Lifetime of a presigned URL (S3 allows at most 7 days)."""
 
     redis_url: Optional[str] = Field(default=None, pattern=r"^rediss?://", max_length=2048)
     """When set, jobs go through Redis (RedisBroker) so several workers can share them; else in-process."""
@@ -121,7 +176,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Level of the structured (JSON) logs."""
 
-    @field_validator("runtime_api_keys", "webhook_allowed_hosts", mode="before")
+    metrics_require_key: bool = False
+    """Put /metrics behind the API keys too (a Prometheus scraper then sends one); needs RUNTIME_API_KEYS."""
+
+    @field_validator("runtime_api_keys", "webhook_allowed_hosts", "gpu_service_urls", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         """Accept `A,B` as well as a JSON list."""
@@ -134,11 +192,70 @@ class Settings(BaseSettings):
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
 
+    @field_validator("gpu_service_urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        """Each an http(s) URL, none twice (a service listed twice would take twice its share)."""
+        cleaned = [url.strip().rstrip("/") for url in urls]
+        for url in cleaned:
+            if not re.match(r"^https?://[^/?#]+", url) or len(url) > 2048:
+                raise ValueError(f"{url!r} is not an http(s) base URL such as http://10.0.0.5:8001")
+        twice = sorted({url for url in cleaned if cleaned.count(url) > 1})
+        if twice:
+            raise ValueError(f"listed more than once: {', '.join(twice)}")
+        return cleaned
+
     @field_validator("redis_url", "webhook_secret", "public_url", "default_avatar_id", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         """An empty variable (as compose writes `REDIS_URL=`) means unset."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url", "s3_bucket", "s3_endpoint_url", "s3_public_endpoint_url", "s3_region",
+                     "output_store", "s3_serve", "s3_addressing_style", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object, info: ValidationInfo) -> object:
+        """An empty variable (compose's `DATABASE_URL=`) means unset: None, or the field's default."""
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[info.field_name].default
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: Optional[str]) -> Optional[str]:
+        """postgresql:// gets the psycopg 3 driver; an unsupported URL is refused, naming DATABASE_URL."""
+        from runtime.db import normalize_url
+
+        return None if value is None else normalize_url(value)
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> "Settings":
+        """OUTPUT_STORE=s3 without S3_BUCKET cannot work: refused at start-up rather than at the first job."""
+        if self.output_store == "s3" and not self.s3_bucket:
+            raise ValueError("OUTPUT_STORE=s3 needs S3_BUCKET (the bucket the outputs go to)")
+        return self
+
+    @property
+    def database(self) -> str:
+        """The job database's SQLAlchemy URL: DATABASE_URL, else the SQLite file in DATA_DIR."""
+        return self.database_url or f"sqlite:///{self.db_path}"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Local working folders of jobs whose files are kept in object storage."""
+        return self.data_dir / "scratch"
+
+    @model_validator(mode="after")
+    def _metrics_key_needs_keys(self) -> "Settings":
+        """METRICS_REQUIRE_KEY without any key to require would leave /metrics open while saying it is closed."""
+        if self.metrics_require_key and not self.runtime_api_keys:
+            raise ValueError("METRICS_REQUIRE_KEY=true needs RUNTIME_API_KEYS (there is no key to require)")
+        return self
+
+    @property
+    def gpu_urls(self) -> list[str]:
+        """The GPU services jobs go to: GPU_SERVICE_URLS, or the one GPU_SERVICE_URL."""
+        return self.gpu_service_urls or [self.gpu_service_url.rstrip("/")]
 
     @property
     def db_path(self) -> Path:

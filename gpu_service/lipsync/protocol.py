@@ -25,6 +25,8 @@ class LipSyncJob:
     """trim | loop | pingpong: what to do with the video when the audio is longer."""
     phonemes: Optional[list] = None
     """(phoneme, start_s, end_s) timings of the new speech, when known."""
+    face_index: int = 0
+    """Which face to re-voice, by size on the first frame: 0 the largest."""
 
 
 @dataclass
@@ -44,6 +46,8 @@ class LipSyncResult:
     timings_ms: dict = field(default_factory=dict)
     timing_source: Optional[str] = None
     """Where the phoneme timings of the new speech came from (avatar_contracts.gpu.TimingSource)."""
+    device: str = ""
+    """The device that rendered it (cuda:1, cpu, ...)."""
 
 
 @runtime_checkable

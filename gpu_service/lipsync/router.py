@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from avatar_contracts.gpu import LipSyncResponse
-from gpu_service.http import artifact_url, artifacts, mp4_response, registry, settings, wants_json
+from gpu_service.http import artifact_url, artifacts, metrics, mp4_response, registry, settings, wants_json
 from gpu_service.lipsync.service import LipSyncService
 
 router = APIRouter(tags=["lipsync"])
@@ -13,7 +13,7 @@ router = APIRouter(tags=["lipsync"])
 
 def service(request: Request) -> LipSyncService:
     """The lip-sync service over the app's registry, settings and artifacts."""
-    return LipSyncService(registry(request), settings(request), artifacts(request))
+    return LipSyncService(registry(request), settings(request), artifacts(request), metrics(request))
 
 
 @router.post("/lipsync/generate", response_model=LipSyncResponse)
@@ -39,6 +39,7 @@ async def generate_lipsync(request: Request):
                 "X-Length-Policy": result.length_policy,
                 "X-Engine": result.engine,
                 "X-Timing-Source": result.timing_source or "",
+                "X-Device": result.device,
             },
         )
     return LipSyncResponse(

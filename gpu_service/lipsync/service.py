@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ from avatar_contracts.gpu import LENGTH_POLICIES, PhonemeTiming
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.errors import BadMedia, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from gpu_service.lipsync.protocol import LipSyncEngine, LipSyncJob, LipSyncResult
+from gpu_service.metrics import GpuMetrics
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
 from gpu_service.speech.alignment import timings_for
@@ -30,7 +32,7 @@ from gpu_service.speech.alignment import timings_for
 log = logging.getLogger(__name__)
 
 FILE_FIELDS = ("video", "audio")
-TEXT_FIELDS = ("audio_url", "phonemes", "text", "fps", "length_policy", "response", "engine")
+TEXT_FIELDS = ("audio_url", "phonemes", "text", "fps", "length_policy", "response", "engine", "face_index")
 FIELD_MAX_BYTES = 1024 * 1024
 """A form field (phoneme JSON included) larger than this is refused."""
 DEFAULT_POLICY = "pingpong"
@@ -132,14 +134,26 @@ async def read_multipart(request, folder: Path, limits: dict[str, int]) -> LipSy
 class LipSyncService:
     """Turns a multipart lip-sync request into an MP4 on the lip-sync engine."""
 
-    def __init__(self, registry: EngineRegistry, settings: Settings, artifacts: ArtifactStore) -> None:
+    def __init__(self, registry: EngineRegistry, settings: Settings, artifacts: ArtifactStore,
+                 metrics: Optional[GpuMetrics] = None) -> None:
         self.registry = registry
         self.settings = settings
         self.artifacts = artifacts
+        self.metrics = metrics if metrics is not None else GpuMetrics()
 
     def entry(self, name: Optional[str] = None) -> EngineEntry[LipSyncEngine]:
         """The loaded lip-sync engine, or a 4xx/503 saying why not."""
         return self.registry.lipsync_engine(name)
+
+    @staticmethod
+    def face_index(form: LipSyncForm) -> int:
+        """The form's face_index (0, the largest face, when absent), or a 422 naming the field."""
+        text = form.fields.get("face_index", "").strip()
+        if not text:
+            return 0
+        if not text.isdigit() or int(text) > 63:
+            raise ValidationFailed(f"face_index must be a whole number from 0 (the largest face) to 63, got {text[:16]!r}")
+        return int(text)
 
     @staticmethod
     def options(form: LipSyncForm) -> tuple[Optional[float], str, Optional[list]]:
@@ -187,6 +201,7 @@ class LipSyncService:
                 if form.sizes.get(name, 0) == 0:
                     raise BadMedia(f"{name} is empty")
             fps, policy, phonemes = self.options(form)
+            face_index = self.face_index(form)
             kind = form.fields.get("response", "").strip() or "mp4"
             if kind not in ("mp4", "json"):
                 raise ValidationFailed(f"response must be mp4 or json, got {kind!r}")
@@ -195,14 +210,23 @@ class LipSyncService:
             video = await asyncio.to_thread(open_video, form.files["video"], max_s=limits.max_video_s,
                                             max_pixels=limits.max_pixels, fps=fps)
             audio, rate = await asyncio.to_thread(decode_audio_file, audio_path, field_name, limits.max_audio_s)
+            aligning = time.perf_counter()
             phonemes, source = await asyncio.to_thread(timings_for, audio, rate, phonemes,
                                                        form.fields.get("text", "").strip() or None)
-            job = LipSyncJob(video=video, audio=audio, sample_rate=rate, length_policy=policy, phonemes=phonemes)
+            if source != "request":
+                self.metrics.observe("align", time.perf_counter() - aligning)
+            job = LipSyncJob(video=video, audio=audio, sample_rate=rate, length_policy=policy, phonemes=phonemes,
+                             face_index=face_index)
             log.info("lipsync request", extra={"video_bytes": form.sizes["video"], "size": video.size,
                                                "fps": float(video.fps), "audio_s": round(len(audio) / rate, 3),
                                                "policy": policy, "timing_source": source})
-            result = await entry.slots.run(entry.engine.lipsync, job)
+            replica = entry.place()
+            result = await replica.slots.run(self.metrics.timed("lipsync", replica.engine.lipsync), job)
             result.timing_source = source
+            for stage in ("render", "encode"):
+                if stage in result.timings_ms:
+                    self.metrics.observe(stage, result.timings_ms[stage] / 1000)
+            self.metrics.generated("lipsync")
             return result, kind
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)

@@ -63,16 +63,23 @@ class OneEuroFilter:
 
 
 class FaceTracker:
-    """One face followed through consecutive frames; one instance per video (it holds tracking state)."""
+    """One face followed through consecutive frames; one instance per video (it holds tracking state).
+
+    With `max_faces` > 1 the mesh tracks that many faces and one is followed: the `face_index`-th
+    by size (0, the largest) where the tracker starts or has lost its face, then from frame to
+    frame the one nearest to where it was.
+    """
 
     def __init__(self, fps: float, min_confidence: float = 0.5, smooth: bool = True,
-                 jump_fraction: float = 0.25, lip_filter: tuple[float, float, float] = (4.0, 20.0, 4.0)) -> None:
+                 jump_fraction: float = 0.25, lip_filter: tuple[float, float, float] = (4.0, 20.0, 4.0),
+                 max_faces: int = 1, face_index: int = 0) -> None:
         import mediapipe as mp
 
         self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=False, max_num_faces=1, refine_landmarks=True,
+            static_image_mode=False, max_num_faces=max(1, max_faces), refine_landmarks=True,
             min_detection_confidence=min_confidence, min_tracking_confidence=min_confidence,
         )
+        self.face_index = face_index
         self.dt = 1.0 / float(fps)
         self.filter = OneEuroFilter() if smooth else None
         # The lips get a much lighter filter: their landmarks say how far this frame's mouth must be
@@ -97,8 +104,16 @@ class FaceTracker:
         result = self._mesh.process(np.ascontiguousarray(frame_rgb))
         if not result.multi_face_landmarks:
             return None
-        pts = result.multi_face_landmarks[0].landmark
-        return np.array([[p.x * w, p.y * h] for p in pts], dtype=np.float32)
+        faces = [np.array([[p.x * w, p.y * h] for p in face.landmark], dtype=np.float32)
+                 for face in result.multi_face_landmarks]
+        if len(faces) == 1 and self.face_index == 0:
+            return faces[0]
+        if self._last is not None:  # follow the face where it was, unless it is gone (nothing within a face width)
+            near = min(faces, key=lambda f: float(np.linalg.norm(f[L.NOSE_TIP] - self._last[L.NOSE_TIP])))
+            if np.linalg.norm(near[L.NOSE_TIP] - self._last[L.NOSE_TIP]) <= np.ptp(self._last[L.FACE_OVAL, 0]):
+                return near
+        ranked = L.by_size(faces)
+        return ranked[self.face_index] if self.face_index < len(ranked) else None
 
     def track(self, frame_rgb: np.ndarray) -> Optional[np.ndarray]:
         """Smoothed landmarks for the next frame of the stream, or None (and the smoother reset) without a face."""
@@ -107,6 +122,7 @@ class FaceTracker:
             self._reset()
             return None
         if self.filter is None:
+            self._last = lm
             return lm
         scale = float(np.ptp(lm[L.FACE_OVAL, 0]))
         # A jump of a quarter face (a cut, a loop restart) starts the smoother afresh instead of gliding across.

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from avatar_contracts import TTSRequest, TTSResponse
-from gpu_service.http import ClosingStreamingResponse, artifact_url, registry, require_json, settings
+from gpu_service.http import ClosingStreamingResponse, artifact_url, metrics, registry, require_json, settings
 from gpu_service.speech.service import SpeechService
 
 router = APIRouter(tags=["speech"])
@@ -16,7 +16,7 @@ router = APIRouter(tags=["speech"])
 
 def service(request: Request) -> SpeechService:
     """The speech service over the app's registry and settings."""
-    return SpeechService(registry(request), settings(request))
+    return SpeechService(registry(request), settings(request), metrics(request))
 
 
 @router.post("/tts/generate", response_model=TTSResponse, dependencies=[Depends(require_json)])

@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import numpy as np
 
 from avatar_contracts import PhonemeTiming, TTSRequest
 from avatar_contracts.media import decode_base64
 from gpu_service.audio import decode_audio, pcm16, wav_bytes, wav_stream_header
+from gpu_service.device import device_kind
 from gpu_service.errors import ValidationFailed
+from gpu_service.metrics import GpuMetrics
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
 from gpu_service.speech.alignment import align
@@ -43,9 +45,10 @@ class SpeechOutcome:
 class SpeechService:
     """Turns a validated TTSRequest into audio on the right engine."""
 
-    def __init__(self, registry: EngineRegistry, settings: Settings) -> None:
+    def __init__(self, registry: EngineRegistry, settings: Settings, metrics: Optional[GpuMetrics] = None) -> None:
         self.registry = registry
         self.settings = settings
+        self.metrics = metrics if metrics is not None else GpuMetrics()
 
     def speaker_clip(self, value: str) -> tuple[np.ndarray, int]:
         """A base64 speaker clip as mono float32 audio and its rate, within the clip length bounds (blocking)."""
@@ -81,12 +84,14 @@ class SpeechService:
         """Whole-text synthesis on an engine slot; speech without timings (XTTS) is aligned to its text."""
         entry, request = await self.prepare(body)
         started = time.perf_counter()
-        result = await entry.slots.run(entry.engine.synthesize, request)
+        replica = entry.place()
+        result = await replica.slots.run(self.metrics.timed("tts", replica.engine.synthesize), request)
         elapsed = (time.perf_counter() - started) * 1000
         if not result.phonemes:
-            result.phonemes, _ = await asyncio.to_thread(align, result.audio, result.sample_rate, request.text,
-                                                         request.language)
-        device = entry.engine.health().device or self.registry.device
+            result.phonemes, _ = await asyncio.to_thread(self.metrics.timed("align", align), result.audio,
+                                                         result.sample_rate, request.text, request.language)
+        self.metrics.generated("tts")
+        device = device_kind(replica.engine.health().device or self.registry.device)  # the contract names the kind
         return SpeechOutcome(result=result, engine=entry.name, language=request.language, generation_time_ms=elapsed,
                              device=device)
 
@@ -94,10 +99,12 @@ class SpeechService:
         """A streaming WAV: the header with the first chunk, then 16-bit PCM as the engine makes it."""
         first = True
         # aclosing: when this stream is closed (the client left), the engine's stream is closed with it.
-        async with contextlib.aclosing(entry.slots.stream(lambda: entry.engine.stream(request))) as chunks:
+        replica = entry.place()
+        async with contextlib.aclosing(replica.slots.stream(lambda: replica.engine.stream(request))) as chunks:
             async for chunk in chunks:
                 if first:
                     yield wav_stream_header(chunk.sample_rate) + pcm16(chunk.audio)
                     first = False
                 else:
                     yield pcm16(chunk.audio)
+        self.metrics.generated("tts")  # the whole text was spoken (a stream cut short never gets here)

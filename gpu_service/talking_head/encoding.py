@@ -11,24 +11,33 @@ and the crop border, so pixels outside the animated region are never touched.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
 
-from avatar_contracts.media import check_image_header
+from avatar_contracts.media import Background, check_image_header, image_has_alpha
 from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
+from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 9
-"""Bumped whenever the encoding or its npz layout changes (9: the interior's grain, blur and dark floor); older caches are re-encoded."""
+ENCODING_VERSION = 10
+"""Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
+faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
 MIN_FACE_PX = 40
 """Faces narrower than this have too few pixels for a mouth to be drawn."""
+WORK_FACE_MIN = 64
+"""A face shorter than this (forehead to chin, pixels) is animated upscaled to it: the drawn mouth gets enough pixels.
+
+The renderer's calibration holds at the kit's smaller faces (skimage's cameraman is 76 px, the astronaut 106 px)."""
+WORK_FACE_MAX = 512
+"""A face taller than this is animated downscaled to it, then pasted back: its fields stay within ~60 MB and its
+render time bounded (a 2000 px selfie face would need 1 GB of fields). Such a face comes out softer."""
 
 
 def smoothstep(e0: float, e1, x):
@@ -157,11 +166,39 @@ class Encoding:
     """(3, eh, ew) per eye-patch pixel: pixels below the rest upper lid, that column's eye opening, 1 for the image-right eye."""
     eye_skin: np.ndarray
     """(eh, ew, 3) the upper lid's skin colour (sampled just above the lid) for each eye-patch pixel's column."""
+    frame: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8))
+    """(H, W, 3) uint8 full-resolution portrait when `image` is a working-resolution cut of it; empty when
+    `image` is the portrait itself (the face's size was within WORK_FACE_MIN..WORK_FACE_MAX)."""
+    region: Box = Box(0, 0, 0, 0)
+    """The part of `frame` that `image` shows, resized (full-resolution pixels); empty without a frame."""
+    blend: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    """(rh, rw) weight of the animated `image` over `frame` in `region`: 1 inside the crop, feathered to 0 at its border."""
+
+    @property
+    def placed(self) -> bool:
+        """Whether this encoding animates a working-resolution cut that is pasted back into `frame`."""
+        return self.frame.size > 0
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the frames rendered from this encoding: the portrait's own size."""
+        h, w = (self.frame if self.placed else self.image).shape[:2]
+        return w, h
+
+    @property
+    def frame_landmarks(self) -> np.ndarray:
+        """(478, 2) landmarks in the full-resolution portrait's pixels."""
+        if not self.placed:
+            return self.landmarks
+        r = self.region
+        h, w = self.image.shape[:2]
+        scale = np.array([w / r.width, h / r.height], np.float32)
+        return (self.landmarks + 0.5) / scale - 0.5 + np.array([r.x0, r.y0], np.float32)
 
     @property
     def face_box(self) -> tuple[int, int, int, int]:
-        """x, y, width, height of the face."""
-        return L.face_box(self.landmarks)
+        """x, y, width, height of the face in the full-resolution portrait."""
+        return L.face_box(self.frame_landmarks)
 
     @property
     def nbytes(self) -> int:
@@ -196,7 +233,7 @@ class Encoding:
                     if f.name == "geometry":
                         values[f.name] = FaceGeometry(**{g.name: float(data[f"geometry.{g.name}"])
                                                          for g in fields(FaceGeometry)})
-                    elif f.name in ("crop", "patch", "eye_patch"):
+                    elif f.name in ("crop", "patch", "eye_patch", "region"):
                         values[f.name] = Box(*(int(v) for v in data[f.name]))
                     else:
                         values[f.name] = data[f.name]
@@ -205,10 +242,25 @@ class Encoding:
             return None
 
 
-def image_key(raw: bytes, face_index: Optional[int] = None) -> str:
-    """Cache key of an uploaded image: its content hash, the face chosen in it (if any) and the encoding version."""
-    face = "" if face_index is None else f"-f{face_index}"
-    return f"{hashlib.sha256(raw).hexdigest()[:40]}{face}-v{ENCODING_VERSION}"
+def image_key(raw: bytes, face_index: Optional[int] = None, background: Optional[Background] = None) -> str:
+    """Cache key of an uploaded image: its content hash, the face chosen in it (none said: the largest, face 0),
+    the background it is composited on when it can be transparent (None: the default) and the encoding version.
+
+    The background is part of what is encoded, so two backgrounds are two encodings; an opaque image
+    ignores it and keeps one key whatever background is asked for.
+    """
+    digest = hashlib.sha256(raw)
+    if image_has_alpha(raw):
+        digest.update(b"\0background:" + (background or default_background()).key.encode())
+    face = "" if not face_index else f"-f{face_index}"
+    return f"{digest.hexdigest()[:40]}{face}-v{ENCODING_VERSION}"
+
+
+def default_background() -> Background:
+    """The background of a transparent portrait whose request names none (avatar_contracts' DEFAULT_BACKGROUND)."""
+    from avatar_contracts.media import DEFAULT_BACKGROUND, parse_background
+
+    return parse_background(DEFAULT_BACKGROUND, 1, 1)
 
 
 def check_image(raw: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> tuple[int, int]:
@@ -228,34 +280,38 @@ def _check_sides(w: int, h: int, field: str) -> None:
         raise BadMedia(f"{field} is {w}x{h}; each side must be between 64 and 4096 pixels")
 
 
-def decode_image(raw: bytes, max_bytes: int, field: str = "image", max_pixels: int = 40_000_000) -> np.ndarray:
-    """JPEG/PNG/WebP bytes to an RGB uint8 array (checked by check_image first), or BadMedia saying what is wrong."""
+def decode_image(raw: bytes, max_bytes: int, field: str = "image", max_pixels: int = 40_000_000,
+                 background: Optional[Background] = None) -> np.ndarray:
+    """JPEG/PNG/WebP bytes to an RGB uint8 array (checked by check_image first), or BadMedia saying what is wrong.
+
+    A transparent PNG or WebP is composited on `background` (None: the default colour); see portrait.py.
+    """
     check_image(raw, max_bytes, max_pixels, field)
-    arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+    arr = decode_rgb(raw, field, background or default_background(), max_bytes, max_pixels)
     if arr is None:
         raise BadMedia(f"{field} could not be decoded: its image data is damaged or cut short")
     h, w = arr.shape[:2]
     _check_sides(w, h, field)
     # Output video is yuv420p, which needs even sides.
-    arr = arr[: h - h % 2, : w - w % 2]
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(arr[: h - h % 2, : w - w % 2])
 
 
-def find_landmarks(image: np.ndarray, pick_largest: bool = False, face_index: Optional[int] = None) -> np.ndarray:
-    """The face of a portrait: its only one, the largest (`pick_largest`) or the `face_index`-th counted
-    from the left (0-based, by the middle of each face); BadMedia when there is none or the choice is open."""
-    faces = L.detect_faces(image)
+def choose_face(faces: list[np.ndarray], face_index: Optional[int], where: str = "the image") -> np.ndarray:
+    """The `face_index`-th of `faces` by size, largest first (None: 0, the largest); BadMedia saying how many
+    faces there are when there is none or the index is past the last."""
     if not faces:
-        raise BadMedia("no face found in the image; use a frontal, well-lit portrait")
-    if face_index is not None:
-        if face_index >= len(faces):
-            raise BadMedia(f"face_index={face_index} but {len(faces)} face(s) found in the image "
-                           f"(face_index counts from 0, left to right)")
-        return sorted(faces, key=lambda f: float(f[L.FACE_OVAL, 0].mean()))[face_index]
-    if len(faces) > 1 and not pick_largest:
-        raise BadMedia(f"{len(faces)} faces found; pass pick_largest=true or face_index=N "
-                       f"(0 to {len(faces) - 1}, counted from the left)")
-    return faces[0]
+        raise BadMedia(f"no face found in {where}; use a frontal, well-lit portrait")
+    index = face_index or 0
+    if index >= len(faces):
+        found = "1 face was" if len(faces) == 1 else f"{len(faces)} faces were"
+        raise BadMedia(f"face_index={index} but {found} found in {where}; face_index counts from 0, the largest face, "
+                       f"by size (0 to {len(faces) - 1})")
+    return L.by_size(faces)[index]
+
+
+def find_landmarks(image: np.ndarray, face_index: Optional[int] = None) -> np.ndarray:
+    """The face of a portrait: the `face_index`-th by size, largest first (None: the largest); see choose_face."""
+    return choose_face(L.detect_faces(image), face_index)
 
 
 def _pixel_grid(x0: int, y0: int, x1: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -837,6 +893,75 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     )
 
 
-def encode_image(image: np.ndarray, pick_largest: bool = False, face_index: Optional[int] = None) -> Encoding:
-    """Find the face once with MediaPipe (see find_landmarks for the choice) and build its encoding."""
-    return encode_from_landmarks(image, find_landmarks(image, pick_largest, face_index))
+def encode_image(image: np.ndarray, face_index: Optional[int] = None) -> Encoding:
+    """Find the face once with MediaPipe (see find_landmarks for the choice) and build its encoding (encode_portrait)."""
+    return encode_portrait(image, find_landmarks(image, face_index))
+
+
+def working_scale(lm: np.ndarray) -> float:
+    """How much a face is scaled to be animated: 1 within WORK_FACE_MIN..WORK_FACE_MAX, else to the nearer bound."""
+    fh = float(np.linalg.norm(lm[L.CHIN] - lm[L.FOREHEAD]))
+    if fh > WORK_FACE_MAX:
+        return WORK_FACE_MAX / fh
+    if fh < WORK_FACE_MIN:
+        return WORK_FACE_MIN / max(fh, 1.0)
+    return 1.0
+
+
+def encode_portrait(image: np.ndarray, lm: np.ndarray) -> Encoding:
+    """The encoding of a portrait's face (landmarks `lm`), at the working resolution the face's size calls for.
+
+    Within WORK_FACE_MIN..WORK_FACE_MAX the portrait is encoded as it is: only the face's crop is
+    animated and pasted back, and every other pixel is the portrait's. Outside, a region around
+    the face (the crop and a margin) is cut out and scaled so the face has the bound's height,
+    encoded there, and each rendered frame of it is scaled back and blended into the full
+    portrait with a feather inside the crop's border (`Encoding.blend`): the frame keeps the
+    portrait's size, and every pixel outside the feathered crop is the portrait's own.
+    """
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    lm = np.asarray(lm, np.float32)
+    bx, by, bw, bh = L.face_box(lm)
+    if bw < MIN_FACE_PX:
+        raise BadMedia(f"the face is too small to animate ({bw} px wide; at least {MIN_FACE_PX} px needed)")
+    scale = working_scale(lm)
+    if scale == 1.0:
+        return encode_from_landmarks(image, lm)
+    H, W = image.shape[:2]
+    # The encoder's crop reaches 0.9 face widths and 0.95 face heights from the oval's centre; the region
+    # holds it and a margin, so the crop (and its feather) lies inside the region wherever the portrait allows.
+    cx, cy = lm[L.FACE_OVAL].mean(0)
+    size = float(max(bw, bh))
+    half_w, half_h = 1.0 * size + 0.1 * size, 1.05 * size + 0.1 * size
+    x0, x1 = int(max(0, np.floor(cx - half_w))), int(min(W, np.ceil(cx + half_w)))
+    y0, y1 = int(max(0, np.floor(cy - half_h))), int(min(H, np.ceil(cy + half_h)))
+    rw, rh = x1 - x0, y1 - y0
+    ww, wh = max(2, int(round(rw * scale))), max(2, int(round(rh * scale)))
+    cut = image[y0:y1, x0:x1]
+    work = cv2.resize(cut, (ww, wh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    sx, sy = ww / rw, wh / rh
+    lm_work = (lm - np.array([x0, y0], np.float32) + 0.5) * np.array([sx, sy], np.float32) - 0.5
+    enc = encode_from_landmarks(work, lm_work)
+    enc.frame = image
+    enc.region = Box(x0, y0, x1, y1)
+    enc.blend = _paste_weight(enc.crop, (ww, wh), enc.region, (W, H), feather=max(2.0, 0.04 * bw))
+    return enc
+
+
+def _paste_weight(crop: Box, work_size: tuple[int, int], region: Box, portrait_size: tuple[int, int],
+                  feather: float) -> np.ndarray:
+    """(rh, rw) weight of the animated cut in its region: 1 inside the crop (scaled back to the region), falling
+    smoothly to 0 over `feather` pixels at the crop's border. Where the crop reaches the portrait's own edge
+    there is nothing beyond it to blend with, and the weight stays 1 up to that edge."""
+    (ww, wh), (W, H) = work_size, portrait_size
+    rw, rh = region.width, region.height
+    sx, sy = ww / rw, wh / rh
+    far = np.float32(1e6)
+    xs = np.arange(rw, dtype=np.float32)
+    ys = np.arange(rh, dtype=np.float32)
+    # The crop's edges in region pixels (a work pixel edge e lies at e / s in the region).
+    dl = xs + 0.5 - crop.x0 / sx if not (crop.x0 == 0 and region.x0 == 0) else np.full_like(xs, far)
+    dr = crop.x1 / sx - (xs + 0.5) if not (crop.x1 >= ww and region.x1 >= W) else np.full_like(xs, far)
+    dt = ys + 0.5 - crop.y0 / sy if not (crop.y0 == 0 and region.y0 == 0) else np.full_like(ys, far)
+    db = crop.y1 / sy - (ys + 0.5) if not (crop.y1 >= wh and region.y1 >= H) else np.full_like(ys, far)
+    d = np.minimum(np.minimum(dt, db)[:, None], np.minimum(dl, dr)[None, :])
+    return np.ascontiguousarray(smoothstep(0.0, feather, d), dtype=np.float32)

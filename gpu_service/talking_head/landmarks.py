@@ -58,19 +58,61 @@ def _run_mesh(image_rgb: np.ndarray, max_faces: int, confidence: float) -> list[
     return faces
 
 
+def _search(image_rgb: np.ndarray, windows: list[tuple[int, int, int]], max_faces: int) -> list[np.ndarray]:
+    """Faces found in square windows (x, y, side) of the image, each face once: the windows overlap, and of two
+    sightings of one face the one lying farther inside its window is kept (a face cut by a window's edge is
+    found with a bent mesh)."""
+    h, w = image_rgb.shape[:2]
+    found: list[tuple[np.ndarray, float]] = []
+    for x, y, side in windows:
+        window = np.ascontiguousarray(image_rgb[y:y + side, x:x + side])
+        wh, ww = window.shape[:2]
+        for face in _run_mesh(window, max_faces, 0.5):
+            (fx0, fy0), (fx1, fy1) = face.min(0), face.max(0)
+            # Room to the window's edges, where they are not the image's.
+            room = min(fx0 if x > 0 else np.inf, ww - fx1 if x + ww < w else np.inf,
+                       fy0 if y > 0 else np.inf, wh - fy1 if y + wh < h else np.inf)
+            face = face + np.array([x, y], np.float32)
+            same = [k for k, (seen, _) in enumerate(found) if _same_face(face, seen)]
+            if not same:
+                found.append((face, room))
+            elif room > found[same[0]][1]:
+                found[same[0]] = (face, room)
+    return [face for face, _ in found]
+
+
 def _in_windows(image_rgb: np.ndarray, max_faces: int) -> list[np.ndarray]:
     """Faces found in square windows along the long side of a wide or tall image (overlapping by half)."""
     h, w = image_rgb.shape[:2]
     side = min(h, w)
-    faces: list[np.ndarray] = []
-    for start in range(0, max(h, w) - side + 1, max(1, side // 2)):
-        window = image_rgb[:, start:start + side] if w > h else image_rgb[start:start + side]
-        offset = np.array([start, 0] if w > h else [0, start], np.float32)
-        for face in _run_mesh(np.ascontiguousarray(window), max_faces, 0.5):
-            face = face + offset
-            if not any(_same_face(face, seen) for seen in faces):  # the windows overlap: a face may be seen twice
-                faces.append(face)
-    return faces
+    starts = range(0, max(h, w) - side + 1, max(1, side // 2))
+    return _search(image_rgb, [(s, 0, side) if w > h else (0, s, side) for s in starts], max_faces)
+
+
+TILE_MIN = 256
+"""Smallest window of the tiled search for a face small in a large frame."""
+
+
+def _in_tiles(image_rgb: np.ndarray, max_faces: int) -> list[np.ndarray]:
+    """Faces found in a grid of square tiles overlapping by half: tiles of half the short side, then a quarter.
+
+    A face a tenth of a large frame's side is a dozen pixels at the detector's 128 px; in a tile of
+    half or a quarter of the frame it is two or four times that. Tiles stop at TILE_MIN pixels, and
+    at 58 tiles (the two sizes on a square frame), so an image with no face is given up in about a second.
+    """
+    h, w = image_rgb.shape[:2]
+    side = min(h, w) // 2
+    for _ in range(2):
+        if side < TILE_MIN:
+            break
+        step = side // 2
+        xs = sorted({*range(0, w - side + 1, step), w - side})
+        ys = sorted({*range(0, h - side + 1, step), h - side})
+        faces = _search(image_rgb, [(x, y, side) for y in ys for x in xs], max_faces)
+        if faces:
+            return faces
+        side //= 2
+    return []
 
 
 def _same_face(a: np.ndarray, b: np.ndarray) -> bool:
@@ -80,12 +122,13 @@ def _same_face(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def detect_faces(image_rgb: np.ndarray, max_faces: int = 8) -> list[np.ndarray]:
-    """Every face's 478 landmarks (x, y in pixels), largest first.
+    """Every face's 478 landmarks (x, y in pixels), largest first (`by_size`).
 
     The mesh's detector sees the image shrunk to 128 px, so it misses faces that are small in
     the frame: when none is found, a wide (or tall) image is searched in square windows (two
     portraits side by side are found so), then the image is tried upscaled (the cameraman of
-    skimage is found at 2x).
+    skimage is found at 2x), then a large one is searched in a grid of smaller tiles (a face a
+    tenth of the frame's side, which upscaling does not help: the detector still sees it small).
     """
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
         raise BadMedia("the image must be RGB")
@@ -102,8 +145,16 @@ def detect_faces(image_rgb: np.ndarray, max_faces: int = 8) -> list[np.ndarray]:
             if faces:
                 log.info("face found after upscaling", extra={"scale": scale})
                 break
-    faces.sort(key=lambda f: -float(np.prod(f.max(0) - f.min(0))))
-    return faces
+    if not faces and min(h, w) >= 2 * TILE_MIN:
+        faces = _in_tiles(image_rgb, max_faces)
+        if faces:
+            log.info("faces found in tiles", extra={"faces": len(faces)})
+    return by_size(faces)
+
+
+def by_size(faces: list[np.ndarray]) -> list[np.ndarray]:
+    """Faces ordered largest first (by the area of their landmarks' bounding box), equal sizes left to right."""
+    return sorted(faces, key=lambda f: (-round(float(np.prod(f.max(0) - f.min(0))), 1), float(f[FACE_OVAL, 0].mean())))
 
 
 def eye_centres(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

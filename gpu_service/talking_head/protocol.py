@@ -12,6 +12,7 @@ from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
+from avatar_contracts.media import Background
 from gpu_service.engine import Engine
 from gpu_service.talking_head.controls import Controls
 
@@ -67,6 +68,8 @@ class VideoResult:
     """The avatar the video shows (an uploaded avatar_image gets an id too)."""
     timing_source: Optional[str] = None
     """Where the phoneme timings that drove the mouth came from (avatar_contracts.gpu.TimingSource)."""
+    device: str = ""
+    """The device that rendered it (cuda:1, cpu, ...)."""
 
 
 @runtime_checkable
@@ -88,10 +91,12 @@ class FrameStream(Protocol):
 class TalkingHeadEngine(Engine, Protocol):
     """A portrait and face controls in, frames out; speech in, an MP4 out."""
 
-    def add_avatar(self, image: bytes, pick_largest: bool = False, face_index: Optional[int] = None) -> AvatarRecord:
+    def add_avatar(self, image: bytes, face_index: Optional[int] = None, background: Optional[Background] = None,
+                   field: str = "image") -> AvatarRecord:
         """Register a portrait (JPEG/PNG/WebP bytes) once; later work names it by avatar_id.
 
-        With several faces, `pick_largest` takes the largest and `face_index` the N-th from the left (0-based).
+        `face_index` picks a face by size, 0 (the default) the largest; a transparent portrait is
+        composited on `background` (None: the default colour) before it is encoded.
         """
 
     def list_avatars(self) -> list[AvatarRecord]:
@@ -102,6 +107,9 @@ class TalkingHeadEngine(Engine, Protocol):
 
     def delete_avatar(self, avatar_id: str) -> None:
         """Forget an uploaded avatar (presets stay)."""
+
+    def is_warm(self, avatar_id: str) -> bool:
+        """Whether this engine's device holds the avatar's encoding in memory now (placement prefers such a replica)."""
 
     def open_stream(self, avatar_id: str, fps: float, head_motion: bool = True,
                     idle_seed: Optional[int] = None) -> FrameStream:

@@ -58,6 +58,10 @@ class CpuRenderer:
     def _prep(self, enc: Encoding) -> _Prepared:
         return self._prepared.get(enc)
 
+    def forget(self, enc: Encoding) -> None:
+        """Drop the layout prepared for `enc` (its avatar left this device's cache)."""
+        self._prepared.forget(enc)
+
     def render_crop(self, enc: Encoding, weights: np.ndarray, head: Optional[np.ndarray]) -> np.ndarray:
         """The animated face crop (h, w, 3) uint8 for one frame's mode weights and head pose."""
         p = self._prep(enc)

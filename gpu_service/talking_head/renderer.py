@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
+import cv2
 import numpy as np
 
+from gpu_service.device import device_kind
 from gpu_service.engine import EngineHealth
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.encoding import BLINK_SKIN_SHARE, MODES, Encoding
+from gpu_service.talking_head.shading import PreparedCache
 
 log = logging.getLogger(__name__)
 
@@ -85,40 +88,80 @@ def head_params(enc: Encoding, c: Controls, head_motion: bool) -> np.ndarray | N
     return params
 
 
+class _Paste:
+    """How an encoding made at a working resolution goes back into its full portrait (see encode_portrait)."""
+
+    def __init__(self, enc: Encoding) -> None:
+        r = enc.region
+        self.size = (r.width, r.height)
+        # Back to the region's size: averaged down from an upscaled face, bicubic up for a downscaled one.
+        self.interp = cv2.INTER_AREA if enc.image.shape[1] > r.width else cv2.INTER_CUBIC
+        rows, cols = np.nonzero(enc.blend.any(1))[0], np.nonzero(enc.blend.any(0))[0]
+        self.window = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        self.target = (slice(r.y0 + self.window[0].start, r.y0 + self.window[0].stop),
+                       slice(r.x0 + self.window[1].start, r.x0 + self.window[1].stop))
+        self.weight = np.ascontiguousarray(enc.blend[self.window][..., None])
+        self.original = enc.frame[self.target].astype(np.float32)
+
+
 class Renderer:
     """Renders controls on encodings with the path the device calls for (torch off the CPU)."""
 
-    def __init__(self, device: str = "cpu", backend: str = "auto", batch: int = 16) -> None:
+    def __init__(self, device: str = "cpu", backend: str = "auto", batch: int = 16, dtype: str = "auto") -> None:
+        """`device` is a device name (cuda:1, cpu:0, ...); `dtype` the torch path's RENDER_DTYPE (the CPU path is 8-bit/float32)."""
         self.device = device
-        self.backend = ("cv2" if device == "cpu" else "torch") if backend == "auto" else backend
+        self.backend = ("cv2" if device_kind(device) == "cpu" else "torch") if backend == "auto" else backend
         if self.backend == "torch":
             from gpu_service.talking_head.render_torch import TorchRenderer
 
-            self._impl = TorchRenderer(device, batch=batch)
+            self._impl = TorchRenderer(device, batch=batch, dtype=dtype)
             self.block_frames = batch
+            self.precision = self._impl.precision
         elif self.backend == "cv2":
             from gpu_service.talking_head.render_cpu import CpuRenderer
 
             self._impl = CpuRenderer()
             self.block_frames = 1
+            self.precision = "float32"
         else:
             raise ValueError(f"unknown render backend {backend!r}; use auto, cv2 or torch")
-        log.info("renderer ready", extra={"device": device, "backend": self.backend})
+        self._pastes = PreparedCache(_Paste, keep=8)
+        log.info("renderer ready", extra={"device": device, "backend": self.backend, "precision": self.precision})
 
     def health(self) -> EngineHealth:
-        """The report of an engine whose work is this renderer: available, on its device and path."""
-        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.backend,))
+        """The report of an engine whose work is this renderer: available, on its device and path, at its precision."""
+        return EngineHealth(available=True, loaded=True, device=self.device, providers=(self.backend,),
+                            precision=self.precision)
+
+    def forget(self, enc: Encoding) -> None:
+        """Drop what was prepared for `enc` on this renderer's device (its avatar left the device's cache)."""
+        self._impl.forget(enc)
 
     def frames(self, enc: Encoding, controls: Controls, head_motion: bool = True,
                close_upper: float = 0.4) -> Iterator[np.ndarray]:
         """Yield (H, W, 3) uint8 RGB frames, one per control frame (close_upper: see mode_weights)."""
         weights = mode_weights(enc, controls, close_upper)
         head = head_params(enc, controls, head_motion)
-        yield from self._impl.frames(enc, weights, head)
+        if not enc.placed:
+            yield from self._impl.frames(enc, weights, head)
+            return
+        for work in self._impl.frames(enc, weights, head):
+            yield self.paste(enc, work)
+
+    def paste(self, enc: Encoding, work: np.ndarray) -> np.ndarray:
+        """The full portrait with a working-resolution frame of `enc` scaled back and blended in (Encoding.blend):
+        the portrait's size, and its own pixels wherever the blend weight is 0."""
+        p = self._pastes.get(enc)
+        back = cv2.resize(work, p.size, interpolation=p.interp)[p.window].astype(np.float32)
+        frame = enc.frame.copy()
+        mixed = p.original + p.weight * (back - p.original)
+        frame[p.target] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+        return frame
 
     def render(self, enc: Encoding, controls: Controls, head_motion: bool = True, close_upper: float = 0.4) -> np.ndarray:
         """All frames as one (T, H, W, 3) uint8 array (T may be 0)."""
         frames = list(self.frames(enc, controls, head_motion, close_upper))
         if not frames:
-            return np.zeros((0, *enc.image.shape), np.uint8)
+            w, h = enc.frame_size
+            return np.zeros((0, h, w, 3), np.uint8)
         return np.stack(frames)

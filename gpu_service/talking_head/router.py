@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 from typing import Optional
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from avatar_contracts.gpu import AvatarInfo, VideoRequest, VideoResponse
-from gpu_service.errors import BadMedia
-from gpu_service.http import artifact_url, artifacts, mp4_response, registry, require_json, settings, wants_json
+from gpu_service.errors import BadMedia, ValidationFailed
+from gpu_service.http import (artifact_url, artifacts, metrics, mp4_response, registry, require_json, settings,
+                              wants_json)
 from gpu_service.talking_head.service import TalkingHeadService
 
 router = APIRouter(tags=["video"])
@@ -16,16 +19,21 @@ router = APIRouter(tags=["video"])
 
 def service(request: Request) -> TalkingHeadService:
     """The talking-head service over the app's registry, settings and artifacts."""
-    return TalkingHeadService(registry(request), settings(request), artifacts(request))
+    return TalkingHeadService(registry(request), settings(request), artifacts(request), metrics(request))
 
 
 @router.post("/avatars", response_model=AvatarInfo)
-async def upload_avatar(request: Request, image: UploadFile = File(...), pick_largest: bool = Form(False),
-                        face_index: Optional[int] = Form(None, ge=0, le=63)) -> AvatarInfo:
+async def upload_avatar(request: Request, image: UploadFile = File(...),
+                        face_index: Optional[int] = Form(None, ge=0, le=63),
+                        background: Optional[str] = Form(None),
+                        background_image: Optional[UploadFile] = File(None),
+                        pick_largest: bool = Form(False)) -> AvatarInfo:
     """Encode an uploaded portrait (multipart field `image`) once; later videos name it by avatar_id.
 
-    With several faces in the image, `pick_largest=true` takes the largest and `face_index=N` the N-th
-    counted from the left (0-based); each face chosen is its own avatar.
+    `face_index` picks a face by size: 0, the default, is the largest, then the next largest. A
+    transparent PNG or WebP is composited on `background` (`#rrggbb` or a base64 image) or on the
+    file `background_image`; without either, on #e9e6e1. Each face and each background of an image
+    is its own avatar. `pick_largest` is accepted for older clients: the largest face is the default.
     """
     heads = service(request)
     heads.entry()  # an unavailable engine is refused before the upload is read
@@ -33,7 +41,17 @@ async def upload_avatar(request: Request, image: UploadFile = File(...), pick_la
     raw = await image.read(limit + 1)
     if len(raw) > limit:
         raise BadMedia(f"image is larger than {limit} bytes (the limit)")
-    record = await heads.add_avatar(raw, pick_largest, face_index=face_index)
+    if background is not None and background_image is not None:
+        raise ValidationFailed("send one of background (a colour or base64 image) or background_image (a file), not both")
+    if background_image is not None:
+        bg_raw = await background_image.read(limit + 1)
+        if len(bg_raw) > limit:
+            raise BadMedia(f"background_image is larger than {limit} bytes (the limit)")
+        bg = await asyncio.to_thread(heads.background, base64.b64encode(bg_raw).decode() if bg_raw else "",
+                                     "background_image")
+    else:
+        bg = await asyncio.to_thread(heads.background, background)
+    record = await heads.add_avatar(raw, face_index=face_index, background=bg)
     return AvatarInfo(**record.info())
 
 
@@ -59,7 +77,7 @@ async def generate_video(body: VideoRequest, request: Request):
             result.mp4,
             result.timings_ms,
             {"X-Frames": str(result.frames), "X-Duration-S": f"{result.duration_s:.4f}", "X-Avatar-Id": result.avatar_id,
-             "X-Timing-Source": result.timing_source or ""},
+             "X-Timing-Source": result.timing_source or "", "X-Device": result.device},
         )
     return VideoResponse(
         video_url=await artifact_url(request, result.mp4, "mp4"),

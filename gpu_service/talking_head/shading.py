@@ -321,3 +321,10 @@ class PreparedCache:
             while len(self._items) > self._keep:
                 self._items.popitem(last=False)
             return prep
+
+    def forget(self, enc: Encoding) -> None:
+        """Drop the layout of `enc`, if it is held (its avatar was evicted from the device's cache)."""
+        with self._lock:
+            hit = self._items.get(id(enc))
+            if hit is not None and hit[0] is enc:
+                del self._items[id(enc)]

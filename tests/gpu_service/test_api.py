@@ -178,6 +178,33 @@ def test_overload_gives_429_with_retry_after(gpu_settings):
     run(scenario())
 
 
+def test_health_counts_the_slots_that_run_and_the_requests_that_wait(gpu_settings):
+    gpu_settings.engine_slots = 1
+    gpu_settings.engine_queue = 4
+    text = " ".join(["This sentence is long enough to keep the only speech slot busy for a while."] * 4)
+
+    async def scenario():
+        async with running_app(gpu_settings) as client:
+            idle = (await client.get("/health")).json()
+            assert idle["slots_by_capability"]["tts"] == {"total": 1, "busy": 0, "free": 1, "queued": 0}
+            assert idle["slots"]["free"] == idle["available_slots"] == idle["slots"]["total"]
+            work = asyncio.gather(*[client.post("/tts/generate", json={"text": text}) for _ in range(3)])
+            seen = []
+            for _ in range(600):  # bounded: until all three have been answered
+                if work.done():
+                    break
+                seen.append((await client.get("/health")).json()["slots_by_capability"]["tts"])
+                await asyncio.sleep(0.02)
+            answers = await work
+            assert all(a.status_code == 200 for a in answers)
+            # one runs, two wait: the figure a client placing work reads
+            assert {"total": 1, "busy": 1, "free": 0, "queued": 2} in seen, seen[:5]
+            after = (await client.get("/health")).json()["slots_by_capability"]["tts"]
+            assert after == {"total": 1, "busy": 0, "free": 1, "queued": 0}
+
+    run(scenario())
+
+
 def test_unexpected_failure_is_a_500_with_request_id_and_no_trace(gpu_settings):
     import shutil
 

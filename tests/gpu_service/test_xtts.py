@@ -263,6 +263,7 @@ def _settings(tmp_path: Path, model_root: Path):
         device="cpu",
         tts_engines=["piper", "xtts"],
         avatar_model_dir=model_root,
+        model_verify="off",  # the tiny model is weights of our own, not the release the manifest describes
         data_dir=tmp_path / "data",
         preset_avatars_dir=tmp_path / "presets",
     )

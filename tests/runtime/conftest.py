@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -121,9 +122,82 @@ def astronaut_b64() -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+PG_URL = os.environ.get("RUNTIME_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+"""The PostgreSQL the tests use (trust auth); each test gets a schema of its own in it."""
+
+
+def postgres_unreachable() -> Optional[str]:
+    """Why PG_URL cannot be used, or None when it answers."""
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_URL, connect_timeout=2):
+            return None
+    except Exception as exc:  # noqa: BLE001
+        return f"PostgreSQL is not reachable at {PG_URL}: {str(exc).strip().splitlines()[0]}"
+
+
+@contextlib.contextmanager
+def pg_schema():
+    """A DATABASE_URL on a fresh schema t_<random> of PG_URL (search_path set by the URL); dropped afterwards."""
+    import psycopg
+
+    why = postgres_unreachable()
+    if why:
+        pytest.skip(why)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """The job database of one test: a SQLite file, or a schema of its own on the local PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        with pg_schema() as url:
+            yield url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server in a thread on 127.0.0.1 and a free port: the S3-compatible stand-in of these tests."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+"""Credentials for moto (it takes any), passed the way a deployment passes real ones: the AWS variables."""
+
+
 @pytest.fixture
-def app_client(tmp_path):
-    """A factory: the runtime app in process (lifespan run) with test settings plus overrides, keys k1 and k2.
+def s3(s3_endpoint, monkeypatch) -> dict:
+    """A fresh bucket on the moto server; the settings (as Settings fields) that point the runtime at it."""
+    import boto3
+
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return {"output_store": "s3", "s3_bucket": bucket, "s3_endpoint_url": s3_endpoint, "s3_region": "us-east-1",
+            "s3_prefix": "avatar/"}
+
+
+@pytest.fixture
+def app_client(tmp_path, db_url):
+    """A factory: the runtime app in process (lifespan run) with test settings plus overrides, keys k1 and k2,
+    on each job database (SQLite, PostgreSQL).
 
     No GPU service runs at GPU_SERVICE_URL unless a test passes one, so jobs wait (retrying) for it.
     """
@@ -135,7 +209,8 @@ def app_client(tmp_path):
     @contextlib.contextmanager
     def make(**overrides):
         base = dict(data_dir=tmp_path, gpu_service_url="http://127.0.0.1:9", runtime_api_keys=["k1", "k2"],
-                    max_text_chars=500, max_request_bytes=200_000, webhook_secret="w" * 32)
+                    max_text_chars=500, max_request_bytes=200_000, webhook_secret="w" * 32,
+                    database_url=None if db_url.startswith("sqlite") else db_url)
         with TestClient(create_app(Settings(**{**base, **overrides}))) as c:
             if overrides.get("runtime_api_keys", base["runtime_api_keys"]):
                 c.headers["X-API-Key"] = "k1"

@@ -126,7 +126,7 @@ def test_chunks_pass_their_speech_by_audio_url_and_speech_runs_ahead_of_video(gp
         call = next(c for c in reversed(calls) if c["path"] == response.request.url.path and c["end"] is None)
         call["end"] = time.perf_counter()
 
-    client._http.event_hooks = {"request": [sent], "response": [answered]}
+    client.primary._http.event_hooks = {"request": [sent], "response": [answered]}
     try:
         result = pipeline.run(client, settings, uuid.uuid4().hex, {"text": LONG, **avatar}, lambda *_: None)
     finally:
@@ -138,6 +138,41 @@ def test_chunks_pass_their_speech_by_audio_url_and_speech_runs_ahead_of_video(gp
     assert all(v["body"].get("audio_url") and "audio" not in v["body"] for v in videos)
     # the next chunk's speech is asked for before this chunk's video is done
     assert all(s["start"] < v["end"] for s, v in zip(speech[1:], videos))
+
+
+def test_background_and_face_index_reach_the_gpu_service_and_the_video(gpu, tmp_path):
+    """A transparent portrait through the runtime: background and face_index go with every chunk's video request,
+    and the joined video shows the background colour where the portrait is clear."""
+    import base64
+
+    import cv2
+    import numpy as np
+
+    from runtime import pipeline
+    from runtime.gpu_client import GPUClient
+    from runtime.settings import Settings
+    from gpu_service.talking_head.video import read_frames
+    from tests.helpers import REPO
+
+    portrait = REPO / "tests" / "fixtures" / "media" / "p09_transparent_background_rgba_obama.png"
+    settings = Settings(gpu_service_url=gpu.url, data_dir=tmp_path, chunk_chars=120)
+    client = GPUClient(settings)
+    bodies: list[dict] = []
+    client.services[0]._http.event_hooks = {"request": [lambda r: bodies.append(json.loads(r.content))
+                                                        if r.url.path == "/video/generate" else None]}
+    job = uuid.uuid4().hex
+    body = {"text": "Hello there.", "avatar_image": base64.b64encode(portrait.read_bytes()).decode(),
+            "background": "#2050a0", "face_index": 0}
+    try:
+        pipeline.run(client, settings, job, body, lambda *_: None)
+    finally:
+        client.close()
+    assert bodies and all(b["background"] == "#2050a0" and b["face_index"] == 0 for b in bodies)
+    alpha = cv2.imread(str(portrait), cv2.IMREAD_UNCHANGED)[..., 3]
+    h, w = alpha.shape[0] // 2 * 2, alpha.shape[1] // 2 * 2
+    frames = read_frames((settings.jobs_dir / job / pipeline.VIDEO_NAME).read_bytes(), (w, h))
+    clear = cv2.erode((alpha[:h, :w] == 0).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    assert np.abs(np.median(frames[:, clear].reshape(-1, 3), 0) - (0x20, 0x50, 0xA0)).max() <= 4
 
 
 def test_idempotency_key_under_20_concurrent_identical_submits(runtime, avatar):

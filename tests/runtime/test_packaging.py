@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -46,7 +47,7 @@ def test_runtime_service_matches_the_settings(compose):
     assert command[:3] == ["python", "-m", "runtime"] and (REPO / "runtime" / "__main__.py").is_file()
     fields = set(Settings.model_fields)
     env = service["environment"]
-    unknown = [name for name in env if name.lower() not in fields]
+    unknown = [name for name in env if name.lower() not in fields and not name.startswith("AWS_")]  # AWS_*: boto3's own
     assert not unknown, f"compose sets variables the runtime does not read: {unknown}"
     container_port = int(str(env["PORT"]))
     published = [str(p) for p in service["ports"]]
@@ -82,3 +83,70 @@ def test_runtime_extra_carries_the_broker_dependencies():
     names = {re.split(r"[<>=\[ ]", dep)[0].lower() for dep in extras["runtime"]}
     assert {"dramatiq", "redis"} <= names
     assert not any("torch" in dep for dep in extras["runtime"])
+
+
+# -- the `scale` profile: API + two workers on PostgreSQL and Redis ----------------------------------
+def _scale(compose: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in compose["services"].items() if "scale" in svc.get("profiles", [])}
+
+
+def test_scale_profile_has_the_api_two_workers_and_postgres(compose):
+    scale = _scale(compose)
+    assert set(scale) == {"runtime-api", "runtime-worker", "postgres"}
+    api, worker = scale["runtime-api"], scale["runtime-worker"]
+    assert api["command"] == ["python", "-m", "runtime"] and str(api["environment"]["RUN_WORKER"]) == "false"
+    assert worker["command"] == ["python", "-m", "runtime", "worker"] and (REPO / "runtime" / "__main__.py").is_file()
+    assert worker["deploy"]["replicas"] == 2
+    assert "ports" not in worker, "replicas cannot share a published port"
+    assert api["build"] == worker["build"] == compose["services"]["runtime"]["build"]
+    assert scale["postgres"]["image"].startswith("postgres:") and "healthcheck" in scale["postgres"]
+    assert "profiles" not in compose["services"]["redis"], "Redis is shared with the default runtime"
+    for svc in (api, worker):
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert "redis" in svc["depends_on"]
+        assert "host.docker.internal:host-gateway" in svc["extra_hosts"]
+
+
+def test_scale_services_share_the_record_queue_and_outputs(compose):
+    scale = _scale(compose)
+    default_env = compose["services"]["runtime"]["environment"]
+    pg = scale["postgres"]["environment"]
+    fields = set(Settings.model_fields)
+    for name in ("runtime-api", "runtime-worker"):
+        svc = scale[name]
+        env = svc["environment"]
+        unknown = [n for n in env if n.lower() not in fields]
+        assert not unknown, f"{name} sets variables the runtime does not read: {unknown}"
+        db = urlsplit(env["DATABASE_URL"])
+        assert db.scheme.startswith("postgresql") and (db.hostname, db.port) == ("postgres", 5432)
+        assert (db.username, db.password, db.path.lstrip("/")) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+        redis_url = urlsplit(env["REDIS_URL"])
+        default_redis = urlsplit(re.fullmatch(r"\$\{REDIS_URL:-(.+)\}", default_env["REDIS_URL"]).group(1))
+        assert redis_url.hostname == default_redis.hostname == "redis"
+        assert redis_url.path == "/1" != default_redis.path, "the scale queue is its own Redis database"
+        assert "scale-data:/data" in svc["volumes"] and env["DATA_DIR"] == "/data"
+    assert scale["runtime-api"]["environment"]["DATABASE_URL"] == scale["runtime-worker"]["environment"]["DATABASE_URL"]
+    published = [str(p).rsplit(":", 1)[0] for p in scale["runtime-api"]["ports"]]
+    default_published = [str(p).rsplit(":", 1)[0] for p in compose["services"]["runtime"]["ports"]]
+    assert not set(published) & set(default_published), "the scale API must not take the default runtime's port"
+    assert {"scale-data", "postgres-data"} <= set(compose["volumes"])
+
+
+def _docker_compose() -> list[str] | None:
+    import shutil
+    import subprocess
+
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:
+            return cmd
+    return None
+
+
+@pytest.mark.skipif(_docker_compose() is None, reason="no docker compose CLI here: the YAML is checked by the tests above")
+def test_docker_compose_config_accepts_every_profile():
+    import subprocess
+
+    for profile in ("scale", "evaluator"):
+        done = subprocess.run([*_docker_compose(), "-f", str(COMPOSE), "--profile", profile, "config", "-q"],
+                              capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import sqlalchemy
 
 from runtime.captions import align_words, spoken_words, to_webvtt
 from runtime.db import JobStore, key_fingerprint, request_hash
@@ -183,6 +184,34 @@ def test_settings_are_bounded_and_parse_lists(monkeypatch):
     assert not missing, f"undocumented settings: {missing}"
 
 
+def test_one_gpu_service_url_or_a_list_of_them(monkeypatch):
+    from pydantic import ValidationError
+
+    assert Settings().gpu_urls == ["http://127.0.0.1:8001"]  # the embedded default: one service
+    assert Settings(gpu_service_url="http://gpu:8001/").gpu_urls == ["http://gpu:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", "http://10.0.0.5:8001, http://10.0.0.6:8001/")
+    assert Settings(gpu_service_url="http://ignored:1").gpu_urls == ["http://10.0.0.5:8001", "http://10.0.0.6:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", '["https://a.example", "http://b:8001"]')
+    assert Settings().gpu_urls == ["https://a.example", "http://b:8001"]
+    monkeypatch.setenv("GPU_SERVICE_URLS", "")  # as compose writes an unset variable: the one URL again
+    assert Settings().gpu_urls == ["http://127.0.0.1:8001"]
+    monkeypatch.delenv("GPU_SERVICE_URLS")
+    with pytest.raises(ValidationError, match="'ftp://a' is not an http"):
+        Settings(gpu_service_urls="http://ok:1,ftp://a")
+    with pytest.raises(ValidationError, match="listed more than once: http://a:1"):
+        Settings(gpu_service_urls="http://a:1,http://a:1/")
+
+
+def test_service_labels_and_affinity_keys():
+    from runtime.gpu_client import affinity_key, service_label
+
+    assert service_label("http://user:secret@10.0.0.5:8001/prefix") == "10.0.0.5:8001"
+    assert service_label("https://gpu.example") == "gpu.example:443" and service_label("http://[::1]:9") == "[::1]:9"
+    assert affinity_key("astronaut", None) == "id:astronaut"
+    image = affinity_key(None, "aGVsbG8=")
+    assert image.startswith("image:") and image == affinity_key(None, "aGVsbG8=") != affinity_key(None, "aGk=")
+
+
 def _documented() -> set[str]:
     """Fields with a docstring under them in settings.py (how this codebase documents settings)."""
     import ast
@@ -199,11 +228,17 @@ def _documented() -> set[str]:
     return names
 
 
-# -- the job store ------------------------------------------------------------------------------
+# -- the job store (each test on SQLite and on PostgreSQL: the db_url fixture) ------------------
 
 
-def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(tmp_path):
-    store = JobStore(tmp_path / "jobs.db")
+def sql(store: JobStore, statement: str) -> None:
+    """Run raw SQL on the store's database (a test reaching past the API, e.g. to make a lease lapse)."""
+    with store.engine.begin() as conn:
+        conn.execute(sqlalchemy.text(statement))
+
+
+def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(db_url):
+    store = JobStore(db_url)
     body = {"text": "hello", "avatar_id": "a"}
     results, errors = [], []
     barrier = threading.Barrier(20)
@@ -211,7 +246,8 @@ def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(tmp_pa
     def submit(i: int) -> None:
         barrier.wait()
         try:
-            results.append(JobStore(tmp_path / "jobs.db").create(f"{i:032x}", body, "key-1"))
+            with JobStore(db_url) as own:  # 20 stores opening (and migrating) at once, then racing the insert
+                results.append(own.create(f"{i:032x}", body, "key-1"))
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -226,34 +262,36 @@ def test_idempotency_is_enforced_by_a_unique_constraint_under_concurrency(tmp_pa
     assert store.count_idempotent("key-1") == 1
     with pytest.raises(Conflict, match="different body"):
         store.create("f" * 32, {**body, "text": "other"}, "key-1")
-    with pytest.raises(sqlite3.IntegrityError):  # the constraint itself lives in the schema
-        store._conn().execute("INSERT INTO jobs (id, idempotency_key, request_hash, request_json, status,"
-                              " created_at, updated_at) VALUES ('z', 'key-1', 'h', '{}', 'queued', 0, 0)")
+    with pytest.raises(sqlalchemy.exc.IntegrityError):  # the constraint itself lives in the schema
+        sql(store, "INSERT INTO jobs (id, idempotency_key, request_hash, request_json, status,"
+                   " created_at, updated_at) VALUES ('z', 'key-1', 'h', '{}', 'queued', 0, 0)")
+    store.close()
 
 
 def test_request_hash_ignores_key_order():
     assert request_hash({"a": 1, "b": [1, 2]}) == request_hash({"b": [1, 2], "a": 1})
 
 
-def test_leases_decide_who_runs_a_job(tmp_path):
-    store = JobStore(tmp_path / "jobs.db")
+def test_leases_decide_who_runs_a_job(db_url):
+    store = JobStore(db_url)
     store.create("a" * 32, {"text": "x"}, None)
     first = store.claim("a" * 32, "w1", lease_s=60)
     assert first and first["status"] == "running" and first["attempts"] == 1
     assert store.claim("a" * 32, "w2", lease_s=60) is None  # live lease elsewhere
     assert store.progress("a" * 32, "w1", 1, 3, "chunk 2 of 3")
     assert not store.progress("a" * 32, "w2", 1, 3, "chunk 2 of 3")
-    store._conn().execute("UPDATE jobs SET lease_until = 0")  # w1 died: its lease lapses
+    sql(store, "UPDATE jobs SET lease_until = 0")  # w1 died: its lease lapses
     second = store.claim("a" * 32, "w2", lease_s=60)
     assert second and second["attempts"] == 2
     assert not store.succeed("a" * 32, "w1", {"duration_s": 1})  # the dead owner cannot finish it
     assert store.succeed("a" * 32, "w2", {"duration_s": 1})
     assert store.claim("a" * 32, "w3", lease_s=60) is None  # finished jobs are never taken again
     assert store.get("a" * 32)["status"] == "succeeded"
+    store.close()
 
 
-def test_release_requeues_and_fail_records_the_reason(tmp_path):
-    store = JobStore(tmp_path / "jobs.db")
+def test_release_requeues_and_fail_records_the_reason(db_url):
+    store = JobStore(db_url)
     store.create("b" * 32, {"text": "x"}, None)
     store.claim("b" * 32, "w1", 60)
     assert store.release("b" * 32, "w1", "waiting")
@@ -263,6 +301,7 @@ def test_release_requeues_and_fail_records_the_reason(tmp_path):
     row = store.get("b" * 32)
     assert row["status"] == "failed" and row["reason"] == "speech: 422 bad voice"
     assert store.unfinished() == []
+    store.close()
 
 
 OLD_SCHEMA = """
@@ -304,6 +343,20 @@ def client(app_client):
         yield c
 
 
+def _png_b64() -> str:
+    """A small valid PNG (64x64 grey) as base64, for requests whose other fields are under test."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"".join(b"\x00" + b"\x80" * 64 for _ in range(64)))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return base64.b64encode(png).decode()
+
+
 @pytest.mark.parametrize(
     "body, status, fragment",
     [
@@ -320,6 +373,14 @@ def client(app_client):
         ({"text": "hi", "avatar_id": "a", "language": "english!"}, 422, "language"),
         ({"text": "hi", "avatar_id": "a", "avatar": "x"}, 422, "unknown field 'avatar'"),
         ({"text": 5, "avatar_id": "a"}, 422, "text"),
+        ({"text": "hi", "avatar_image": _png_b64(), "background": "#12345"}, 422, "background '#12345' is not a colour"),
+        ({"text": "hi", "avatar_image": _png_b64(), "background": "white"}, 422, "background is not valid base64"),
+        ({"text": "hi", "avatar_image": _png_b64(), "background": base64.b64encode(b"GIF89a....").decode()}, 422,
+         "background is not a JPEG, PNG or WebP image"),
+        ({"text": "hi", "avatar_id": "a", "background": "#ffffff"}, 422, "background applies to avatar_image"),
+        ({"text": "hi", "avatar_id": "a", "face_index": 1}, 422, "face_index applies to avatar_image"),
+        ({"text": "hi", "avatar_image": _png_b64(), "face_index": 64}, 422, "face_index"),
+        ({"text": "hi", "avatar_image": _png_b64(), "face_index": -1}, 422, "face_index"),
     ],
 )
 def test_bad_input_is_refused_before_any_job_exists(client, body, status, fragment):
@@ -383,17 +444,19 @@ def test_a_short_first_chunk_lets_speech_run_ahead():
     assert all(len(c) <= 400 for c in chunks[1:]) and " ".join(chunks) == text
 
 
-def test_reaper_resends_a_job_whose_worker_vanished(tmp_path):
+def test_reaper_resends_a_job_whose_worker_vanished(tmp_path, db_url):
     from runtime.jobs import Runtime
 
-    rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, job_lease_s=2, retry_max_backoff_s=1))
+    rt = Runtime(Settings(data_dir=tmp_path, database_url=None if db_url.startswith("sqlite") else db_url,
+                          run_worker=False, job_lease_s=2, retry_max_backoff_s=1))
     try:
         rt.store.create("c" * 32, {"text": "x"}, None)
         rt.store.claim("c" * 32, "dead-worker", lease_s=60)
         assert rt.reap() == 0  # its lease is live: leave it alone
-        rt.store._conn().execute("UPDATE jobs SET lease_until = 1")
+        sql(rt.store, "UPDATE jobs SET lease_until = 1")
         assert rt.reap() == 1
         assert rt.broker.queues["avatar_jobs"].qsize() == 1
+        assert rt.store.get("c" * 32)["status"] == "queued" and rt.reap() == 0  # handed out once, not every sweep
     finally:
         rt.stop()
 
@@ -402,7 +465,7 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
     import http.server
 
     from runtime.errors import GPUServiceError
-    from runtime.gpu_client import GPUClient
+    from runtime.gpu_client import GPUClient, ServiceClient
     from runtime.jobs import Runtime
     from tests.helpers import free_port
 
@@ -427,7 +490,8 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    gpu = GPUClient(Settings(gpu_service_url=f"http://127.0.0.1:{server.server_port}", avatar_cache_s=0))
+    url = f"http://127.0.0.1:{server.server_port}"
+    gpu = ServiceClient(url, Settings(avatar_cache_s=0))
     try:
         from avatar_contracts.gpu import TTSRequest, VideoRequest
 
@@ -437,14 +501,18 @@ def test_gpu_client_classifies_failures_and_reads_retry_after(tmp_path):
         with pytest.raises(GPUServiceError) as bad:
             gpu.video(VideoRequest(avatar_id="a", audio="aGk="))
         assert not bad.value.transient and "no face found" in bad.value.message and bad.value.error_type == "bad_media"
+        assert busy.value.status == 429 and not busy.value.down  # busy, not failing: it stays in placement
         assert gpu.avatar_ids() is None  # 5xx: cannot tell, so the submit is not refused for it
+        pool = GPUClient(Settings(gpu_service_url=url, avatar_cache_s=0))
+        assert pool.avatar_ids() is None
+        pool.close()
     finally:
         server.shutdown()
         gpu.close()
-    down = GPUClient(Settings(gpu_service_url=f"http://127.0.0.1:{free_port()}"))
+    down = ServiceClient(f"http://127.0.0.1:{free_port()}", Settings())
     with pytest.raises(GPUServiceError) as refused:
         down.tts(TTSRequest(text="hi"))
-    assert refused.value.transient and "unreachable" in refused.value.message
+    assert refused.value.transient and refused.value.down and "unreachable" in refused.value.message
     rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, retry_min_backoff_s=0.5, retry_max_backoff_s=4))
     try:
         assert [rt._backoff_s(n, None) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 4.0, 4.0]

@@ -110,7 +110,7 @@ def test_each_bad_input_gets_its_4xx(video_settings):
         async with running_app(video_settings) as client:
             cases = [
                 (await upload(client, png(noise)), 422, "no face"),
-                (await upload(client, png(two)), 422, "2 faces"),
+                (await upload(client, png(two), face_index="2"), 422, "face_index=2 but 2 faces were found"),
                 (await upload(client, png(tiny)), 422, "too small"),
                 (await upload(client, b"hello, not an image"), 422, "not a JPEG, PNG or WebP image"),
                 (await upload(client, png(big)), 422, "limit"),
@@ -181,7 +181,8 @@ def run_scenario(coro):
 
 
 def test_two_full_size_faces_are_counted_and_one_can_be_chosen(video_settings):
-    """Two portraits side by side: not 'no face found' but how many, and face_index picks one (left to right)."""
+    """Two portraits side by side: both found, the largest taken by default, face_index picks one by size and an
+    index past them is a 422 saying how many there are."""
     astro = data.astronaut()
     pair = np.ascontiguousarray(np.concatenate([astro, astro[:, ::-1]], axis=1))  # 1024x512, a face in each half
 
@@ -193,11 +194,15 @@ def test_two_full_size_faces_are_counted_and_one_can_be_chosen(video_settings):
             return [await upload(client), await upload(client, face_index="0"), await upload(client, face_index="1"),
                     await upload(client, face_index="2"), await upload(client, pick_largest="true")]
 
-    plain, left, right, beyond, largest = run_scenario(scenario())
-    assert plain.status_code == 422, plain.text
-    assert "2 faces found; pass pick_largest=true or face_index=N" in plain.json()["error"]
-    assert left.status_code == 200 and right.status_code == 200, (left.text, right.text)
-    assert left.json()["face_box"][0] + left.json()["face_box"][2] <= 512 < right.json()["face_box"][0]
-    assert left.json()["avatar_id"] != right.json()["avatar_id"]  # one image, two avatars
-    assert beyond.status_code == 422 and "face_index=2" in beyond.json()["error"], beyond.text
-    assert largest.status_code == 200, largest.text
+    plain, first, second, beyond, largest = run_scenario(scenario())
+    for resp in (plain, first, second, largest):
+        assert resp.status_code == 200, resp.text
+    assert plain.json() == {**first.json(), "cached": plain.json()["cached"], "encode_time_ms": plain.json()["encode_time_ms"]}
+    assert largest.json()["avatar_id"] == plain.json()["avatar_id"]  # pick_largest, kept for older clients, is the default
+    boxes = sorted([first.json()["face_box"], second.json()["face_box"]])  # one face in each half
+    assert boxes[0][0] + boxes[0][2] <= 512 < boxes[1][0]
+    area = lambda box: box[2] * box[3]  # noqa: E731
+    assert area(first.json()["face_box"]) >= area(second.json()["face_box"])  # by size, largest first
+    assert first.json()["avatar_id"] != second.json()["avatar_id"]  # one image, two avatars
+    assert beyond.status_code == 422, beyond.text
+    assert "face_index=2 but 2 faces were found in the image" in beyond.json()["error"], beyond.text

@@ -13,5 +13,5 @@ def build(name: str, settings: Settings) -> LipSyncEngine:
         from gpu_service.lipsync.engines.landmark import LandmarkLipSync
 
         return LandmarkLipSync(preset=settings.lipsync.x264_preset, crf=settings.mp4.crf,
-                               x264_params=settings.lipsync.x264_params)
+                               x264_params=settings.lipsync.x264_params, dtype=settings.render_dtype)
     raise ConfigurationError(f"unknown lip-sync engine {name!r} in LIPSYNC_ENGINES; known: landmark")

@@ -30,7 +30,8 @@ from gpu_service.lipsync.tracking import FaceTracker
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.driving import drive
-from gpu_service.talking_head.encoding import MODES, Appearance, Encoding, encode_from_landmarks, measure_appearance
+from gpu_service.talking_head.encoding import (MODES, Appearance, Encoding, choose_face, encode_from_landmarks,
+                                               measure_appearance)
 from gpu_service.talking_head.renderer import Renderer, mode_weights
 from gpu_service.talking_head.video import encode_mp4
 
@@ -120,20 +121,21 @@ class LandmarkLipSync:
     name = "landmark"
 
     def __init__(self, *, preset: str = "superfast", crf: int = 16, x264_params: Optional[str] = "mbtree=1:rc-lookahead=10",
-                 chunk_bytes: int = 64 * 1024 * 1024, backend: str = "auto") -> None:
+                 chunk_bytes: int = 64 * 1024 * 1024, backend: str = "auto", dtype: str = "auto") -> None:
         # The defaults are LipSyncSettings' (x264_preset, x264_params) and Mp4Settings.crf.
         self.x264_preset = preset
         self.crf = crf
         self.x264_params = x264_params
         self.chunk_bytes = chunk_bytes
         self.backend = backend
+        self.dtype = dtype
         self.renderer: Optional[Renderer] = None
         self.device = "cpu"
 
     def load(self, device: str) -> None:
         """Pick the render path for the device."""
         self.device = device
-        self.renderer = Renderer(device, backend=self.backend)
+        self.renderer = Renderer(device, backend=self.backend, dtype=self.dtype)
         log.info("lipsync loaded", extra={"device": device, "backend": self.renderer.backend})
 
     def warmup(self) -> None:
@@ -178,13 +180,13 @@ class LandmarkLipSync:
         finally:
             frames.close()
 
-    def _faces(self, src: VideoSource, controls: Controls, policy: str,
-               stats: dict) -> Iterator[tuple[np.ndarray, Optional[Encoding], Optional[Controls], float]]:
+    def _face_work(self, src: VideoSource, controls: Controls, policy: str, stats: dict, faces: int,
+                   face_index: int) -> Iterator[tuple[np.ndarray, Optional[Encoding], Optional[Controls], float]]:
         """(frame, its mouth-only encoding, its controls, close_upper) per output frame; no encoding for a frame
         left as filmed. Decoding and tracking run in their own thread, a few frames ahead of this."""
         widths = MouthWidthReference(window=int(10 * float(src.fps)))
         prev: Optional[Encoding] = None
-        with FaceTracker(float(src.fps)) as tracker, \
+        with FaceTracker(float(src.fps), max_faces=faces, face_index=face_index) as tracker, \
                 ReadAhead(self._tracked(src, controls.n_frames, policy, tracker, stats), name="lipsync-decode") as tracked:
             for i, (frame, lm, look) in enumerate(tracked):
                 stats["frames"] = i + 1
@@ -211,15 +213,17 @@ class LandmarkLipSync:
                 stats["encode_ms"] += (time.perf_counter() - t1) * 1000
                 yield frame, enc, c, CLOSE_SEAM if closing else 0.4
 
-    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict) -> Iterator[np.ndarray]:
+    def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict,
+                       faces: int = 1, face_index: int = 0) -> Iterator[np.ndarray]:
         """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered.
 
-        Three stages overlap, each in its own thread: decoding and tracking, the frame's face encoding,
+        With `faces` > 1 (counted on the first frame), that many are tracked and the `face_index`-th
+        by size is the one re-voiced (see FaceTracker). Three stages overlap, each in its own thread: decoding and tracking, the frame's face encoding,
         and (in the caller's thread, with the writes to x264) rendering. ffmpeg's pipes, MediaPipe and
         most NumPy/OpenCV work release the GIL.
         """
-        with ReadAhead(self._faces(src, controls, policy, stats), name="lipsync-face") as faces:
-            for frame, enc, c, close_upper in faces:
+        with ReadAhead(self._face_work(src, controls, policy, stats, faces, face_index), name="lipsync-face") as work:
+            for frame, enc, c, close_upper in work:
                 if enc is None:
                     yield frame
                     continue
@@ -236,11 +240,12 @@ class LandmarkLipSync:
         n_audio = max(1, int(round(len(job.audio) / job.sample_rate * fps)))
         # The source's real frame count is known only after decoding; trim can shorten to the probed estimate.
         n_out = plan_length(max(src.estimated_frames(), 1), n_audio, job.length_policy)
+        faces = _faces_on_first_frame(src, job.face_index)
         controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes)
         stats = _new_stats()
         t_drive = time.perf_counter()
         w, h = src.size
-        frames = self.revoice_frames(src, controls, job.length_policy, stats)
+        frames = self.revoice_frames(src, controls, job.length_policy, stats, faces, job.face_index)
         mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
                                 sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
                                 x264_params=self.x264_params)
@@ -250,25 +255,27 @@ class LandmarkLipSync:
         if stats["frames_without_face"] == n:
             raise BadMedia(_why_no_face(src, n))
         if n < n_out:  # trim with a source shorter than probed: re-encode the audio to the frames we have
-            mp4, facts = self._reencode_short(job, src, n, stats)
+            mp4, facts = self._reencode_short(job, src, n, stats, faces)
         total = (time.perf_counter() - started) * 1000
         # Stages overlap (threads): each is the wall time of its own thread, and they can sum to more than the total.
         timings = {"drive": (t_drive - started) * 1000, "decode": stats["decode_ms"], "track": stats["track_ms"],
-                   "encode_face": stats["encode_ms"], "render": stats["render_ms"], "total": total}
+                   "encode_face": stats["encode_ms"], "render": stats["render_ms"], "encode": facts["encode_ms"],
+                   "total": total}
         log.info("lipsync done", extra={"frames": n, "no_face": stats["frames_without_face"], "fps": fps,
                                         "policy": job.length_policy, "ms": round(total)})
         return LipSyncResult(
             mp4=mp4, frames=n, frames_without_face=stats["frames_without_face"], fps=fps, width=w, height=h,
             duration_s=n / fps, source_frames=min(n, src.estimated_frames()) if job.length_policy == "trim" else src.estimated_frames(),
             length_policy=job.length_policy, engine=self.name, timings_ms={k: round(v, 2) for k, v in timings.items()},
+            device=self.device,
         )
 
-    def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict) -> tuple[bytes, dict]:
+    def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict, faces: int) -> tuple[bytes, dict]:
         """Redo a job whose source turned out shorter than probed, with the audio cut to its n frames."""
         fps = float(src.fps)
         controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes)
         stats.update(_new_stats())
-        frames = self.revoice_frames(src, controls, "trim", stats)
+        frames = self.revoice_frames(src, controls, "trim", stats, faces, job.face_index)
         return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
                           sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
                           x264_params=self.x264_params)
@@ -279,6 +286,17 @@ def _new_stats() -> dict:
     return {"frames": 0, "frames_without_face": 0, "decode_ms": 0.0, "track_ms": 0.0, "encode_ms": 0.0, "render_ms": 0.0}
 
 
+def _faces_on_first_frame(src: VideoSource, face_index: int) -> int:
+    """How many faces the first frame shows (at least 1: a video whose face comes later is tracked as one);
+    BadMedia (422) when `face_index` is past them, before any frame is re-voiced."""
+    with contextlib.closing(src.forward()) as frames:
+        first = next(frames, None)
+    faces = L.detect_faces(first) if first is not None else []
+    if face_index > 0 or len(faces) > 1:
+        choose_face(faces, face_index, "the video's first frame")
+    return max(1, len(faces))
+
+
 def _why_no_face(src: VideoSource, n: int) -> str:
     """Why no frame had a face to follow: none at all, or several (the tracker follows one and finds none
     when two fill the frame side by side), as counted on the first frame by the portrait detector."""
@@ -287,7 +305,7 @@ def _why_no_face(src: VideoSource, n: int) -> str:
     faces = len(L.detect_faces(first)) if first is not None else 0
     if faces > 1:
         return (f"{faces} faces found in the video and none could be followed; lip-sync re-voices one face: "
-                "crop the video to the face to re-voice")
+                "crop the video to the face to re-voice (face_index picks one by size)")
     return f"no face found in any of the video's {n} frames; send a video of a visible, frontal face"
 
 

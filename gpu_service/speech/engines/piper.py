@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from avatar_contracts.text import split_clauses, split_sentences
+from gpu_service.device import device_kind
 from gpu_service.engine import EngineHealth
 from gpu_service.speech.protocol import Phone, SpeechChunk, SpeechRequest, SpeechResult
 from gpu_service.errors import EngineUnavailable, ValidationFailed
@@ -89,6 +90,8 @@ class PiperEngine:
     """Piper VITS voices through onnxruntime; the bundled voice needs no download."""
 
     name = "piper"
+    device_bound = False
+    """Runs once, on the service's first device, however many there are (onnxruntime, mostly on the CPU)."""
 
     def __init__(
         self,
@@ -136,8 +139,9 @@ class PiperEngine:
         except ImportError as exc:
             self._reason = "piper-tts is not installed: run ./setup_gpu_service.sh"
             raise EngineUnavailable(self._reason) from exc
-        self._providers = onnx_providers(device, onnxruntime.get_available_providers())
-        if device == "cuda" and "CUDAExecutionProvider" not in self._providers:
+        kind = device_kind(device)  # Piper's CUDA provider runs on the first GPU whatever its name
+        self._providers = onnx_providers(kind, onnxruntime.get_available_providers())
+        if kind == "cuda" and "CUDAExecutionProvider" not in self._providers:
             log.info("piper runs on the CPU", extra={"why": "this onnxruntime has no CUDAExecutionProvider"})
         for path in self._voice_files():
             if not path.is_file() or not Path(f"{path}.json").is_file():

@@ -1,8 +1,9 @@
 """XTTS-v2 speech engine (coqui-tts): voice cloning from a clip, built-in speakers, real streaming.
 
-The weights are never downloaded: they are read from AVATAR_MODEL_DIR/xtts_v2 and loaded with
-coqui-tts's own XttsConfig and Xtts classes, so a tiny test model and the released model take
-the same path.
+The engine never downloads: the weights are read from AVATAR_MODEL_DIR/xtts_v2 (put there by hand or
+by `python -m gpu_service models fetch xtts`, and checked against gpu_service/models/manifests/xtts.json
+before this engine reads them) and loaded with coqui-tts's own XttsConfig and Xtts classes, so a tiny
+test model and the released model take the same path.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from avatar_contracts.text import split_bounded
+from gpu_service.device import torch_device
 from gpu_service.engine import CacheStats, EngineHealth
 from gpu_service.errors import EngineUnavailable, GenerationFailed, ValidationFailed
 from gpu_service.speech.protocol import SpeechChunk, SpeechRequest, SpeechResult
@@ -97,8 +99,8 @@ class XttsEngine:
             raise self._unavailable(
                 f"XTTS-v2 weights not found ({', '.join(missing)} missing): put the XTTS-v2 files in {label}/ "
                 "(config.json, model.pth, vocab.json) from the XTTS-v2 release (coqui/XTTS-v2, Coqui Public Model "
-                f"License, CPML), optionally with {SPEAKERS_FILE} for built-in voices, then restart the service. "
-                "Nothing is downloaded automatically."
+                f"License, CPML), optionally with {SPEAKERS_FILE} for built-in voices, then restart the service; "
+                "`python -m gpu_service models fetch xtts` downloads and verifies them. Nothing is downloaded automatically."
             )
         try:
             import torch
@@ -115,7 +117,7 @@ class XttsEngine:
             config.load_json(str(self.model_dir / "config.json"))
             model = Xtts(config)
             model.load_checkpoint(config, checkpoint_dir=str(self.model_dir), eval=True, use_deepspeed=False)
-            model.to(torch.device(device))
+            model.to(torch.device(torch_device(device)))
             model.eval()
         except OSError as exc:
             if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:

@@ -17,6 +17,6 @@ def build(name: str, settings: Settings) -> TalkingHeadEngine:
             cache_dir=settings.avatar_cache_dir, cache_bytes=th.avatar_cache_bytes, max_image_bytes=th.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
             presets_dir=settings.preset_avatars_dir, preset=settings.mp4.x264_preset, crf=settings.mp4.crf,
-            batch=th.render_batch,
+            batch=th.render_batch, dtype=settings.render_dtype,
         )
     raise ConfigurationError(f"unknown talking-head engine {name!r} in VIDEO_ENGINES; known: landmark")

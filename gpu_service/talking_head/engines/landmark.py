@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
+from avatar_contracts.media import Background
 from gpu_service.engine import EngineHealth
 from gpu_service.errors import EngineUnavailable, ValidationFailed
 from gpu_service.talking_head.avatars import AvatarStore
@@ -33,8 +35,7 @@ class LandmarkFrameStream:
         self._idle = idle
         self.avatar_id = avatar_id
         self.fps = float(fps)
-        h, w = enc.image.shape[:2]
-        self.size = (w, h)
+        self.size = enc.frame_size
         self.frames_rendered = 0
 
     def render(self, controls: Controls) -> np.ndarray:
@@ -54,22 +55,33 @@ class LandmarkTalkingHead:
     name = "landmark"
 
     def __init__(self, *, cache_dir: Path, cache_bytes: int, max_image_bytes: int, presets_dir: Path,
-                 max_image_pixels: int = 40_000_000, preset: str = "veryfast", crf: int = 16, batch: int = 16) -> None:
-        self._avatars = AvatarStore(cache_dir, cache_bytes, max_image_bytes, max_image_pixels)
+                 max_image_pixels: int = 40_000_000, preset: str = "veryfast", crf: int = 16, batch: int = 16,
+                 dtype: str = "auto", avatars: Optional[AvatarStore] = None) -> None:
+        self._avatars = avatars or AvatarStore(cache_dir, cache_bytes, max_image_bytes, max_image_pixels)
+        self._options = dict(cache_dir=cache_dir, cache_bytes=cache_bytes, max_image_bytes=max_image_bytes,
+                             presets_dir=presets_dir, max_image_pixels=max_image_pixels, preset=preset, crf=crf,
+                             batch=batch, dtype=dtype)
         self.presets_dir = presets_dir
         self.x264_preset = preset
         self.crf = crf
         self.batch = batch
+        self.dtype = dtype
         self.renderer: Optional[Renderer] = None
         self.device = "cpu"
         self.presets: list[str] = []
 
+    def replicate(self) -> "LandmarkTalkingHead":
+        """A copy for another device that shares this one's avatars (records and disk cache; each device its own LRU)."""
+        return LandmarkTalkingHead(**self._options, avatars=self._avatars)
+
     # -- lifecycle -------------------------------------------------------------------------
     def load(self, device: str) -> None:
-        """Pick the render path for the device and encode every preset avatar."""
+        """Pick the render path for the device and encode every preset avatar (warm in this device's LRU)."""
         self.device = device
-        self.renderer = Renderer(device, batch=self.batch)
-        self.presets = self._avatars.load_presets(self.presets_dir)
+        self.renderer = Renderer(device, batch=self.batch, dtype=self.dtype)
+        renderer = self.renderer
+        self._avatars.on_evict(device, renderer.forget)  # an avatar leaving this device's LRU frees its tensors here
+        self.presets = self._avatars.load_presets(self.presets_dir, device)
         log.info("talking head loaded", extra={"device": device, "backend": self.renderer.backend, "presets": self.presets})
 
     def warmup(self) -> None:
@@ -82,8 +94,18 @@ class LandmarkTalkingHead:
         encode_mp4(stream.render(controls), 25, stream.size, preset=self.x264_preset, crf=self.crf)
 
     def health(self) -> EngineHealth:
-        """Loaded once its render path is chosen; reports the device and the path (cv2 or torch)."""
-        return self.renderer.health() if self.renderer is not None else EngineHealth.down("not loaded")
+        """Loaded once its render path is chosen; reports the device, the path (cv2 or torch) and the device's avatar LRU."""
+        if self.renderer is None:
+            return EngineHealth.down("not loaded")
+        return replace(self.renderer.health(), cache=self._avatars.cache_stats(self.device))
+
+    def cached_bytes(self) -> int:
+        """Bytes of the encodings this device holds in memory."""
+        return self._avatars.memory_bytes(self.device)
+
+    def is_warm(self, avatar_id: str) -> bool:
+        """Whether this device holds the avatar's encoding in memory now."""
+        return self._avatars.is_cached(avatar_id, self.device)
 
     def _require_renderer(self) -> Renderer:
         if self.renderer is None:
@@ -91,9 +113,10 @@ class LandmarkTalkingHead:
         return self.renderer
 
     # -- avatars ---------------------------------------------------------------------------
-    def add_avatar(self, image: bytes, pick_largest: bool = False, face_index: Optional[int] = None) -> AvatarRecord:
-        """Encode a portrait once (or find it cached) and register it."""
-        return self._avatars.add(image, pick_largest=pick_largest, face_index=face_index)
+    def add_avatar(self, image: bytes, face_index: Optional[int] = None, background: Optional[Background] = None,
+                   field: str = "image") -> AvatarRecord:
+        """Encode a portrait once (or find it cached) and register it, warm on this device."""
+        return self._avatars.add(image, face_index=face_index, background=background, field=field, device=self.device)
 
     def list_avatars(self) -> list[AvatarRecord]:
         """Every registered avatar, presets first."""
@@ -112,8 +135,8 @@ class LandmarkTalkingHead:
                     idle_seed: Optional[int] = None) -> LandmarkFrameStream:
         """A frame stream of a registered avatar (its encoding loaded now, from memory or disk)."""
         idle = None if idle_seed is None else IdleMotion(fps, idle_seed, head_motion, avatar_key=avatar_id)
-        return LandmarkFrameStream(self._require_renderer(), self._avatars.get(avatar_id), avatar_id, fps, head_motion,
-                                   idle)
+        return LandmarkFrameStream(self._require_renderer(), self._avatars.get(avatar_id, self.device), avatar_id, fps,
+                                   head_motion, idle)
 
     def _frames(self, stream: LandmarkFrameStream, controls: Controls) -> Iterator[np.ndarray]:
         """A whole clip's frames through the stream, in the render path's natural block size."""
@@ -144,7 +167,9 @@ class LandmarkTalkingHead:
             "drive": (t1 - t0) * 1000,
             "first_frame": (t1 - t0) * 1000 + facts["first_frame_ms"],
             "render_encode": (t2 - t1) * 1000,
+            "render": facts["frames_ms"],
+            "encode": facts["encode_ms"],
             "total": (t2 - t0) * 1000,
         }
         return VideoResult(mp4, facts["frames"], job.fps, w, h, controls.n_frames / job.fps,
-                           {k: round(v, 2) for k, v in timings.items()}, avatar_id=job.avatar_id)
+                           {k: round(v, 2) for k, v in timings.items()}, avatar_id=job.avatar_id, device=self.device)
