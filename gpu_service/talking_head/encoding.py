@@ -355,10 +355,42 @@ def hull_distance(hull: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarra
 
 
 def face_mask(xs: np.ndarray, ys: np.ndarray, lm: np.ndarray, sweep: np.ndarray, feather: float) -> np.ndarray:
-    """1 inside the face oval's hull swept by `sweep` pixels, falling smoothly to 0 at `feather` pixels outside it."""
+    """1 inside the face oval's hull swept by `sweep` pixels, falling smoothly to 0 at `feather` pixels outside it.
+
+    `xs`, `ys` are a pixel grid (as _pixel_grid makes). Only the band along the hull's outline is
+    computed pixel by pixel: the distance is convex, so a block whose corners are all inside is
+    inside everywhere (1), and it changes by at most a pixel per pixel, so a block whose middle is
+    far enough outside is 0 everywhere. The values are the ones the whole grid would get.
+    """
     hull = L.face_hull(lm)
     swept = cv2.convexHull(np.concatenate([hull, hull + sweep[None, :]]).astype(np.float32))[:, 0]
-    return (1.0 - smoothstep(0.0, feather, hull_distance(swept, xs, ys))).astype(np.float32)
+
+    def mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (1.0 - smoothstep(0.0, feather, hull_distance(swept, x, y))).astype(np.float32)
+
+    h, w = xs.shape
+    B = 8
+    if h < 2 * B or w < 2 * B:
+        return mask(xs, ys)
+    rows, cols = np.arange(0, h, B), np.arange(0, w, B)
+    r1, c1 = np.minimum(rows + B - 1, h - 1), np.minimum(cols + B - 1, w - 1)
+    # Distances at every block's corners (the grid's pixels at those rows and columns) and middle.
+    corner_r, corner_c = np.unique(np.concatenate([rows, r1])), np.unique(np.concatenate([cols, c1]))
+    at = hull_distance(swept, xs[np.ix_(corner_r, corner_c)], ys[np.ix_(corner_r, corner_c)])
+    ri, ci = np.searchsorted(corner_r, rows), np.searchsorted(corner_c, cols)
+    ri1, ci1 = np.searchsorted(corner_r, r1), np.searchsorted(corner_c, c1)
+    worst = np.maximum(np.maximum(at[np.ix_(ri, ci)], at[np.ix_(ri, ci1)]),
+                       np.maximum(at[np.ix_(ri1, ci)], at[np.ix_(ri1, ci1)]))
+    mid_x = (xs[0, cols] + xs[0, c1]) / 2
+    mid_y = (ys[rows, 0] + ys[r1, 0]) / 2
+    middle = hull_distance(swept, np.repeat(mid_x[None, :], len(rows), 0), np.repeat(mid_y[:, None], len(cols), 1))
+    # 1: all inside, 0: all outside (the farthest pixel of a block is under B from its middle), 2: compute.
+    state = np.where(worst < -0.5, 1, np.where(middle > feather + B + 0.5, 0, 2)).astype(np.uint8)
+    state = np.repeat(np.repeat(state, B, 0), B, 1)[:h, :w]
+    out = (state == 1).astype(np.float32)
+    todo = state == 2
+    out[todo] = mask(xs[todo], ys[todo])
+    return out
 
 
 def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.ndarray, which: np.ndarray,
@@ -602,9 +634,9 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     `mouth_only` (for re-voicing, where eyes, brows and smile stay as filmed) builds only
     MOUTH_MODES, over the part of the crop they can reach, and crops the encoding to that window
     (nothing outside it moves); their fields equal the full encoding's there. The smile, blink
-    and brow fields are zero and the eye patch is an empty 1x1, so blinks draw no lid on such an
-    encoding. `appearance` (measure_appearance of this or a recent frame) is used instead of
-    measuring the interior's colours and texture again.
+    and brow fields are zero, so is the head mask (the head moves as filmed), and the eye patch is
+    an empty 1x1, so blinks draw no lid on such an encoding. `appearance` (measure_appearance of
+    this or a recent frame) is used instead of measuring the interior's colours and texture again.
     """
     image = np.ascontiguousarray(image, dtype=np.uint8)
     lm = np.asarray(lm, np.float32)
@@ -833,11 +865,15 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     for k, r in reached.items():
         sub[k][r] *= keep[r]  # in place, mode by mode and only where it reaches: no copy of the fields
 
-    # Head: an ellipse over face and hair, feathered out well inside the crop.
+    # Head: an ellipse over face and hair, feathered out well inside the crop. A re-voiced head moves as
+    # filmed: a mouth-only encoding has none (zero, so a head pose asked of it warps nothing).
     hc = center - off
-    rx, ry = 0.62 * fw, 0.62 * fh
-    r = np.sqrt(((xs - hc[0]) / rx) ** 2 + ((ys - hc[1]) / ry) ** 2)
-    head_mask = ((1.0 - smoothstep(0.85, 1.4, r)) * border).astype(np.float32)
+    if mouth_only:
+        head_mask = np.zeros(xs.shape, np.float32)
+    else:
+        rx, ry = 0.62 * fw, 0.62 * fh
+        r = np.sqrt(((xs - hc[0]) / rx) ** 2 + ((ys - hc[1]) / ry) ** 2)
+        head_mask = ((1.0 - smoothstep(0.85, 1.4, r)) * border).astype(np.float32)
 
     if mouth_only:
         eye_patch = Box(0, 0, 1, 1)

@@ -225,7 +225,7 @@ def test_mouth_only_encoding_matches_the_full_one(roll_deg, seam, follow):
     assert fast.geometry.mouth_x == full.geometry.mouth_x - ox and fast.geometry.mouth_y == full.geometry.mouth_y - oy
     assert replace(fast.geometry, mouth_x=0.0, mouth_y=0.0) == replace(full.geometry, mouth_x=0.0, mouth_y=0.0)
     assert tuple(fast.patch) == (full.patch.x0 - ox, full.patch.y0 - oy, full.patch.x1 - ox, full.patch.y1 - oy)
-    assert np.array_equal(full.head_mask[win[1:]], fast.head_mask)
+    assert fast.head_mask.shape == (fast.crop.height, fast.crop.width) and not fast.head_mask.any()
     for name in ("patch_side", "patch_mask", "lut_upper", "lut_lower", "palette", "teeth_rgb"):
         assert np.array_equal(getattr(full, name), getattr(fast, name)), name
     # The interior's colours measured on the whole frame (as lip-sync does, then reuses) are the crop's.
