@@ -457,21 +457,35 @@ def _median_colour(pix: np.ndarray) -> np.ndarray:
     return np.median(np.ascontiguousarray(pix.T), 1)
 
 
+def _lip_pixels(image: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """(N, 3) float32 pixels of the lips: inside the outer contour, outside the (dilated) inner one."""
+    outer_pts, inner_pts = lm[L.OUTER_UPPER + L.OUTER_LOWER[::-1]], lm[L.INNER_UPPER + L.INNER_LOWER[::-1]]
+    box, off = _box_around(image, np.concatenate([outer_pts, inner_pts]))
+    outer = _polygon_mask(box.shape[:2], outer_pts, off)
+    inner = _polygon_mask(box.shape[:2], inner_pts, off)
+    inner = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return box[outer & ~inner].astype(np.float32)
+
+
+def lip_colour(image: np.ndarray, lm: np.ndarray) -> Optional[np.ndarray]:
+    """The lips' median colour in `image` (landmarks `lm` in its pixels), or None when too few lip pixels show.
+
+    Cheap (the lips only): lip-sync measures it on every frame, where the rest of the appearance is reused,
+    since it decides whether the frame's own teeth show (a wide-open mouth's lips change colour quickly).
+    """
+    pix = _lip_pixels(image, lm)
+    return _median_colour(pix) if len(pix) >= 8 else None
+
+
 def _lips_and_skin(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the lips' median colour, the face's pixels) of a crop with its landmarks."""
     hull = cv2.convexHull(lm[L.FACE_OVAL].astype(np.float32))[:, 0]
-    outer_pts, inner_pts = lm[L.OUTER_UPPER + L.OUTER_LOWER[::-1]], lm[L.INNER_UPPER + L.INNER_LOWER[::-1]]
-    box, off = _box_around(crop, np.concatenate([hull, outer_pts, inner_pts]))
-    shape = box.shape[:2]
-    outer = _polygon_mask(shape, outer_pts, off)
-    inner = _polygon_mask(shape, inner_pts, off)
-    inner = cv2.dilate(inner.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    face = _polygon_mask(shape, hull, off)
-    skin_pix = box[face].astype(np.float32)
-    lip_pix = box[outer & ~inner].astype(np.float32)
+    box, off = _box_around(crop, hull)
+    skin_pix = box[_polygon_mask(box.shape[:2], hull, off)].astype(np.float32)
+    lip = lip_colour(crop, lm)
     # Too few lip pixels (a tiny or profile face): the skin, slightly darker, stands in for the lips.
-    if len(lip_pix) >= 8:
-        return _median_colour(lip_pix), skin_pix
+    if lip is not None:
+        return lip, skin_pix
     return 0.85 * (_median_colour(skin_pix) if len(skin_pix) else np.full(3, 160.0, np.float32)), skin_pix
 
 

@@ -31,7 +31,7 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.driving import drive
 from gpu_service.talking_head.encoding import (MODES, Appearance, Encoding, choose_face, encode_from_landmarks,
-                                               measure_appearance)
+                                               lip_colour, measure_appearance)
 from gpu_service.talking_head.renderer import Renderer, mode_weights
 from gpu_service.talking_head.video import encode_mp4
 
@@ -51,7 +51,8 @@ refinement (mouth.py), 0.01 adding `follow_gap` (each column closed by its own g
 """
 APPEARANCE_EVERY_S = 0.2
 """How often the interior's colours and grain are measured on the source (seconds): a person's colouring
-and the picture's grain change slowly, and measuring them took a fifth of each frame's face work at 720p."""
+and the picture's grain change slowly, and measuring them took a fifth of each frame's face work at 720p.
+The lips' colour is measured on every frame (encoding.lip_colour)."""
 # Controls the source keeps as filmed: its own blinks, brows and expression.
 _KEEP_SOURCE = ("smile", "brow", "eye_open", "blink", "head_yaw", "head_pitch", "head_roll", "head_dx", "head_dy")
 
@@ -175,6 +176,9 @@ class LandmarkLipSync:
                     lm = refine_inner_lips(frame, lm)
                     if look is None or i - looked_at >= refresh:
                         look, looked_at = measure_appearance(frame, lm), i
+                    else:  # the lips' colour is this frame's: it decides whether its own teeth show
+                        lip = lip_colour(frame, lm)
+                        look = look if lip is None else look._replace(lip=lip)
                 stats["track_ms"] += (time.perf_counter() - t1) * 1000
                 yield frame, lm, look
         finally:
