@@ -22,7 +22,7 @@ import numpy as np
 
 from avatar_contracts.probe import MediaInfo, probe
 from gpu_service.errors import BadMedia, GenerationFailed, UnsupportedMediaType
-from gpu_service.talking_head.video import ffmpeg_exe
+from gpu_service.talking_head.video import ffmpeg_exe, widen_pipe
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class VideoSource:
         w, h = self.size
         proc = subprocess.Popen(self._cmd(start_s, max_frames), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0)
+        widen_pipe(proc.stdout, self.frame_bytes)
         errors: list[bytes] = []
         reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
         reader.start()

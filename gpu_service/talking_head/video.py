@@ -66,6 +66,7 @@ def encode_mp4(
         cmd += ["-movflags", "+faststart", str(out)]
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        widen_pipe(proc.stdin, width * height * 3)
         errors: list[bytes] = []
         reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
         reader.start()
@@ -112,6 +113,18 @@ def encode_mp4(
         "encode_ms": max(0.0, total_ms - making_ms),
     }
     return data, facts
+
+
+def widen_pipe(pipe, frame_bytes: int) -> None:
+    """Give a pipe of raw frames room for a large part of a frame (Linux: up to 1 MB without privileges), so a
+    720p frame crosses it in 3 writes instead of 42, each a wake-up of both processes (about 1 ms of CPU a
+    720p frame in lip-sync, decoder and encoder together). Best effort: the default pipe also works."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), min(frame_bytes, 1 << 20))
+    except (ImportError, OSError, ValueError):
+        pass  # not Linux, or a lower limit
 
 
 # Matrices swscale converts with, by the colour-space names the probe reports.
