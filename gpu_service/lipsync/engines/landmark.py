@@ -233,6 +233,7 @@ class LandmarkLipSync:
                     continue
                 t2 = time.perf_counter()
                 out = next(iter(self.renderer.frames(enc, c, head_motion=False, close_upper=close_upper)))
+                self.renderer.forget(enc)  # an encoding per frame: nothing to keep its layout for
                 stats["render_ms"] += (time.perf_counter() - t2) * 1000
                 yield out
 
