@@ -94,7 +94,7 @@ class Runtime:
         if self.settings.redis_url:
             from dramatiq.brokers.redis import RedisBroker
 
-            broker: dramatiq.Broker = RedisBroker(url=self.settings.redis_url)
+            broker: dramatiq.Broker = RedisBroker(url=self.settings.redis_url, namespace=self.settings.redis_namespace)
         else:
             broker = StubBroker()
             broker.emit_after("process_boot")

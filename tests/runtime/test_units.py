@@ -8,10 +8,12 @@ import json
 import sqlite3
 import sys
 import threading
+import uuid
 
 import numpy as np
 import pytest
 import sqlalchemy
+from pydantic import ValidationError
 
 from runtime.captions import align_words, spoken_words, to_webvtt
 from runtime.db import JobStore, key_fingerprint, request_hash
@@ -435,6 +437,30 @@ def test_the_runtime_never_imports_torch_or_the_gpu_service():
     code = "import sys, runtime.app, runtime.jobs, runtime.__main__; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gpu_service'))))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_redis_namespace_keeps_one_deployments_jobs_under_its_own_keys(tmp_path):
+    from runtime.jobs import Runtime
+
+    assert Settings(redis_url="redis://127.0.0.1:6379/0").redis_namespace == "dramatiq"  # Dramatiq's own default
+    with pytest.raises(ValidationError):
+        Settings(redis_namespace="has space")
+    redis = pytest.importorskip("redis")
+    url = "redis://127.0.0.1:6379/0"
+    conn = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        conn.ping()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"Redis is not reachable at {url}: {exc}")
+    namespace = f"t-{uuid.uuid4().hex[:12]}"
+    rt = Runtime(Settings(data_dir=tmp_path, redis_url=url, redis_namespace=namespace, run_worker=False))
+    try:
+        rt.enqueue("e" * 32)
+        assert conn.llen(f"{namespace}:avatar_jobs") == 1  # the message sits under this deployment's prefix only
+    finally:
+        rt.stop()
+        for key in conn.scan_iter(f"{namespace}:*"):
+            conn.delete(key)
 
 
 def test_a_short_first_chunk_lets_speech_run_ahead():
