@@ -387,14 +387,17 @@ class JobStore:
     # -- worker side ----------------------------------------------------------------------
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> Optional[dict]:
-        """Take the job for `owner` if it is queued, or running under a lapsed (or our own) lease; the row
-        as it now is, or None. A row another worker is claiming this instant counts as taken (SKIP LOCKED)."""
+        """Take the job for `owner` if it is queued, or running under a lapsed lease; the row as it now is, or
+        None. A row another worker is claiming this instant counts as taken (SKIP LOCKED).
+
+        A live lease is never taken, not even one `owner` holds: an owner is one runtime process, so its
+        live lease means another of its worker threads is running the job, and a second message for the
+        job (the reaper re-sends long-queued jobs; delivery is at-least-once) must not start it twice."""
         now = time.time()
         claimable = select(jobs.c.id).where(
             jobs.c.id == job_id,
             or_(jobs.c.status == "queued",
-                and_(jobs.c.status == "running",
-                     or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now, jobs.c.lease_owner == owner))),
+                and_(jobs.c.status == "running", or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now))),
         ).with_for_update(skip_locked=True)
         statement = (
             update(jobs).where(jobs.c.id == claimable.scalar_subquery())

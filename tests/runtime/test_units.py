@@ -280,6 +280,8 @@ def test_leases_decide_who_runs_a_job(db_url):
     first = store.claim("a" * 32, "w1", lease_s=60)
     assert first and first["status"] == "running" and first["attempts"] == 1
     assert store.claim("a" * 32, "w2", lease_s=60) is None  # live lease elsewhere
+    # a second message for it in w1's own process: another of w1's threads runs it, so it is not started twice
+    assert store.claim("a" * 32, "w1", lease_s=60) is None and store.get("a" * 32)["attempts"] == 1
     assert store.progress("a" * 32, "w1", 1, 3, "chunk 2 of 3")
     assert not store.progress("a" * 32, "w2", 1, 3, "chunk 2 of 3")
     sql(store, "UPDATE jobs SET lease_until = 0")  # w1 died: its lease lapses
@@ -483,6 +485,23 @@ def test_reaper_resends_a_job_whose_worker_vanished(tmp_path, db_url):
         assert rt.reap() == 1
         assert rt.broker.queues["avatar_jobs"].qsize() == 1
         assert rt.store.get("c" * 32)["status"] == "queued" and rt.reap() == 0  # handed out once, not every sweep
+    finally:
+        rt.stop()
+
+
+def test_a_second_message_for_a_job_its_own_runtime_is_running_does_not_start_it_again(tmp_path, db_url):
+    from runtime.jobs import Runtime
+
+    # nothing listens at the GPU URL: an attempt that did start would fail there and put the job back to queued
+    rt = Runtime(Settings(data_dir=tmp_path, database_url=None if db_url.startswith("sqlite") else db_url,
+                          run_worker=False, gpu_service_url="http://127.0.0.1:9"))
+    try:
+        job_id = "f" * 32
+        rt.store.create(job_id, {"text": "Hello there.", "avatar_id": "astronaut"}, None)
+        assert rt.store.claim(job_id, rt.owner, lease_s=60)  # one of this runtime's threads is running it
+        rt._run_job(job_id)  # the duplicate delivery (a reaper's re-send of a long-queued job)
+        row = rt.store.get(job_id)
+        assert (row["status"], row["lease_owner"], row["attempts"]) == ("running", rt.owner, 1)
     finally:
         rt.stop()
 
