@@ -478,6 +478,9 @@ def test_reaper_resends_a_job_whose_worker_vanished(tmp_path, db_url):
     rt = Runtime(Settings(data_dir=tmp_path, database_url=None if db_url.startswith("sqlite") else db_url,
                           run_worker=False, job_lease_s=2, retry_max_backoff_s=1))
     try:
+        def taken_over() -> float:
+            return rt.metrics.registry.get_sample_value("avatar_runtime_job_retries_total", {"reason": "lease_expired"})
+
         rt.store.create("c" * 32, {"text": "x"}, None)
         rt.store.claim("c" * 32, "dead-worker", lease_s=60)
         assert rt.reap() == 0  # its lease is live: leave it alone
@@ -485,6 +488,10 @@ def test_reaper_resends_a_job_whose_worker_vanished(tmp_path, db_url):
         assert rt.reap() == 1
         assert rt.broker.queues["avatar_jobs"].qsize() == 1
         assert rt.store.get("c" * 32)["status"] == "queued" and rt.reap() == 0  # handed out once, not every sweep
+        # a take-over is a retry by lease expiry, counted here: the claim that follows finds the job queued
+        assert taken_over() == 1
+        sql(rt.store, "UPDATE jobs SET updated_at = 1")  # now it sat queued too long (its message lost): re-sent,
+        assert rt.reap() == 1 and taken_over() == 1  # but no worker died
     finally:
         rt.stop()
 
