@@ -32,7 +32,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from sqlalchemy import (
     CheckConstraint,
@@ -263,6 +263,15 @@ def migrate(engine: Engine) -> int:
 # -- the store ----------------------------------------------------------------------------------
 
 
+class Stalled(NamedTuple):
+    """A job the reaper hands out again (`JobStore.take_stalled`)."""
+
+    job_id: str
+    lapsed: bool
+    """It was running under a lapsed lease (its worker died); else it sat queued too long (a lost message)."""
+
+
+
 def _row(row: Any) -> Optional[dict]:
     return dict(row._mapping) if row is not None else None
 
@@ -387,14 +396,17 @@ class JobStore:
     # -- worker side ----------------------------------------------------------------------
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> Optional[dict]:
-        """Take the job for `owner` if it is queued, or running under a lapsed (or our own) lease; the row
-        as it now is, or None. A row another worker is claiming this instant counts as taken (SKIP LOCKED)."""
+        """Take the job for `owner` if it is queued, or running under a lapsed lease; the row as it now is, or
+        None. A row another worker is claiming this instant counts as taken (SKIP LOCKED).
+
+        A live lease is never taken, not even one `owner` holds: an owner is one runtime process, so its
+        live lease means another of its worker threads is running the job, and a second message for the
+        job (the reaper re-sends long-queued jobs; delivery is at-least-once) must not start it twice."""
         now = time.time()
         claimable = select(jobs.c.id).where(
             jobs.c.id == job_id,
             or_(jobs.c.status == "queued",
-                and_(jobs.c.status == "running",
-                     or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now, jobs.c.lease_owner == owner))),
+                and_(jobs.c.status == "running", or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now))),
         ).with_for_update(skip_locked=True)
         statement = (
             update(jobs).where(jobs.c.id == claimable.scalar_subquery())
@@ -405,26 +417,30 @@ class JobStore:
         with self.engine.begin() as conn:
             return _row(conn.execute(statement).first())
 
-    def take_stalled(self, lapsed_before: float, queued_before: float) -> list[str]:
+    def take_stalled(self, lapsed_before: float, queued_before: float) -> list["Stalled"]:
         """Jobs nobody is working on, handed to one caller: running under a lease that lapsed before
-        `lapsed_before` (put back to queued) or queued and untouched since `queued_before` (touched).
+        `lapsed_before` (put back to queued; `lapsed` true: its worker died, and the job is taken over) or
+        queued and untouched since `queued_before` (touched).
 
         Two runtimes sweeping at once never both get a job (SKIP LOCKED), so a stalled job is re-sent once.
+        The rows are read and updated in one transaction that holds them (SQLite: its write lock, taken
+        first), so what each row was is known after the update has changed it.
         """
         now = time.time()
         lapsed = and_(jobs.c.status == "running", or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < lapsed_before))
         stalled = (
-            select(jobs.c.id)
+            select(jobs.c.id, jobs.c.status)
             .where(or_(lapsed, and_(jobs.c.status == "queued", jobs.c.updated_at < queued_before)))
             .with_for_update(skip_locked=True)
         )
-        statement = (
-            update(jobs).where(jobs.c.id.in_(stalled))
-            .values(status="queued", lease_owner=None, lease_until=None, updated_at=now)
-            .returning(jobs.c.id)
-        )
-        with self.engine.begin() as conn:
-            return [r[0] for r in conn.execute(statement)]
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(immediate=True)
+            with conn.begin():
+                found = [Stalled(row.id, row.status == "running") for row in conn.execute(stalled)]
+                if found:
+                    conn.execute(update(jobs).where(jobs.c.id.in_([s.job_id for s in found]))
+                                 .values(status="queued", lease_owner=None, lease_until=None, updated_at=now))
+        return found
 
     def _ours(self, job_id: str, owner: str):
         return and_(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.lease_owner == owner)

@@ -94,7 +94,7 @@ class Runtime:
         if self.settings.redis_url:
             from dramatiq.brokers.redis import RedisBroker
 
-            broker: dramatiq.Broker = RedisBroker(url=self.settings.redis_url)
+            broker: dramatiq.Broker = RedisBroker(url=self.settings.redis_url, namespace=self.settings.redis_namespace)
         else:
             broker = StubBroker()
             broker.emit_after("process_boot")
@@ -149,8 +149,10 @@ class Runtime:
         now = time.time()
         stale_queued = now - (self.settings.retry_max_backoff_s + self.settings.job_lease_s + 5)
         stalled = self.store.take_stalled(lapsed_before=now, queued_before=stale_queued)
-        for job_id in stalled:
-            self.run_job.send(job_id)
+        for job in stalled:
+            if job.lapsed:  # its worker died mid-job: taken over (the claim then finds it queued, not running)
+                self.metrics.job_retry("lease_expired")
+            self.run_job.send(job.job_id)
         if stalled:
             log.warning("re-sent stalled jobs", extra={"jobs": len(stalled)})
         return len(stalled)

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     redis_url: Optional[str] = Field(default=None, pattern=r"^rediss?://", max_length=2048)
     """When set, jobs go through Redis (RedisBroker) so several workers can share them; else in-process."""
 
+    redis_namespace: str = Field(default="dramatiq", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Prefix of the broker's Redis keys (Dramatiq's namespace: its queue is `<namespace>:avatar_jobs`). Every
+    runtime and worker of one deployment uses the same; another deployment (or test run) on the same Redis
+    database sets its own so their jobs never meet."""
+
     run_worker: bool = True
     """Run job workers inside the API process. Off for an API-only process in a Redis scale-out."""
 

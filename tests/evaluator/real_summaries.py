@@ -1,7 +1,8 @@
 """Real summaries for the CLI/report/compare/gate tests, built from measured data, not typed numbers.
 
-Piper speaks a sentence, the talking head renders it on the astronaut in process (the same engine
-the GPU service serves), and evaluator.quality measures the MP4. A second video is the same one
+Piper speaks a sentence (without sampling noise, so every run measures the same clip), the
+talking head renders it on the astronaut in process (the same engine the GPU service serves),
+and evaluator.quality measures the MP4. A second video is the same one
 with its audio moved 120 ms later (video early by three frames), so it is measurably worse in
 sync. Speeds are the wall times of those calls. The records go through evaluator.runner's own
 aggregation, exactly as a live run's do.
@@ -37,7 +38,7 @@ def rendered(tmp: str) -> dict:
     portrait = np.ascontiguousarray(skimage.data.astronaut())
     buf = io.BytesIO()
     Image.fromarray(portrait).save(buf, format="PNG")
-    piper = PiperEngine()
+    piper = PiperEngine(noise_scale=0.0, noise_w_scale=0.0)  # the same speech every run: the sync figures repeat
     piper.load("cpu")
     head = LandmarkTalkingHead(cache_dir=out / "cache", cache_bytes=64 * 1024 * 1024, max_image_bytes=10 * 1024 * 1024,
                                presets_dir=out / "no_presets")

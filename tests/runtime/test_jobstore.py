@@ -167,7 +167,9 @@ def test_concurrent_claims_from_two_runtimes_never_give_one_job_to_two_workers(d
 
         def sweep(store: JobStore) -> list[str]:
             barrier.wait()
-            return store.take_stalled(lapsed_before=time.time(), queued_before=0)
+            taken = store.take_stalled(lapsed_before=time.time(), queued_before=0)
+            assert all(s.lapsed for s in taken)  # each was running under a lapsed lease, none merely queued
+            return [s.job_id for s in taken]
 
         with ThreadPoolExecutor(2) as pool:
             got_a, got_b = pool.map(sweep, (a, b))

@@ -8,10 +8,12 @@ import json
 import sqlite3
 import sys
 import threading
+import uuid
 
 import numpy as np
 import pytest
 import sqlalchemy
+from pydantic import ValidationError
 
 from runtime.captions import align_words, spoken_words, to_webvtt
 from runtime.db import JobStore, key_fingerprint, request_hash
@@ -278,6 +280,8 @@ def test_leases_decide_who_runs_a_job(db_url):
     first = store.claim("a" * 32, "w1", lease_s=60)
     assert first and first["status"] == "running" and first["attempts"] == 1
     assert store.claim("a" * 32, "w2", lease_s=60) is None  # live lease elsewhere
+    # a second message for it in w1's own process: another of w1's threads runs it, so it is not started twice
+    assert store.claim("a" * 32, "w1", lease_s=60) is None and store.get("a" * 32)["attempts"] == 1
     assert store.progress("a" * 32, "w1", 1, 3, "chunk 2 of 3")
     assert not store.progress("a" * 32, "w2", 1, 3, "chunk 2 of 3")
     sql(store, "UPDATE jobs SET lease_until = 0")  # w1 died: its lease lapses
@@ -437,6 +441,30 @@ def test_the_runtime_never_imports_torch_or_the_gpu_service():
     assert json.loads(out.stdout) == []
 
 
+def test_redis_namespace_keeps_one_deployments_jobs_under_its_own_keys(tmp_path):
+    from runtime.jobs import Runtime
+
+    assert Settings(redis_url="redis://127.0.0.1:6379/0").redis_namespace == "dramatiq"  # Dramatiq's own default
+    with pytest.raises(ValidationError):
+        Settings(redis_namespace="has space")
+    redis = pytest.importorskip("redis")
+    url = "redis://127.0.0.1:6379/0"
+    conn = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        conn.ping()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"Redis is not reachable at {url}: {exc}")
+    namespace = f"t-{uuid.uuid4().hex[:12]}"
+    rt = Runtime(Settings(data_dir=tmp_path, redis_url=url, redis_namespace=namespace, run_worker=False))
+    try:
+        rt.enqueue("e" * 32)
+        assert conn.llen(f"{namespace}:avatar_jobs") == 1  # the message sits under this deployment's prefix only
+    finally:
+        rt.stop()
+        for key in conn.scan_iter(f"{namespace}:*"):
+            conn.delete(key)
+
+
 def test_a_short_first_chunk_lets_speech_run_ahead():
     text = "Good morning, and welcome to the update. " + " ".join(f"Sentence {i} carries on for a while here." for i in range(10))
     chunks = chunk_text(text, 400, first_chars=60)
@@ -450,6 +478,9 @@ def test_reaper_resends_a_job_whose_worker_vanished(tmp_path, db_url):
     rt = Runtime(Settings(data_dir=tmp_path, database_url=None if db_url.startswith("sqlite") else db_url,
                           run_worker=False, job_lease_s=2, retry_max_backoff_s=1))
     try:
+        def taken_over() -> float:
+            return rt.metrics.registry.get_sample_value("avatar_runtime_job_retries_total", {"reason": "lease_expired"})
+
         rt.store.create("c" * 32, {"text": "x"}, None)
         rt.store.claim("c" * 32, "dead-worker", lease_s=60)
         assert rt.reap() == 0  # its lease is live: leave it alone
@@ -457,6 +488,27 @@ def test_reaper_resends_a_job_whose_worker_vanished(tmp_path, db_url):
         assert rt.reap() == 1
         assert rt.broker.queues["avatar_jobs"].qsize() == 1
         assert rt.store.get("c" * 32)["status"] == "queued" and rt.reap() == 0  # handed out once, not every sweep
+        # a take-over is a retry by lease expiry, counted here: the claim that follows finds the job queued
+        assert taken_over() == 1
+        sql(rt.store, "UPDATE jobs SET updated_at = 1")  # now it sat queued too long (its message lost): re-sent,
+        assert rt.reap() == 1 and taken_over() == 1  # but no worker died
+    finally:
+        rt.stop()
+
+
+def test_a_second_message_for_a_job_its_own_runtime_is_running_does_not_start_it_again(tmp_path, db_url):
+    from runtime.jobs import Runtime
+
+    # nothing listens at the GPU URL: an attempt that did start would fail there and put the job back to queued
+    rt = Runtime(Settings(data_dir=tmp_path, database_url=None if db_url.startswith("sqlite") else db_url,
+                          run_worker=False, gpu_service_url="http://127.0.0.1:9"))
+    try:
+        job_id = "f" * 32
+        rt.store.create(job_id, {"text": "Hello there.", "avatar_id": "astronaut"}, None)
+        assert rt.store.claim(job_id, rt.owner, lease_s=60)  # one of this runtime's threads is running it
+        rt._run_job(job_id)  # the duplicate delivery (a reaper's re-send of a long-queued job)
+        row = rt.store.get(job_id)
+        assert (row["status"], row["lease_owner"], row["attempts"]) == ("running", rt.owner, 1)
     finally:
         rt.stop()
 
