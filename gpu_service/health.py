@@ -6,11 +6,11 @@ from typing import Callable, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from avatar_contracts import HealthResponse
 from avatar_contracts.gpu import EngineInfo, SlotFigures
-from gpu_service.registry import CAPABILITIES, AnyEntry, EngineRegistry
+from gpu_service.registry import CAPABILITIES, AnyEntry, DeviceFigures, EngineRegistry
 
 router = APIRouter(tags=["health"])
 
@@ -26,27 +26,11 @@ class EngineReport(EngineInfo):
     """The devices it has a copy on; its slots, busy and queued are summed over them."""
 
 
-class DeviceReport(BaseModel):
-    """One device's share: its loaded replicas, their slots, calls placed, its avatar LRU, out-of-memory retries."""
-
-    name: str
-    kind: str
-    engines: list[str] = Field(default_factory=list)
-    slots_total: int = 0
-    slots_busy: int = 0
-    slots_queued: int = 0
-    placed: int = 0
-    cached_avatars: int = 0
-    avatar_cache_hits: int = 0
-    avatar_cache_misses: int = 0
-    oom_retries: int = 0
-
-
 class HealthReport(HealthResponse):
     """HealthResponse whose engines carry EngineReport's device and providers, plus a line per device."""
 
     engines: list[EngineReport] = Field(default_factory=list)
-    devices: list[DeviceReport] = Field(default_factory=list)
+    devices: list[DeviceFigures] = Field(default_factory=list)
 
 
 def engine_report(entry: AnyEntry, redact: Callable[[str], str]) -> EngineReport:
@@ -83,7 +67,7 @@ def health(request: Request) -> HealthReport:
         active_workers=sum(e.slots.busy for e in loaded),
         available_slots=sum(e.slots.slots - e.slots.busy for e in loaded),
         engines=[engine_report(e, request.app.state.settings.redact_paths) for e in registry.entries()],
-        devices=[DeviceReport(**vars(f)) for f in registry.device_figures()],
+        devices=registry.device_figures(),
         slots=slot_figures(loaded),
         slots_by_capability={cap: slot_figures([e for e in loaded if e.capability == cap]) for cap in CAPABILITIES},
     )

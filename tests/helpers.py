@@ -72,3 +72,15 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: f
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def parse_metrics(text: str) -> tuple[dict, dict]:
+    """({family name: type}, {(sample name, sorted labels): value}) of a Prometheus text scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    types, values = {}, {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return types, values

@@ -10,10 +10,10 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from avatar_contracts.logs import JsonFormatter
 from gpu_service.metrics import GpuMemoryCollector, GpuMetrics, record_oom_retry
+from tests.helpers import parse_metrics as parse
 from tests.conftest import running_app
 from tests.runtime.conftest import astronaut_b64
 
@@ -28,16 +28,6 @@ FAMILIES = {
 def run(coro):
     """Run one async scenario to completion."""
     return asyncio.run(coro)
-
-
-def parse(text: str) -> tuple[dict, dict]:
-    """({family name: type}, {(sample name, sorted labels): value}) of a Prometheus text scrape."""
-    types, values = {}, {}
-    for family in text_string_to_metric_families(text):
-        types[family.name] = family.type
-        for sample in family.samples:
-            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return types, values
 
 
 async def scrape(client) -> tuple[dict, dict]:

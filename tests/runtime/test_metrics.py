@@ -15,8 +15,9 @@ import uuid
 from typing import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
+
+from tests.helpers import parse_metrics as parse
 
 FAMILIES = {
     "avatar_runtime_http_requests": "counter", "avatar_runtime_http_request_duration_seconds": "histogram",
@@ -25,16 +26,6 @@ FAMILIES = {
     "avatar_runtime_gpu_calls": "counter", "process_cpu_seconds": "counter", "python_info": "gauge",
 }
 FAST_RETRIES = dict(job_max_retries=2, retry_min_backoff_s=0.05, retry_max_backoff_s=0.1, sync_timeout_s=60)
-
-
-def parse(text: str) -> tuple[dict, dict]:
-    """({family name: type}, {(sample name, sorted labels): value}) of a Prometheus text scrape."""
-    types, values = {}, {}
-    for family in text_string_to_metric_families(text):
-        types[family.name] = family.type
-        for sample in family.samples:
-            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return types, values
 
 
 def value(values: dict, name: str, **labels) -> float:
