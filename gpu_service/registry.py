@@ -112,8 +112,9 @@ class EngineEntry(Generic[E]):
 
     @property
     def engine(self) -> E:
-        """The first replica's engine: for what its copies share (avatar records, request validation)."""
-        return self.replicas[0].engine
+        """A loaded replica's engine (the first one while none is): for what its copies share (avatar records,
+        request validation), so one replica that failed to load does not refuse requests the others can serve."""
+        return next((r.engine for r in self.replicas if r.loaded), self.replicas[0].engine)
 
     @property
     def slots(self) -> Union[EngineSlots, SlotTotals]:
@@ -295,8 +296,8 @@ class EngineRegistry:
             for device in copies:
                 replicate = getattr(first, "replicate", None)
                 made.add_replica(device, replicate() if replicate else build(name, settings), slots(device))
-            for replica in made.replicas:  # the same files on every device: each load checks them first
-                replica.weights = guard(cap, name)
+            # the same files on every device: checked before the first replica reads them (replicas load in turn)
+            made.replicas[0].weights = guard(cap, name)
             return made
 
         guard = _weights_guards(settings)

@@ -361,9 +361,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         if keys and request.state.owner is None:
             return RuntimeHealth(status=status)
         first = rows[0]
+        try:
+            counts = await asyncio.to_thread(rt.store.counts)
+        except Exception:  # noqa: BLE001 - /health is a liveness probe: a database outage is /ready's to report
+            counts, status = None, "degraded"
         return RuntimeHealth(
             status=status, broker=rt.broker_name, worker=rt.worker is not None,
-            jobs=await asyncio.to_thread(rt.store.counts),
+            jobs=counts,
             gpu_service=GPUServiceStatus(url=settings.gpu_urls[0], reachable=first["answers"], health=first["health"]),
             gpu_services=[GPUServicePlacement.model_validate(row) for row in rows],
         )

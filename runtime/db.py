@@ -470,8 +470,8 @@ class JobStore:
         """Mark an unfinished job failed with its reason (ours, or any unfinished one when owner is None)."""
         now = time.time()
         where = and_(jobs.c.id == job_id, jobs.c.status.in_(UNFINISHED))
-        if owner is not None:
-            where = and_(where, or_(jobs.c.lease_owner == owner, jobs.c.lease_owner.is_(None)))
+        if owner is not None:  # only under our lease: once the reaper re-queued the job, an abandoned attempt cannot fail it
+            where = and_(where, jobs.c.lease_owner == owner)
         return self._changed(update(jobs).where(where).values(
             status="failed", reason=reason, error_type=error_type, detail=None, lease_owner=None, lease_until=None,
             updated_at=now, finished_at=now))

@@ -20,6 +20,7 @@ from typing import Optional
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
+from sqlalchemy.exc import SQLAlchemyError
 
 from avatar_contracts.errors import redact_paths
 from avatar_contracts.logs import REQUEST_ID
@@ -206,10 +207,18 @@ class Runtime:
         stop = threading.Event()
 
         def heartbeat() -> None:
+            renewed = time.monotonic()
             while not stop.wait(self.settings.job_lease_s / 3):
-                if not self.store.renew(job_id, self.owner, self.settings.job_lease_s):
-                    lost.set()
-                    return
+                try:
+                    if not self.store.renew(job_id, self.owner, self.settings.job_lease_s):
+                        lost.set()
+                        return
+                    renewed = time.monotonic()
+                except Exception as exc:  # noqa: BLE001 - the database blinked: try again while the lease holds
+                    log.warning("lease renewal failed", extra={"job_id": job_id, "why": type(exc).__name__})
+                    if time.monotonic() - renewed > self.settings.job_lease_s * 0.8:  # it may lapse: stop working
+                        lost.set()
+                        return
 
         beat = threading.Thread(target=heartbeat, name=f"lease-{job_id[:8]}", daemon=True)
         beat.start()
@@ -217,7 +226,14 @@ class Runtime:
         def progress(done: int, total: int, detail: str) -> None:
             if lost.is_set():
                 raise GPUServiceError("lease lost to another worker", transient=False, error_type="lease_lost")
-            self.store.progress(job_id, self.owner, done, total, detail)
+            try:
+                ours = self.store.progress(job_id, self.owner, done, total, detail)
+            except SQLAlchemyError as exc:  # the job database is unreachable: as transient as a GPU service that is down
+                raise GPUServiceError(f"the job database did not answer ({type(exc).__name__})", transient=True,
+                                      error_type="database_unavailable") from exc
+            if not ours:  # another worker has taken the job over: stop before making anything more
+                lost.set()
+                raise GPUServiceError("lease lost to another worker", transient=False, error_type="lease_lost")
 
         # the id of the request that made the job: on every log line of this attempt and every GPU-service call
         bound = REQUEST_ID.set(claimed.get("request_id") or job_id)

@@ -208,6 +208,13 @@ class Settings(BaseSettings):
         twice = sorted({url for url in cleaned if cleaned.count(url) > 1})
         if twice:
             raise ValueError(f"listed more than once: {', '.join(twice)}")
+        from runtime.gpu_client import service_label
+
+        labels = [service_label(url) for url in cleaned]  # services are told apart (and reported) by host:port
+        shared = sorted({url for url, label in zip(cleaned, labels) if labels.count(label) > 1})
+        if shared:
+            raise ValueError(f"these share one host:port, which names a GPU service: {', '.join(shared)}; "
+                             "give each service its own host or port")
         return cleaned
 
     @field_validator("redis_url", "webhook_secret", "public_url", "default_avatar_id", mode="before")

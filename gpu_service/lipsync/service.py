@@ -151,7 +151,7 @@ class LipSyncService:
         text = form.fields.get("face_index", "").strip()
         if not text:
             return 0
-        if not text.isdigit() or int(text) > 63:
+        if not (text.isascii() and text.isdigit()) or int(text) > 63:
             raise ValidationFailed(f"face_index must be a whole number from 0 (the largest face) to 63, got {text[:16]!r}")
         return int(text)
 

@@ -11,6 +11,9 @@ and the crop border, so pixels outside the animated region are never touched.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -208,7 +211,8 @@ class Encoding:
     def save(self, path: Path) -> None:
         """Write the encoding as an uncompressed npz (fast to reload); boxes and geometry are stored by name."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        # a name of its own: two replicas encoding one new upload at once must not write into one file
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npz")
         arrays: dict[str, np.ndarray] = {"version": np.int32(ENCODING_VERSION)}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -238,7 +242,7 @@ class Encoding:
                     else:
                         values[f.name] = data[f.name]
                 return cls(**values)
-        except (OSError, KeyError, ValueError, TypeError):
+        except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
             return None
 
 

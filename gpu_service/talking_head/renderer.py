@@ -136,6 +136,7 @@ class Renderer:
     def forget(self, enc: Encoding) -> None:
         """Drop what was prepared for `enc` on this renderer's device (its avatar left the device's cache)."""
         self._impl.forget(enc)
+        self._pastes.forget(enc)
 
     def frames(self, enc: Encoding, controls: Controls, head_motion: bool = True,
                close_upper: float = 0.4) -> Iterator[np.ndarray]:

@@ -97,6 +97,9 @@ def encode_mp4(
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
+            close = getattr(source, "close", None)  # a generator's threads, trackers and decoder end with it
+            if close is not None:
+                close()
         rc = proc.wait()
         reader.join(10)
         if rc != 0 or not out.exists():

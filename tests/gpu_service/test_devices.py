@@ -451,3 +451,20 @@ def test_one_device_behaves_and_reports_as_before(gpu_settings):
             assert busy.status_code == 429 and "'video:landmark' is busy" in busy.json()["error"]
 
     asyncio.run(scenario())
+
+
+def test_a_replica_that_failed_to_load_does_not_refuse_what_the_others_serve():
+    """The entry's engine (validation, shared records) is a loaded replica's, not the first one's when that failed."""
+    from gpu_service.registry import EngineEntry
+    from gpu_service.scheduler import EngineSlots
+
+    class Copy:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    entry = EngineEntry("e", "tts", Copy("cpu:0"), EngineSlots("tts:e@cpu:0", 1, 1), device="cpu:0")
+    entry.add_replica("cpu:1", Copy("cpu:1"), EngineSlots("tts:e@cpu:1", 1, 1))
+    entry.replicas[0].settled, entry.replicas[0].reason = True, "out of memory at load"
+    entry.replicas[1].loaded = entry.replicas[1].settled = True
+    assert entry.loaded and entry.engine.name == "cpu:1"
+    assert entry.place().device == "cpu:1"

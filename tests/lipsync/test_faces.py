@@ -66,9 +66,9 @@ def test_face_index_picks_the_face_that_is_revoiced(lipsync_settings, two_faces)
     async def scenario():
         async with running_app(lipsync_settings) as client:
             return (await post(client), await post(client, face_index="1"), await post(client, face_index="2"),
-                    await post(client, face_index="one"))
+                    await post(client, face_index="one"), await post(client, face_index="\u00b2"))
 
-    default, second, beyond, word = asyncio.run(scenario())
+    default, second, beyond, word, superscript = asyncio.run(scenario())
     source, (w, h) = two_faces["source"], two_faces["size"]
     largest, other = two_faces["boxes"]
     for resp, chosen, untouched in ((default, largest, other), (second, other, largest)):
@@ -82,6 +82,7 @@ def test_face_index_picks_the_face_that_is_revoiced(lipsync_settings, two_faces)
         assert box_mask((h, w), chosen, pad=0.3)[moved].all()
         assert not moved[box_mask((h, w), untouched)].any()
     for resp, words in ((beyond, "face_index=2 but 2 faces were found in the video's first frame"),
-                        (word, "face_index must be a whole number")):
+                        (word, "face_index must be a whole number"),
+                        (superscript, "face_index must be a whole number")):  # a digit to isdigit(), not to int()
         assert resp.status_code == 422, resp.text
         assert words in resp.json()["error"], resp.text

@@ -12,6 +12,7 @@ import json
 import pytest
 
 from tests.runtime.test_contracts import bomb_png
+from tests.runtime.test_units import sql
 
 RAW_JSON = {"content-type": "application/json"}
 
@@ -77,6 +78,25 @@ def test_health_is_minimal_without_a_key_while_keys_are_set(app_client):
         assert detailed["jobs"] == {} and detailed["broker"] == "stub"
     with app_client(runtime_api_keys=[]) as client:  # an open runtime has nothing to hide
         assert client.get("/health").json()["gpu_service"]["url"] == "http://127.0.0.1:9"
+
+
+def test_health_stays_200_while_the_job_database_fails(app_client):
+    """/health is the liveness probe: a database that fails under it is a degraded runtime, not a dead one."""
+    with app_client() as client:
+        sql(client.app.state.runtime.store, "DROP TABLE jobs")  # every count now fails in the database itself
+        resp = client.get("/health")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["status"] == "degraded" and resp.json().get("jobs") is None
+
+
+def test_gpu_services_that_share_a_host_and_port_are_refused_by_name():
+    from pydantic import ValidationError
+
+    from runtime.settings import Settings
+
+    with pytest.raises(ValidationError, match="share one host:port"):
+        Settings(gpu_service_urls="http://gw:8001/a,http://gw:8001/b")
+    assert len(Settings(gpu_service_urls="http://gw:8001,http://gw:8002").gpu_urls) == 2
 
 
 def test_jobs_and_idempotency_keys_belong_to_the_api_key_that_made_them(app_client):

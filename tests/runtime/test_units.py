@@ -8,6 +8,7 @@ import json
 import sqlite3
 import sys
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -291,6 +292,18 @@ def test_leases_decide_who_runs_a_job(db_url):
     assert store.succeed("a" * 32, "w2", {"duration_s": 1})
     assert store.claim("a" * 32, "w3", lease_s=60) is None  # finished jobs are never taken again
     assert store.get("a" * 32)["status"] == "succeeded"
+    store.close()
+
+
+def test_an_abandoned_attempt_cannot_fail_a_job_the_reaper_put_back(db_url):
+    store = JobStore(db_url)
+    store.create("c" * 32, {"text": "x"}, None)
+    store.claim("c" * 32, "w1", lease_s=60)
+    sql(store, "UPDATE jobs SET lease_until = 0")  # w1 stalled; the reaper puts the job back for another
+    assert [s.job_id for s in store.take_stalled(time.time(), 0)] == ["c" * 32]
+    assert not store.fail("c" * 32, "w1 gave up", "internal_error", owner="w1")
+    assert store.get("c" * 32)["status"] == "queued"
+    assert store.fail("c" * 32, "cancelled by an operator", "cancelled")  # no owner given: any unfinished job
     store.close()
 
 
