@@ -1,23 +1,19 @@
 """The runtime's /metrics and request ids: the app in process with its real worker, against a scripted GPU server.
 
-The server answers fixed statuses (as tests/runtime/test_gpu_client.py's) and records the
+The server is tests/runtime/test_gpu_client.py's: it answers fixed statuses and records the
 X-Request-ID of every call, so the test sees what the GPU service would log.
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.server
-import json
-import threading
 import time
 import uuid
-from typing import Iterator
 
 import pytest
 from pydantic import ValidationError
 
 from tests.helpers import parse_metrics as parse
+from tests.runtime.test_gpu_client import FAST_RETRIES, scripted_gpu
 
 FAMILIES = {
     "avatar_runtime_http_requests": "counter", "avatar_runtime_http_request_duration_seconds": "histogram",
@@ -25,7 +21,6 @@ FAMILIES = {
     "avatar_runtime_queue_depth": "gauge", "avatar_runtime_job_retries": "counter",
     "avatar_runtime_gpu_calls": "counter", "process_cpu_seconds": "counter", "python_info": "gauge",
 }
-FAST_RETRIES = dict(job_max_retries=2, retry_min_backoff_s=0.05, retry_max_backoff_s=0.1, sync_timeout_s=60)
 
 
 def value(values: dict, name: str, **labels) -> float:
@@ -39,41 +34,8 @@ def scrape(client) -> tuple[dict, dict]:
     return parse(resp.text)
 
 
-@contextlib.contextmanager
-def scripted_gpu(status: int, error_type: str) -> Iterator[tuple[str, list]]:
-    """A server answering every POST with `status`; yields its URL and the (path, X-Request-ID) of each call."""
-    calls: list[tuple[str, str]] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self, code: int, body: object) -> None:
-            calls.append((self.path, self.headers.get("X-Request-ID", "")))
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):  # noqa: N802 - the http.server API
-            self._answer(200, [{"avatar_id": "astronaut"}] if self.path == "/avatars" else {"status": "healthy"})
-
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self._answer(status, {"error": "scripted", "error_type": error_type, "request_id": "r"})
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", calls
-    finally:
-        server.shutdown()
-
-
 def test_families_exist_and_a_retried_job_moves_the_counters(app_client):
-    with scripted_gpu(503, "overloaded") as (url, calls), app_client(gpu_service_url=url, **FAST_RETRIES) as client:
+    with scripted_gpu(503, "scripted", "overloaded") as (url, calls), app_client(gpu_service_url=url, **FAST_RETRIES) as client:
         types, before = scrape(client)
         for name, kind in FAMILIES.items():
             assert types.get(name) == kind, (name, types.get(name))
@@ -149,7 +111,7 @@ def test_a_job_taken_over_from_a_dead_worker_counts_a_lease_retry_and_keeps_its_
     from runtime.jobs import Runtime
     from runtime.settings import Settings
 
-    with scripted_gpu(424, "generation_failed") as (url, calls):
+    with scripted_gpu(424, "scripted") as (url, calls):
         rt = Runtime(Settings(data_dir=tmp_path, run_worker=False, gpu_service_url=url))
         try:
             job_id = uuid.uuid4().hex
