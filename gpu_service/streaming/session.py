@@ -43,6 +43,11 @@ FIRST_PIECE_CHARS = 40
 audio, and the mouth, come after a short synthesis; the rest follows sentence by sentence while it plays."""
 
 
+SAY_TARGET_LOOKAHEAD = 5
+"""Frames (200 ms at 25 fps) of a say's mouth targets the jaw looks ahead at: enough to leave in time for the
+widest opening and to close into an m/b/p seal at the jaw's speed (3 frames from wide open)."""
+
+
 def first_piece_split(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
     """The text as [a short first piece (a clause, at most first_chars at word boundaries), the rest]."""
     sentences = split_sentences(text)
@@ -79,6 +84,9 @@ class Utterance:
         self.emotion = emotion
         self.spf = session.samples_per_tick
         self.lookahead_frames = lookahead_frames
+        """Frames of audio that must be in beyond a frame before it plays (pushed PCM's delay; 0 for say)."""
+        self.target_lookahead = max(lookahead_frames, SAY_TARGET_LOOKAHEAD if kind == "say" else 0)
+        """Frames of mouth targets the jaw looks ahead at (say's chunks are whole: as far as they reach)."""
         self._chunks: list[np.ndarray] = []
         self._audio = np.zeros(0, np.float32)
         self.total = 0
@@ -178,6 +186,10 @@ class EventFeed:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    def get_nowait(self) -> Optional[dict]:
+        """The next event if one is waiting, else None."""
+        return self._queue.popleft() if self._queue else None
 
     def __aiter__(self) -> "EventFeed":
         return self
@@ -295,6 +307,8 @@ class StreamSession:
         self.late_ticks = 0
         """Ticks released more than a frame after their time (the producer fell behind)."""
         self.utterances = 0
+        self.underruns = 0
+        """Ticks inside an utterance that had no audio yet (its TTS or pusher fell behind real time)."""
         self._silence = np.zeros(self.samples_per_tick, np.int16)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -594,7 +608,7 @@ class StreamSession:
         speaking: Optional[Utterance] = None
         if utt is not None and utt.ready(utt.frames_planned):
             k = utt.frames_planned
-            targets, sealed = utt.track.targets(k, self.lookahead_frames)
+            targets, sealed = utt.track.targets(k, utt.target_lookahead)
             emo = self._emotion.next(utt.emotion)
             targets = targets.copy()
             targets[:, 0] = np.clip(targets[:, 0] * emo[3], 0.0, 1.0)
@@ -611,6 +625,7 @@ class StreamSession:
         else:
             if utt is not None and utt.frames_planned > 0:
                 speaking = utt  # an underrun inside an utterance: silence, mouth closing, still its tick
+                self.underruns += 1
             emo = self._emotion.next(utt.emotion if speaking is not None else None)
             mouth = self._mouth.step(None, fast_close=self._fast_close)
             if mouth[0] <= 0.0:
@@ -720,7 +735,7 @@ class StreamSession:
             "session_id": self.session_id, "avatar_id": self.avatar_id, "fps": self.fps, "width": self.size[0],
             "height": self.size[1], "sample_rate": self.sample_rate, "viewers": self.viewers,
             "listeners": self.listeners, "ticks": self._released, "speaking": self.speaking,
-            "utterances": self.utterances, "late_ticks": self.late_ticks,
+            "utterances": self.utterances, "late_ticks": self.late_ticks, "underruns": self.underruns,
             "dropped": sum(s.dropped for s in self._subs),
             "render_ms_p50": round(ms[len(ms) // 2], 3) if ms else None,
             "render_ms_p95": round(ms[int(len(ms) * 0.95)], 3) if ms else None,
