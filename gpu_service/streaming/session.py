@@ -453,6 +453,11 @@ class StreamSession:
             if utt.cancelled or utt.finished or self._closed:
                 return
             start_s = utt.total / SAMPLE_RATE
+            if (utt.kind == "say" and start_s == 0.0 and len(samples) and phonemes is not None
+                    and not any(p[0] not in ("_", " ") for p in phonemes)):
+                # A speech engine without timings (XTTS streams audio only): the mouth follows the envelope,
+                # which can read ahead inside each whole chunk without delaying the audio.
+                utt.track = EnvelopeTrack(self.fps, SAMPLE_RATE)
             utt.add_audio(samples)
             if isinstance(utt.track, PhonemeTrack):
                 if phonemes is not None:
@@ -638,7 +643,13 @@ class StreamSession:
         frame = self._stream.render(plan.controls)[0]
         h, w = frame.shape[:2]
         if (w, h) != self.size:
-            interp = cv2.INTER_AREA if self.size[0] < w else cv2.INTER_LINEAR
+            # Cropped to the size's aspect around the centre (the face is not stretched), then scaled: INTER_AREA
+            # down (it averages, no aliasing of the lip seam), bilinear up.
+            tw, th = self.size
+            cw, ch = (w, min(h, round(w * th / tw))) if w * th <= h * tw else (min(w, round(h * tw / th)), h)
+            x0, y0 = (w - cw) // 2, (h - ch) // 2
+            frame = frame[y0:y0 + ch, x0:x0 + cw]
+            interp = cv2.INTER_AREA if tw < cw else cv2.INTER_LINEAR
             frame = cv2.resize(frame, self.size, interpolation=interp)
         return np.ascontiguousarray(frame)
 
