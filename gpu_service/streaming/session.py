@@ -99,6 +99,8 @@ class Utterance:
         self.finished = False
         self.released_samples = 0
         self.created = time.monotonic()
+        self.first_audio_at: Optional[float] = None
+        self.started_at: Optional[float] = None
 
     # -- audio (under the session lock) -----------------------------------------------------
     def add_audio(self, samples: np.ndarray) -> None:
@@ -308,6 +310,8 @@ class StreamSession:
         """Ticks released more than a frame after their time (the producer fell behind)."""
         self.utterances = 0
         self.underruns = 0
+        self.timings: collections.deque[dict] = collections.deque(maxlen=20)
+        """Recent utterances: ms from say/open_audio to their first audio and to their first tick released."""
         """Ticks inside an utterance that had no audio yet (its TTS or pusher fell behind real time)."""
         self._silence = np.zeros(self.samples_per_tick, np.int16)
 
@@ -459,6 +463,8 @@ class StreamSession:
                 # which can read ahead inside each whole chunk without delaying the audio.
                 utt.track = EnvelopeTrack(self.fps, SAMPLE_RATE)
             utt.add_audio(samples)
+            if utt.first_audio_at is None and len(samples):
+                utt.first_audio_at = time.monotonic()
             if isinstance(utt.track, PhonemeTrack):
                 if phonemes is not None:
                     utt.track.add(phonemes, utt.total / SAMPLE_RATE)
@@ -661,6 +667,11 @@ class StreamSession:
         if utt is not None and not utt.finished:
             if not utt.started:
                 utt.started = True
+                utt.started_at = time.monotonic()
+                if utt.first_audio_at is not None:
+                    self.timings.append({"utterance_id": utt.id, "kind": utt.kind,
+                                         "first_audio_ms": round((utt.first_audio_at - utt.created) * 1000, 1),
+                                         "first_tick_ms": round((utt.started_at - utt.created) * 1000, 1)})
                 self._emit_locked({"event": "speech_started", "utterance_id": utt.id, "t": round(tick.pts_s, 4)})
             utt.released_samples += plan.real_samples
         try:

@@ -132,6 +132,35 @@ def test_pushed_pcm_over_the_websocket(service):
     assert sum(t.audio.any() for t in spoken) > 0.5 * len(spoken)
 
 
+def test_websocket_interrupt(service):
+    t = np.arange(3 * 16000) / 16000  # 3 s of a voiced, syllable-like buzz at 16 kHz
+    buzz = (0.3 * np.sin(2 * np.pi * 150 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)) * 32767).astype("<i2")
+    info = create(service)
+    events = []
+    with connect(ws_url(service, info["audio_url"]), open_timeout=10) as ws:
+        ws.send(json.dumps({"sample_rate": 16000}))
+        assert json.loads(ws.recv(timeout=10))["event"] == "ready"
+        ws.send(buzz.tobytes())  # no end: an open utterance, faster than real time
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(e["event"] == "speech_started" for e in events):
+            events.append(json.loads(ws.recv(timeout=20)))
+        time.sleep(0.3)
+        ws.send(json.dumps({"type": "interrupt"}))
+        while time.monotonic() < deadline and events[-1]["event"] != "speech_finished":
+            events.append(json.loads(ws.recv(timeout=20)))
+        ws.send(buzz[:8000].tobytes())  # the next frame starts a new utterance
+        ws.send(json.dumps({"type": "end"}))
+        while time.monotonic() < deadline and not (events[-1]["event"] == "speech_finished"
+                                                   and events[-1]["utterance_id"] != events[0]["utterance_id"]):
+            events.append(json.loads(ws.recv(timeout=20)))
+    first, second = events[0]["utterance_id"], events[-1]["utterance_id"]
+    assert first != second
+    finished = {e["utterance_id"]: e for e in events if e["event"] == "speech_finished"}
+    assert [e["event"] for e in events].count("speech_finished") == 2
+    assert finished[first]["interrupted"] is True and 0.2 < finished[first]["position_s"] < 3.0
+    assert finished[second]["interrupted"] is False and finished[second]["position_s"] == pytest.approx(0.5, abs=0.03)
+
+
 def test_websocket_refuses_a_bad_header_and_an_unknown_session(service):
     info = create(service)
     with connect(ws_url(service, info["audio_url"]), open_timeout=10) as ws:
