@@ -89,6 +89,7 @@ class Utterance:
         """Frames of mouth targets the jaw looks ahead at (say's chunks are whole: as far as they reach)."""
         self._chunks: list[np.ndarray] = []
         self._audio = np.zeros(0, np.float32)
+        self._audio_start = 0  # sample index of _audio[0]: what was played is dropped (an open push can last hours)
         self.total = 0
         self.ended = False
         self.cancelled = False
@@ -109,10 +110,14 @@ class Utterance:
             self.total += len(samples)
 
     def audio(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of the utterance; frames are taken in order, so what lies before start goes."""
+        if start > self._audio_start:
+            self._audio = self._audio[start - self._audio_start:]
+            self._audio_start = start
         if self._chunks:
             self._audio = np.concatenate([self._audio] + self._chunks)
             self._chunks = []
-        return self._audio[start:stop]
+        return self._audio[start - self._audio_start:stop - self._audio_start]
 
     def frames_total(self) -> int:
         return -(-self.total // self.spf)
