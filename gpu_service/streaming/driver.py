@@ -195,9 +195,10 @@ class PhonemeTrack:
         else:
             # Evaluated on the whole window of phonemes, then cut to the new frames: the same values
             # the whole-clip driving gives them (up to the window), so chunks join without a step.
-            mouth, sealed = _mouth_from_phonemes(near, t, self.fps)
-            # The silence before the first known phoneme of the window is not a pause: only the
-            # utterance's own start is (the gate closes the mouth before the first phoneme).
+            # _mouth_from_phonemes indexes frames from t = 0: the window is moved to start there (by whole frames).
+            base = k0 / self.fps
+            local = [(sym, a - base, b - base) for sym, a, b in near]
+            mouth, sealed = _mouth_from_phonemes(local, t - base, self.fps)
         seal = np.zeros(len(t), bool)
         seal[[s for s in sealed if s < len(t)]] = True
         self._targets.extend(np.clip(mouth, 0.0, 1.0))
