@@ -31,7 +31,7 @@ import numpy as np
 from avatar_contracts.text import split_bounded, split_clauses, split_sentences
 from gpu_service.errors import ValidationFailed
 from gpu_service.speech.protocol import SpeechEngine, SpeechRequest
-from gpu_service.streaming.driver import CausalMouth, EmotionRamp, EnvelopeTrack, PhonemeTrack, frame_controls
+from gpu_service.streaming.driver import NOD_STEP, CausalMouth, EmotionRamp, EnvelopeTrack, PhonemeTrack, frame_controls
 from gpu_service.streaming.media import SAMPLE_RATE, MediaTick, SessionClosed, Subscription, samples_per_tick
 from gpu_service.talking_head.driving import resolve_emotion
 from gpu_service.talking_head.protocol import FrameStream
@@ -150,6 +150,7 @@ class _Planned:
     last: bool = False
     finish: list = field(default_factory=list)  # utterances (without audio) whose speech_finished rides on this tick
     tick: Optional[MediaTick] = None
+    pre_nod: float = 0.0
 
 
 class EventFeed:
@@ -292,6 +293,7 @@ class StreamSession:
         self._on_closed = on_closed
         self._mouth = CausalMouth(self.fps)
         self._emotion = EmotionRamp(self.fps, self.emotion)
+        self._nod = 0.0
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._queue: list[Utterance] = []
@@ -596,6 +598,7 @@ class StreamSession:
         first = unseen[0]
         self._mouth.restore(first.pre_mouth)
         self._emotion.restore(first.pre_emotion)
+        self._nod = first.pre_nod
         self._next_index = first.index
         self._pending.clear()
         self._inflight = None
@@ -629,6 +632,7 @@ class StreamSession:
             targets = targets.copy()
             targets[:, 0] = np.clip(targets[:, 0] * emo[3], 0.0, 1.0)
             mouth = self._mouth.step(targets, sealed)
+            nod_goal = utt.track.nod(k) if isinstance(utt.track, PhonemeTrack) else 0.0
             seg = utt.audio(k * self.samples_per_tick, (k + 1) * self.samples_per_tick)
             real = len(seg)
             audio = _to_int16(np.pad(seg, (0, self.samples_per_tick - real))) if real else self._silence
@@ -644,10 +648,14 @@ class StreamSession:
                 self.underruns += 1
             emo = self._emotion.next(utt.emotion if speaking is not None else None)
             mouth = self._mouth.step(None, fast_close=self._fast_close)
+            nod_goal = 0.0
             if mouth[0] <= 0.0:
                 self._fast_close = False
-        controls = frame_controls(self.fps, index, mouth, emo)
-        return _Planned(index, pre_mouth, pre_emotion, speaking, audio, real, mouth, controls, last, finish)
+        pre_nod = self._nod
+        self._nod += float(np.clip(nod_goal - self._nod, -NOD_STEP, NOD_STEP))
+        controls = frame_controls(self.fps, index, mouth, emo, self._nod)
+        return _Planned(index, pre_mouth, pre_emotion, speaking, audio, real, mouth, controls, last, finish,
+                        pre_nod=pre_nod)
 
     def _render(self, plan: _Planned) -> np.ndarray:
         self._stream.frames_rendered = plan.index  # the idle motion of frame `index`, however we got here
