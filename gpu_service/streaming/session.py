@@ -45,6 +45,10 @@ before (a sentence longer than that is cut at its clauses), so each is made whil
 
 MAX_PIECE_CHARS = 320
 
+SAY_TARGET_LOOKAHEAD = 5
+"""Frames (200 ms at 25 fps) of a say's mouth targets the jaw looks ahead at: enough to leave in time for the
+widest opening and to close into an m/b/p seal at the jaw's speed (3 frames from wide open)."""
+
 
 def speech_pieces(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
     """The text in the pieces `say` synthesizes one after the other (avatar_contracts.text's splitting)."""
