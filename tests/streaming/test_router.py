@@ -191,6 +191,9 @@ def test_websocket_refuses_a_bad_header_and_an_unknown_session(service):
     ({"avatar_id": "astro", "voice": "nobody"}, 422, "voice"),
     ({"avatar_id": "astro", "avatar_image": "aGk="}, 422, "avatar_image"),
     ({}, 422, "avatar_id"),
+    ({"avatar_id": "astro", "engine": "nope"}, 422, "video engine 'nope'"),
+    ({"avatar_id": "astro", "tts_engine": "nope"}, 422, "tts engine 'nope'"),
+    ({"avatar_id": "astro", "language": "de"}, 422, "'de'"),
     ({"avatar_id": "astro", "colour": "red"}, 422, "colour"),
 ])
 def test_bad_session_requests(service, body, status, field):
