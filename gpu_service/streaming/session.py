@@ -315,6 +315,7 @@ class StreamSession:
         self._rewind: Optional[str] = None  # "interrupt" | "start": set under the lock, acted on by the producer
         self._fast_close = False
         self._subs: list[Subscription] = []
+        self._tts_threads: list[threading.Thread] = []
         self._feeds: list[EventFeed] = []
         self._unwatched_since: Optional[float] = self.created
         self._closed = False
@@ -359,6 +360,10 @@ class StreamSession:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             await asyncio.to_thread(thread.join, 5.0)
+        # A TTS thread stops at its next chunk; waited for (bounded), so a stopping service does not exit
+        # while onnxruntime still runs in one.
+        for worker in [t for t in self._tts_threads if t.is_alive() and t is not threading.current_thread()]:
+            await asyncio.to_thread(worker.join, 5.0)
         self._end_all()
         if self._on_closed is not None:
             self._on_closed(self)
@@ -521,7 +526,9 @@ class StreamSession:
             self.interrupt()
         utt = Utterance(self, "say", PhonemeTrack(self.fps), emo)
         self._enqueue(utt)
-        threading.Thread(target=self._synthesize, args=(utt, text, voice), name=f"tts-{utt.id}", daemon=True).start()
+        worker = threading.Thread(target=self._synthesize, args=(utt, text, voice), name=f"tts-{utt.id}", daemon=True)
+        self._tts_threads = [t for t in self._tts_threads if t.is_alive()] + [worker]
+        worker.start()
         return utt.id
 
     def _synthesize(self, utt: Utterance, text: str, voice: Optional[str]) -> None:
