@@ -791,4 +791,5 @@ class StreamSession:
             "dropped": sum(s.dropped for s in self._subs),
             "render_ms_p50": round(ms[len(ms) // 2], 3) if ms else None,
             "render_ms_p95": round(ms[int(len(ms) * 0.95)], 3) if ms else None,
+            "recent_utterances": list(self.timings),
         }
