@@ -67,8 +67,6 @@ def speech_pieces(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
     return pieces
 
 
-first_piece_split = speech_pieces
-
 
 def check_audio_format(sample_rate, channels) -> tuple[int, int]:
     """Pushed PCM's declared rate and channels, or ValidationFailed naming the field."""
