@@ -532,6 +532,68 @@ def _blinks(t: np.ndarray, fps: float, duration_s: float, rng: np.random.Generat
     return schedule.curve(t)
 
 
+GAZE_AVERT = (0.035, 0.075)
+"""Sideways iris shift of a look away, in eye widths (about 5-11 degrees of eye turn)."""
+GAZE_JITTER = 0.008
+"""Spread of the small shifts between fixations on the listener (about 1 degree), in eye widths."""
+
+
+def _gaze_rng(seed: int, avatar_key: str) -> np.random.Generator:
+    """The gaze's own generator (motion_rng of a derived key), so gaze leaves the blinks and head drift as drawn."""
+    return motion_rng(seed, avatar_key + "\x00gaze")
+
+
+class _GazeSchedule:
+    """Fixations (start, x, y in eye widths) drawn as time advances: a speaker looks at the listener (the camera)
+    with small shifts of about a degree every 0.4-3 s, and now and then looks away sideways or down for 0.3-1.5 s.
+
+    The first fixation is on the camera for 0.8-2.5 s, so a clip starts as the portrait looks. Each person
+    looks away more to one side (a side drawn once per avatar and seed, taken 70 % of the time). The
+    eyes jump between fixations in a saccade (30-50 ms, faster than a frame at 25 fps; see curve).
+    """
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+        self._side = float(rng.choice((-1.0, 1.0)))
+        self._next = float(rng.uniform(0.8, 2.5))
+        self._away = False
+        self.fixations: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
+
+    def extend(self, until_s: float) -> None:
+        """Draw the fixations that start before `until_s`."""
+        rng = self._rng
+        while self._next < until_s:
+            if not self._away and rng.uniform() < 0.35:
+                side = self._side if rng.uniform() < 0.7 else -self._side
+                x = side * rng.uniform(*GAZE_AVERT)
+                y = rng.uniform(-0.01, 0.03)  # down more often than up, as when thinking of the next words
+                hold = float(np.clip(rng.gamma(4.0, 0.8 / 4.0), 0.3, 1.5))
+                self._away = True
+            else:
+                x, y = rng.normal(0.0, GAZE_JITTER), rng.normal(0.0, 0.6 * GAZE_JITTER)
+                hold = float(np.clip(rng.gamma(3.0, 1.3 / 3.0), 0.4, 3.0))
+                self._away = False
+            self.fixations.append((self._next, float(x), float(y)))
+            self._next += hold
+
+    def curve(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) at times t: each fixation held, reached from the last by a saccade of 30-50 ms (smoothstep)."""
+        x, y = np.zeros(len(t)), np.zeros(len(t))
+        for (t_a, x_a, y_a), (t_b, x_b, y_b) in zip(self.fixations, self.fixations[1:]):
+            size = np.hypot(x_b - x_a, y_b - y_a) / 0.007  # degrees, ~0.007 eye widths each
+            ramp = _smoothstep((t - t_b) / (0.021 + 0.0022 * size))  # the main sequence: 21 ms + 2.2 ms/degree
+            x += (x_b - x_a) * ramp
+            y += (y_b - y_a) * ramp
+        return x, y
+
+
+def _gaze(t: np.ndarray, duration_s: float, seed: int, avatar_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Gaze over a clip of duration_s, sampled at t."""
+    schedule = _GazeSchedule(_gaze_rng(seed, avatar_key))
+    schedule.extend(duration_s)
+    return schedule.curve(t)
+
+
 def _drift_wave(amplitude: float, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
     """Slow band-limited drift: three sines of 0.05-0.3 Hz, zero at t=0, peak |x| ~ amplitude.
 
@@ -559,7 +621,7 @@ HEAD_DRIFT = {"head_dx": 0.015, "head_dy": 0.008, "head_yaw": 0.02, "head_pitch"
 
 
 class IdleMotion:
-    """Blinks and slow head drift for an open-ended stream of frames (no clip length known in advance).
+    """Blinks, gaze shifts and slow head drift for an open-ended stream of frames (no clip length known in advance).
 
     Frame k gets the same values however the frames are split into blocks: the drift is a fixed
     function of time and blinks are drawn in order as time advances.
@@ -570,13 +632,18 @@ class IdleMotion:
         self.fps = float(fps)
         self._waves = {name: _drift_wave(amp, rng) for name, amp in HEAD_DRIFT.items()} if head_motion else {}
         self._blinks = _BlinkSchedule(rng, self.fps)
+        self._gaze = _GazeSchedule(_gaze_rng(seed, avatar_key))
 
     def apply(self, controls: Controls, start_frame: int) -> Controls:
-        """The controls of frames [start_frame, start_frame + n) with blinks and head drift added."""
+        """The controls of frames [start_frame, start_frame + n) with blinks, gaze and head drift added."""
         t = (np.arange(start_frame, start_frame + controls.n_frames) + 0.5) / self.fps
         self._blinks.extend(float(t[-1]) + 1.0 if len(t) else 0.0)
         out = controls.slice(0, controls.n_frames)
         out.blink = np.maximum(out.blink, self._blinks.curve(t)).astype(np.float32)
+        self._gaze.extend(float(t[-1]) + 1.0 if len(t) else 0.0)
+        gx, gy = self._gaze.curve(t)
+        out.gaze_x = (out.gaze_x + gx).astype(np.float32)
+        out.gaze_y = (out.gaze_y + gy).astype(np.float32)
         for name, wave in self._waves.items():
             setattr(out, name, (getattr(out, name) + wave(t)).astype(np.float32))
         return out
@@ -638,7 +705,7 @@ def drive(
 ) -> Controls:
     """Per-frame face controls for speech given as phoneme timings, audio, or both.
 
-    `seed` and `avatar_key` (the avatar's id) draw the blinks and the head's drift (motion_rng).
+    `seed` and `avatar_key` (the avatar's id) draw the blinks, the gaze's fixations and the head's drift (motion_rng).
     """
     t0 = time.perf_counter()
     if not (np.isfinite(duration_s) and duration_s > 0):
@@ -696,6 +763,7 @@ def drive(
     ctl.brow[:] = np.clip(brow + 0.12 * _bumps(t, stress), -1.0, 1.0)
     ctl.eye_open[:] = eye_open
     ctl.blink[:] = _blinks(t, fps, n / fps, rng)
+    ctl.gaze_x[:], ctl.gaze_y[:] = _gaze(t, n / fps, seed, avatar_key)
     if head_motion:
         _head(ctl, t, stress, _activity(opening, fps), rng)
 
