@@ -196,11 +196,15 @@ _LIP_LEAD_S = 0.025
 _JAW_SPEED = 8.5
 # Before its first words, after a lead-in long enough to breathe in, a speaker's lips part (an oral
 # in-breath) a few hundred ms ahead of the sound: the kit's GRID talkers all sit open at 0.3-0.95
-# of their speaking p95 before they start. Pauses inside a clip relax to closed (the spec's ~100 ms;
-# Piper's between sentences last 0.1-0.35 s), where the evaluator checks that they are closed.
+# of their speaking p95 before they start (MediaPipe over the 8 frames before the first sound: 0.73,
+# 0.54, 0.87 on v01-v03). A breath of 0.4 speech units read as 0.01-0.38 of the output's own p95 on
+# those clips' portraits (MediaPipe reads a thin drawn opening as thinner still, and as shut under a
+# moustache); 0.55 reads as 0.48-0.50 where the lips are bare, inside the talkers' range and still
+# well below speaking-wide. Pauses inside a clip relax to closed (the spec's ~100 ms; Piper's between
+# sentences last 0.1-0.35 s), where the evaluator checks that they are closed.
 _BREATH_MIN_LEAD_S = 0.4
 _BREATH_LEAD_S = 0.5
-_BREATH_OPEN = 0.4
+_BREATH_OPEN = 0.55
 
 
 def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, float]]:

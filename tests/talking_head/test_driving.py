@@ -151,10 +151,11 @@ def test_the_lips_part_for_a_breath_before_the_first_words_only():
     t = (np.arange(len(mo)) + 0.5) / FPS
     assert mo[t < 0.4].max() == 0.0  # closed until the breath
     breath = mo[(t > 0.65) & (t < 0.95)]
-    assert 0.3 <= breath.min() and breath.max() <= 0.45, breath  # parted, not speaking-wide
+    # Parted as the kit's talkers sit before they speak (0.3-0.95 of their p95), not speaking-wide.
+    assert 0.3 <= breath.min() and breath.max() <= 0.6, breath
     assert mo[(t > 1.5) & (t < 2.0)].max() <= 0.02  # a pause inside the clip relaxes to closed
     short = opening(drive(2.6, FPS, phonemes=[("_", 0.0, 0.2)] + [(p, s - 0.8, e - 0.8) for p, s, e in words]))
-    assert short[t < 0.1].max() <= 0.05  # Piper's lead-ins are too short to breathe in (a breath would be 0.4 here)
+    assert short[t < 0.1].max() <= 0.05  # Piper's lead-ins are too short to breathe in (a breath would be 0.55 here)
     # The same from audio alone: its first words start from a breath.
     sr = 16000
     noise = np.random.default_rng(0).normal(0, 1e-4, int(2.6 * sr))
