@@ -181,6 +181,12 @@ _LABIAL_OPEN = 0.1  # a /w/ keeps this share of the opening around it
 _LABIAL_RAMP_S = 0.08  # approached over this (rounding starts during the consonant before it)
 _PAUSE_RELAX_S = 0.10  # the mouth relaxes to closed over this after speech stops
 _PAUSE_PREPARE_S = 0.10  # and reopens this long before speech resumes
+# A silence between words shorter than this is no pause: a stop's closure, or the short gap a phone
+# recogniser marks between words, where a talker's lips do not relax (v01 holds its mouth at 0.09-0.11
+# face heights through a 0.08 s gap that closed ours to a quarter of speaking-wide). Its "_" is
+# dropped and the words on either side blend across it, as the audio-only path bridges gaps below
+# 0.15 s (_speech_runs); the evaluator checks pauses only from 0.2 s (PAUSE_SETTLE_S + PAUSE_PREPARE_S).
+_SHORT_PAUSE_S = 0.15
 # Phoneme timings mark acoustic segments, but the lips reach each shape a little before its sound
 # (a CV syllable's energy starts with the consonant, while the jaw is already opening for the vowel).
 # On Piper speech the phoneme spans lag the speech envelope by 10-30 ms (a stop's silence comes
@@ -225,9 +231,22 @@ def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, fl
     return spans
 
 
+def _without_short_pauses(phones: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """The phones without the pauses of silences shorter than _SHORT_PAUSE_S between words (see there)."""
+    words = [p for p in phones if p[0] not in (PAUSE, WORD_BOUNDARY)]
+    if not words:
+        return phones
+    first, last = words[0][1], words[-1][2]
+    short = [(s, e) for s, e in _pause_spans(phones) if e - s < _SHORT_PAUSE_S and s >= first and e <= last]
+    if not short:
+        return phones
+    return [p for p in phones if not (p[0] == PAUSE and any(s - 1e-6 <= p[1] and p[2] <= e + 1e-6 for s, e in short))]
+
+
 def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray,
                          fps: float) -> tuple[np.ndarray, list[int]]:
     """(T, 4) open/round/spread/tuck by dominance blending plus closure and pause gates, and the sealed frames."""
+    phones = _without_short_pauses(phones)
     spoken = [p for p in phones if p[0] != WORD_BOUNDARY]
     out = np.zeros((len(t), 4))
     if not spoken:

@@ -370,3 +370,19 @@ def test_idle_motion_is_the_same_however_a_stream_is_cut_into_blocks():
     assert not still.blink.any()  # the caller's controls are left alone
     calm = IdleMotion(25.0, seed=5, head_motion=False).apply(still, 0)
     assert not calm.head_roll.any() and calm.blink.any()
+
+
+def test_a_gap_between_words_shorter_than_a_pause_keeps_the_mouth_speaking():
+    """A phone recogniser's 80 ms "_" between two words is no pause: the lips do not relax (a real talker's
+    stay open through it); a 0.3 s pause still relaxes to closed."""
+    def run(gap_s: float) -> tuple[np.ndarray, np.ndarray]:
+        ph = [("_", 0.0, 0.2), ("s", 0.2, 0.3), ("ɛ", 0.3, 0.5), ("t", 0.5, 0.56), ("_", 0.56, 0.56 + gap_s),
+              ("ɪ", 0.56 + gap_s, 0.76 + gap_s), ("n", 0.76 + gap_s, 0.84 + gap_s), ("_", 0.84 + gap_s, 1.4 + gap_s)]
+        mo = opening(drive(1.4 + gap_s, FPS, phonemes=ph))
+        return mo, (np.arange(len(mo)) + 0.5) / FPS
+
+    mo, t = run(0.08)
+    around = min(mo[(t > 0.3) & (t < 0.5)].max(), mo[(t > 0.64) & (t < 0.84)].max())
+    assert mo[(t > 0.56) & (t < 0.64)].min() >= 0.5 * around, mo
+    mo, t = run(0.3)
+    assert mo[(t > 0.7) & (t < 0.78)].max() <= 0.02, mo
