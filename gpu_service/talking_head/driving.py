@@ -24,6 +24,7 @@ seals included, and before the clip's first words the lips part for an in-breath
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import re
@@ -524,6 +525,7 @@ class _BlinkSchedule:
         self._fps = fps
         self._peak = 0.5 + rng.uniform(0.4, 3.5)
         self.events: list[tuple[float, float, float, float]] = []
+        self._peaks: list[float] = []
 
     def extend(self, until_s: float) -> None:
         """Draw the blinks whose peaks fall before `until_s`."""
@@ -536,12 +538,21 @@ class _BlinkSchedule:
             pk = (np.floor(self._peak * self._fps) + 0.5) / self._fps
             if pk - close_s >= 0.5:
                 self.events.append((pk, close_s, hold_s, open_s))
+                self._peaks.append(pk)
             self._peak += float(np.clip(rng.gamma(8.0, 4.2 / 8.0), 2.0, 8.0))
 
     def curve(self, t: np.ndarray) -> np.ndarray:
         """Lid closure at times t: each blink closes in ~50 ms and opens in ~80 ms."""
         out = np.zeros(len(t))
-        for pk, close_s, hold_s, open_s in self.events:
+        if not len(t):
+            return out
+        lo, hi = float(np.min(t)), float(np.max(t))
+        # Events are in time order and no blink lasts 0.5 s: only those peaking within 0.5 s of t can touch it.
+        first = bisect.bisect_left(self._peaks, lo - 0.5)
+        last = bisect.bisect_right(self._peaks, hi + 0.5)
+        for pk, close_s, hold_s, open_s in self.events[first:last]:
+            if pk - close_s > hi or pk + hold_s + open_s < lo:
+                continue  # it is 0 at every t: a long stream's block looks only at the blinks around it
             down = _smoothstep((t - (pk - close_s)) / close_s)
             up = 1.0 - _smoothstep((t - (pk + hold_s)) / open_s)
             out = np.maximum(out, np.where(t <= pk, down, np.where(t <= pk + hold_s, 1.0, up)))
@@ -581,6 +592,7 @@ class _GazeSchedule:
         self._next = float(rng.uniform(0.8, 2.5))
         self._away = False
         self.fixations: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
+        self._array: Optional[np.ndarray] = None
 
     def extend(self, until_s: float) -> None:
         """Draw the fixations that start before `until_s`."""
@@ -601,13 +613,18 @@ class _GazeSchedule:
 
     def curve(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) at times t: each fixation held, reached from the last by a saccade of 30-50 ms (smoothstep)."""
-        x, y = np.zeros(len(t)), np.zeros(len(t))
-        for (t_a, x_a, y_a), (t_b, x_b, y_b) in zip(self.fixations, self.fixations[1:]):
-            size = np.hypot(x_b - x_a, y_b - y_a) / 0.007  # degrees, ~0.007 eye widths each
-            ramp = _smoothstep((t - t_b) / (0.021 + 0.0022 * size))  # the main sequence: 21 ms + 2.2 ms/degree
-            x += (x_b - x_a) * ramp
-            y += (y_b - y_a) * ramp
-        return x, y
+        if self._array is None or len(self._array) != len(self.fixations):
+            self._array = np.asarray(self.fixations, np.float64)  # made again only after extend drew more
+        fix = self._array
+        t = np.asarray(t, np.float64)
+        # Each t is on the way from the fixation before the last one started to that last one (fixations
+        # last 0.3 s or more, saccades 50 ms at most): the same value however a stream is cut into blocks.
+        k = np.clip(np.searchsorted(fix[:, 0], t, side="right") - 1, 0, len(fix) - 1)
+        prev = fix[np.maximum(k - 1, 0)]
+        cur = fix[k]
+        size = np.hypot(cur[:, 1] - prev[:, 1], cur[:, 2] - prev[:, 2]) / 0.007  # degrees, ~0.007 eye widths each
+        ramp = np.where(k > 0, _smoothstep((t - cur[:, 0]) / (0.021 + 0.0022 * size)), 1.0)  # 21 ms + 2.2 ms/degree
+        return prev[:, 1] + (cur[:, 1] - prev[:, 1]) * ramp, prev[:, 2] + (cur[:, 2] - prev[:, 2]) * ramp
 
 
 def _gaze(t: np.ndarray, duration_s: float, seed: int, avatar_key: str) -> tuple[np.ndarray, np.ndarray]:
