@@ -393,22 +393,26 @@ def room_factory(request: Request) -> RoomFactory:
 
 
 async def create_session(request: Request, launch: LaunchRequest, settings: Settings):
-    """The avatar registered (an image) or named, and a stream session for it."""
-    avatar_id = launch.avatar_id
-    if avatar_id is None:
-        from gpu_service.http import artifacts, metrics, registry
-        from gpu_service.talking_head.service import TalkingHeadService
+    """A stream session for the named avatar, or for the image (sent, or fetched from its URL), registered first."""
+    from gpu_service.http import artifacts, metrics, registry
+    from gpu_service.streaming.manager import SessionSpec
+    from gpu_service.talking_head.service import TalkingHeadService
 
-        raw = launch.avatar_image
-        field = "avatar_image"
-        if raw is None:
-            field = "avatar_image_url"
-            raw = await fetch_image(launch.avatar_image_url or "", settings.talking_head.max_image_bytes,
-                                    settings.livekit.image_url_timeout_s, settings.livekit.image_url_allow_private)
-            check_image_header(raw, settings.max_image_pixels, field)
-        heads = TalkingHeadService(registry(request), settings, artifacts(request), metrics(request))
-        avatar_id = (await heads.add_avatar(raw, field=field)).avatar_id
-    return await request.app.state.streams.create(avatar_id=avatar_id, fps=25)
+    manager = request.app.state.streams
+    raw, field = launch.avatar_image, "avatar_image"
+    if launch.avatar_image_url is not None:
+        manager.check_capacity()  # a 429 before the fetch
+        field = "avatar_image_url"
+        raw = await fetch_image(launch.avatar_image_url, settings.talking_head.max_image_bytes,
+                                settings.livekit.image_url_timeout_s, settings.livekit.image_url_allow_private)
+        check_image_header(raw, settings.max_image_pixels, field)
+    heads = TalkingHeadService(registry(request), settings, artifacts(request), metrics(request))
+
+    async def add_avatar(image: bytes) -> str:
+        return (await heads.add_avatar(image, field=field)).avatar_id
+
+    spec = SessionSpec(avatar_id=launch.avatar_id, avatar_image=raw, fps=25)
+    return await manager.create(spec, add_avatar=add_avatar)
 
 
 def status_body(worker: LiveKitWorker) -> dict:
@@ -431,10 +435,9 @@ async def launch(request: Request) -> JSONResponse:
 
     with fleet.reserve():
         session = await create_session(request, launch_req, settings)
-        manager = request.app.state.streams
 
         async def release() -> None:
-            await manager.delete(session.session_id)
+            await session.close()
 
         lk = settings.livekit
         worker = LiveKitWorker(

@@ -373,9 +373,9 @@ class LiveKitWorker:
         for task in self._tasks + list(self._side_tasks):
             with contextlib.suppress(BaseException):
                 await task
-        if self._feed is not None and hasattr(self._feed, "aclose"):
+        if self._feed is not None:
             with contextlib.suppress(Exception):
-                await self._feed.aclose()
+                self._feed.close()
         if self._media is not None:
             with contextlib.suppress(Exception):
                 await self._media.aclose()
@@ -550,8 +550,8 @@ class LiveKitWorker:
             elif kind == "speech_finished" and uid in self._utterances:
                 self._finish(uid, float(event.get("position_s") or 0.0), bool(event.get("interrupted")))
             elif kind == "session_closed":
-                self.stop("the session ended")
-                return
+                break
+        self.stop("the session ended")
 
     def _finish(self, utterance_id: str, position_s: float, interrupted: bool) -> None:
         """lk.playback_finished for this utterance, once: the utterance leaves the table as it is answered."""
@@ -603,10 +603,10 @@ def stream_format(attributes: Mapping[str, str]) -> tuple[int, int]:
         raise ValueError(f"the stream has no {exc.args[0]} attribute") from None
     except ValueError:
         raise ValueError(f"sample_rate and num_channels must be integers, got {dict(attributes)}") from None
-    if not 8000 <= rate <= 192_000:
-        raise ValueError(f"sample_rate {rate} is outside 8000..192000 Hz")
-    if channels not in (1, 2):
-        raise ValueError(f"num_channels {channels} is not 1 or 2")
+    if not 8000 <= rate <= 96_000:
+        raise ValueError(f"sample_rate {rate} is outside 8000..96000 Hz")
+    if not 1 <= channels <= 8:
+        raise ValueError(f"num_channels {channels} is outside 1..8")
     return rate, channels
 
 
