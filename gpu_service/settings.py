@@ -350,6 +350,7 @@ class Settings(BaseSettings):
 
     stream: StreamSettings = Field(default_factory=StreamSettings)
     """Streaming sessions (`STREAM_MAX_SESSIONS`, `STREAM_IDLE_TIMEOUT_S`, ... or `STREAM__MAX_SESSIONS`, ...)."""
+
     livekit: LiveKitSettings = Field(default_factory=LiveKitSettings)
     """POST /launch and its LiveKit room workers (`LIVEKIT__LAUNCH_API_KEY`, `LIVEKIT__MAX_WORKERS`, ...)."""
 

@@ -232,6 +232,8 @@ class LaunchRequest:
     avatar_image: Optional[bytes]
     avatar_image_url: Optional[str]
     async_mode: bool
+    size: Optional[Any] = None
+    """The session's `size` ([w, h] or "WxH"), checked by the session manager; the avatar's own when None."""
 
 
 def check_launch(fields: dict, image: Optional[bytes], settings: Settings, async_default: bool) -> LaunchRequest:
@@ -256,6 +258,7 @@ def check_launch(fields: dict, image: Optional[bytes], settings: Settings, async
         avatar_image=image,
         avatar_image_url=check_image_url(fields["avatar_image_url"]) if sources == ["avatar_image_url"] else None,
         async_mode=parse_bool(fields.get("async_mode"), "async_mode") if "async_mode" in fields else async_default,
+        size=fields.get("size") or None,
     )
 
 
@@ -411,7 +414,7 @@ async def create_session(request: Request, launch: LaunchRequest, settings: Sett
     async def add_avatar(image: bytes) -> str:
         return (await heads.add_avatar(image, field=field)).avatar_id
 
-    spec = SessionSpec(avatar_id=launch.avatar_id, avatar_image=raw, fps=25)
+    spec = SessionSpec(avatar_id=launch.avatar_id, avatar_image=raw, fps=25, size=launch.size)
     return await manager.create(spec, add_avatar=add_avatar)
 
 

@@ -298,7 +298,7 @@ class LiveKitWorker:
         self._media: Optional[MediaOut] = None
         self._feed = None
         self._streams: asyncio.Queue[rtc.ByteStreamReader] = asyncio.Queue()
-        self._superseded = asyncio.Event()
+        self._cut = asyncio.Event()
         self._reading: Optional[_Utterance] = None
         self._utterances: dict[str, _Utterance] = {}
         self._rpc_out: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -312,6 +312,11 @@ class LiveKitWorker:
                           state=self.state, created_at=self.created_at,
                           session_id=getattr(self.session, "session_id", None), identity=self.identity,
                           agent_identity=self.agent_identity, reason=self.reason, figures=self.figures)
+
+    @property
+    def playing(self) -> Optional[str]:
+        """The agent's utterance the room hears now (speech_started seen, speech_finished not yet), if any."""
+        return next((u.utterance_id for u in self._utterances.values() if u.started_at is not None), None)
 
     @property
     def running(self) -> bool:
@@ -442,7 +447,7 @@ class LiveKitWorker:
             self._spawn(_drain(reader))
             return
         if self._reading is not None:
-            self._superseded.set()  # the agent never overlaps streams: the open one's trailer was lost
+            self._cut.set()  # the agent never overlaps streams: the open one's trailer was lost
         self._streams.put_nowait(reader)
 
     async def _consume_streams(self) -> None:
@@ -464,7 +469,7 @@ class LiveKitWorker:
         self._utterances[utt.utterance_id] = utt
         self.figures.utterances += 1
         self._reading = utt
-        self._superseded.clear()
+        self._cut.clear()
         frame_bytes = 2 * channels
         rest = b""
         ended = "trailer"
@@ -488,7 +493,7 @@ class LiveKitWorker:
             self._reading = None
             with contextlib.suppress(Exception):
                 audio.end()
-        if ended != "trailer":
+        if ended not in ("trailer", "cleared"):
             log.warning("audio stream ended before its trailer (%s)", ended,
                         extra={"worker_id": self.worker_id, "utterance_id": utt.utterance_id})
         if utt.cleared:
@@ -497,19 +502,27 @@ class LiveKitWorker:
     async def _next_chunk(self, reader: rtc.ByteStreamReader) -> Union[bytes, str, None]:
         """The next chunk, None at the trailer, or why the stream is taken as ended without one."""
         next_chunk = asyncio.ensure_future(reader.__anext__())
-        superseded = asyncio.ensure_future(self._superseded.wait())
+        cut = asyncio.ensure_future(self._cut.wait())
         try:
-            done, _ = await asyncio.wait({next_chunk, superseded}, timeout=STREAM_IDLE_TIMEOUT_S,
+            done, _ = await asyncio.wait({next_chunk, cut}, timeout=STREAM_IDLE_TIMEOUT_S,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
-            superseded.cancel()
+            cut.cancel()
         if next_chunk in done:
             try:
                 return next_chunk.result()
             except StopAsyncIteration:
                 return None
+        if cut in done and not (self._reading is not None and self._reading.cleared):
+            # superseded: the chunks it sent before the newer stream began are already here; they still play
+            try:
+                return await asyncio.wait_for(next_chunk, 0.05)
+            except StopAsyncIteration:
+                return None
+            except asyncio.TimeoutError:
+                return "superseded by a newer stream"
         next_chunk.cancel()
-        return "superseded by a newer stream" if superseded in done else f"idle for {STREAM_IDLE_TIMEOUT_S:g} s"
+        return "cleared" if cut in done else f"idle for {STREAM_IDLE_TIMEOUT_S:g} s"
 
     async def _on_clear_buffer(self, data: rtc.RpcInvocationData) -> str:
         """lk.clear_buffer: drop what is queued, interrupt the session; speech_finished answers each utterance."""
@@ -520,6 +533,7 @@ class LiveKitWorker:
             self._notify_finished(0.0, interrupted=True)
         if self._reading is not None:
             self._reading.cleared = True
+            self._cut.set()  # stop reading it now: what still comes of it is drained
         pending = list(self._utterances.values())
         self.session.interrupt()
         if pending:
