@@ -466,6 +466,7 @@ async def launch(request: Request) -> JSONResponse:
 @router.get("/launch")
 def list_workers(request: Request) -> dict:
     """Every worker this service knows (running ones and the last ended ones), and the limit."""
+    check_auth(request, request.app.state.settings.livekit.launch_api_key)
     fleet = workers(request)
     return {"running": fleet.running, "max_workers": fleet.settings.max_workers,
             "workers": [status_body(w) for w in fleet.all()]}
@@ -474,12 +475,14 @@ def list_workers(request: Request) -> dict:
 @router.get("/launch/{worker_id}")
 def worker_status(worker_id: str, request: Request) -> dict:
     """One worker: its state (starting, joining, running, ended, failed), why it ended, its figures."""
+    check_auth(request, request.app.state.settings.livekit.launch_api_key)
     return status_body(workers(request).get(worker_id))
 
 
 @router.delete("/launch/{worker_id}")
 async def stop_worker(worker_id: str, request: Request) -> dict:
     """Make a worker leave its room now (it ends its session)."""
+    check_auth(request, request.app.state.settings.livekit.launch_api_key)
     worker = workers(request).get(worker_id)
     worker.stop("stopped by DELETE /launch")
     return status_body(worker)
