@@ -163,8 +163,9 @@ class LiveKitSettings(_Group):
     video_max_bitrate: int = Field(default=2_000_000, ge=100_000, le=20_000_000)
     """Bits per second the published H.264 video may use (one layer: simulcast is off)."""
 
-    audio_queue_ms: int = Field(default=200, ge=20, le=2000)
-    """Audio the LiveKit source buffers ahead of playout; the video is captured with each 40 ms of it."""
+    audio_queue_ms: int = Field(default=100, ge=20, le=1000)
+    """Audio the LiveKit source buffers ahead of playout (what rides out a late tick; an interruption is heard
+    this much later). Each frame is captured as its 40 ms of audio leaves this queue, so they stay together."""
 
     image_url_timeout_s: float = Field(default=10.0, gt=0, le=120)
     """Whole-fetch limit for `avatar_image_url` (its size limit is TALKING_HEAD__MAX_IMAGE_BYTES)."""

@@ -99,6 +99,10 @@ def audio_frame(samples: np.ndarray, sample_rate: int) -> rtc.AudioFrame:
 class MediaOut(Protocol):
     """The published tracks' sources."""
 
+    def audio_delay_s(self) -> float:
+        """How long until audio captured now starts playing out (what the audio source holds queued)."""
+        ...
+
     def capture_video(self, frame: rtc.VideoFrame, timestamp_us: int) -> None: ...
 
     async def capture_audio(self, frame: rtc.AudioFrame) -> None: ...
@@ -146,6 +150,9 @@ class _RtcMedia:
 
     def __init__(self, video: rtc.VideoSource, audio: rtc.AudioSource) -> None:
         self.video, self.audio = video, audio
+
+    def audio_delay_s(self) -> float:
+        return self.audio.queued_duration
 
     def capture_video(self, frame: rtc.VideoFrame, timestamp_us: int) -> None:
         self.video.capture_frame(frame, timestamp_us=timestamp_us)
@@ -272,7 +279,7 @@ class LiveKitWorker:
 
     def __init__(self, *, room: RoomPort, session: Any, livekit_url: str, token: str, room_name: str,
                  agent_identity: Optional[str] = None, video_max_bitrate: int = 2_000_000,
-                 audio_queue_ms: int = 200, join_timeout_s: float = 20.0, agent_wait_s: float = 60.0,
+                 audio_queue_ms: int = 100, join_timeout_s: float = 20.0, agent_wait_s: float = 60.0,
                  finished_fallback_s: float = 1.0,
                  release: Optional[Callable[[], Awaitable[None]]] = None,
                  worker_id: Optional[str] = None) -> None:
@@ -421,22 +428,42 @@ class LiveKitWorker:
     # -- media --------------------------------------------------------------------------------------
 
     async def _pump_media(self) -> None:
-        """Each tick's frame and its 40 ms of audio, captured together: the tracks cannot drift apart."""
+        """Each tick's frame and its 40 ms of audio from the same tick, so the tracks cannot drift apart; the
+        frame is captured when its audio starts playing out of the audio source's queue (LIVEKIT__AUDIO_QUEUE_MS
+        ahead), so the room sees the two together."""
         from gpu_service.streaming.media import SessionClosed
 
-        assert self._media is not None
+        media = self._media
+        assert media is not None
+        loop = asyncio.get_running_loop()
         sub = self.session.subscribe()
         rate = self.session.sample_rate
+        pending: set[asyncio.TimerHandle] = set()
+
+        def show(frame: rtc.VideoFrame, timestamp_us: int, handle_box: list) -> None:
+            pending.discard(handle_box[0])
+            if not self._closed:
+                media.capture_video(frame, timestamp_us)
+
         try:
             while True:
                 tick = await sub.get()
-                self._media.capture_video(video_frame(tick.frame), int(round(tick.pts_s * 1_000_000)))
-                await self._media.capture_audio(audio_frame(tick.audio, rate))
+                frame, stamp = video_frame(tick.frame), int(round(tick.pts_s * 1_000_000))
+                delay = media.audio_delay_s()
+                if delay > 0.002:
+                    box: list = []
+                    box.append(loop.call_later(delay, show, frame, stamp, box))
+                    pending.add(box[0])
+                else:
+                    media.capture_video(frame, stamp)
+                await media.capture_audio(audio_frame(tick.audio, rate))
                 self.figures.frames_sent += 1
         except SessionClosed:
             self.stop("the session ended")
         finally:
             sub.close()
+            for handle in pending:
+                handle.cancel()
 
     # -- the agent's audio --------------------------------------------------------------------------
 

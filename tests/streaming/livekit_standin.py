@@ -79,13 +79,28 @@ class RecordingMedia:
     def __post_init__(self) -> None:
         self.real, self.video_track, self.audio_track = rtc_media(self.spec)
 
+    video_at: list[float] = field(default_factory=list)
+    """When each frame went into the VideoSource (time.monotonic)."""
+    audio_plays_at: list[float] = field(default_factory=list)
+    """When each audio frame starts playing out of the AudioSource, by the SDK's own queue accounting."""
+
+    def audio_delay_s(self) -> float:
+        return self.real.audio_delay_s()
+
     def capture_video(self, frame: rtc.VideoFrame, timestamp_us: int) -> None:
         self.real.capture_video(frame, timestamp_us)
         self.video.append((timestamp_us, frame))
+        self.video_at.append(time.monotonic())
 
     async def capture_audio(self, frame: rtc.AudioFrame) -> None:
+        self.audio_plays_at.append(time.monotonic() + self.real.audio_delay_s())
         await self.real.capture_audio(frame)  # paced by the SDK's AudioSource queue, as in a room
         self.audio.append(frame)
+
+    def av_offsets(self) -> np.ndarray:
+        """Per tick, when its frame was captured less when its audio starts playing (seconds)."""
+        n = min(len(self.video_at), len(self.audio_plays_at))
+        return np.asarray(self.video_at[:n]) - np.asarray(self.audio_plays_at[:n])
 
     async def aclose(self) -> None:
         self.closed = True

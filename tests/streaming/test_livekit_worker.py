@@ -106,6 +106,7 @@ def test_launch_speak_interrupt_and_leave(tmp_path):
             media = room.media
             spec = media.spec
             assert (spec.width, spec.height, spec.fps, spec.sample_rate) == (128, 128, 25, 48_000)
+            assert spec.audio_queue_ms == 100 and spec.video_max_bitrate == 2_000_000
             vo = media.video_options
             from livekit import rtc
             assert vo.video_codec == rtc.VideoCodec.H264 and vo.simulcast is False
@@ -121,6 +122,9 @@ def test_launch_speak_interrupt_and_leave(tmp_path):
             assert all(f.sample_rate == 48_000 and f.num_channels == 1 and f.samples_per_channel == 1920
                        for f in media.audio[:n])
             assert all((f.width, f.height) == (128, 128) for _, f in media.video[:n])
+            # each frame goes to the room as its audio leaves the audio source's queue
+            offsets = media.av_offsets()
+            assert np.abs(offsets).max() < 0.040, offsets
 
             # one utterance at 24 kHz (livekit-agents' usual TTS rate), sent faster than real time
             before = len(media.audio)
@@ -154,6 +158,9 @@ def test_launch_speak_interrupt_and_leave(tmp_path):
             await room.send_audio_stream(tone(0.6, 16_000), 16_000, realtime=4.0)
             last = await wait_for(lambda: room.finished_calls()[calls:], 8, "speech after the interruptions")
             assert last == [{"playback_position": pytest.approx(0.6, abs=0.1), "interrupted": False}]
+
+            offsets = media.av_offsets()
+            assert len(offsets) > 150 and np.percentile(np.abs(offsets), 95) < 0.040, np.abs(offsets).max()
 
             # the agent leaves: the worker leaves the room and ends its session
             room.leave("agent-1")
