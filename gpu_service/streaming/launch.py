@@ -2,7 +2,7 @@
 
 Takes JSON or the multipart form bitHuman's LiveKit plugin sends to a custom `api_url`:
 `livekit_url`, `livekit_token`, `room_name`, one of `avatar_image` (a file; base64 in JSON),
-`avatar_image_url` or `avatar_id`, and `async_mode` (also `?async=true`), with
+`avatar_image_url` or `avatar_id`, `async_mode` (also `?async=true`) and, ours, `size` ("WxH"), with
 `Authorization: Bearer <key>` checked against LIVEKIT__LAUNCH_API_KEY when that is set.
 
 Everything is checked before anything heavy runs; a bad field is a 422 naming it. Then the
@@ -74,8 +74,10 @@ def _b64url_json(part: str, what: str) -> dict:
 def token_claims(token: str, now: Optional[float] = None) -> dict:
     """The claims of a LiveKit access token, checked for shape (the server checks its signature):
     three base64url parts, a video grant with roomJoin, an identity (`sub`), not expired."""
-    if not isinstance(token, str) or not token.strip():
+    if token is None or (isinstance(token, str) and not token.strip()):
         raise ValidationFailed("livekit_token is required")
+    if not isinstance(token, str):
+        raise ValidationFailed("livekit_token must be a string")
     token = token.strip()
     if len(token) > MAX_TOKEN_CHARS:
         raise ValidationFailed(f"livekit_token is longer than {MAX_TOKEN_CHARS} characters")
@@ -102,8 +104,10 @@ def token_claims(token: str, now: Optional[float] = None) -> dict:
 
 def check_livekit_url(value: Any) -> str:
     """A ws(s) or http(s) URL with a host, as the SDK connects to it (http -> ws, https -> wss)."""
-    if not isinstance(value, str) or not value.strip():
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise ValidationFailed("livekit_url is required")
+    if not isinstance(value, str):
+        raise ValidationFailed("livekit_url must be a string")
     value = value.strip()
     problem = text_problem(value, speakable=False)
     if problem:

@@ -355,6 +355,8 @@ class LiveKitWorker:
         self._tasks = [asyncio.create_task(coro, name=f"{self.worker_id}-{name}") for name, coro in (
             ("media", self._pump_media()), ("events", self._pump_events()), ("streams", self._consume_streams()),
             ("rpc", self._send_rpcs()), ("agent", self._await_agent()))]
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
         self.state = "running"
         log.info("livekit worker joined", extra={"worker_id": self.worker_id, "room": self.room_name,
                                                  "identity": self.identity, "agent": self.agent_identity})
@@ -365,6 +367,14 @@ class LiveKitWorker:
             await self._done.wait()
         finally:
             await self.close()
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A part of the worker that fails takes the worker down with it: a deaf or mute avatar helps nobody."""
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("livekit worker task %s failed: %r", task.get_name(), exc, exc_info=exc,
+                      extra={"worker_id": self.worker_id})
+            self.stop(f"internal error in {task.get_name().rsplit('-', 1)[-1]}: {type(exc).__name__}: {exc}")
 
     def stop(self, reason: str) -> None:
         """Ask the worker to leave (idempotent; the first reason is kept)."""
@@ -491,7 +501,14 @@ class LiveKitWorker:
             self._notify_finished(0.0, interrupted=True)  # the agent still waits for this segment's end
             self._spawn(_drain(reader))
             return
-        audio = self.session.open_audio(rate, channels)
+        try:
+            audio = self.session.open_audio(rate, channels)
+        except Exception as exc:  # noqa: BLE001 - the session refused or ended: this stream is not played
+            log.warning("audio stream not played: %s", exc, extra={"worker_id": self.worker_id})
+            self.figures.streams_refused += 1
+            self._notify_finished(0.0, interrupted=True)
+            self._spawn(_drain(reader))
+            return
         utt = _Utterance(audio.utterance_id, rate)
         self._utterances[utt.utterance_id] = utt
         self.figures.utterances += 1
@@ -618,14 +635,15 @@ class LiveKitWorker:
                     if method == RPC_PLAYBACK_FINISHED:
                         self.figures.finished_sent += 1
                     break
-                except rtc.RpcError as exc:
-                    if method == RPC_PLAYBACK_STARTED and exc.code == rtc.RpcError.ErrorCode.UNSUPPORTED_METHOD:
+                except Exception as exc:  # noqa: BLE001 - RpcError, or the SDK's own failure to send
+                    if (method == RPC_PLAYBACK_STARTED and isinstance(exc, rtc.RpcError)
+                            and exc.code == rtc.RpcError.ErrorCode.UNSUPPORTED_METHOD):
                         self._started_supported = False  # the agent does not wait for playback_started
                         break
                     if attempt == RPC_TRIES - 1:
                         self.figures.rpc_failures += 1
-                        log.error("%s failed after %d tries: %s", method, RPC_TRIES, exc.message,
-                                  extra={"worker_id": self.worker_id})
+                        log.error("%s failed after %d tries: %s", method, RPC_TRIES,
+                                  getattr(exc, "message", None) or repr(exc), extra={"worker_id": self.worker_id})
                     else:
                         await asyncio.sleep(0.1)
 

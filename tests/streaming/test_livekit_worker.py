@@ -9,6 +9,7 @@ captured into the SDK's real sources). What that leaves untested is said there.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -200,6 +201,7 @@ def test_json_launch_async_streams_from_strangers_lost_trailers_and_server_disco
             room.join("agent-7", is_agent=True)
             assert worker.agent_identity == "agent-7"
 
+            assert await room.call_rpc("lk.clear_buffer", caller="viewer-1") == "reject"
             await room.send_audio_stream(tone(0.5, 24_000), 24_000, sender="viewer-1")
             await asyncio.sleep(1.0)
             assert worker.figures.utterances == 0 and room.finished_calls() == []
@@ -278,6 +280,7 @@ BAD = [
     ({"livekit_url": "ftp://lk.example.test"}, 422, "livekit_url must be a ws://"),
     ({"livekit_url": "wss://"}, 422, "livekit_url must be a ws://"),
     ({"livekit_url": None}, 422, "livekit_url is required"),
+    ({"livekit_url": 7, "_json_only": True}, 422, "livekit_url must be a string"),
     ({"livekit_token": "not-a-jwt"}, 422, "livekit_token is not a JWT"),
     ({"livekit_token": "a.b.c"}, 422, "livekit_token is not a JWT"),
     ({"livekit_token": None}, 422, "livekit_token is required"),
@@ -302,6 +305,11 @@ def test_bad_requests_are_4xx_naming_the_field(tmp_path):
             for change, status, text in BAD:
                 data = {**form(), **{k: v for k, v in change.items() if not k.startswith("_")}}
                 data = {k: v for k, v in data.items() if v is not None}
+                if change.get("_json_only"):
+                    data["avatar_image"] = base64.b64encode(PORTRAIT.read_bytes()).decode()
+                    r = await client.post("/launch", json=data, headers=headers)
+                    assert r.status_code == status and text in r.json()["error"], (change, r.text)
+                    continue
                 files = None if change.get("_no_image") else {
                     "avatar_image": ("a.jpg", PORTRAIT.read_bytes(), "image/jpeg")}
                 r = await client.post("/launch", data=data, files=files, headers=headers)

@@ -20,12 +20,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-import jwt
 import pytest
-from livekit.agents import AgentSession
-from livekit.agents.voice.avatar import DataStreamAudioOutput
 
-from avatar_stack_livekit import AvatarSession, AvatarStackError
+pytest.importorskip("livekit.agents", reason="runs in this package's own environment (see README), not the "
+                                             "GPU service's")
+
+import jwt  # noqa: E402
+from livekit.agents import AgentSession  # noqa: E402
+from livekit.agents.voice.avatar import DataStreamAudioOutput  # noqa: E402
+
+from avatar_stack_livekit import AvatarSession, AvatarStackError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 GPU_PYTHON = Path(os.environ.get("AVATAR_STACK_GPU_PYTHON", REPO / ".venv" / "bin" / "python"))
