@@ -160,8 +160,9 @@ class PhonemeTrack:
         self.covered_s = 0.0
         """Seconds of audio whose phonemes are known."""
         self.ended = False
-        self._targets = np.zeros((0, 4))
-        self._sealed = np.zeros(0, bool)
+        self._targets: list[np.ndarray] = []
+        self._sealed: list[bool] = []
+        self._first = 0  # phones before this one ended long before the frames still to decide
 
     def add(self, phonemes: Sequence, until_s: float) -> None:
         """Phonemes (Phone or tuples, utterance times) of audio up to `until_s`."""
@@ -185,7 +186,9 @@ class PhonemeTrack:
             return
         t = (np.arange(k0, n) + 0.5) / self.fps
         lo, hi = t[0] - self.CONTEXT_S, t[-1] + self.CONTEXT_S
-        near = [p for p in self.phones if p[2] >= lo and p[1] <= hi]
+        while self._first < len(self.phones) and self.phones[self._first][2] < lo:
+            self._first += 1
+        near = [p for p in self.phones[self._first:] if p[2] >= lo and p[1] <= hi]
         spoken = [p for p in near if p[0] not in (PAUSE, WORD_BOUNDARY)]
         if not spoken:
             mouth, sealed = np.zeros((len(t), 4)), []
@@ -197,14 +200,15 @@ class PhonemeTrack:
             # utterance's own start is (the gate closes the mouth before the first phoneme).
         seal = np.zeros(len(t), bool)
         seal[[s for s in sealed if s < len(t)]] = True
-        self._targets = np.concatenate([self._targets, np.clip(mouth, 0.0, 1.0)])
-        self._sealed = np.concatenate([self._sealed, seal])
+        self._targets.extend(np.clip(mouth, 0.0, 1.0))
+        self._sealed.extend(seal.tolist())
 
     def targets(self, k: int, lookahead: int) -> tuple[np.ndarray, np.ndarray]:
         """Targets and seals of frames k .. k + lookahead that are known (k must be known)."""
         n = self.known_frames()
         stop = min(n, k + 1 + lookahead)
-        return self._targets[k:stop], self._sealed[k:stop]
+        rows = self._targets[k:stop]
+        return (np.stack(rows) if rows else np.zeros((0, 4))), np.array(self._sealed[k:stop], bool)
 
 
 # -- speech as pushed PCM (no timings) ---------------------------------------------------------
@@ -227,6 +231,8 @@ class EnvelopeTrack:
         self.spf = self.sr / self.fps
         self._audio = np.zeros(0, np.float32)
         self._band = np.zeros(0, np.float32)
+        self._start = 0  # sample index of _audio[0] (and _band[0]): samples no window needs any more are dropped
+        self._total = 0
         nyq = 0.5 * self.sr
         self._sos = signal.butter(2, [1500.0 / nyq, 3000.0 / nyq], btype="band", output="sos")
         self._zi = signal.sosfilt_zi(self._sos) * 0.0
@@ -240,15 +246,19 @@ class EnvelopeTrack:
         if not len(x):
             return
         band, self._zi = signal.sosfilt(self._sos, x, zi=self._zi)
-        self._audio = np.concatenate([self._audio, x])
-        self._band = np.concatenate([self._band, band.astype(np.float32)])
+        keep = max(0, int(round((len(self._targets) + 0.5) * self.spf)) - int(self.WINDOW_S * self.sr) - self._start)
+        self._audio = np.concatenate([self._audio[keep:], x])
+        self._band = np.concatenate([self._band[keep:], band.astype(np.float32)])
+        self._start += keep
+        self._total += len(x)
 
     def end(self) -> None:
         self.ended = True
 
     def _window_db(self, x: np.ndarray, centre: int) -> float:
         half = int(self.WINDOW_S * self.sr / 2)
-        seg = x[max(0, centre - half): centre + half]
+        centre -= self._start
+        seg = x[max(0, centre - half): max(0, centre + half)]
         return float(10.0 * np.log10(np.mean(np.square(seg, dtype=np.float64)) + 1e-12)) if len(seg) else -120.0
 
     def _level(self, db: float, key: str) -> float:
@@ -270,9 +280,9 @@ class EnvelopeTrack:
         """Frames whose targets can be decided: their whole window is in (all, once the utterance ended)."""
         half = int(self.WINDOW_S * self.sr / 2)
         if self.ended:
-            n = int(np.ceil(len(self._audio) / self.spf - 1e-9))
+            n = int(np.ceil(self._total / self.spf - 1e-9))
         else:
-            n = int(np.floor((len(self._audio) - half) / self.spf - 0.5)) + 1
+            n = int(np.floor((self._total - half) / self.spf - 0.5)) + 1
         while len(self._targets) < n:
             k = len(self._targets)
             centre = int(round((k + 0.5) * self.spf))
