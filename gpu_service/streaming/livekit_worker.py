@@ -253,11 +253,15 @@ class WorkerFigures:
     """What a status answer shows of a worker."""
 
     frames_sent: int = 0
+    frames_dropped: int = 0
+    """Ticks the worker took too late and its subscription dropped (a starved event loop, never the session)."""
     utterances: int = 0
     interrupted: int = 0
     finished_sent: int = 0
     streams_refused: int = 0
     rpc_failures: int = 0
+    fallback_answers: int = 0
+    """Interrupted utterances answered by the fallback timer because their speech_finished did not come."""
 
 
 @dataclass
@@ -468,6 +472,7 @@ class LiveKitWorker:
                     media.capture_video(frame, stamp)
                 await media.capture_audio(audio_frame(tick.audio, rate))
                 self.figures.frames_sent += 1
+                self.figures.frames_dropped = sub.dropped
         except SessionClosed:
             self.stop("the session ended")
         finally:
@@ -593,6 +598,7 @@ class LiveKitWorker:
             played = 0.0 if utt.started_at is None else min(utt.pushed_s, time.monotonic() - utt.started_at)
             log.warning("no speech_finished for an interrupted utterance; answering the agent anyway",
                         extra={"worker_id": self.worker_id, "utterance_id": utt.utterance_id})
+            self.figures.fallback_answers += 1
             self._finish(utt.utterance_id, played, interrupted=True)
 
     # -- the session's events -----------------------------------------------------------------------
@@ -604,7 +610,7 @@ class LiveKitWorker:
             if kind == "speech_started" and uid in self._utterances:
                 self._utterances[uid].started_at = time.monotonic()
                 if self._started_supported:
-                    self._rpc_out.put_nowait((RPC_PLAYBACK_STARTED, ""))
+                    self._send_when_heard((RPC_PLAYBACK_STARTED, ""))
             elif kind == "speech_finished" and uid in self._utterances:
                 self._finish(uid, float(event.get("position_s") or 0.0), bool(event.get("interrupted")))
             elif kind == "session_closed":
@@ -614,11 +620,23 @@ class LiveKitWorker:
     def _finish(self, utterance_id: str, position_s: float, interrupted: bool) -> None:
         """lk.playback_finished for this utterance, once: the utterance leaves the table as it is answered."""
         if self._utterances.pop(utterance_id, None) is not None:
-            self._notify_finished(position_s, interrupted)
+            self._notify_finished(position_s, interrupted, when_heard=True)
 
-    def _notify_finished(self, position_s: float, interrupted: bool) -> None:
+    def _notify_finished(self, position_s: float, interrupted: bool, when_heard: bool = False) -> None:
         payload = json.dumps({"playback_position": round(max(0.0, position_s), 4), "interrupted": interrupted})
-        self._rpc_out.put_nowait((RPC_PLAYBACK_FINISHED, payload))
+        if when_heard:
+            self._send_when_heard((RPC_PLAYBACK_FINISHED, payload))
+        else:
+            self._rpc_out.put_nowait((RPC_PLAYBACK_FINISHED, payload))
+
+    def _send_when_heard(self, item: tuple[str, str]) -> None:
+        """Send once the room hears what the session released just now: the session's events come as ticks
+        leave it, and the audio source holds up to LIVEKIT__AUDIO_QUEUE_MS more before playing them."""
+        delay = self._media.audio_delay_s() if self._media is not None else 0.0
+        if delay > 0.005:
+            asyncio.get_running_loop().call_later(delay, self._rpc_out.put_nowait, item)
+        else:
+            self._rpc_out.put_nowait(item)
 
     async def _send_rpcs(self) -> None:
         """The notifications in order, each tried a few times (the agent may be busy)."""

@@ -124,8 +124,8 @@ def test_launch_speak_interrupt_and_leave(tmp_path):
                        for f in media.audio[:n])
             assert all((f.width, f.height) == (128, 128) for _, f in media.video[:n])
             # each frame goes to the room as its audio leaves the audio source's queue
-            offsets = media.av_offsets()
-            assert np.abs(offsets).max() < 0.040, offsets
+            offsets = np.abs(media.av_offsets())
+            assert np.median(offsets) < 0.020 and np.percentile(offsets, 90) < 0.040, offsets
 
             # one utterance at 24 kHz (livekit-agents' usual TTS rate), sent faster than real time
             before = len(media.audio)
@@ -147,9 +147,8 @@ def test_launch_speak_interrupt_and_leave(tmp_path):
                 await wait_for(lambda: worker.playing, 5, "speech to start")
                 await asyncio.sleep(0.3)
                 assert await room.call_rpc("lk.clear_buffer") == "ok"
-                t0 = time.monotonic()
                 got = await wait_for(lambda: room.finished_calls()[calls:], 3, "the interrupted playback_finished")
-                assert time.monotonic() - t0 < 0.4, "answered from speech_finished, not the fallback"
+                assert worker.figures.fallback_answers == 0, "answered from speech_finished, not the fallback"
                 assert got[0]["interrupted"] is True and 0.0 < got[0]["playback_position"] < 4.0, got
                 stop.set()
                 await sending
@@ -161,7 +160,7 @@ def test_launch_speak_interrupt_and_leave(tmp_path):
             assert last == [{"playback_position": pytest.approx(0.6, abs=0.1), "interrupted": False}]
 
             offsets = media.av_offsets()
-            assert len(offsets) > 150 and np.percentile(np.abs(offsets), 95) < 0.040, np.abs(offsets).max()
+            assert len(offsets) >= 100 and np.percentile(np.abs(offsets), 95) < 0.040, np.sort(np.abs(offsets))[-10:]
 
             # the agent leaves: the worker leaves the room and ends its session
             room.leave("agent-1")
@@ -171,6 +170,7 @@ def test_launch_speak_interrupt_and_leave(tmp_path):
             status = (await client.get(f"/launch/{body['worker_id']}", headers=AUTH)).json()
             assert status["state"] == "ended" and status["reason"] == "the agent left the room"
             assert status["figures"]["finished_sent"] == 7 and status["figures"]["interrupted"] == 5
+            assert status["figures"]["fallback_answers"] == 0 and status["figures"]["rpc_failures"] == 0
 
     asyncio.run(main())
 
