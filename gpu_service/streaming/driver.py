@@ -25,8 +25,9 @@ from scipy import signal
 
 from gpu_service.talking_head import driving
 from gpu_service.talking_head.controls import SPEECH_OPEN, Controls
-from gpu_service.talking_head.driving import EMOTIONS, _JAW_SPEED, _mouth_from_phonemes, _phone_tuples, _split_glides
-from gpu_service.talking_head.visemes import PAUSE, WORD_BOUNDARY
+from gpu_service.talking_head.driving import (EMOTIONS, NOD_PITCH, _JAW_SPEED, _bumps, _mouth_from_phonemes, _phone_tuples,
+                                             _split_glides, _stress_times)
+from gpu_service.talking_head.visemes import PAUSE, WORD_BOUNDARY, table_arrays
 
 SHAPE_STEP = 0.25
 """Most the rounding, spreading and tuck change per frame (they have no speed limit in `drive`; here
@@ -125,20 +126,25 @@ def breathing(index: np.ndarray | int, fps: float) -> tuple[np.ndarray, np.ndarr
     return BREATH_DY * wave, 0.004 * wave
 
 
-def frame_controls(fps: float, index: int, mouth: np.ndarray, emotion: np.ndarray) -> Controls:
-    """One frame of controls: the mouth (speech units), the emotion's face and breathing; the engine's
-    stream adds blinks and head drift (open_stream's idle_seed)."""
+NOD_STEP = 0.2
+"""Most the nod's strength changes per frame (a nod cut short by an interrupt eases out)."""
+
+
+def frame_controls(fps: float, index: int, mouth: np.ndarray, emotion: np.ndarray, nod: float = 0.0) -> Controls:
+    """One frame of controls: the mouth (speech units), the emotion's face, breathing, and a nod of the head and a
+    lift of the brows on stressed syllables (as `drive` does); the engine's stream adds blinks and head drift
+    (open_stream's idle_seed)."""
     ctl = Controls.neutral(1, float(fps))
     ctl.mouth_open[:] = float(np.clip(mouth[0], 0.0, 1.0)) * SPEECH_OPEN
     ctl.mouth_round[:] = mouth[1]
     ctl.mouth_spread[:] = mouth[2]
     ctl.lip_tuck[:] = mouth[3]
     ctl.smile[:] = emotion[0]
-    ctl.brow[:] = emotion[1]
+    ctl.brow[:] = np.clip(emotion[1] + 0.12 * nod, -1.0, 1.0)
     ctl.eye_open[:] = emotion[2]
     dy, pitch = breathing(index, fps)
-    ctl.head_dy[:] = dy
-    ctl.head_pitch[:] = pitch
+    ctl.head_dy[:] = dy + 0.004 * nod
+    ctl.head_pitch[:] = pitch + NOD_PITCH * nod
     return ctl
 
 
@@ -163,11 +169,23 @@ class PhonemeTrack:
         self._targets: list[np.ndarray] = []
         self._sealed: list[bool] = []
         self._first = 0  # phones before this one ended long before the frames still to decide
+        self.stress: list[tuple[float, float]] = []
 
     def add(self, phonemes: Sequence, until_s: float) -> None:
-        """Phonemes (Phone or tuples, utterance times) of audio up to `until_s`."""
-        self.phones.extend(_split_glides(_phone_tuples(phonemes)))
+        """Phonemes (Phone or tuples, utterance times) of audio up to `until_s`: one chunk, whole."""
+        new = _split_glides(_phone_tuples(phonemes))
+        self.phones.extend(new)
         self.covered_s = max(self.covered_s, float(until_s))
+        spoken = [p for p in new if p[0] not in (PAUSE, WORD_BOUNDARY)]
+        if spoken:  # the chunk's stressed syllables, as drive() finds them in a clip
+            targets, _, _ = table_arrays([p[0] for p in spoken])
+            self.stress.extend(_stress_times(spoken, targets[:, 0]))
+
+    def nod(self, k: int) -> float:
+        """The nod (0..1) on frame k from the stressed syllables around it."""
+        t = (k + 0.5) / self.fps
+        near = [e for e in self.stress if abs(e[0] - t) < 0.6]
+        return float(_bumps(np.array([t]), near)[0]) if near else 0.0
 
     def end(self) -> None:
         self.ended = True
@@ -195,9 +213,10 @@ class PhonemeTrack:
         else:
             # Evaluated on the whole window of phonemes, then cut to the new frames: the same values
             # the whole-clip driving gives them (up to the window), so chunks join without a step.
-            mouth, sealed = _mouth_from_phonemes(near, t, self.fps)
-            # The silence before the first known phoneme of the window is not a pause: only the
-            # utterance's own start is (the gate closes the mouth before the first phoneme).
+            # _mouth_from_phonemes indexes frames from t = 0: the window is moved to start there (by whole frames).
+            base = k0 / self.fps
+            local = [(sym, a - base, b - base) for sym, a, b in near]
+            mouth, sealed = _mouth_from_phonemes(local, t - base, self.fps)
         seal = np.zeros(len(t), bool)
         seal[[s for s in sealed if s < len(t)]] = True
         self._targets.extend(np.clip(mouth, 0.0, 1.0))
