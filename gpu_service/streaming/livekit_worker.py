@@ -18,6 +18,10 @@ session, and speaks LiveKit Agents' avatar protocol with the agent it stands for
 not come). The worker leaves when the room disconnects, the agent leaves (or never comes) or the
 session ends, and ends its session when it leaves.
 
+`rtc.AVSynchronizer` (in 1.0.25) is not used: it paces video with an FPS controller of its own, while the
+session's clock already paces the ticks and pairs each frame with its audio; a second clock could only
+let the two drift. Instead each frame is captured when its audio leaves the AudioSource's queue.
+
 The room is reached through `RoomPort`, a small interface at the SDK's boundary: `LiveKitRoom`
 adapts `livekit.rtc.Room` (1.0.25) to it, and the tests drive the worker through a stand-in that
 hands it the SDK's own `ByteStreamReader`s and `RpcInvocationData`.
