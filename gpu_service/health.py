@@ -35,6 +35,8 @@ class HealthReport(HealthResponse):
     """Streaming sessions open now (/stream/sessions)."""
     max_sessions: int = 0
     """The most streaming sessions this service holds (STREAM_MAX_SESSIONS); one more is a 429."""
+    livekit_workers: int = 0
+    """LiveKit room workers running now (POST /launch); each holds one of the streaming sessions."""
 
 
 def engine_report(entry: AnyEntry, redact: Callable[[str], str]) -> EngineReport:
@@ -76,6 +78,7 @@ def health(request: Request) -> HealthReport:
         slots_by_capability={cap: slot_figures([e for e in loaded if e.capability == cap]) for cap in CAPABILITIES},
         active_sessions=request.app.state.streams.active,
         max_sessions=request.app.state.streams.max_sessions,
+        livekit_workers=lk.running if (lk := getattr(request.app.state, "livekit_workers", None)) else 0,
     )
 
 

@@ -142,6 +142,43 @@ class StreamSettings(_Group):
     """Largest width or height a session's `size` may ask for."""
 
 
+class LiveKitSettings(_Group):
+    """POST /launch and the LiveKit room workers it starts (`LIVEKIT__*`)."""
+
+    launch_api_key: str | None = Field(default=None, min_length=16, max_length=512)
+    """Key a /launch caller must send as `Authorization: Bearer <key>` (bitHuman's plugin sends its api_token or
+    api_secret there); unset, /launch takes any caller, as the rest of the GPU service does (keep it on a private
+    network then)."""
+
+    max_workers: int = Field(default=4, ge=0, le=256)
+    """Room workers running at once; past it /launch answers 429 with Retry-After. Each also holds a stream session
+    (STREAM_MAX_SESSIONS bounds those); 0 disables /launch."""
+
+    join_timeout_s: float = Field(default=20.0, gt=0, le=300)
+    """Longest wait for the LiveKit server to let the worker join; then /launch (or its status) reports the failure."""
+
+    agent_wait_s: float = Field(default=60.0, gt=0, le=3600)
+    """How long a worker that has joined waits for the agent it speaks for; it leaves if none comes."""
+
+    video_max_bitrate: int = Field(default=2_000_000, ge=100_000, le=20_000_000)
+    """Bits per second the published H.264 video may use (one layer: simulcast is off)."""
+
+    audio_queue_ms: int = Field(default=100, ge=20, le=1000)
+    """Audio the LiveKit source buffers ahead of playout (what rides out a late tick; an interruption is heard
+    this much later). Each frame is captured as its 40 ms of audio leaves this queue, so they stay together."""
+
+    image_url_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    """Whole-fetch limit for `avatar_image_url` (its size limit is TALKING_HEAD__MAX_IMAGE_BYTES)."""
+
+    image_url_allow_private: bool = False
+    """Let `avatar_image_url` name loopback, private or link-local addresses (off: the service must not be made to
+    fetch from its own network for a caller)."""
+
+    finished_fallback_s: float = Field(default=1.0, gt=0, le=10)
+    """After lk.clear_buffer, how long to wait for the session's speech_finished before telling the agent
+    `lk.playback_finished` itself (the agent gives up waiting after 2 s)."""
+
+
 LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "piper_voice_path": ("piper", "voice_path"),
     "piper_noise_scale": ("piper", "noise_scale"),
@@ -314,6 +351,9 @@ class Settings(BaseSettings):
 
     stream: StreamSettings = Field(default_factory=StreamSettings)
     """Streaming sessions (`STREAM_MAX_SESSIONS`, `STREAM_IDLE_TIMEOUT_S`, ... or `STREAM__MAX_SESSIONS`, ...)."""
+
+    livekit: LiveKitSettings = Field(default_factory=LiveKitSettings)
+    """POST /launch and its LiveKit room workers (`LIVEKIT__LAUNCH_API_KEY`, `LIVEKIT__MAX_WORKERS`, ...)."""
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
