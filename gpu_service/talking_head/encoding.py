@@ -26,9 +26,10 @@ from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 10
+ENCODING_VERSION = 11
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
-faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back); older caches are re-encoded."""
+faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: a mouth interior of deeper,
+redder shadows and brighter teeth); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -523,15 +524,15 @@ def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0,
     # with a stronger tint, at levels between the portrait's own black and its lips (a lifted black
     # lifts them all, so the throat stays darker than the lips even where the black is grey).
     span = max(lip_l - floor, 10.0)
-    cavity = tinted(lip, floor + 0.42 * span, 1.2)
+    cavity = tinted(lip, floor + 0.38 * span, 1.45)
     throat = tinted(lip, floor + max(0.04 * span, 3.0 + 1.2 * grain), 1.15)
-    tongue = tinted(lip, floor + 0.68 * span, 1.4)
+    tongue = tinted(lip, floor + 0.68 * span, 1.35)
     palette = np.stack([cavity, throat, tongue]).astype(np.float32)
     # Drawn teeth: as bright as the face's lit highlights (teeth catch the light the face does; the eye
     # whites sit in the brows' shadow, so only their colour is used: the portrait's white balance, when
     # the eyes show whites at all, else the skin's hue, mostly washed out).
     white = _whitest(eye_pix, 0.2) if len(eye_pix) >= 12 else None
-    level = float(np.clip(0.92 * np.percentile(skin_lum, 99.5), 1.1 * lip_l, 235.0))
+    level = float(np.clip(0.95 * np.percentile(skin_lum, 99.5), 1.1 * lip_l, 238.0))
     if white is not None and _chroma(white) < 0.3:
         cast = white
     else:

@@ -9,7 +9,7 @@ import numpy as np
 
 from gpu_service.talking_head.encoding import MODES, Encoding
 from gpu_service.talking_head.shading import (PreparedCache, jaw_motion, lip_depths, mouth_alpha, mouth_colour,
-                                              mouth_layout, shade_eyes)
+                                              mouth_layout, seam_shift, shade_eyes)
 
 BLINK_L, BLINK_R = MODES.index("blink_l"), MODES.index("blink_r")
 
@@ -68,16 +68,21 @@ class CpuRenderer:
         h, w = p.shape
         smap = (weights @ p.bases).reshape(h, w, 2)
         smap += p.grid
-        out = cv2.remap(p.crop_img, smap, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         patch = enc.patch.slices
         sub = smap[patch]
         below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.mouth, weights, p.lut)
         alpha = mouth_alpha(below_up, above_lo, enc, np.clip, enc.patch_mask)
+        motion = jaw_motion(p.mouth, weights)
+        shift = seam_shift(below_up, above_lo, enc.patch_side, motion[0], enc, np.clip)
+        if shift is not None and float(motion[0].max()) > 0.0:
+            sub[..., 0] += shift[0]
+            sub[..., 1] += shift[1]
+        out = cv2.remap(p.crop_img, smap, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         if float(alpha.max()) > 0.0:
             # The colour only where the interior shows: the window of the patch its alpha covers.
             rows, cols = np.nonzero(alpha.any(1))[0], np.nonzero(alpha.any(0))[0]
             win = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-            rgb = mouth_colour(p.mouth.window(*win), below_up[win], above_lo[win], *jaw_motion(p.mouth, weights), enc, np.clip)
+            rgb = mouth_colour(p.mouth.window(*win), below_up[win], above_lo[win], *motion, enc, np.clip)
             a = alpha[win][..., None]
             view = out[patch][win]
             mixed = view.astype(np.float32) * (1.0 - a) + np.stack(rgb, -1) * a

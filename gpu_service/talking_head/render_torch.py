@@ -29,7 +29,8 @@ from gpu_service import oom
 from gpu_service.device import device_kind, torch_device
 from gpu_service.errors import DeviceOutOfMemory
 from gpu_service.talking_head.encoding import MODES, Encoding
-from gpu_service.talking_head.shading import PreparedCache, mouth_layout, shade_eyes, shade_mouth
+from gpu_service.talking_head.shading import (PreparedCache, jaw_motion, lip_depths, mouth_alpha, mouth_colour,
+                                              mouth_layout, seam_shift, shade_eyes)
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +181,17 @@ class TorchRenderer:
         b = wt.shape[0]
         # The fields are summed in the render dtype (each is a few pixels at most); positions are float32.
         smap = torch.einsum("bk,khwc->bhwc", wt.to(self.dtype), p.bases).float() + p.grid
-        out = _sample(p.crop.expand(b, -1, -1, -1), smap, p)
-        out = torch.clamp(torch.floor(out + 0.5), 0, 255)
         rows, cols = enc.patch.slices
         sub = smap[:, rows, cols]
-        alpha, rgb = shade_mouth(sub[..., 0], sub[..., 1], p.side, enc, p.mouth, wt, p.lut, torch.clamp, p.patch_mask)
+        below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], p.side, enc, p.mouth, wt, p.lut)
+        alpha = mouth_alpha(below_up, above_lo, enc, torch.clamp, p.patch_mask)
+        motion = jaw_motion(p.mouth, wt)
+        shift = seam_shift(below_up, above_lo, p.side, motion[0], enc, torch.clamp)
+        if shift is not None:
+            smap[:, rows, cols] = sub + torch.stack(shift, -1)
+        out = _sample(p.crop.expand(b, -1, -1, -1), smap, p)
+        out = torch.clamp(torch.floor(out + 0.5), 0, 255)
+        rgb = mouth_colour(p.mouth, below_up, above_lo, *motion, enc, torch.clamp)
         region = out[:, :, rows, cols]
         a = alpha.unsqueeze(1)
         mixed = region * (1.0 - a) + torch.stack(rgb, 1) * a
