@@ -284,6 +284,39 @@ def test_an_opened_closed_mouth_shows_teeth_tongue_and_a_shaded_throat(closed, c
             assert teeth.sum() / columns > 0.007 * fh, (name, teeth.sum() / columns / fh)
 
 
+def inner_lip_rings(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """How much darker than both its sides the frame gets along the opened inner lips (grey levels; 0: no dark ring).
+
+    Per column across the middle half of the drawn interior: at the upper lip, the darkest of the
+    2 px either side of the interior's top edge against the lighter of the lip above and the teeth
+    below; at the lower lip the same against the lip below and the interior above. Medians over the
+    columns, (upper, lower).
+    """
+    drawn = drawn_interior(enc, weights, 0.5)
+    lum = frame.astype(np.float32) @ LUMA
+    cols = np.nonzero(drawn.sum(0) >= 4)[0]
+    mid, half = (cols.min() + cols.max()) / 2, (cols.max() - cols.min()) / 2
+    up, lo = [], []
+    for x in cols[np.abs(cols - mid) < 0.5 * half]:
+        rows = np.nonzero(drawn[:, x])[0]
+        top, bot, col = rows.min(), rows.max(), lum[:, x]
+        up.append(min(np.median(col[top - 5:top - 2]), col[top:top + 4].max()) - col[top - 2:top + 2].min())
+        lo.append(min(np.median(col[bot + 3:bot + 6]), np.median(col[bot - 4:bot - 1])) - col[bot - 1:bot + 3].min())
+    return float(np.median(up)), float(np.median(lo))
+
+
+def test_an_opened_closed_mouth_has_no_dark_ring_along_its_inner_lips(closed, cpu):
+    # A closed mouth's lips meet at a dark seam line; opened, the lips keep their own colour up to their
+    # new edges, where the interior (teeth under the upper lip) begins: no dark outline between them
+    # (the seam stretched along the upper lip read 11-14 grey levels darker than lip and teeth).
+    c = Controls.neutral(3, 25.0)
+    c.mouth_open[:] = [0.36, 0.6, 1.0]
+    for name, enc in closed.items():
+        for frame, w, opening in zip(cpu.render(enc, c, head_motion=False), mode_weights(enc, c), c.mouth_open):
+            upper, lower = inner_lip_rings(enc, frame, w)
+            assert upper < 8 and lower < 8, (name, float(opening), upper, lower)
+
+
 def test_the_interior_takes_the_portraits_grain_and_softness(closed, cpu):
     # The same face (same landmarks) as photographed, with more sensor noise, and out of focus.
     enc = closed["p06"]
