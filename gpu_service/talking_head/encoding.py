@@ -33,6 +33,10 @@ redder shadows and brighter teeth); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
+JAW_LAG = 0.2
+"""Share of the widest opening below the lips at which the jaw's moving region starts to widen (see encode_from_landmarks)."""
+LAT_START = 0.25
+"""Where across the mouth (half-widths from its middle) the jaw's drop starts to fall off at the lips."""
 MIN_FACE_PX = 40
 """Faces narrower than this have too few pixels for a mouth to be drawn."""
 WORK_FACE_MIN = 64
@@ -789,13 +793,18 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     # Jaw: lower lip, chin and lower cheeks move down as one piece; the moving region widens
     # from the mouth corners to the jaw and fades out below the chin.
     dv_mid = V - v_mid
-    ramp = smoothstep(0.0, max(v_chin - v_li0, 1.0), dv_mid)
+    # The fields are backward (sampled at the output pixel), so an opened lower lip's corners sit where
+    # the region has already widened: its whole width drops, and a wide opening becomes a box with
+    # vertical sides and cheeks streaked down them. The widening is measured from where the lower lip
+    # lands at a mid opening instead (JAW_LAG of the widest opening's travel), so it keeps a lens shape.
+    lag = 0.0 if follow_gap else JAW_LAG * g_max
+    ramp = smoothstep(0.0, max(v_chin - v_li0, 1.0), dv_mid - lag)
     # On a turned face the side the nose points to is the silhouette, with background just past it:
     # there the moving region stays as narrow as the mouth instead of widening to the jaw.
     far = np.sign(uv[L.NOSE_TIP, 0] - (oval[:, 0].max() + oval[:, 0].min()) / 2) * (U - u_mid) > 0
     hw = hw_m + (0.40 * fw - hw_m) * ramp * np.where(far, np.float32(frontal), np.float32(1.0))
     # A wide fall-off at the lips gives an oval opening rather than a box.
-    lat = 1.0 - smoothstep((0.2 + 0.3 * ramp) * hw, hw, AU)
+    lat = 1.0 - smoothstep((LAT_START + (0.5 - LAT_START) * ramp) * hw, hw, AU)
     if follow_gap:  # the oval fall-off left an open frame's sides open (0.10 of the face height at full opening)
         gap_profile = np.clip((v_li - v_ui) / max(g0, 1.0), 0.0, 1.0) * (1.0 - smoothstep(0.9 * hw_m, 1.1 * hw_m, AU))
         lat = np.maximum(lat, gap_profile * (1.0 - ramp))
