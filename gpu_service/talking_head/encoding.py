@@ -530,7 +530,7 @@ def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0,
     span = max(lip_l - floor, 10.0)
     cavity = tinted(lip, floor + 0.38 * span, 1.45)
     throat = tinted(lip, floor + max(0.04 * span, 3.0 + 1.2 * grain), 1.15)
-    tongue = tinted(lip, floor + 0.68 * span, 1.35)
+    tongue = tinted(lip, floor + 0.85 * span, 1.35)
     palette = np.stack([cavity, throat, tongue]).astype(np.float32)
     # Drawn teeth: as bright as the face's lit highlights (teeth catch the light the face does; the eye
     # whites sit in the brows' shadow, so only their colour is used: the portrait's white balance, when

@@ -281,15 +281,17 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
     show = clamp(0.2 * gap, 0.0, LOWER_SHOW * fh) * smooth01(0.12, 0.75, opened, clamp)
     teeth_top = drop if own else drop - show  # below the rest contact line
     on_jaw = lay.below_contact - teeth_top  # > 0 below the lower teeth's top
-    tongue_h = clamp(0.3 * gap - 0.01 * fh, 0.0, 0.05 * fh) * lay.dome  # none while the mouth barely parts
+    tongue_h = clamp(0.4 * gap - 0.01 * fh, 0.0, 0.06 * fh) * lay.dome  # none while the mouth barely parts
     # Its back recedes into the throat's shadow: lit at the front, darker towards its soft top edge.
     tongue = smooth01(-tongue_h - ew, 2.0 * ew - tongue_h, on_jaw, clamp) * clamp(4.0 * lay.dome, 0.0, 1.0)
-    lit = smooth01(-tongue_h, 0.3 * tongue_h + 0.5 * ew, on_jaw, clamp)
-    tongue_shade = 0.35 + 0.65 * lit
+    lit = smooth01(-tongue_h, 0.5 * ew, on_jaw, clamp)
+    tongue_shade = 0.3 + 0.7 * lit
     # The throat is darkest in the middle of the opening, far from every lit surface; it lightens
     # gradually towards the lips (no flat core), and the upper lip shades the teeth just below it.
-    reach = 1.0 / (0.5 * gap + 1.0)
-    deep = lay.throat * clamp(below_up * reach, 0.0, 1.0) * clamp(above_lo * reach, 0.0, 1.0)
+    # Darkest under the upper teeth (the palate's shadow), lighter low in the mouth where the floor and
+    # the tongue catch the light coming in over the lower lip.
+    deep = (lay.throat * clamp(below_up * (1.0 / (0.3 * gap + 1.0)), 0.0, 1.0)
+            * clamp(above_lo * (1.0 / (0.7 * gap + 1.0)), 0.0, 1.0))
     lip_shadow = 1.0 - 0.3 * (1.0 - smooth01(0.0, 0.125 * gap + 0.5, below_up, clamp))
     if not own:
         lower = lay.lower_cover * smooth01(0.0, ew, on_jaw - lay.lower_notch, clamp)
