@@ -181,6 +181,10 @@ class Encoding:
     """The part of `frame` that `image` shows, resized (full-resolution pixels); empty without a frame."""
     blend: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     """(rh, rw) weight of the animated `image` over `frame` in `region`: 1 inside the crop, feathered to 0 at its border."""
+    patch_seam: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    """(ph, pw) each mouth-patch pixel's distance below the seam where the jaw's pixels begin (patch_side is
+    where it is positive), clipped to +-1: the pixels within half a pixel of it are drawn from both sides,
+    so a pressed or barely parted lip line is smooth rather than a staircase (empty: no anti-aliasing)."""
 
     @property
     def placed(self) -> bool:
@@ -766,7 +770,8 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
 
     v_ui, v_li = at(lut_up, U), at(lut_lo, U)
     v_mid = (v_ui + v_li) / 2
-    below = (V > v_ui + seam * (v_li - v_ui)).astype(np.float32)
+    seam_d = V - (v_ui + seam * (v_li - v_ui))
+    below = (seam_d > 0).astype(np.float32)
     above = 1.0 - below
 
     # A mouth-only encoding is cropped to the window its fields are built over: nothing outside it moves.
@@ -938,6 +943,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
         head_center=(hc - [ox, oy]).astype(np.float32),
         patch=Box(int(px0) - ox, int(py0) - oy, int(px1) - ox, int(py1) - oy),
         patch_side=np.ascontiguousarray(below[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0]),
+        patch_seam=np.ascontiguousarray(np.clip(seam_d[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0], -1.0, 1.0), dtype=np.float32),
         lut_upper=lut_up,
         lut_lower=lut_lo,
         teeth_rgb=teeth,

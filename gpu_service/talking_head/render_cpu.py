@@ -9,7 +9,7 @@ import numpy as np
 
 from gpu_service.talking_head.encoding import MODES, Encoding
 from gpu_service.talking_head.shading import (PreparedCache, jaw_motion, lip_depths, mouth_alpha, mouth_colour,
-                                              mouth_layout, seam_shift, shade_eyes)
+                                              mouth_layout, other_map, seam_band, seam_shift, shade_eyes)
 
 BLINK_L, BLINK_R = MODES.index("blink_l"), MODES.index("blink_r")
 
@@ -38,6 +38,8 @@ class _Prepared:
         u0, step = enc.geometry.lut_u0, enc.geometry.lut_step
         self.lut = lambda table, u: lut_np(table, u, u0, step)
         self.mouth = mouth_layout(enc)
+        self.band_rows, self.band_cols, own = seam_band(enc)
+        self.band_own = own[:, None]
         self.shape = (h, w)
 
     @property
@@ -70,7 +72,8 @@ class CpuRenderer:
         smap += p.grid
         patch = enc.patch.slices
         sub = smap[patch]
-        below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.mouth, weights, p.lut)
+        o = other_map(p.mouth, weights)
+        below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.mouth, weights, p.lut, o)
         alpha = mouth_alpha(below_up, above_lo, enc, np.clip, enc.patch_mask)
         motion = jaw_motion(p.mouth, weights)
         shift = seam_shift(below_up, above_lo, enc.patch_side, motion[0], enc, np.clip)
@@ -78,6 +81,14 @@ class CpuRenderer:
             sub[..., 0] += shift[0]
             sub[..., 1] += shift[1]
         out = cv2.remap(p.crop_img, smap, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if len(p.band_rows):  # the seam's pixels, drawn from both lips (see seam_band)
+            r, c = p.band_rows, p.band_cols
+            ox = np.ascontiguousarray(o[0][r, c][None, :])
+            oy = np.ascontiguousarray(o[1][r, c][None, :])
+            other = cv2.remap(p.crop_img, ox, oy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0].astype(np.float32)
+            view = out[patch]
+            mixed = view[r, c].astype(np.float32) * p.band_own + other * (1.0 - p.band_own)
+            view[r, c] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
         if float(alpha.max()) > 0.0:
             # The colour only where the interior shows: the window of the patch its alpha covers.
             rows, cols = np.nonzero(alpha.any(1))[0], np.nonzero(alpha.any(0))[0]

@@ -190,16 +190,33 @@ def mouth_layout(enc: Encoding) -> MouthLayout:
     )
 
 
-def lip_depths(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable):
+def other_map(lay: MouthLayout, w):
+    """Where each patch pixel would sample with the other lip's field (crop coordinates), (..., 2, ph, pw)."""
+    return (w @ lay.other).reshape(tuple(w.shape[:-1]) + tuple(lay.out_xy.shape)) + lay.out_xy
+
+
+def seam_band(enc: Encoding) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, own weight) of the mouth-patch pixels within half a pixel of the lips' seam (Encoding.patch_seam).
+
+    Such a pixel is covered partly by each lip: its colour is its own side's sample times the share
+    of it on its own side (0.5 + |distance|, box-filter coverage) plus the other side's sample
+    (other_map) times the rest. Empty for an encoding without a seam map.
+    """
+    d = enc.patch_seam
+    rows, cols = np.nonzero(np.abs(d) < 0.5) if d.size else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return rows, cols, (0.5 + np.abs(d[rows, cols])).astype(np.float32)
+
+
+def lip_depths(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable, o=None):
     """(below the upper inner lip, above the lower inner lip) at output pixels that sample source (xs, ys).
 
     Source pixels, so positive inside the opening. The pixel's own lip is read where it samples;
     the other lip where that lip's field (the layout's) would have it sample. `w` are the frame's
-    mode weights, (K,) or (B, K).
+    mode weights, (K,) or (B, K); `o` is other_map(lay, w) when the caller has it.
     """
     geo = enc.geometry
     cs, sn = geo.roll_cos, geo.roll_sin
-    o = (w @ lay.other).reshape(tuple(w.shape[:-1]) + tuple(lay.out_xy.shape)) + lay.out_xy
+    o = other_map(lay, w) if o is None else o
 
     def depths(x, y):
         dx, dy = x - geo.mouth_x, y - geo.mouth_y
