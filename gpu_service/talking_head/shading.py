@@ -255,17 +255,28 @@ def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable):
     Instead every pixel on a side samples no closer to the seam than SEAM_DEPTH inside its own lip:
     the lip keeps its own colour and thickness up to its new edge, where the interior takes over.
     `below_up`/`above_lo` are lip_depths' (each side's own lip is where it samples), `gap` jaw_motion's;
-    nothing moves at rest or while closing (the shift grows over the first 1.5 px of opening), nor where
-    the lips do not part (past the corners), nor on a portrait whose own teeth show (what lies between
-    its lips is its own interior).
+    nothing moves at rest (the shift grows over the first 1.5 px of opening), nor where the lips do
+    not part (past the corners), nor on a portrait whose own teeth show (what lies between its lips
+    is its own interior).
+
+    Closing a mouth that is open at rest (its own teeth, or a dark gap, between the lips), the pixels
+    squeezed between the lips would show slivers of that teeth band (a pink slab with tooth specks):
+    instead, as the gap closes by the rest gap, the sides sample no closer than their own inner lips.
+    None when neither applies (a closed-mouth portrait never closing past its own gap, see mode_weights).
     """
     geo = enc.geometry
-    if geo.own_teeth > 0.0:
+    opening, closing = geo.own_teeth <= 0.0, geo.rest_gap >= 1.0
+    if not (opening or closing):
         return None
-    m = max(1.0, SEAM_DEPTH * geo.face_height) + 0.5 * geo.blur
-    k = smooth01(0.0, 1.5, gap, clamp) * smooth01(0.0, 3.0 * m, below_up + above_lo, clamp)
-    # Jaw side: down to m below the lower inner lip; upper side: up to m above the upper one (along e_v).
-    s = k * (side * clamp(above_lo + m, 0.0, None) - (1.0 - side) * clamp(below_up + m, 0.0, None))
+    s = 0.0
+    if opening:
+        m = max(1.0, SEAM_DEPTH * geo.face_height) + 0.5 * geo.blur
+        k = smooth01(0.0, 1.5, gap, clamp) * smooth01(0.0, 3.0 * m, below_up + above_lo, clamp)
+        # Jaw side: down to m below the lower inner lip; upper side: up to m above the upper one (along e_v).
+        s = k * (side * clamp(above_lo + m, 0.0, None) - (1.0 - side) * clamp(below_up + m, 0.0, None))
+    if closing:
+        k = smooth01(0.0, geo.rest_gap, -gap, clamp)
+        s = s + k * (side * clamp(above_lo, 0.0, None) - (1.0 - side) * clamp(below_up, 0.0, None))
     return -geo.roll_sin * s, geo.roll_cos * s
 
 
