@@ -540,7 +540,10 @@ def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0,
     # whites sit in the brows' shadow, so only their colour is used: the portrait's white balance, when
     # the eyes show whites at all, else the skin's hue, mostly washed out).
     white = _whitest(eye_pix, 0.2) if len(eye_pix) >= 12 else None
-    level = float(np.clip(0.95 * np.percentile(skin_lum, 99.5), 1.1 * lip_l, 238.0))
+    # On a dim face (a dark room, darker skin lit softly) no brighter than 1.6x the skin's median: a
+    # paper-white strip in a dim face reads as pasted on.
+    level = float(np.clip(0.95 * np.percentile(skin_lum, 99.5), 1.1 * lip_l,
+                          min(238.0, max(1.6 * float(np.median(skin_lum)), 1.1 * lip_l))))
     if white is not None and _chroma(white) < 0.3:
         cast = white
     else:
