@@ -76,8 +76,9 @@ class CpuRenderer:
         below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.mouth, weights, p.lut, o)
         alpha = mouth_alpha(below_up, above_lo, enc, np.clip, enc.patch_mask)
         motion = jaw_motion(p.mouth, weights)
-        shift = seam_shift(below_up, above_lo, enc.patch_side, motion[0], enc, np.clip)
-        if shift is not None and float(np.abs(motion[0]).max()) > 0.0:
+        g = float(motion[0].max())
+        shift = seam_shift(below_up, above_lo, enc.patch_side, motion[0], enc, np.clip, opening=g > 0.0, closing=g < 0.0)
+        if shift is not None:
             sub[..., 0] += shift[0]
             sub[..., 1] += shift[1]
         out = cv2.remap(p.crop_img, smap, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

@@ -246,7 +246,7 @@ LOWER_SHOW = 0.045
 """How far the lower teeth's top rises above the lower lip at the widest opening, in face heights."""
 
 
-def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable):
+def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable, opening: bool = True, closing: bool = True):
     """(dx, dy) to add to the sampling map over the patch so an opening mouth never shows the seam between its lips.
 
     A closed mouth's lips meet at a dark line (the seam, with the shadow and wet edge around it).
@@ -263,9 +263,11 @@ def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable):
     squeezed between the lips would show slivers of that teeth band (a pink slab with tooth specks):
     instead, as the gap closes by the rest gap, the sides sample no closer than their own inner lips.
     None when neither applies (a closed-mouth portrait never closing past its own gap, see mode_weights).
+    A caller that knows the frame only opens (or only closes) says so with `opening`/`closing`, and the
+    other half is not computed (it would be zero).
     """
     geo = enc.geometry
-    opening, closing = geo.own_teeth <= 0.0, geo.rest_gap >= 1.0
+    opening, closing = opening and geo.own_teeth <= 0.0, closing and geo.rest_gap >= 1.0
     if not (opening or closing):
         return None
     s = 0.0
