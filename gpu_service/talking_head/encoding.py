@@ -26,13 +26,18 @@ from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 11
+ENCODING_VERSION = 12
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
-eye width); older caches are re-encoded."""
+eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
+rounder jaw field and the lips' seam map); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
+JAW_LAG = 0.2
+"""Share of the widest opening below the lips at which the jaw's moving region starts to widen (see encode_from_landmarks)."""
+LAT_START = 0.25
+"""Where across the mouth (half-widths from its middle) the jaw's drop starts to fall off at the lips."""
 MIN_FACE_PX = 40
 """Faces narrower than this have too few pixels for a mouth to be drawn."""
 WORK_FACE_MIN = 64
@@ -179,6 +184,10 @@ class Encoding:
     """The part of `frame` that `image` shows, resized (full-resolution pixels); empty without a frame."""
     blend: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     """(rh, rw) weight of the animated `image` over `frame` in `region`: 1 inside the crop, feathered to 0 at its border."""
+    patch_seam: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    """(ph, pw) each mouth-patch pixel's distance below the seam where the jaw's pixels begin (patch_side is
+    where it is positive), clipped to +-1: the pixels within half a pixel of it are drawn from both sides,
+    so a pressed or barely parted lip line is smooth rather than a staircase (empty: no anti-aliasing)."""
 
     @property
     def placed(self) -> bool:
@@ -526,15 +535,18 @@ def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0,
     # with a stronger tint, at levels between the portrait's own black and its lips (a lifted black
     # lifts them all, so the throat stays darker than the lips even where the black is grey).
     span = max(lip_l - floor, 10.0)
-    cavity = tinted(lip, floor + 0.42 * span, 1.2)
+    cavity = tinted(lip, floor + 0.38 * span, 1.45)
     throat = tinted(lip, floor + max(0.04 * span, 3.0 + 1.2 * grain), 1.15)
-    tongue = tinted(lip, floor + 0.68 * span, 1.4)
+    tongue = tinted(lip, floor + 0.85 * span, 1.35)
     palette = np.stack([cavity, throat, tongue]).astype(np.float32)
     # Drawn teeth: as bright as the face's lit highlights (teeth catch the light the face does; the eye
     # whites sit in the brows' shadow, so only their colour is used: the portrait's white balance, when
     # the eyes show whites at all, else the skin's hue, mostly washed out).
     white = _whitest(eye_pix, 0.2) if len(eye_pix) >= 12 else None
-    level = float(np.clip(0.92 * np.percentile(skin_lum, 99.5), 1.1 * lip_l, 235.0))
+    # On a dim face (a dark room, darker skin lit softly) no brighter than 1.6x the skin's median: a
+    # paper-white strip in a dim face reads as pasted on.
+    level = float(np.clip(0.95 * np.percentile(skin_lum, 99.5), 1.1 * lip_l,
+                          min(238.0, max(1.6 * float(np.median(skin_lum)), 1.1 * lip_l))))
     if white is not None and _chroma(white) < 0.3:
         cast = white
     else:
@@ -767,7 +779,8 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
 
     v_ui, v_li = at(lut_up, U), at(lut_lo, U)
     v_mid = (v_ui + v_li) / 2
-    below = (V > v_ui + seam * (v_li - v_ui)).astype(np.float32)
+    seam_d = V - (v_ui + seam * (v_li - v_ui))
+    below = (seam_d > 0).astype(np.float32)
     above = 1.0 - below
 
     # A mouth-only encoding is cropped to the window its fields are built over: nothing outside it moves.
@@ -794,13 +807,18 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     # Jaw: lower lip, chin and lower cheeks move down as one piece; the moving region widens
     # from the mouth corners to the jaw and fades out below the chin.
     dv_mid = V - v_mid
-    ramp = smoothstep(0.0, max(v_chin - v_li0, 1.0), dv_mid)
+    # The fields are backward (sampled at the output pixel), so an opened lower lip's corners sit where
+    # the region has already widened: its whole width drops, and a wide opening becomes a box with
+    # vertical sides and cheeks streaked down them. The widening is measured from where the lower lip
+    # lands at a mid opening instead (JAW_LAG of the widest opening's travel), so it keeps a lens shape.
+    lag = 0.0 if follow_gap else JAW_LAG * g_max
+    ramp = smoothstep(0.0, max(v_chin - v_li0, 1.0), dv_mid - lag)
     # On a turned face the side the nose points to is the silhouette, with background just past it:
     # there the moving region stays as narrow as the mouth instead of widening to the jaw.
     far = np.sign(uv[L.NOSE_TIP, 0] - (oval[:, 0].max() + oval[:, 0].min()) / 2) * (U - u_mid) > 0
     hw = hw_m + (0.40 * fw - hw_m) * ramp * np.where(far, np.float32(frontal), np.float32(1.0))
     # A wide fall-off at the lips gives an oval opening rather than a box.
-    lat = 1.0 - smoothstep((0.2 + 0.3 * ramp) * hw, hw, AU)
+    lat = 1.0 - smoothstep((LAT_START + (0.5 - LAT_START) * ramp) * hw, hw, AU)
     if follow_gap:  # the oval fall-off left an open frame's sides open (0.10 of the face height at full opening)
         gap_profile = np.clip((v_li - v_ui) / max(g0, 1.0), 0.0, 1.0) * (1.0 - smoothstep(0.9 * hw_m, 1.1 * hw_m, AU))
         lat = np.maximum(lat, gap_profile * (1.0 - ramp))
@@ -959,6 +977,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
         head_center=(hc - [ox, oy]).astype(np.float32),
         patch=Box(int(px0) - ox, int(py0) - oy, int(px1) - ox, int(py1) - oy),
         patch_side=np.ascontiguousarray(below[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0]),
+        patch_seam=np.ascontiguousarray(np.clip(seam_d[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0], -1.0, 1.0), dtype=np.float32),
         lut_upper=lut_up,
         lut_lower=lut_lo,
         teeth_rgb=teeth,

@@ -9,7 +9,7 @@ import numpy as np
 
 from gpu_service.talking_head.encoding import MODES, Encoding
 from gpu_service.talking_head.shading import (PreparedCache, jaw_motion, lip_depths, mouth_alpha, mouth_colour,
-                                              mouth_layout, shade_eyes)
+                                              mouth_layout, other_map, seam_band, seam_shift, shade_eyes)
 
 BLINK_L, BLINK_R = MODES.index("blink_l"), MODES.index("blink_r")
 
@@ -38,6 +38,8 @@ class _Prepared:
         u0, step = enc.geometry.lut_u0, enc.geometry.lut_step
         self.lut = lambda table, u: lut_np(table, u, u0, step)
         self.mouth = mouth_layout(enc)
+        self.band_rows, self.band_cols, own = seam_band(enc)
+        self.band_own = own[:, None]
         self.shape = (h, w)
 
     @property
@@ -68,16 +70,31 @@ class CpuRenderer:
         h, w = p.shape
         smap = (weights @ p.bases).reshape(h, w, 2)
         smap += p.grid
-        out = cv2.remap(p.crop_img, smap, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         patch = enc.patch.slices
         sub = smap[patch]
-        below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.mouth, weights, p.lut)
+        o = other_map(p.mouth, weights)
+        below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], enc.patch_side, enc, p.mouth, weights, p.lut, o)
         alpha = mouth_alpha(below_up, above_lo, enc, np.clip, enc.patch_mask)
+        motion = jaw_motion(p.mouth, weights)
+        g = float(motion[0].max())
+        shift = seam_shift(below_up, above_lo, enc.patch_side, motion[0], enc, np.clip, opening=g > 0.0, closing=g < 0.0)
+        if shift is not None:
+            sub[..., 0] += shift[0]
+            sub[..., 1] += shift[1]
+        out = cv2.remap(p.crop_img, smap, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if len(p.band_rows):  # the seam's pixels, drawn from both lips (see seam_band)
+            r, c = p.band_rows, p.band_cols
+            ox = np.ascontiguousarray(o[0][r, c][None, :])
+            oy = np.ascontiguousarray(o[1][r, c][None, :])
+            other = cv2.remap(p.crop_img, ox, oy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0].astype(np.float32)
+            view = out[patch]
+            mixed = view[r, c].astype(np.float32) * p.band_own + other * (1.0 - p.band_own)
+            view[r, c] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
         if float(alpha.max()) > 0.0:
             # The colour only where the interior shows: the window of the patch its alpha covers.
             rows, cols = np.nonzero(alpha.any(1))[0], np.nonzero(alpha.any(0))[0]
             win = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-            rgb = mouth_colour(p.mouth.window(*win), below_up[win], above_lo[win], *jaw_motion(p.mouth, weights), enc, np.clip)
+            rgb = mouth_colour(p.mouth.window(*win), below_up[win], above_lo[win], *motion, enc, np.clip)
             a = alpha[win][..., None]
             view = out[patch][win]
             mixed = view.astype(np.float32) * (1.0 - a) + np.stack(rgb, -1) * a

@@ -29,7 +29,8 @@ from gpu_service import oom
 from gpu_service.device import device_kind, torch_device
 from gpu_service.errors import DeviceOutOfMemory
 from gpu_service.talking_head.encoding import MODES, Encoding
-from gpu_service.talking_head.shading import PreparedCache, mouth_layout, shade_eyes, shade_mouth
+from gpu_service.talking_head.shading import (PreparedCache, jaw_motion, lip_depths, mouth_alpha, mouth_colour,
+                                              mouth_layout, other_map, seam_band, seam_shift, shade_eyes)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class _Prepared:
                         id(enc.lut_lower): torch.from_numpy(enc.lut_lower).to(device)}
         self.u0, self.step = enc.geometry.lut_u0, enc.geometry.lut_step
         self.mouth = mouth_layout(enc).convert(lambda a: torch.from_numpy(a).to(device))
+        rows, cols, own = seam_band(enc)
+        self.band = (torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device), torch.from_numpy(own).to(device))
         self.scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=device)
         self.shape = (h, w)
 
@@ -180,11 +183,25 @@ class TorchRenderer:
         b = wt.shape[0]
         # The fields are summed in the render dtype (each is a few pixels at most); positions are float32.
         smap = torch.einsum("bk,khwc->bhwc", wt.to(self.dtype), p.bases).float() + p.grid
-        out = _sample(p.crop.expand(b, -1, -1, -1), smap, p)
-        out = torch.clamp(torch.floor(out + 0.5), 0, 255)
         rows, cols = enc.patch.slices
         sub = smap[:, rows, cols]
-        alpha, rgb = shade_mouth(sub[..., 0], sub[..., 1], p.side, enc, p.mouth, wt, p.lut, torch.clamp, p.patch_mask)
+        o = other_map(p.mouth, wt)
+        below_up, above_lo = lip_depths(sub[..., 0], sub[..., 1], p.side, enc, p.mouth, wt, p.lut, o)
+        alpha = mouth_alpha(below_up, above_lo, enc, torch.clamp, p.patch_mask)
+        motion = jaw_motion(p.mouth, wt)
+        shift = seam_shift(below_up, above_lo, p.side, motion[0], enc, torch.clamp)
+        if shift is not None:
+            smap[:, rows, cols] = sub + torch.stack(shift, -1)
+        out = _sample(p.crop.expand(b, -1, -1, -1), smap, p)
+        out = torch.clamp(torch.floor(out + 0.5), 0, 255)
+        br, bc, own = p.band
+        if len(br):  # the seam's pixels, drawn from both lips (see shading.seam_band)
+            pts = o[:, :, br, bc].permute(0, 2, 1).unsqueeze(1)  # (B, 1, N, 2) crop coordinates
+            other = torch.clamp(torch.floor(_sample(p.crop.expand(b, -1, -1, -1), pts, p)[:, :, 0] + 0.5), 0, 255)
+            yy, xx = br + enc.patch.y0, bc + enc.patch.x0
+            mixed = out[:, :, yy, xx] * own + other * (1.0 - own)
+            out[:, :, yy, xx] = torch.clamp(torch.floor(mixed + 0.5), 0, 255)
+        rgb = mouth_colour(p.mouth, below_up, above_lo, *motion, enc, torch.clamp)
         region = out[:, :, rows, cols]
         a = alpha.unsqueeze(1)
         mixed = region * (1.0 - a) + torch.stack(rgb, 1) * a

@@ -96,11 +96,16 @@ def _teeth_row(at: np.ndarray, half: np.ndarray, edges: tuple[float, ...], blur:
     frac = tau - np.floor(tau)
     width = np.interp(tau, np.arange(len(knots) - 1) + 0.5, np.diff(knots)).astype(np.float32) * half
     to_gap = np.minimum(frac, 1.0 - frac) * width
-    gap = 1.0 - depth * (0.12 + 0.2 * np.clip(at, 0, 1)) * (1.0 - smoothstep(0.0, _soft(0.8, 0.5 * blur), to_gap))
-    bulge = 1.0 - 0.12 * (2.0 * frac - 1.0) ** 2  # each tooth's face curves away from the light at its sides
+    # The join between two teeth is a soft valley a fifth of a tooth wide, not a dark line: teeth read as
+    # separate from their shading, as they do in a photo, never as a comb of outlined blocks.
+    valley = np.maximum(_soft(0.8, 0.5 * blur), 0.2 * width)
+    gap = 1.0 - depth * (0.05 + 0.1 * np.clip(at, 0, 1)) * (1.0 - smoothstep(0.0, valley, to_gap))
+    bulge = 1.0 - 0.1 * (2.0 * frac - 1.0) ** 2  # each tooth's face curves away from the light at its sides
     return (gap * bulge).astype(np.float32), (to_gap / np.maximum(width, 1e-3)).astype(np.float32)
 
 
+OVERBITE = 0.016
+"""How far the upper teeth reach below where the lips meet at rest, in face heights (at the midline)."""
 UPPER_GAPS = (0.0, 0.30, 0.53, 0.72, 0.86, 0.97, 1.08)
 """Where the gaps between upper teeth sit across the mouth (half-widths from the midline): incisors, canine, premolars."""
 LOWER_GAPS = (0.0, 0.19, 0.38, 0.56, 0.72, 0.86, 0.98)
@@ -157,17 +162,20 @@ def mouth_layout(enc: Encoding) -> MouthLayout:
     # Upper teeth: fixed to the skull, their edge a little below where the lips meet at rest (the
     # overbite), rising towards the canines and notched between teeth.
     shade_u, gap_u = _teeth_row(at, half, UPPER_GAPS, blur)
-    notch = 0.12 * np.minimum(0.3 * half, 0.04 * fh) * (1.0 - smoothstep(0.0, 0.3, gap_u))
+    # The incisal edge: barely rounded at each tooth's corners (a notch deep enough to show the throat between
+    # teeth is what makes a comb), rising towards the canines.
+    notch = 0.04 * np.minimum(0.3 * half, 0.04 * fh) * (1.0 - smoothstep(0.0, 0.45, gap_u))
     contact = (v_up + v_lo) / 2
-    edge = contact + 0.012 * fh * (1.0 - 0.5 * at * at) - notch
+    edge = contact + OVERBITE * fh * (1.0 - 0.5 * at * at) - notch
     upper_cover = (1.0 - smoothstep(-0.5 * edge_w, 0.5 * edge_w, v - edge)) * (1.0 - smoothstep(0.85, 1.02, at))
-    translucent = 1.0 - 0.12 * smoothstep(-0.3 * 0.012 * fh - edge_w, 0.0, v - edge)
-    upper_rgb = teeth * (shade_u * (1.0 - 0.42 * at * at) * translucent)[None]
+    translucent = 1.0 - 0.12 * smoothstep(-0.3 * OVERBITE * fh - edge_w, 0.0, v - edge)
+    # The far teeth turn away into the cheeks' shadow (the buccal corridor).
+    upper_rgb = teeth * (shade_u * (1.0 - 0.55 * at * at) * translucent)[None]
     # Lower teeth: on the jaw, narrower, in the upper row's shadow.
     shade_l, gap_l = _teeth_row(at, half, LOWER_GAPS, blur, depth=0.6)
-    lower_notch = 0.06 * np.minimum(0.2 * half, 0.03 * fh) * (1.0 - smoothstep(0.0, 0.3, gap_l))
-    lower_cover = 1.0 - smoothstep(0.45, 0.7, at)
-    lower_rgb = teeth * (0.88 * shade_l * (1.0 - 0.5 * at * at))[None]
+    lower_notch = 0.03 * np.minimum(0.2 * half, 0.03 * fh) * (1.0 - smoothstep(0.0, 0.45, gap_l))
+    lower_cover = 1.0 - smoothstep(0.5, 0.75, at)
+    lower_rgb = teeth * (0.9 * shade_l * (1.0 - 0.6 * at * at))[None]
     # Tongue: a dome lying on the jaw behind the lower teeth, lit across its middle, a groove down it.
     dome = np.clip(1.0 - (at / 0.8) ** 2, 0.0, 1.0)
     groove = 1.0 - 0.1 * (1.0 - smoothstep(0.0, 0.08, at))
@@ -182,16 +190,33 @@ def mouth_layout(enc: Encoding) -> MouthLayout:
     )
 
 
-def lip_depths(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable):
+def other_map(lay: MouthLayout, w):
+    """Where each patch pixel would sample with the other lip's field (crop coordinates), (..., 2, ph, pw)."""
+    return (w @ lay.other).reshape(tuple(w.shape[:-1]) + tuple(lay.out_xy.shape)) + lay.out_xy
+
+
+def seam_band(enc: Encoding) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, own weight) of the mouth-patch pixels within half a pixel of the lips' seam (Encoding.patch_seam).
+
+    Such a pixel is covered partly by each lip: its colour is its own side's sample times the share
+    of it on its own side (0.5 + |distance|, box-filter coverage) plus the other side's sample
+    (other_map) times the rest. Empty for an encoding without a seam map.
+    """
+    d = enc.patch_seam
+    rows, cols = np.nonzero(np.abs(d) < 0.5) if d.size else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return rows, cols, (0.5 + np.abs(d[rows, cols])).astype(np.float32)
+
+
+def lip_depths(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable, o=None):
     """(below the upper inner lip, above the lower inner lip) at output pixels that sample source (xs, ys).
 
     Source pixels, so positive inside the opening. The pixel's own lip is read where it samples;
     the other lip where that lip's field (the layout's) would have it sample. `w` are the frame's
-    mode weights, (K,) or (B, K).
+    mode weights, (K,) or (B, K); `o` is other_map(lay, w) when the caller has it.
     """
     geo = enc.geometry
     cs, sn = geo.roll_cos, geo.roll_sin
-    o = (w @ lay.other).reshape(tuple(w.shape[:-1]) + tuple(lay.out_xy.shape)) + lay.out_xy
+    o = other_map(lay, w) if o is None else o
 
     def depths(x, y):
         dx, dy = x - geo.mouth_x, y - geo.mouth_y
@@ -217,6 +242,50 @@ def mouth_alpha(below_up, above_lo, enc: Encoding, clamp: Callable, mask=None):
     return alpha if mask is None else alpha * mask
 
 
+LOWER_SHOW = 0.045
+"""How far the lower teeth's top rises above the lower lip at the widest opening, in face heights."""
+
+
+def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable, opening: bool = True, closing: bool = True):
+    """(dx, dy) to add to the sampling map over the patch so an opening mouth never shows the seam between its lips.
+
+    A closed mouth's lips meet at a dark line (the seam, with the shadow and wet edge around it).
+    Opening it, the pixels along each inner lip would sample that line (a dark outline ring round the
+    interior) and the jaw side would sample the upper lip's edge just above it (a doubled lower lip).
+    Instead every pixel on a side samples no closer to the seam than SEAM_DEPTH inside its own lip:
+    the lip keeps its own colour and thickness up to its new edge, where the interior takes over.
+    `below_up`/`above_lo` are lip_depths' (each side's own lip is where it samples), `gap` jaw_motion's;
+    nothing moves at rest (the shift grows over the first 1.5 px of opening), nor where the lips do
+    not part (past the corners), nor on a portrait whose own teeth show (what lies between its lips
+    is its own interior).
+
+    Closing a mouth that is open at rest (its own teeth, or a dark gap, between the lips), the pixels
+    squeezed between the lips would show slivers of that teeth band (a pink slab with tooth specks):
+    instead, as the gap closes by the rest gap, the sides sample no closer than their own inner lips.
+    None when neither applies (a closed-mouth portrait never closing past its own gap, see mode_weights).
+    A caller that knows the frame only opens (or only closes) says so with `opening`/`closing`, and the
+    other half is not computed (it would be zero).
+    """
+    geo = enc.geometry
+    opening, closing = opening and geo.own_teeth <= 0.0, closing and geo.rest_gap >= 1.0
+    if not (opening or closing):
+        return None
+    s = 0.0
+    if opening:
+        m = max(1.0, SEAM_DEPTH * geo.face_height) + 0.5 * geo.blur
+        k = smooth01(0.0, 1.5, gap, clamp) * smooth01(0.0, 3.0 * m, below_up + above_lo, clamp)
+        # Jaw side: down to m below the lower inner lip; upper side: up to m above the upper one (along e_v).
+        s = k * (side * clamp(above_lo + m, 0.0, None) - (1.0 - side) * clamp(below_up + m, 0.0, None))
+    if closing:
+        k = smooth01(0.0, geo.rest_gap, -gap, clamp)
+        s = s + k * (side * clamp(above_lo, 0.0, None) - (1.0 - side) * clamp(below_up, 0.0, None))
+    return -geo.roll_sin * s, geo.roll_cos * s
+
+
+SEAM_DEPTH = 0.01
+"""How far inside its own lip (face heights) an opening mouth's lip edge samples: past the closed mouth's seam line."""
+
+
 def jaw_motion(lay: MouthLayout, w):
     """(the gap's change at the teeth's midline, the jaw's drop there) for mode weights `w`, shaped to broadcast."""
     lead = tuple(w.shape[:-1]) + (1, 1)
@@ -238,18 +307,22 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
     # The lower teeth ride on the jaw; their top rises above the lower lip as the jaw drops (the lip is
     # drawn down off them). The tongue's back shows above them, more as the mouth opens. A portrait's
     # own lower teeth end where the lips met at rest, moved down with the jaw.
-    teeth_top = drop if own else drop - (0.04 * fh) * smooth01(0.3, 0.9, opened, clamp)  # below the rest contact line
+    # (At most a fifth of the opening: a turned face's small opening is not filled with teeth.)
+    show = clamp(0.2 * gap, 0.0, LOWER_SHOW * fh) * smooth01(0.12, 0.75, opened, clamp)
+    teeth_top = drop if own else drop - show  # below the rest contact line
     on_jaw = lay.below_contact - teeth_top  # > 0 below the lower teeth's top
-    tongue_h = clamp(0.3 * gap, 0.0, 0.055 * fh) * lay.dome
-    # Its back recedes into the throat's shadow: lit at the front, the throat's colour at its top edge, which is soft.
+    tongue_h = clamp(0.4 * gap - 0.01 * fh, 0.0, 0.06 * fh) * lay.dome  # none while the mouth barely parts
+    # Its back recedes into the throat's shadow: lit at the front, darker towards its soft top edge.
     tongue = smooth01(-tongue_h - ew, 2.0 * ew - tongue_h, on_jaw, clamp) * clamp(4.0 * lay.dome, 0.0, 1.0)
     lit = smooth01(-tongue_h, 0.5 * ew, on_jaw, clamp)
-    tongue_shade = 0.2 + 0.8 * lit
+    tongue_shade = 0.3 + 0.7 * lit
     # The throat is darkest in the middle of the opening, far from every lit surface; it lightens
     # gradually towards the lips (no flat core), and the upper lip shades the teeth just below it.
-    reach = 1.0 / (0.5 * gap + 1.0)
-    deep = lay.throat * clamp(below_up * reach, 0.0, 1.0) * clamp(above_lo * reach, 0.0, 1.0)
-    lip_shadow = 1.0 - 0.35 * (1.0 - smooth01(0.0, 0.125 * gap + 0.5, below_up, clamp))
+    # Darkest under the upper teeth (the palate's shadow), lighter low in the mouth where the floor and
+    # the tongue catch the light coming in over the lower lip.
+    deep = (lay.throat * clamp(below_up * (1.0 / (0.3 * gap + 1.0)), 0.0, 1.0)
+            * clamp(above_lo * (1.0 / (0.7 * gap + 1.0)), 0.0, 1.0))
+    lip_shadow = 1.0 - 0.3 * (1.0 - smooth01(0.0, 0.125 * gap + 0.5, below_up, clamp))
     if not own:
         lower = lay.lower_cover * smooth01(0.0, ew, on_jaw - lay.lower_notch, clamp)
         upper = lay.upper_cover

@@ -18,8 +18,9 @@ from gpu_service.talking_head.renderer import Renderer, mode_weights
 from gpu_service.talking_head.shading import lip_depths, mouth_alpha, mouth_layout
 
 MEDIA = Path(__file__).resolve().parents[1] / "fixtures" / "media"
-CLOSED_MOUTHS = {"p01": "p01_neutral_closed_mouth_grid_bbaf2n_f000.png", "p06": "p06_darker_skin_closed_mouth_grid_swiz3n_f074.png"}
-"""Real closed-mouth portraits from the media kit (GRID; lighter and darker skin): nothing in them to copy a mouth from."""
+CLOSED_MOUTHS = {"p01": "p01_neutral_closed_mouth_grid_bbaf2n_f000.png", "p05": "p05_glasses_older_woman_grace_hopper.jpg",
+                 "p06": "p06_darker_skin_closed_mouth_grid_swiz3n_f074.png"}
+"""Real closed-mouth portraits from the media kit (GRID, lighter and darker skin; an older woman with a grainy photo): nothing in them to copy a mouth from."""
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -131,7 +132,9 @@ def test_mouth_opens_and_closes_as_mediapipe_measures(astro, cam, cpu):
     region = (slice(int(lm[L.INNER_UPPER_MID[0], 1]), int(lm[L.INNER_LOWER_MID[0], 1]) + 8),
               slice(int(lm[L.MOUTH_LEFT, 0]), int(lm[L.MOUTH_RIGHT, 0])))
     darker = cam.image[region].astype(int).mean(axis=-1) - cam_open[region].astype(int).mean(axis=-1)
-    assert (darker > 40).sum() >= 15, "a dark cavity appeared where the lips were"
+    # (His opening is 7 px: the lips keep their own colour up to their new edges, with no dark seam
+    # line along them, and teeth fill part of it, so a dozen of these pixels darken, not the whole box.)
+    assert (darker > 40).sum() >= 10, "a dark cavity appeared where the lips were"
 
 
 def hsv_saturation(rgb: np.ndarray) -> np.ndarray:
@@ -280,6 +283,39 @@ def test_an_opened_closed_mouth_shows_teeth_tongue_and_a_shaded_throat(closed, c
             teeth = r["lower"] & (lum > (throat + upper) / 2) & (sat < np.median(sat[r["upper"] & (lum > (throat + upper) / 2)]) + 0.1)
             columns = r["lower"].any(0).sum()
             assert teeth.sum() / columns > 0.007 * fh, (name, teeth.sum() / columns / fh)
+
+
+def inner_lip_rings(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """How much darker than both its sides the frame gets along the opened inner lips (grey levels; 0: no dark ring).
+
+    Per column across the middle half of the drawn interior: at the upper lip, the darkest of the
+    2 px either side of the interior's top edge against the lighter of the lip above and the teeth
+    below; at the lower lip the same against the lip below and the interior above. Medians over the
+    columns, (upper, lower).
+    """
+    drawn = drawn_interior(enc, weights, 0.5)
+    lum = frame.astype(np.float32) @ LUMA
+    cols = np.nonzero(drawn.sum(0) >= 4)[0]
+    mid, half = (cols.min() + cols.max()) / 2, (cols.max() - cols.min()) / 2
+    up, lo = [], []
+    for x in cols[np.abs(cols - mid) < 0.5 * half]:
+        rows = np.nonzero(drawn[:, x])[0]
+        top, bot, col = rows.min(), rows.max(), lum[:, x]
+        up.append(min(np.median(col[top - 5:top - 2]), col[top:top + 4].max()) - col[top - 2:top + 2].min())
+        lo.append(min(np.median(col[bot + 3:bot + 6]), np.median(col[bot - 4:bot - 1])) - col[bot - 1:bot + 3].min())
+    return float(np.median(up)), float(np.median(lo))
+
+
+def test_an_opened_closed_mouth_has_no_dark_ring_along_its_inner_lips(closed, cpu):
+    # A closed mouth's lips meet at a dark seam line; opened, the lips keep their own colour up to their
+    # new edges, where the interior (teeth under the upper lip) begins: no dark outline between them
+    # (the seam stretched along the upper lip read 11-14 grey levels darker than lip and teeth).
+    c = Controls.neutral(3, 25.0)
+    c.mouth_open[:] = [0.36, 0.6, 1.0]
+    for name, enc in closed.items():
+        for frame, w, opening in zip(cpu.render(enc, c, head_motion=False), mode_weights(enc, c), c.mouth_open):
+            upper, lower = inner_lip_rings(enc, frame, w)
+            assert upper < 10 and lower < 10, (name, float(opening), upper, lower)
 
 
 def test_the_interior_takes_the_portraits_grain_and_softness(closed, cpu):
