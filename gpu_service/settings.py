@@ -117,61 +117,6 @@ class Mp4Settings(_Group):
     closed mouth crisp enough that face trackers (and viewers) read it as closed after compression."""
 
 
-LEGACY_NAMES: dict[str, tuple[str, str]] = {
-    "piper_voice_path": ("piper", "voice_path"),
-    "piper_noise_scale": ("piper", "noise_scale"),
-    "piper_noise_w_scale": ("piper", "noise_w_scale"),
-    "xtts_model_subdir": ("xtts", "model_subdir"),
-    "avatar_cache_bytes": ("talking_head", "avatar_cache_bytes"),
-    "max_image_bytes": ("talking_head", "max_image_bytes"),
-    "max_video_audio_s": ("talking_head", "max_audio_s"),
-    "video_render_batch": ("talking_head", "render_batch"),
-    "video_x264_preset": ("mp4", "x264_preset"),
-    "video_crf": ("mp4", "crf"),
-    "lipsync_max_video_bytes": ("lipsync", "max_video_bytes"),
-    "lipsync_max_audio_bytes": ("lipsync", "max_audio_bytes"),
-    "lipsync_max_video_s": ("lipsync", "max_video_s"),
-    "lipsync_max_audio_s": ("lipsync", "max_audio_s"),
-    "lipsync_max_pixels": ("lipsync", "max_pixels"),
-}
-"""Flat environment names of earlier releases -> (group, field) of the nested settings."""
-
-
-class _LegacyNames(PydanticBaseSettingsSource):
-    """Reads the flat names of LEGACY_NAMES from the environment and `.env`, into their nested groups."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        """Unused: __call__ reads every legacy name at once."""
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        found: dict[str, str] = {}
-        env_file = self.config.get("env_file")
-        if env_file and Path(env_file).is_file():
-            from dotenv import dotenv_values
-
-            found.update({k.lower(): v for k, v in dotenv_values(env_file).items() if v is not None})
-        found.update({k.lower(): v for k, v in os.environ.items()})
-        out: dict[str, dict[str, str]] = {}
-        for flat, (group, name) in LEGACY_NAMES.items():
-            if flat in found:
-                out.setdefault(group, {})[name] = found[flat]
-        return out
-
-
-def _engine_list(value: object) -> object:
-    """`piper,xtts`, `piper` or a JSON list (`["piper", "xtts"]`) as a list of names."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not a JSON list of engine names ({exc.msg})") from None
-        return [item.strip() for item in text.split(",") if item.strip()]
-    return value
-
-
 _ICE_URL = re.compile(r"^(stun|stuns|turn|turns):[^\s?]+(\?transport=(udp|tcp))?$")
 """A STUN/TURN URL as RFC 7064/7065 write them (aiortc parses them once more when it connects)."""
 
@@ -214,6 +159,137 @@ def _ice_server_list(value: object) -> object:
             return [{"urls": [item.strip()]} for item in text.split(",") if item.strip()]
     if isinstance(value, list):
         return [{"urls": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+class StreamSettings(_Group):
+    """Real-time streaming sessions, /stream/sessions (`STREAM__*`, or the flat `STREAM_*` names)."""
+
+    max_sessions: int = Field(default=4, ge=0, le=1024)
+    """Streaming sessions open at once (each renders on its own thread, outside the engine slots); one more
+    is a 429 with Retry-After. 0 turns streaming off."""
+
+    idle_timeout_s: float = Field(default=60.0, gt=0, le=24 * 3600)
+    """A session ends this long after its last viewer and listener left (a session nobody ever watched, this
+    long after it was made)."""
+
+    render_ahead_frames: int = Field(default=2, ge=1, le=25)
+    """Frames a session renders before their time, to ride out a slow frame; a change of sound (interrupt,
+    new speech) re-renders them, so they add no latency to it."""
+
+    audio_lookahead_ms: float = Field(default=100.0, ge=0, le=500)
+    """Pushed PCM (WS /audio, LiveKit) plays this late so the mouth can see its sound coming and open in time."""
+
+    viewer_buffer_ticks: int = Field(default=8, ge=1, le=250)
+    """Ticks a slow viewer may fall behind before its oldest are dropped (that viewer's only)."""
+
+    max_size: int = Field(default=2048, ge=64, le=4096)
+    """Largest width or height a session's `size` may ask for."""
+
+    ice_servers: Annotated[list[IceServer], NoDecode] = Field(default_factory=list)
+    """STUN/TURN servers offered to WebRTC viewers' connections: a comma list of URLs
+    (`stun:stun.example.org:3478,turn:turn.example.org?transport=tcp`) or a JSON list of URLs or of
+    `{"urls": ..., "username": ..., "credential": ...}` (TURN needs the latter). Empty (the default): host
+    candidates only, nothing is contacted. aiortc uses the first STUN and the first TURN server of the list."""
+
+    ice_loopback: bool = False
+    """Also gather ICE host candidates on 127.0.0.1 (aioice skips loopback): for a viewer on the same host,
+    such as a browser test in a network namespace with only `lo` up. Added anyway when no other interface exists."""
+
+    video_codecs: Annotated[list[Literal["h264", "vp8"]], NoDecode] = Field(
+        default_factory=lambda: ["h264", "vp8"], min_length=1)
+    """Video codecs offered to WebRTC viewers, most preferred first (`h264,vp8`); a viewer that has none of them
+    gets a 422."""
+
+    video_bitrate: int = Field(default=2_000_000, ge=500_000, le=3_000_000)
+    """Starting video bitrate of each WebRTC viewer in bit/s (aiortc then follows the viewer's REMB estimate,
+    within 0.5-3 Mbps for H.264, 0.25-1.5 Mbps for VP8)."""
+
+    max_viewers: int = Field(default=8, ge=1, le=256)
+    """WebRTC viewers one stream session may have at once (each has its own encoder); past it a 429."""
+
+    connect_timeout_s: float = Field(default=20.0, ge=1, le=300)
+    """A WebRTC viewer whose connection is not up this long after its offer is closed (and its subscription)."""
+
+    @field_validator("ice_servers", mode="before")
+    @classmethod
+    def _split_ice_servers(cls, value: object) -> object:
+        """Accept a comma list of URLs as well as a JSON list."""
+        return _ice_server_list(value)
+
+    @field_validator("video_codecs", mode="before")
+    @classmethod
+    def _split_codecs(cls, value: object) -> object:
+        """`h264,vp8` or a JSON list, names in any case."""
+        value = _engine_list(value)
+        return [v.lower() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+
+LEGACY_NAMES: dict[str, tuple[str, str]] = {
+    "piper_voice_path": ("piper", "voice_path"),
+    "piper_noise_scale": ("piper", "noise_scale"),
+    "piper_noise_w_scale": ("piper", "noise_w_scale"),
+    "xtts_model_subdir": ("xtts", "model_subdir"),
+    "avatar_cache_bytes": ("talking_head", "avatar_cache_bytes"),
+    "max_image_bytes": ("talking_head", "max_image_bytes"),
+    "max_video_audio_s": ("talking_head", "max_audio_s"),
+    "video_render_batch": ("talking_head", "render_batch"),
+    "video_x264_preset": ("mp4", "x264_preset"),
+    "video_crf": ("mp4", "crf"),
+    "lipsync_max_video_bytes": ("lipsync", "max_video_bytes"),
+    "lipsync_max_audio_bytes": ("lipsync", "max_audio_bytes"),
+    "lipsync_max_video_s": ("lipsync", "max_video_s"),
+    "lipsync_max_audio_s": ("lipsync", "max_audio_s"),
+    "lipsync_max_pixels": ("lipsync", "max_pixels"),
+    "stream_max_sessions": ("stream", "max_sessions"),
+    "stream_idle_timeout_s": ("stream", "idle_timeout_s"),
+    "stream_render_ahead_frames": ("stream", "render_ahead_frames"),
+    "stream_audio_lookahead_ms": ("stream", "audio_lookahead_ms"),
+    "stream_viewer_buffer_ticks": ("stream", "viewer_buffer_ticks"),
+    "stream_max_size": ("stream", "max_size"),
+    "stream_ice_servers": ("stream", "ice_servers"),
+    "stream_ice_loopback": ("stream", "ice_loopback"),
+    "stream_video_codecs": ("stream", "video_codecs"),
+    "stream_video_bitrate": ("stream", "video_bitrate"),
+    "stream_max_viewers": ("stream", "max_viewers"),
+    "stream_connect_timeout_s": ("stream", "connect_timeout_s"),
+}
+"""Flat environment names of earlier releases -> (group, field) of the nested settings (and the flat
+`STREAM_*` names the streaming design uses, beside `STREAM__*`)."""
+
+
+class _LegacyNames(PydanticBaseSettingsSource):
+    """Reads the flat names of LEGACY_NAMES from the environment and `.env`, into their nested groups."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: __call__ reads every legacy name at once."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, str] = {}
+        env_file = self.config.get("env_file")
+        if env_file and Path(env_file).is_file():
+            from dotenv import dotenv_values
+
+            found.update({k.lower(): v for k, v in dotenv_values(env_file).items() if v is not None})
+        found.update({k.lower(): v for k, v in os.environ.items()})
+        out: dict[str, dict[str, str]] = {}
+        for flat, (group, name) in LEGACY_NAMES.items():
+            if flat in found:
+                out.setdefault(group, {})[name] = found[flat]
+        return out
+
+
+def _engine_list(value: object) -> object:
+    """`piper,xtts`, `piper` or a JSON list (`["piper", "xtts"]`) as a list of names."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list of engine names ({exc.msg})") from None
+        return [item.strip() for item in text.split(",") if item.strip()]
     return value
 
 
@@ -310,31 +386,6 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the structured (JSON) logs."""
 
-    stream_ice_servers: Annotated[list[IceServer], NoDecode] = Field(default_factory=list)
-    """STUN/TURN servers offered to WebRTC viewers' connections: a comma list of URLs
-    (`stun:stun.example.org:3478,turn:turn.example.org?transport=tcp`) or a JSON list of URLs or of
-    `{"urls": ..., "username": ..., "credential": ...}` (TURN needs the latter). Empty (the default): host
-    candidates only, nothing is contacted. aiortc uses the first STUN and the first TURN server of the list."""
-
-    stream_ice_loopback: bool = False
-    """Also gather ICE host candidates on 127.0.0.1 (aioice skips loopback): for a viewer on the same host,
-    such as a browser test in a network namespace with only `lo` up. Added anyway when no other interface exists."""
-
-    stream_video_codecs: Annotated[list[Literal["h264", "vp8"]], NoDecode] = Field(
-        default_factory=lambda: ["h264", "vp8"], min_length=1)
-    """Video codecs offered to WebRTC viewers, most preferred first (`h264,vp8`); a viewer that has none of them
-    gets a 422."""
-
-    stream_video_bitrate: int = Field(default=2_000_000, ge=500_000, le=3_000_000)
-    """Starting video bitrate of each WebRTC viewer in bit/s (aiortc then follows the viewer's REMB estimate,
-    within 0.5-3 Mbps for H.264, 0.25-1.5 Mbps for VP8)."""
-
-    stream_max_viewers: int = Field(default=8, ge=1, le=256)
-    """WebRTC viewers one stream session may have at once (each has its own encoder); past it a 429."""
-
-    stream_connect_timeout_s: float = Field(default=20.0, ge=1, le=300)
-    """A WebRTC viewer whose connection is not up this long after its offer is closed (and its subscription)."""
-
     piper: PiperSettings = Field(default_factory=PiperSettings)
     """The Piper speech engine (`PIPER__VOICE_PATH`, `PIPER__NOISE_SCALE`, `PIPER__NOISE_W_SCALE`)."""
 
@@ -349,6 +400,9 @@ class Settings(BaseSettings):
 
     mp4: Mp4Settings = Field(default_factory=Mp4Settings)
     """MP4 encoding of generated videos (`MP4__X264_PRESET`, `MP4__CRF`)."""
+
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    """Streaming sessions (`STREAM_MAX_SESSIONS`, `STREAM_IDLE_TIMEOUT_S`, ... or `STREAM__MAX_SESSIONS`, ...)."""
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -370,19 +424,6 @@ class Settings(BaseSettings):
     def _split_engine_list(cls, value: object) -> object:
         """Accept `TTS_ENGINES=piper,xtts` as well as a JSON list."""
         return _engine_list(value)
-
-    @field_validator("stream_ice_servers", mode="before")
-    @classmethod
-    def _split_ice_servers(cls, value: object) -> object:
-        """Accept a comma list of URLs as well as a JSON list."""
-        return _ice_server_list(value)
-
-    @field_validator("stream_video_codecs", mode="before")
-    @classmethod
-    def _split_codecs(cls, value: object) -> object:
-        """`h264,vp8` or a JSON list, names in any case."""
-        value = _engine_list(value)
-        return [v.lower() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _default_engine_is_configured(self) -> "Settings":

@@ -15,76 +15,23 @@ streams from their first packet, and the service starts both at the same tick). 
   and the same difference in media time (pts), which is 0 when the sender paired them right.
 
 `TestPatternSession` is a stand-in for a `StreamSession` as the transport sees it (session_id, fps,
-subscribe() -> Subscription of MediaTicks), paced by the wall clock: a frame with the tick index
+subscribe() -> media.Subscription of media.MediaTicks), paced by the wall clock: a frame with the tick index
 drawn as a bar code, a flash and a 1 kHz burst every `marker_every` ticks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import dataclasses
 import time
 from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 
-SAMPLE_RATE = 48_000
+from gpu_service.streaming.media import SAMPLE_RATE, MediaTick, SessionClosed, Subscription, samples_per_tick
 
 
 # -- test pattern -------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class PatternTick:
-    """A MediaTick as media.py describes it."""
-
-    index: int
-    pts_s: float
-    frame: np.ndarray
-    audio: np.ndarray
-    utterance_id: Optional[str] = None
-    mouth_open: float = 0.0
-
-
-class SessionClosed(Exception):
-    """The test-pattern session ended (media.SessionClosed once the stream core is in)."""
-
-
-class PatternSubscription:
-    """One viewer's feed of a TestPatternSession: a bounded queue that drops its own oldest ticks."""
-
-    def __init__(self, session: "TestPatternSession", maxlen: int = 8) -> None:
-        self._session = session
-        self._queue: collections.deque = collections.deque()
-        self._maxlen = maxlen
-        self._event = asyncio.Event()
-        self.dropped = 0
-        self.closed = False
-
-    def _put(self, tick: PatternTick) -> None:
-        if len(self._queue) >= self._maxlen:
-            self._queue.popleft()
-            self.dropped += 1
-        self._queue.append(tick)
-        self._event.set()
-
-    async def get(self) -> PatternTick:
-        while not self._queue:
-            if self._session.closed:
-                raise SessionClosed(self._session.session_id)
-            if self.closed:
-                raise SessionClosed("subscription closed")
-            self._event.clear()
-            await self._event.wait()
-        return self._queue.popleft()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._session._subs.discard(self)
-            self._event.set()
-
 
 def pattern_frame(index: int, width: int, height: int, flash: bool) -> np.ndarray:
     """A grey frame with the index as a 16-bit bar code on top and a moving bar; all white when `flash`."""
@@ -123,10 +70,10 @@ class TestPatternSession:
         self.sample_rate = SAMPLE_RATE
         self.marker_every = marker_every
         self.closed = False
-        self._subs: set[PatternSubscription] = set()
+        self._subs: set[Subscription] = set()
         self._task: Optional[asyncio.Task] = None
         self.index = 0
-        spt = SAMPLE_RATE // fps
+        spt = samples_per_tick(fps)
         t = np.arange(spt) / SAMPLE_RATE
         self._burst = (12000 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)
         self._quiet = (300 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
@@ -135,27 +82,27 @@ class TestPatternSession:
     def viewers(self) -> int:
         return len(self._subs)
 
-    def subscribe(self) -> PatternSubscription:
+    def subscribe(self, buffer: int = 8) -> Subscription:
         if self.closed:
             raise SessionClosed(self.session_id)
-        sub = PatternSubscription(self)
+        sub = Subscription(buffer, on_close=self._subs.discard)
         self._subs.add(sub)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return sub
 
-    def tick(self, index: int) -> PatternTick:
+    def tick(self, index: int) -> MediaTick:
         w, h = self.size
         flash = index % self.marker_every == 0
-        return PatternTick(index, index / self.fps, pattern_frame(index, w, h, flash),
-                           self._burst if flash else self._quiet)
+        return MediaTick(index, index / self.fps, pattern_frame(index, w, h, flash),
+                         self._burst if flash else self._quiet, None, 1.0 if flash else 0.0)
 
     async def _run(self) -> None:
         t0 = time.monotonic()
         while not self.closed:
             tick = self.tick(self.index)
             for sub in list(self._subs):
-                sub._put(tick)
+                sub._deliver(tick)
             self.index += 1
             delay = t0 + self.index / self.fps - time.monotonic()
             if delay > 0:
@@ -164,7 +111,7 @@ class TestPatternSession:
     async def close(self) -> None:
         self.closed = True
         for sub in list(self._subs):
-            sub._event.set()
+            sub._end()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):

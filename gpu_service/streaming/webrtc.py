@@ -39,11 +39,12 @@ from pydantic import BaseModel, Field
 
 from gpu_service.errors import Overloaded, ValidationFailed
 from gpu_service.http import require_json
+from gpu_service.streaming.media import SAMPLE_RATE, SessionClosed, samples_per_tick
 
 log = logging.getLogger("gpu_service.streaming.webrtc")
 
-AUDIO_RATE = 48_000
-"""Opus's rate and the session's (media.SAMPLE_RATE): no resampling anywhere."""
+AUDIO_RATE = SAMPLE_RATE
+"""Opus's rate and the session's: no resampling anywhere."""
 
 OPUS_FRAME = 960
 """Samples of one 20 ms Opus packet, as aiortc's encoder cuts them (aiortc.codecs.opus.SAMPLES_PER_FRAME)."""
@@ -101,7 +102,7 @@ def ice_servers(settings: Any) -> list:
     from aiortc import RTCIceServer
 
     return [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
-            for s in getattr(settings, "stream_ice_servers", [])]
+            for s in settings.stream.ice_servers]
 
 
 def video_codec_preferences(names: list[str]) -> list:
@@ -128,7 +129,7 @@ class ViewerFeed:
     def __init__(self, subscription: Any, fps: int, on_end: Optional[Callable[[], None]] = None) -> None:
         self.subscription = subscription
         self.fps = int(fps)
-        self.samples_per_tick = AUDIO_RATE // self.fps
+        self.samples_per_tick = samples_per_tick(self.fps)
         self._on_end = on_end
         self._buffers: dict[str, collections.deque] = {k: collections.deque(maxlen=FEED_BUFFER_TICKS)
                                                         for k in ("audio", "video")}
@@ -159,10 +160,11 @@ class ViewerFeed:
                     self._wake[kind].set()
         except asyncio.CancelledError:
             reason = "closed"
-        except Exception as exc:  # SessionClosed, or the session failed: either way this feed is over
-            reason = "session_closed" if type(exc).__name__ == "SessionClosed" else f"session_failed: {exc!r}"
-            if reason != "session_closed":
-                log.warning("stream feed ended", extra={"why": reason})
+        except SessionClosed:
+            reason = "session closed"
+        except Exception as exc:  # the session failed: this feed is over all the same
+            reason = f"session failed: {type(exc).__name__}"
+            log.warning("stream feed failed", extra={"why": repr(exc)})
         finally:
             self._finish(reason)
 
@@ -324,14 +326,15 @@ class WebRtcPeers:
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
+        config = settings.stream
         self.viewers: dict[str, dict[str, Viewer]] = {}
         self._tasks: set[asyncio.Task] = set()       # closings under way
         self._deadlines: set[asyncio.Task] = set()   # connect deadlines
-        self.bitrate = int(getattr(settings, "stream_video_bitrate", 2_000_000))
-        self.codecs = list(getattr(settings, "stream_video_codecs", ["h264", "vp8"]))
-        self.max_viewers = int(getattr(settings, "stream_max_viewers", 8))
-        self.connect_timeout_s = float(getattr(settings, "stream_connect_timeout_s", 20.0))
-        enable_loopback_candidates(bool(getattr(settings, "stream_ice_loopback", False)))
+        self.bitrate = config.video_bitrate
+        self.codecs = list(config.video_codecs)
+        self.max_viewers = config.max_viewers
+        self.connect_timeout_s = config.connect_timeout_s
+        enable_loopback_candidates(config.ice_loopback)
 
     def count(self, session_id: Optional[str] = None) -> int:
         """Open viewers of one session, or of all."""

@@ -48,7 +48,7 @@ class PatternSessions:
 async def transport_app(**settings):
     """A FastAPI app with the WebRTC router, the service's error handlers and test-pattern sessions."""
     app = FastAPI(lifespan=None)
-    app.state.settings = Settings(**settings)
+    app.state.settings = Settings(stream=settings)
     app.state.streams = PatternSessions()
     install_error_handlers(app, logging.getLogger("test"))
     app.include_router(webrtc.router)
@@ -119,7 +119,7 @@ def test_viewer_receives_h264_at_25fps_with_audio_in_sync():
 
 def test_vp8_when_h264_is_not_offered_or_configured():
     async def main():
-        async with transport_app(stream_video_codecs=["vp8"]) as client:
+        async with transport_app(video_codecs=["vp8"]) as client:
             client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(128, 128))
             probe = await viewer(client, "s")
             try:
@@ -252,11 +252,23 @@ def test_loopback_candidates_are_gathered_when_asked():
 
 
 def test_ice_servers_setting():
-    s = Settings(stream_ice_servers="stun:stun.example.org:3478,turn:turn.example.org?transport=tcp")
+    s = Settings(stream={"ice_servers": "stun:stun.example.org:3478,turn:turn.example.org?transport=tcp"})
     servers = webrtc.ice_servers(s)
     assert [x.urls for x in servers] == [["stun:stun.example.org:3478"], ["turn:turn.example.org?transport=tcp"]]
-    s = Settings(stream_ice_servers='[{"urls": "turn:t.example.org", "username": "u", "credential": "c"}]')
+    s = Settings(stream={"ice_servers": '[{"urls": "turn:t.example.org", "username": "u", "credential": "c"}]'})
     assert webrtc.ice_servers(s)[0].credential == "c"
     assert webrtc.ice_servers(Settings()) == []
-    with pytest.raises(ValueError, match="stream_ice_servers"):
-        Settings(stream_ice_servers="http://example.org")
+    with pytest.raises(ValueError, match="ice_servers"):
+        Settings(stream={"ice_servers": "http://example.org"})
+
+
+def test_stream_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("STREAM_ICE_SERVERS", "stun:stun.example.org:3478")
+    monkeypatch.setenv("STREAM__VIDEO_CODECS", "VP8,H264")
+    monkeypatch.setenv("STREAM_ICE_LOOPBACK", "1")
+    s = Settings()
+    assert s.stream.ice_servers[0].urls == ["stun:stun.example.org:3478"]
+    assert s.stream.video_codecs == ["vp8", "h264"]
+    assert s.stream.ice_loopback is True
+    monkeypatch.setenv("STREAM__ICE_SERVERS", '[{"urls": ["turn:t.example.org"], "username": "u", "credential": "c"}]')
+    assert Settings().stream.ice_servers[0].username == "u"
