@@ -161,6 +161,7 @@ class StreamProbe:
         self.audio_marks: list[tuple[float, int]] = []
         self.kept: list[np.ndarray] = []
         self.rtp: dict[str, list[tuple[float, int]]] = {"audio": [], "video": []}  # (arrival, relative RTP ts)
+        self.levels: list[float] = []                     # mean |sample| of each audio frame
         self._keep = keep_video
         self._video_marker, self._audio_marker = video_marker, audio_marker
         self._on_video_frame = on_video_frame
@@ -251,9 +252,10 @@ class StreamProbe:
             while True:
                 frame = await track.recv()
                 arrival = time.monotonic()
+                samples = frame.to_ndarray().reshape(-1)
                 self.audio.append((arrival, int(frame.pts), int(frame.samples)))
+                self.levels.append(float(np.abs(samples.astype(np.float32)).mean()))
                 if self._audio_marker:
-                    samples = frame.to_ndarray().reshape(-1)
                     self._mark("audio", bool(self._audio_marker(samples)), arrival, int(frame.pts))
 
     async def wait_video(self, frames: int, timeout_s: float = 10.0) -> bool:
@@ -267,6 +269,12 @@ class StreamProbe:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._frame_event.wait(), min(left, 0.5))
         return True
+
+    def audio_level(self, seconds: float = 1.0) -> float:
+        """Mean absolute sample value of the audio received in the last `seconds` (0 before any)."""
+        frames = int(seconds * SAMPLE_RATE / 960)
+        recent = self.levels[-frames:]
+        return float(np.mean(recent)) if recent else 0.0
 
     async def wait_audio(self, samples: int, timeout_s: float = 10.0) -> bool:
         """Wait until `samples` audio samples have arrived (False on timeout)."""
