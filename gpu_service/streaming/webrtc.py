@@ -565,6 +565,8 @@ def peers(app: FastAPI) -> WebRtcPeers:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
     peers(app)  # loopback candidates configured before the first offer
+    with contextlib.suppress(ImportError):  # aiortc's import (~1 s) not on the first viewer's clock
+        await asyncio.to_thread(_tracks)
     try:
         yield
     finally:

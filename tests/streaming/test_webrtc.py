@@ -343,3 +343,65 @@ def test_real_session_end_to_end(tmp_path):
             finally:
                 await probe.close()
     asyncio.run(main())
+
+
+def test_viewer_over_loopback_in_a_namespace_with_only_lo():
+    """No interface but `lo` (a browser test's namespace): loopback host candidates are gathered, and it streams."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a network namespace here (unshare -n)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = "ip link set lo up && exec \"$0\" -m tests.streaming.loopback_viewer"
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script, sys.executable], cwd=root, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["candidates"] and all("127.0.0.1" in c for c in result["candidates"]), result["candidates"]
+    assert result["frames"] >= 25 and result["codec"] == "H264"
+
+
+def test_viewer_that_never_connects_is_closed():
+    async def main():
+        async with transport_app(connect_timeout_s=1.0) as client:
+            session = client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(128, 128))
+            from aiortc import RTCPeerConnection
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            r = await client.post("/stream/sessions/s/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+            assert r.status_code == 200
+            await pc.close()  # it never applies the answer
+            assert client.app.state.webrtc.count("s") == 1 and session.viewers == 1
+            for _ in range(40):
+                if client.app.state.webrtc.count("s") == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert client.app.state.webrtc.count("s") == 0
+            assert session.viewers == 0
+    asyncio.run(main())
+
+
+def test_viewers_past_the_limit_are_a_429():
+    async def main():
+        async with transport_app(max_viewers=1) as client:
+            client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(128, 128))
+            first = await viewer(client, "s")
+            try:
+                from aiortc import RTCPeerConnection
+                pc = RTCPeerConnection()
+                pc.addTransceiver("video", direction="recvonly")
+                await pc.setLocalDescription(await pc.createOffer())
+                r = await client.post("/stream/sessions/s/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+                await pc.close()
+                assert r.status_code == 429 and r.headers.get("retry-after"), r.text
+                assert "STREAM_MAX_VIEWERS" in r.json()["error"]
+                assert client.app.state.streams.sessions["s"].viewers == 1
+            finally:
+                await first.close()
+    asyncio.run(main())
