@@ -43,6 +43,11 @@ FIRST_PIECE_CHARS = 40
 audio, and the mouth, come after a short synthesis; the rest follows sentence by sentence while it plays."""
 
 
+SAY_TARGET_LOOKAHEAD = 5
+"""Frames (200 ms at 25 fps) of a say's mouth targets the jaw looks ahead at: enough to leave in time for the
+widest opening and to close into an m/b/p seal at the jaw's speed (3 frames from wide open)."""
+
+
 def first_piece_split(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
     """The text as [a short first piece (a clause, at most first_chars at word boundaries), the rest]."""
     sentences = split_sentences(text)
@@ -79,6 +84,9 @@ class Utterance:
         self.emotion = emotion
         self.spf = session.samples_per_tick
         self.lookahead_frames = lookahead_frames
+        """Frames of audio that must be in beyond a frame before it plays (pushed PCM's delay; 0 for say)."""
+        self.target_lookahead = max(lookahead_frames, SAY_TARGET_LOOKAHEAD if kind == "say" else 0)
+        """Frames of mouth targets the jaw looks ahead at (say's chunks are whole: as far as they reach)."""
         self._chunks: list[np.ndarray] = []
         self._audio = np.zeros(0, np.float32)
         self.total = 0
@@ -91,6 +99,8 @@ class Utterance:
         self.finished = False
         self.released_samples = 0
         self.created = time.monotonic()
+        self.first_audio_at: Optional[float] = None
+        self.started_at: Optional[float] = None
 
     # -- audio (under the session lock) -----------------------------------------------------
     def add_audio(self, samples: np.ndarray) -> None:
@@ -178,6 +188,10 @@ class EventFeed:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    def get_nowait(self) -> Optional[dict]:
+        """The next event if one is waiting, else None."""
+        return self._queue.popleft() if self._queue else None
 
     def __aiter__(self) -> "EventFeed":
         return self
@@ -295,6 +309,10 @@ class StreamSession:
         self.late_ticks = 0
         """Ticks released more than a frame after their time (the producer fell behind)."""
         self.utterances = 0
+        self.underruns = 0
+        self.timings: collections.deque[dict] = collections.deque(maxlen=20)
+        """Recent utterances: ms from say/open_audio to their first audio and to their first tick released."""
+        """Ticks inside an utterance that had no audio yet (its TTS or pusher fell behind real time)."""
         self._silence = np.zeros(self.samples_per_tick, np.int16)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -439,7 +457,14 @@ class StreamSession:
             if utt.cancelled or utt.finished or self._closed:
                 return
             start_s = utt.total / SAMPLE_RATE
+            if (utt.kind == "say" and start_s == 0.0 and len(samples) and phonemes is not None
+                    and not any(p[0] not in ("_", " ") for p in phonemes)):
+                # A speech engine without timings (XTTS streams audio only): the mouth follows the envelope,
+                # which can read ahead inside each whole chunk without delaying the audio.
+                utt.track = EnvelopeTrack(self.fps, SAMPLE_RATE)
             utt.add_audio(samples)
+            if utt.first_audio_at is None and len(samples):
+                utt.first_audio_at = time.monotonic()
             if isinstance(utt.track, PhonemeTrack):
                 if phonemes is not None:
                     utt.track.add(phonemes, utt.total / SAMPLE_RATE)
@@ -594,7 +619,7 @@ class StreamSession:
         speaking: Optional[Utterance] = None
         if utt is not None and utt.ready(utt.frames_planned):
             k = utt.frames_planned
-            targets, sealed = utt.track.targets(k, self.lookahead_frames)
+            targets, sealed = utt.track.targets(k, utt.target_lookahead)
             emo = self._emotion.next(utt.emotion)
             targets = targets.copy()
             targets[:, 0] = np.clip(targets[:, 0] * emo[3], 0.0, 1.0)
@@ -611,6 +636,7 @@ class StreamSession:
         else:
             if utt is not None and utt.frames_planned > 0:
                 speaking = utt  # an underrun inside an utterance: silence, mouth closing, still its tick
+                self.underruns += 1
             emo = self._emotion.next(utt.emotion if speaking is not None else None)
             mouth = self._mouth.step(None, fast_close=self._fast_close)
             if mouth[0] <= 0.0:
@@ -623,7 +649,13 @@ class StreamSession:
         frame = self._stream.render(plan.controls)[0]
         h, w = frame.shape[:2]
         if (w, h) != self.size:
-            interp = cv2.INTER_AREA if self.size[0] < w else cv2.INTER_LINEAR
+            # Cropped to the size's aspect around the centre (the face is not stretched), then scaled: INTER_AREA
+            # down (it averages, no aliasing of the lip seam), bilinear up.
+            tw, th = self.size
+            cw, ch = (w, min(h, round(w * th / tw))) if w * th <= h * tw else (min(w, round(h * tw / th)), h)
+            x0, y0 = (w - cw) // 2, (h - ch) // 2
+            frame = frame[y0:y0 + ch, x0:x0 + cw]
+            interp = cv2.INTER_AREA if tw < cw else cv2.INTER_LINEAR
             frame = cv2.resize(frame, self.size, interpolation=interp)
         return np.ascontiguousarray(frame)
 
@@ -635,6 +667,11 @@ class StreamSession:
         if utt is not None and not utt.finished:
             if not utt.started:
                 utt.started = True
+                utt.started_at = time.monotonic()
+                if utt.first_audio_at is not None:
+                    self.timings.append({"utterance_id": utt.id, "kind": utt.kind,
+                                         "first_audio_ms": round((utt.first_audio_at - utt.created) * 1000, 1),
+                                         "first_tick_ms": round((utt.started_at - utt.created) * 1000, 1)})
                 self._emit_locked({"event": "speech_started", "utterance_id": utt.id, "t": round(tick.pts_s, 4)})
             utt.released_samples += plan.real_samples
         try:
@@ -720,7 +757,7 @@ class StreamSession:
             "session_id": self.session_id, "avatar_id": self.avatar_id, "fps": self.fps, "width": self.size[0],
             "height": self.size[1], "sample_rate": self.sample_rate, "viewers": self.viewers,
             "listeners": self.listeners, "ticks": self._released, "speaking": self.speaking,
-            "utterances": self.utterances, "late_ticks": self.late_ticks,
+            "utterances": self.utterances, "late_ticks": self.late_ticks, "underruns": self.underruns,
             "dropped": sum(s.dropped for s in self._subs),
             "render_ms_p50": round(ms[len(ms) // 2], 3) if ms else None,
             "render_ms_p95": round(ms[int(len(ms) * 0.95)], 3) if ms else None,
