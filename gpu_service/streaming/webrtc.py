@@ -126,14 +126,15 @@ class ViewerFeed:
     own oldest ticks). Both deliver a tick at the same wall-clock slot: anchor + (index - anchor_index) / fps.
     """
 
-    def __init__(self, subscription: Any, fps: int, on_end: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, subscription: Any, fps: int, on_end: Optional[Callable[[], None]] = None,
+                 kinds: tuple[str, ...] = ("audio", "video")) -> None:
         self.subscription = subscription
         self.fps = int(fps)
         self.samples_per_tick = samples_per_tick(self.fps)
         self._on_end = on_end
         self._buffers: dict[str, collections.deque] = {k: collections.deque(maxlen=FEED_BUFFER_TICKS)
-                                                        for k in ("audio", "video")}
-        self._wake: dict[str, asyncio.Event] = {k: asyncio.Event() for k in ("audio", "video")}
+                                                        for k in kinds}
+        self._wake: dict[str, asyncio.Event] = {k: asyncio.Event() for k in kinds}
         self._started: dict[str, bool] = {"audio": False, "video": False}
         self._anchor: Optional[tuple[float, int]] = None  # (monotonic time, tick index)
         self.ended = False
@@ -430,7 +431,8 @@ class WebRtcPeers:
                 if viewer is not None:
                     self._spawn(self.close_viewer(viewer, viewer.feed.end_reason or "closed"))
 
-            feed = ViewerFeed(subscription, int(session.fps), on_end=on_end)
+            feed = ViewerFeed(subscription, int(session.fps), on_end=on_end,
+                              kinds=tuple(k for k, t in (("audio", audio_tr), ("video", video_tr)) if t is not None))
             video, audio = VideoTrack(feed), AudioTrack(feed)
             if video_tr is not None:
                 video_tr.sender.replaceTrack(video)

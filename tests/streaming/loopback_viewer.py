@@ -10,7 +10,7 @@ import asyncio
 import json
 import sys
 
-from tests.streaming.test_webrtc import poster, transport_app, viewer
+from tests.streaming.test_webrtc import transport_app, viewer
 from gpu_service.streaming.probe import TestPatternSession
 
 

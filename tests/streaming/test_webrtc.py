@@ -233,7 +233,8 @@ def test_offer_errors_name_the_field():
                 assert "Traceback" not in body["error"] and "File " not in body["error"]
             r = await client.post("/stream/sessions/s/offer", json={"type": "offer"})
             assert r.status_code == 422 and "sdp" in r.json()["error"]
-            r = await client.post("/stream/sessions/s/offer", content=b"{", headers={"content-type": "application/json"})
+            r = await client.post("/stream/sessions/s/offer", content=b"{",
+                                  headers={"content-type": "application/json"})
             assert r.status_code == 422
             assert client.app.state.webrtc.count() == 0
             assert client.app.state.streams.sessions["s"].viewers == 0
@@ -327,7 +328,8 @@ def test_real_session_end_to_end(tmp_path):
                 # released ticks late); the transport passes on every tick it is given, in time.
                 viewer = next(iter(client.app.state.webrtc.viewers[sid].values()))
                 print("ticks in", viewer.feed.ticks_in, "frames sent", viewer.video.frames_sent,
-                      "received", len(probe.video), "skipped", viewer.feed.skipped, "dropped", viewer.feed.dropped, viewer.feed.subscription.dropped)
+                      "received", len(probe.video), "skipped", viewer.feed.skipped, "dropped", viewer.feed.dropped,
+                      viewer.feed.subscription.dropped)
                 assert viewer.video.frames_sent >= viewer.feed.ticks_in - viewer.feed.skipped["video"] - 2
                 assert len(probe.video) >= viewer.video.frames_sent - 3
                 assert viewer.feed.subscription.dropped == 0 and viewer.feed.dropped == {"audio": 0, "video": 0}
@@ -397,11 +399,46 @@ def test_viewers_past_the_limit_are_a_429():
                 pc = RTCPeerConnection()
                 pc.addTransceiver("video", direction="recvonly")
                 await pc.setLocalDescription(await pc.createOffer())
-                r = await client.post("/stream/sessions/s/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+                r = await client.post("/stream/sessions/s/offer",
+                                      json={"sdp": pc.localDescription.sdp, "type": "offer"})
                 await pc.close()
                 assert r.status_code == 429 and r.headers.get("retry-after"), r.text
                 assert "STREAM_MAX_VIEWERS" in r.json()["error"]
                 assert client.app.state.streams.sessions["s"].viewers == 1
             finally:
                 await first.close()
+    asyncio.run(main())
+
+
+def test_audio_track_fills_lost_ticks_with_silence_and_keeps_the_clocks_equal():
+    """Ticks a viewer lost (0, 1, then 4): the audio goes on in 20 ms frames whose pts stay index * 1920."""
+    from gpu_service.streaming.media import Subscription
+
+    async def main():
+        sub = Subscription(buffer=16)
+        pattern = TestPatternSession("g", size=(64, 64))
+        sub._deliver(pattern.tick(0))
+        feed = webrtc.ViewerFeed(sub, 25)
+        feed.start()
+        video_cls, audio_cls = webrtc._tracks()
+        audio, video = audio_cls(feed), video_cls(feed)
+        frames = [await asyncio.wait_for(audio.recv(), 2)]  # the track starts at tick 0 (the newest then)
+        for index in (1, 4, 5):
+            sub._deliver(pattern.tick(index))
+        sub._end()
+        from aiortc.mediastreams import MediaStreamError
+        with contextlib.suppress(MediaStreamError):
+            for _ in range(20):
+                frames.append(await asyncio.wait_for(audio.recv(), 2))
+        assert [f.pts for f in frames] == [i * 960 for i in range(12)]
+        assert all(f.samples == 960 and f.sample_rate == 48_000 and f.format.name == "s16" for f in frames)
+        silent = [i for i, f in enumerate(frames) if not f.to_ndarray().any()]
+        assert silent == [4, 5, 6, 7]  # ticks 2 and 3
+        assert audio.silence_filled == 2 * 1920
+        vpts = []
+        with contextlib.suppress(MediaStreamError):
+            for _ in range(10):
+                vpts.append((await asyncio.wait_for(video.recv(), 2)).pts)
+        assert vpts == [0, 3600, 4 * 3600, 5 * 3600]  # video jumps; audio and video clocks agree at every tick
+        assert feed.ended and feed.end_reason == "session closed"
     asyncio.run(main())
