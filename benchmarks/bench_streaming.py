@@ -4,7 +4,8 @@ Prints figures; asserts nothing. Each run opens a stream session, connects --vie
 (recvonly audio + video, non-trickle offer) and records every RTP packet's and decoded frame's arrival:
 
 - offer -> first decoded frame (the offer posted, until the first video frame is decoded);
-- fps over the window and the 95th percentile of the interval between frames;
+- fps over the window and the 95th percentile of the interval between frames, of decoded frames and at
+  the network (each frame's first packet: what the service sent, free of the probe's decoding);
 - A/V offset at the start and the end of the window (median over 2 s each): offset(k) = arrival of video
   frame k - arrival of the audio holding sample k * 48000/fps, k from the RTP pts, at the network (the
   transport's figure) and after the probe decoded it (aiortc's receiver holds audio 80 ms, video 40 ms);
@@ -257,6 +258,8 @@ async def main(args) -> None:
     print(f"  offer -> first decoded frame   {fmt(med('first_frame_s'), 1000, ' ms')}")
     print(f"  fps (first viewer)             {fmt(med('fps'))}")
     print(f"  p95 frame interval             {fmt(med('p95_interval_s'), 1000, ' ms')}")
+    print(f"  at the network: fps, p95       {fmt(med('rtp_fps'))}, {fmt(med('rtp_p95_interval_s'), 1000, ' ms')}"
+          "  (frames' first packets, before the probe decodes)")
     print(f"  A/V offset start / end (RTP)   {fmt(med('av_offset_start_s'), 1000, ' ms')} / "
           f"{fmt(med('av_offset_end_s'), 1000, ' ms')}  (+: video later)")
     print(f"  A/V offset start / end (decoded by aiortc) {fmt(med('decoded_av_offset_start_s'), 1000, ' ms')} / "

@@ -313,6 +313,21 @@ class StreamProbe:
     def p95_interval_s(self, seconds: Optional[float] = None) -> Optional[float]:
         return _pctl(self.intervals(seconds), 95)
 
+    def rtp_fps(self, seconds: Optional[float] = None) -> Optional[float]:
+        """Video frames per second at the network (first packet of each RTP timestamp) over the last `seconds`."""
+        frames = self.rtp["video"]
+        if seconds is not None and frames:
+            frames = [f for f in frames if f[0] >= frames[-1][0] - seconds]
+        if len(frames) < 2:
+            return None
+        return (len(frames) - 1) / (frames[-1][0] - frames[0][0])
+
+    def rtp_p95_interval_s(self, seconds: Optional[float] = None) -> Optional[float]:
+        frames = self.rtp["video"]
+        if seconds is not None and frames:
+            frames = [f for f in frames if f[0] >= frames[-1][0] - seconds]
+        return _pctl([b[0] - a[0] for a, b in zip(frames, frames[1:])], 95)
+
     def _audio_arrival(self, sample: int) -> Optional[float]:
         """Arrival time of the audio frame holding relative sample `sample`."""
         if not self.audio:
@@ -393,6 +408,8 @@ class StreamProbe:
             "frames": len(self.video),
             "fps": self.fps_received(window_s),
             "p95_interval_s": self.p95_interval_s(window_s),
+            "rtp_fps": self.rtp_fps(window_s),
+            "rtp_p95_interval_s": self.rtp_p95_interval_s(window_s),
             "audio_s": sum(a[2] for a in self.audio) / SAMPLE_RATE,
             "av_offset_start_s": self.av_offset_s("start"),
             "av_offset_end_s": self.av_offset_s("end"),
