@@ -442,3 +442,44 @@ def test_audio_track_fills_lost_ticks_with_silence_and_keeps_the_clocks_equal():
         assert vpts == [0, 3600, 4 * 3600, 5 * 3600]  # video jumps; audio and video clocks agree at every tick
         assert feed.ended and feed.end_reason == "session closed"
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("where", ["host address", "namespace with only lo"])
+def test_chromium_receives_h264_and_opus(where):
+    """Real headless Chromium (Debian's) as the viewer: H.264 and Opus negotiated, ~25 fps decoded, audio played."""
+    import json
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from tests.streaming.chromium_viewer import CHROMIUM
+
+    pytest.importorskip("playwright")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root}
+    if where == "host address":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(("192.0.2.1", 9))  # no packet is sent: this picks the address of the default route
+                host = s.getsockname()[0]
+            except OSError:
+                pytest.skip("no network interface but loopback")
+        cmd = [sys.executable, "-m", "tests.streaming.chromium_viewer", host]
+    else:
+        if not shutil.which("unshare") or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+            pytest.skip("cannot make a network namespace here (unshare -n)")
+        script = "ip link set lo up && exec \"$0\" -m tests.streaming.chromium_viewer 127.0.0.1"
+        cmd = ["unshare", "-n", "sh", "-c", script,
+               sys.executable]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\nChromium ({where}):", result)
+    assert result["codecs"][result["video"]["codec"]] == "video/H264"
+    assert result["codecs"][result["audio"]["codec"]] == "audio/opus"
+    assert result["video"]["frames"] >= 100 and 22 <= result["video"]["fps"] <= 27, result
+    assert result["audio"]["samples"] >= 3 * 48_000 and result["video"]["lost"] == 0
