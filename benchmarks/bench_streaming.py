@@ -12,7 +12,8 @@ Prints figures; asserts nothing. Each run opens a stream session, connects --vie
 - CPU per viewer: the service's CPU (its /proc entry: --spawn, or --url with --service-pid) with
   --viewers viewers minus with one, per extra viewer; in process (--pattern or the default) the process
   also decodes, so that figure includes the probes' decoding and is printed as such;
-- the session's own counters where it has them (late ticks).
+- the session's own figures (GET /stream/sessions/{id}): ticks released, late ticks, render ms p50/p95 --
+  a session that falls behind real time shows here, not in the transport's figures.
 
 Medians over --runs are printed at the end. Sources:
 
@@ -81,7 +82,13 @@ class Target:
     async def end(self, created: dict) -> None:
         await self.client.delete(f"/stream/sessions/{created['session_id']}")
 
-    def session_stats(self, created: dict) -> dict:
+    async def session_stats(self, created: dict) -> dict:
+        """The session's own figures (GET /stream/sessions/{id}): ticks it released late, render times."""
+        with contextlib.suppress(Exception):
+            r = await self.client.get(f"/stream/sessions/{created['session_id']}")
+            if r.status_code == 200:
+                info = r.json()
+                return {k: info.get(k) for k in ("ticks", "late_ticks", "underruns", "render_ms_p50", "render_ms_p95")}
         return {}
 
 
@@ -110,6 +117,9 @@ class PatternTarget(Target):
     async def end(self, created):
         await self.sessions.pop(created["session_id"]).close()
 
+    async def session_stats(self, created):
+        return {}
+
 
 class AppTarget(Target):
     """In process: the whole GPU service app (create_app), real sessions."""
@@ -128,12 +138,6 @@ class AppTarget(Target):
             self.client, self.app = client, client.app
             self.pid = os.getpid()
             yield self
-
-    def session_stats(self, created):
-        with contextlib.suppress(Exception):
-            session = self.app.state.streams.get(created["session_id"])
-            return {"late_ticks": getattr(session, "late_ticks", None)}
-        return {}
 
 
 class UrlTarget(Target):
@@ -215,7 +219,7 @@ async def one_run(target: Target, args) -> dict:
         out["cpu_all_viewers"] = cpu_all
         if cpu_one is not None and cpu_all is not None and len(probes) > 1:
             out["cpu_per_extra_viewer"] = (cpu_all - cpu_one) / (len(probes) - 1)
-        out.update(target.session_stats(created))
+        out.update(await target.session_stats(created))
         return out
     finally:
         for probe in probes:
@@ -269,6 +273,9 @@ async def main(args) -> None:
         print(f"  CPU per extra viewer           {fmt(med('cpu_per_extra_viewer'), 100, '% of a core')}{cpu_note}")
         others = [f for r in good for f in r.get("other_viewers_fps") or [] if f is not None]
         print(f"  other viewers' fps (min)       {fmt(min(others) if others else None)}")
+    if med("ticks") is not None:
+        print(f"  session: late ticks {fmt(med('late_ticks'))}, render p50/p95 {fmt(med('render_ms_p50'))}/"
+              f"{fmt(med('render_ms_p95'))} ms (its own figures)")
 
 
 if __name__ == "__main__":

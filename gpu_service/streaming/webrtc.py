@@ -55,8 +55,11 @@ VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
 
-FEED_BUFFER_TICKS = 12
-"""Ticks a viewer's track may hold before it drops its oldest (about half a second at 25 fps)."""
+FEED_BUFFER_TICKS = {"audio": 12, "video": 2}
+"""Ticks a viewer's track may hold before it drops its oldest. Audio: about half a second (it is cheap to
+send, and a gap becomes silence). Video: two (a pair the session releases at once both go); an encoder that
+cannot keep up (a busy CPU) sends fewer frames, each at most a tick behind its audio, rather than all of them
+ever later."""
 
 LATE_REANCHOR_S = 0.25
 """A tick this late for its slot moves the viewer's anchor (no burst to catch up, no latency kept)."""
@@ -132,7 +135,7 @@ class ViewerFeed:
         self.fps = int(fps)
         self.samples_per_tick = samples_per_tick(self.fps)
         self._on_end = on_end
-        self._buffers: dict[str, collections.deque] = {k: collections.deque(maxlen=FEED_BUFFER_TICKS)
+        self._buffers: dict[str, collections.deque] = {k: collections.deque(maxlen=FEED_BUFFER_TICKS[k])
                                                         for k in kinds}
         self._wake: dict[str, asyncio.Event] = {k: asyncio.Event() for k in kinds}
         self._started: dict[str, bool] = {"audio": False, "video": False}
@@ -220,12 +223,15 @@ class ViewerFeed:
             self._anchor = (time.monotonic(), tick.index)
         return tick
 
-    async def wait_slot(self, index: float) -> None:
-        """Sleep until `index`'s slot; a tick late by more than LATE_REANCHOR_S moves the anchor to now."""
+    async def wait_slot(self, index: float, master: bool = True) -> None:
+        """Sleep until `index`'s slot. The master clock's track (audio, or video alone) moves the anchor to now
+        when its tick is more than LATE_REANCHOR_S late; a late video tick just goes at once, so a slow video
+        encoder never holds the audio back."""
         now = time.monotonic()
         due = self.slot(index)
         if now - due > LATE_REANCHOR_S:
-            self._anchor = (now, index)
+            if master:
+                self._anchor = (now, index)
             return
         if due > now:
             await asyncio.sleep(min(due - now, 1.0))
@@ -248,7 +254,7 @@ def _tracks():
 
         async def recv(self):
             tick = await self.feed.next("video")
-            await self.feed.wait_slot(tick.index)
+            await self.feed.wait_slot(tick.index, master="audio" not in self.feed._buffers)
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(tick.frame), format="rgb24")
             frame.pts = tick.index * VIDEO_CLOCK // self.feed.fps
             frame.time_base = VIDEO_TIME_BASE
