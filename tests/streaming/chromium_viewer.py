@@ -43,8 +43,12 @@ async function run() {
   await pc.setRemoteDescription(await r.json());
   let first = null;
   v.requestVideoFrameCallback(() => { first = performance.now() - t0; });
-  await new Promise(r => setTimeout(r, 5000));
-  const out = {first_frame_ms: first, state: pc.connectionState, codecs: {}};
+  // until 75 frames are decoded (3 s at 25 fps), or 20 s on a busy machine
+  const decoded = async () => { let n = 0; (await pc.getStats()).forEach(s => {
+    if (s.type === 'inbound-rtp' && s.kind === 'video') n = s.framesDecoded || 0; }); return n; };
+  const t1 = performance.now();
+  while (await decoded() < 75 && performance.now() - t1 < 20000) await new Promise(r => setTimeout(r, 250));
+  const out = {first_frame_ms: first, state: pc.connectionState, codecs: {}, waited_ms: performance.now() - t1};
   (await pc.getStats()).forEach(s => {
     if (s.type === 'inbound-rtp') out[s.kind] = {frames: s.framesDecoded, fps: s.framesPerSecond, codec: s.codecId,
       samples: s.totalSamplesReceived, jitter_buffer_s: s.jitterBufferDelay / Math.max(1, s.jitterBufferEmittedCount),
@@ -89,7 +93,7 @@ def main(host: str) -> int:
                 "--autoplay-policy=no-user-gesture-required", "--no-sandbox"])
             page = browser.new_page()
             page.goto(f"http://{host}:{port}/")
-            page.wait_for_function("window.result !== null", timeout=30_000)
+            page.wait_for_function("window.result !== null", timeout=45_000)
             result = page.evaluate("window.result")
             browser.close()
     finally:

@@ -483,8 +483,8 @@ def test_chromium_receives_h264_and_opus(where):
     assert result["codecs"][result["video"]["codec"]] == "video/H264"
     assert result["codecs"][result["audio"]["codec"]] == "audio/opus"
     # interop, not rate (the aiortc viewers above check the rate): on 2 shared cores Chromium decodes what it gets
-    assert result["video"]["frames"] >= 50, result
-    assert result["audio"]["samples"] >= 3 * 48_000 and result["video"]["lost"] == 0
+    assert result["video"]["frames"] >= 75, result
+    assert result["audio"]["samples"] >= 2 * 48_000 and result["video"]["lost"] == 0
 
 
 def test_a_viewer_whose_video_encoder_is_slow_keeps_its_audio_and_others_keep_theirs():
