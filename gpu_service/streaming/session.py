@@ -31,7 +31,7 @@ import numpy as np
 from avatar_contracts.text import split_bounded, split_clauses, split_sentences
 from gpu_service.errors import ValidationFailed
 from gpu_service.speech.protocol import SpeechEngine, SpeechRequest
-from gpu_service.streaming.driver import CausalMouth, EmotionRamp, EnvelopeTrack, PhonemeTrack, frame_controls
+from gpu_service.streaming.driver import NOD_STEP, CausalMouth, EmotionRamp, EnvelopeTrack, PhonemeTrack, frame_controls
 from gpu_service.streaming.media import SAMPLE_RATE, MediaTick, SessionClosed, Subscription, samples_per_tick
 from gpu_service.talking_head.driving import resolve_emotion
 from gpu_service.talking_head.protocol import FrameStream
@@ -40,24 +40,34 @@ log = logging.getLogger("gpu_service.streaming")
 
 FIRST_PIECE_CHARS = 40
 """`say` speaks its first clause alone (cut at a word to this many characters when longer), so the first
-audio, and the mouth, come after a short synthesis; the rest follows sentence by sentence while it plays."""
+audio, and the mouth, come after a short synthesis; later pieces may each be twice as long as the one
+before (a sentence longer than that is cut at its clauses), so each is made while the previous plays."""
 
+MAX_PIECE_CHARS = 320
 
 SAY_TARGET_LOOKAHEAD = 5
 """Frames (200 ms at 25 fps) of a say's mouth targets the jaw looks ahead at: enough to leave in time for the
 widest opening and to close into an m/b/p seal at the jaw's speed (3 frames from wide open)."""
 
 
-def first_piece_split(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
-    """The text as [a short first piece (a clause, at most first_chars at word boundaries), the rest]."""
+def speech_pieces(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
+    """The text in the pieces `say` synthesizes one after the other (avatar_contracts.text's splitting)."""
     sentences = split_sentences(text)
     if not sentences:
         return []
     clauses = split_clauses(sentences[0])
-    head = split_bounded(clauses[0], first_chars) if clauses else [sentences[0]]
-    first = head[0]
-    rest = " ".join(head[1:] + clauses[1:] + sentences[1:]).strip()
-    return [first, rest] if rest else [first]
+    head = split_bounded(clauses[0], first_chars)  # the first clause, or its first words
+    rest = " ".join(head[1:] + clauses[1:])
+    pieces = [head[0]]
+    limit = 2 * first_chars
+    for sentence in ([rest] if rest else []) + sentences[1:]:
+        for piece in ([sentence] if len(sentence) <= limit else split_bounded(sentence, limit)):
+            pieces.append(piece)
+            limit = min(2 * limit, MAX_PIECE_CHARS)
+    return pieces
+
+
+first_piece_split = speech_pieces
 
 
 def check_audio_format(sample_rate, channels) -> tuple[int, int]:
@@ -89,6 +99,7 @@ class Utterance:
         """Frames of mouth targets the jaw looks ahead at (say's chunks are whole: as far as they reach)."""
         self._chunks: list[np.ndarray] = []
         self._audio = np.zeros(0, np.float32)
+        self._audio_start = 0  # sample index of _audio[0]: what was played is dropped (an open push can last hours)
         self.total = 0
         self.ended = False
         self.cancelled = False
@@ -109,10 +120,14 @@ class Utterance:
             self.total += len(samples)
 
     def audio(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of the utterance; frames are taken in order, so what lies before start goes."""
+        if start > self._audio_start:
+            self._audio = self._audio[start - self._audio_start:]
+            self._audio_start = start
         if self._chunks:
             self._audio = np.concatenate([self._audio] + self._chunks)
             self._chunks = []
-        return self._audio[start:stop]
+        return self._audio[start - self._audio_start:stop - self._audio_start]
 
     def frames_total(self) -> int:
         return -(-self.total // self.spf)
@@ -145,6 +160,7 @@ class _Planned:
     last: bool = False
     finish: list = field(default_factory=list)  # utterances (without audio) whose speech_finished rides on this tick
     tick: Optional[MediaTick] = None
+    pre_nod: float = 0.0
 
 
 class EventFeed:
@@ -287,6 +303,7 @@ class StreamSession:
         self._on_closed = on_closed
         self._mouth = CausalMouth(self.fps)
         self._emotion = EmotionRamp(self.fps, self.emotion)
+        self._nod = 0.0
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._queue: list[Utterance] = []
@@ -298,6 +315,7 @@ class StreamSession:
         self._rewind: Optional[str] = None  # "interrupt" | "start": set under the lock, acted on by the producer
         self._fast_close = False
         self._subs: list[Subscription] = []
+        self._tts_threads: list[threading.Thread] = []
         self._feeds: list[EventFeed] = []
         self._unwatched_since: Optional[float] = self.created
         self._closed = False
@@ -342,6 +360,10 @@ class StreamSession:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             await asyncio.to_thread(thread.join, 5.0)
+        # A TTS thread stops at its next chunk; waited for (bounded), so a stopping service does not exit
+        # while onnxruntime still runs in one.
+        for worker in [t for t in self._tts_threads if t.is_alive() and t is not threading.current_thread()]:
+            await asyncio.to_thread(worker.join, 5.0)
         self._end_all()
         if self._on_closed is not None:
             self._on_closed(self)
@@ -504,7 +526,9 @@ class StreamSession:
             self.interrupt()
         utt = Utterance(self, "say", PhonemeTrack(self.fps), emo)
         self._enqueue(utt)
-        threading.Thread(target=self._synthesize, args=(utt, text, voice), name=f"tts-{utt.id}", daemon=True).start()
+        worker = threading.Thread(target=self._synthesize, args=(utt, text, voice), name=f"tts-{utt.id}", daemon=True)
+        self._tts_threads = [t for t in self._tts_threads if t.is_alive()] + [worker]
+        worker.start()
         return utt.id
 
     def _synthesize(self, utt: Utterance, text: str, voice: Optional[str]) -> None:
@@ -513,7 +537,7 @@ class StreamSession:
 
         error = None
         try:
-            for piece in first_piece_split(text):
+            for piece in speech_pieces(text):
                 if utt.cancelled or self._closed:
                     return
                 with self._lock:
@@ -591,6 +615,7 @@ class StreamSession:
         first = unseen[0]
         self._mouth.restore(first.pre_mouth)
         self._emotion.restore(first.pre_emotion)
+        self._nod = first.pre_nod
         self._next_index = first.index
         self._pending.clear()
         self._inflight = None
@@ -624,6 +649,7 @@ class StreamSession:
             targets = targets.copy()
             targets[:, 0] = np.clip(targets[:, 0] * emo[3], 0.0, 1.0)
             mouth = self._mouth.step(targets, sealed)
+            nod_goal = utt.track.nod(k) if isinstance(utt.track, PhonemeTrack) else 0.0
             seg = utt.audio(k * self.samples_per_tick, (k + 1) * self.samples_per_tick)
             real = len(seg)
             audio = _to_int16(np.pad(seg, (0, self.samples_per_tick - real))) if real else self._silence
@@ -639,10 +665,14 @@ class StreamSession:
                 self.underruns += 1
             emo = self._emotion.next(utt.emotion if speaking is not None else None)
             mouth = self._mouth.step(None, fast_close=self._fast_close)
+            nod_goal = 0.0
             if mouth[0] <= 0.0:
                 self._fast_close = False
-        controls = frame_controls(self.fps, index, mouth, emo)
-        return _Planned(index, pre_mouth, pre_emotion, speaking, audio, real, mouth, controls, last, finish)
+        pre_nod = self._nod
+        self._nod += float(np.clip(nod_goal - self._nod, -NOD_STEP, NOD_STEP))
+        controls = frame_controls(self.fps, index, mouth, emo, self._nod)
+        return _Planned(index, pre_mouth, pre_emotion, speaking, audio, real, mouth, controls, last, finish,
+                        pre_nod=pre_nod)
 
     def _render(self, plan: _Planned) -> np.ndarray:
         self._stream.frames_rendered = plan.index  # the idle motion of frame `index`, however we got here

@@ -191,6 +191,9 @@ def test_websocket_refuses_a_bad_header_and_an_unknown_session(service):
     ({"avatar_id": "astro", "voice": "nobody"}, 422, "voice"),
     ({"avatar_id": "astro", "avatar_image": "aGk="}, 422, "avatar_image"),
     ({}, 422, "avatar_id"),
+    ({"avatar_id": "astro", "engine": "nope"}, 422, "video engine 'nope'"),
+    ({"avatar_id": "astro", "tts_engine": "nope"}, 422, "tts engine 'nope'"),
+    ({"avatar_id": "astro", "language": "de"}, 422, "'de'"),
     ({"avatar_id": "astro", "colour": "red"}, 422, "colour"),
 ])
 def test_bad_session_requests(service, body, status, field):
@@ -233,3 +236,22 @@ def test_unwatched_sessions_are_reaped(service):
     assert time.monotonic() - left >= IDLE_TIMEOUT_S - 1.0  # reaped after the timeout, not at once
     assert time.monotonic() - started < 3 * IDLE_TIMEOUT_S + 6
     assert service.get("/health").json()["active_sessions"] == 0
+
+
+def test_emotion_shows_on_the_idle_face(service):
+    frames = {}
+    for emotion in ("neutral", "happy"):
+        info = create(service, emotion=emotion, seed=7, head_motion=False)
+        session = service.app.state.streams.get(info["session_id"])
+
+        async def first_ticks():
+            sub = session.subscribe()
+            ticks = [await sub.get() for _ in range(12)]
+            sub.close()
+            return ticks
+
+        frames[emotion] = {t.index: t.frame for t in on_loop(session, first_ticks)}
+        assert service.delete(f"/stream/sessions/{info['session_id']}").status_code == 204
+    common = sorted(set(frames["neutral"]) & set(frames["happy"]))[-1]  # the emotion has eased in by then
+    diff = np.abs(frames["neutral"][common].astype(int) - frames["happy"][common]).sum(axis=2)
+    assert (diff > 12).sum() > 50, "a happy face looks like a neutral one"  # same seed: same blinks and breaths
