@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import fractions
+import functools
 import logging
 import re
 import time
@@ -37,7 +38,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, Field
 
-from gpu_service.errors import Overloaded, ValidationFailed
+from gpu_service.errors import NotFound, Overloaded, ValidationFailed
 from gpu_service.http import require_json
 from gpu_service.streaming.media import SAMPLE_RATE, SessionClosed, samples_per_tick
 
@@ -237,8 +238,9 @@ class ViewerFeed:
             await asyncio.sleep(min(due - now, 1.0))
 
 
+@functools.lru_cache(maxsize=None)
 def _tracks():
-    """The aiortc track classes (aiortc is imported only when a viewer connects)."""
+    """The aiortc track classes (aiortc is imported on first use: the app's lifespan)."""
     import av
     from aiortc import MediaStreamTrack
 
@@ -429,7 +431,10 @@ class WebRtcPeers:
             if not wanted:
                 raise ValidationFailed("sdp: the offer receives neither audio nor video "
                                        "(add a recvonly audio and video transceiver)")
-            subscription = session.subscribe()
+            try:
+                subscription = session.subscribe()
+            except SessionClosed:
+                raise NotFound(f"stream session {session_id} has ended") from None
             viewer_id = uuid.uuid4().hex[:12]
             viewer: Optional[Viewer] = None
 
