@@ -6,12 +6,14 @@ video pts = index * 90000 / fps (time base 1/90000), audio pts = index * samples
 aiortc's Opus encoder takes its timestamps from the count of samples it was given, not from the
 frames' pts, so the audio track hands it 20 ms frames (960 samples, one Opus packet each: a longer
 frame would become two packets with one RTP timestamp) and fills ticks this viewer lost with
-silence: the two clocks stay equal however many ticks a slow viewer drops. Both tracks deliver a
-tick at the same wall-clock time (one anchor per viewer), so the RTCP sender reports of the two
-streams map their RTP times to the same NTP time and a browser lines them up.
+silence: the two clocks stay equal however many ticks a slow viewer drops. Both tracks send a tick
+when the session releases it (its video frame and first 20 ms of audio at once, the second 20 ms
+20 ms later), so the RTCP sender reports of the two streams map their RTP times to the same NTP
+time and a browser lines them up; no clock of the viewer's own, so no latency builds up.
 
 A viewer never touches another viewer's state: its own subscription (a slow one drops its own
-ticks), its own encoders (aiortc makes one per sender). A connection that fails or closes closes
+ticks), its own encoders (one per sender). A video encoder that cannot keep up drops that viewer's own
+oldest frames (two ticks kept); its audio is sent in full. A connection that fails or closes closes
 its subscription and the peer connection; the end of the session (the subscription raises) closes
 every viewer's peer connection; the app's shutdown closes all of them.
 
@@ -61,9 +63,6 @@ FEED_BUFFER_TICKS = {"audio": 12, "video": 2}
 send, and a gap becomes silence). Video: two (a pair the session releases at once both go); an encoder that
 cannot keep up (a busy CPU) sends fewer frames, each at most a tick behind its audio, rather than all of them
 ever later."""
-
-LATE_REANCHOR_S = 0.25
-"""A tick this late for its slot moves the viewer's anchor (no burst to catch up, no latency kept)."""
 
 SILENCE_FILL_MAX_S = 10.0
 """Longest gap of lost ticks whose audio is filled with silence (past it the audio clock skips)."""
@@ -126,8 +125,12 @@ def video_codec_preferences(names: list[str]) -> list:
 class ViewerFeed:
     """One viewer's Subscription, read by one pump and shared by the viewer's audio and video track.
 
-    Each track has its own short buffer (a track whose sender is not reading yet, or is slow, drops its
-    own oldest ticks). Both deliver a tick at the same wall-clock slot: anchor + (index - anchor_index) / fps.
+    Each track has its own short buffer of (tick, arrival time) (a track whose sender is not reading yet,
+    or is slow, drops its own oldest ticks). The session releases a tick when its time comes, so a track
+    sends it as soon as it has it: the video frame at once, the first 20 ms of its audio at once and the
+    second 20 ms after its arrival. Nothing waits on a clock of the viewer's own, so no latency can
+    build up: a track that fell behind (a busy CPU) catches up at once, and the other is not held back.
+    Both tracks start at the same tick.
     """
 
     def __init__(self, subscription: Any, fps: int, on_end: Optional[Callable[[], None]] = None,
@@ -140,7 +143,7 @@ class ViewerFeed:
                                                         for k in kinds}
         self._wake: dict[str, asyncio.Event] = {k: asyncio.Event() for k in kinds}
         self._started: dict[str, bool] = {"audio": False, "video": False}
-        self._anchor: Optional[tuple[float, int]] = None  # (monotonic time, tick index)
+        self.start_index: Optional[int] = None  # the tick both tracks start with
         self.ended = False
         self.end_reason: Optional[str] = None
         self.ticks_in = 0
@@ -158,11 +161,12 @@ class ViewerFeed:
         try:
             while True:
                 tick = await self.subscription.get()
+                arrival = time.monotonic()
                 self.ticks_in += 1
                 for kind, buf in self._buffers.items():
                     if len(buf) == buf.maxlen:
                         self.dropped[kind] += 1
-                    buf.append(tick)
+                    buf.append((tick, arrival))
                     self._wake[kind].set()
         except asyncio.CancelledError:
             reason = "closed"
@@ -192,14 +196,8 @@ class ViewerFeed:
             self._pump.cancel()
         self._finish("closed")
 
-    def slot(self, index: float) -> float:
-        """Wall-clock time (monotonic) at which tick `index` (fractional for audio inside a tick) goes out."""
-        assert self._anchor is not None
-        t0, i0 = self._anchor
-        return t0 + (index - i0) / self.fps
-
-    async def next(self, kind: Literal["audio", "video"]) -> Any:
-        """The next tick for `kind`'s track; raises MediaStreamError once the feed has ended."""
+    async def next(self, kind: Literal["audio", "video"]) -> tuple[Any, float]:
+        """The next (tick, arrival time) for `kind`'s track; raises MediaStreamError once the feed has ended."""
         from aiortc.mediastreams import MediaStreamError
 
         buf, wake = self._buffers[kind], self._wake[kind]
@@ -209,33 +207,14 @@ class ViewerFeed:
             wake.clear()
             await wake.wait()
         if not self._started[kind]:
-            # A track's first tick: the anchor's if the other track set it, else the newest (no start-up latency).
+            # A track's first tick: the other track's first if it started, else the newest (no start-up latency).
             self._started[kind] = True
-            if self._anchor is not None:
-                while len(buf) > 1 and buf[0].index < self._anchor[1]:
-                    buf.popleft()
-                    self.skipped[kind] += 1
-            else:
-                while len(buf) > 1:
-                    buf.popleft()
-                    self.skipped[kind] += 1
-        tick = buf.popleft()
-        if self._anchor is None:
-            self._anchor = (time.monotonic(), tick.index)
-        return tick
-
-    async def wait_slot(self, index: float, master: bool = True) -> None:
-        """Sleep until `index`'s slot. The master clock's track (audio, or video alone) moves the anchor to now
-        when its tick is more than LATE_REANCHOR_S late; a late video tick just goes at once, so a slow video
-        encoder never holds the audio back."""
-        now = time.monotonic()
-        due = self.slot(index)
-        if now - due > LATE_REANCHOR_S:
-            if master:
-                self._anchor = (now, index)
-            return
-        if due > now:
-            await asyncio.sleep(min(due - now, 1.0))
+            while len(buf) > 1 and (buf[0][0].index < self.start_index if self.start_index is not None else True):
+                buf.popleft()
+                self.skipped[kind] += 1
+            if self.start_index is None:
+                self.start_index = buf[0][0].index
+        return buf.popleft()
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,8 +234,7 @@ def _tracks():
             self.frames_sent = 0
 
         async def recv(self):
-            tick = await self.feed.next("video")
-            await self.feed.wait_slot(tick.index, master="audio" not in self.feed._buffers)
+            tick, _ = await self.feed.next("video")
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(tick.frame), format="rgb24")
             frame.pts = tick.index * VIDEO_CLOCK // self.feed.fps
             frame.time_base = VIDEO_TIME_BASE
@@ -276,13 +254,14 @@ def _tracks():
             self.feed = feed
             self._pending = np.zeros(0, dtype=np.int16)
             self._position: Optional[int] = None  # sample position of _pending[0] on the session clock
+            self._marks: collections.deque = collections.deque()  # (sample position, its tick's arrival or None)
             self.samples_sent = 0
             self.silence_filled = 0
 
         async def _fill(self) -> None:
             spt = self.feed.samples_per_tick
             while len(self._pending) < OPUS_FRAME:
-                tick = await self.feed.next("audio")
+                tick, arrival = await self.feed.next("audio")
                 start = tick.index * spt
                 if self._position is None:
                     self._position = start
@@ -292,20 +271,36 @@ def _tracks():
                 gap = start - end
                 if gap > SILENCE_FILL_MAX_S * AUDIO_RATE:
                     log.warning("audio gap not filled", extra={"gap_s": gap / AUDIO_RATE})
-                    self._position, self._pending = start - len(self._pending), self._pending
+                    self._position, self._marks = start - len(self._pending), collections.deque(
+                        (pos - gap, due) for pos, due in self._marks)
                     gap = 0
                 audio = np.asarray(tick.audio, dtype=np.int16).reshape(-1)
                 if gap:
                     self.silence_filled += gap
+                    self._marks.append((end, None))  # lost ticks' silence: at once
                     audio = np.concatenate([np.zeros(gap, np.int16), audio])
+                self._marks.append((start, arrival))
                 self._pending = np.concatenate([self._pending, audio])
+
+        def _due(self, position: int) -> Optional[float]:
+            """When the sample at `position` goes out: its tick's arrival plus its place in the tick."""
+            while len(self._marks) > 1 and self._marks[1][0] <= position:
+                self._marks.popleft()
+            if not self._marks or self._marks[0][1] is None:
+                return None
+            start, arrival = self._marks[0]
+            return arrival + (position - start) / AUDIO_RATE
 
         async def recv(self):
             await self._fill()
             chunk, self._pending = self._pending[:OPUS_FRAME], self._pending[OPUS_FRAME:]
             position = self._position
             self._position += OPUS_FRAME
-            await self.feed.wait_slot(position / self.feed.samples_per_tick)
+            due = self._due(position)
+            if due is not None:
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(min(delay, 0.1))
             frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate = AUDIO_RATE
             frame.pts = position
