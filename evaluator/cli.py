@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     ree.add_argument("--judge", choices=("dlib", "mediapipe"), default=None,
                      help="landmark model (default mediapipe; dlib is independent of the renderer)")
     ree.add_argument("--modes", default="head,lipsync", help="comma-separated: head, lipsync")
+    ree.add_argument("--cross", action="store_true",
+                     help="also re-voice each clip with the next clip's audio (catches a lip-sync that passes its source through)")
     ree.add_argument("--gate", action="store_true", help="exit 1 when a clip misses a reenact threshold")
     ree.add_argument("--gate-config", type=Path, default=None, help="thresholds YAML (its `reenact` section)")
     return p
@@ -166,7 +168,7 @@ def cmd_reenact(args) -> int:
     from evaluator.reenact import markdown, run
 
     summary = run(args.clips, args.gpu_url, args.out, args.judge, [m.strip() for m in args.modes.split(",") if m.strip()],
-                  args.gate_config)
+                  args.gate_config, cross=args.cross)
     print(markdown(summary, with_gate=False))
     print(f"summary: {args.out / 'reenact_summary.json'}")
     _print_gate(summary["gate"])

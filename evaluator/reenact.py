@@ -379,6 +379,16 @@ def markdown(summary: dict, with_gate: bool = True) -> str:
                 lines.append(f"| {r['clip'][:3]} | {mode} | failed: {m.get('reason')} |")
                 continue
             lines.append(f"| {r['clip'][:3]} | {mode} | " + " | ".join(fmt(m.get(c), s) for c, s in cols) + " |")
+    if summary.get("cross"):
+        lines += ["", "Lip-sync re-voiced with another clip's speech: r against that speech's own talker, and what the",
+                  "filmed mouth passed through would score (margin = r - passthrough; above 0: it follows the new speech)", "",
+                  "| clip | voice | r | r passthrough | margin | r vs filmed | amp |", "|---|---|---|---|---|---|---|"]
+        for c in summary["cross"]:
+            if c["status"] != "ok":
+                lines.append(f"| {c['clip'][:3]} | {c['voice'][:3]} | failed: {c.get('reason')} |")
+                continue
+            lines.append(f"| {c['clip'][:3]} | {c['voice'][:3]} | {fmt(c['r'], '{:.2f}')} | {fmt(c['r_passthrough'], '{:.2f}')} | "
+                         f"{fmt(c['margin'], '{:+.2f}')} | {fmt(c['r_filmed'], '{:.2f}')} | {fmt(c['amp'], '{:.2f}')} |")
     gate = summary.get("gate")
     if gate and with_gate:
         lines += ["", f"Reenact gate: {'passed' if gate['passed'] else 'failed'} ({gate['checked']} checks)"]
@@ -392,9 +402,53 @@ def _dumps(data) -> str:
     return json.dumps(data, indent=1, default=str, allow_nan=False)
 
 
+def cross_figures(out_gap: np.ndarray, filmed_gap: np.ndarray, voice_gap: np.ndarray, fps: float) -> dict:
+    """A clip re-voiced with another clip's speech, against both real mouths (gaps on the output's frames).
+
+    ``r``: the output against the real mouth of the speech's own talker (what a re-voiced mouth should follow);
+    ``r_passthrough``: the filmed mouth itself against that talker, what an engine that left the source
+    mouth as filmed would score (GRID's sentences share one grammar, so two talkers' mouths correlate
+    somewhat); ``margin`` = r - r_passthrough (above 0: the mouth follows the new speech, not the filmed
+    one); ``r_filmed``: the output against its own filmed mouth; ``amp``: p95 gap over the talker's p95.
+    """
+    n = min(len(out_gap), len(filmed_gap), len(voice_gap))
+    o, f, v = (np.asarray(x[:n], np.float64) for x in (out_gap, filmed_gap, voice_gap))
+    r, lag, _ = mm.lagged_correlation(o, v, fps)
+    r_pass, _, _ = mm.lagged_correlation(f, v, fps)
+    r_filmed, _, _ = mm.lagged_correlation(o, f, fps)
+    return {"r": r, "lag_frames": int(lag), "r_passthrough": r_pass, "margin": r - r_pass, "r_filmed": r_filmed,
+            "amp": mm.amplitude(o, v), "frames": int(n)}
+
+
+def measure_cross(clips: Sequence[Path], client: GpuClient, out_dir: Path, judge: Judge) -> list[dict]:
+    """Each clip re-voiced with the next clip's audio (the last with the first's), measured by cross_figures."""
+    decoded = [decode(Path(c)) for c in clips]
+    gaps = [judge.mouth_gap(judge.track(v.frames)) for v in decoded]
+    records = []
+    for i, clip in enumerate(clips):
+        j = (i + 1) % len(clips)
+        rec = {"clip": Path(clip).stem, "voice": Path(clips[j]).stem}
+        try:
+            mp4, _ = render_lipsync(client, Path(clip).read_bytes(), wav_bytes(decoded[j].audio, decoded[j].sample_rate))
+        except ServiceError as exc:
+            records.append({**rec, "status": "failed", "reason": str(exc)})
+            continue
+        path = out_dir / Path(clip).stem / f"lipsync_voiced_by_{Path(clips[j]).stem[:3]}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(mp4)
+        out = decode(path)
+        gap = judge.mouth_gap(mm.resample_landmarks(judge.track(out.frames), out.times, decoded[i].times))
+        records.append({**rec, "status": "ok", "video": str(path.relative_to(out_dir)),
+                        **cross_figures(gap, gaps[i], gaps[j], decoded[i].fps)})
+    return records
+
+
 def run(clips: Sequence[Path], gpu_url: str, out_dir: Path, judge_name: Optional[str] = None,
-        modes: Sequence[str] = MODES, gate_config: Optional[Path] = None) -> dict:
-    """Measure every clip, write reenact_summary.json/.md into out_dir, return the summary (gate included)."""
+        modes: Sequence[str] = MODES, gate_config: Optional[Path] = None, cross: bool = False) -> dict:
+    """Measure every clip, write reenact_summary.json/.md into out_dir, return the summary (gate included).
+
+    `cross` (two clips or more) also re-voices each clip with the next one's audio (measure_cross): a lip-sync
+    that passed its source through would score perfectly on its own audio, and is caught there."""
     judge = get_judge(judge_name)
     section = load_gate(gate_config)
     if not modes or set(modes) - set(MODES):
@@ -411,11 +465,14 @@ def run(clips: Sequence[Path], gpu_url: str, out_dir: Path, judge_name: Optional
         except (httpx.HTTPError, ServiceError) as exc:
             raise ValueError(f"cannot reach the GPU service at {gpu_url}: {exc}") from None
         records = [measure_clip(Path(c), client, out_dir, judge, modes) for c in clips]
+        crossed = measure_cross(clips, client, out_dir, judge) if cross and len(clips) > 1 else None
     finally:
         client.close()
     summary = {"schema": SCHEMA, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "gpu_url": gpu_url, "device": health.get("device"), "judge": judge.describe(), "modes": list(modes),
                "clips": records}
+    if crossed is not None:
+        summary["cross"] = crossed
     summary["gate"] = apply_gate(records, {m: section[m] for m in modes if m in section})
     (out_dir / "reenact_summary.json").write_text(_dumps(summary))
     (out_dir / "reenact_summary.md").write_text(markdown(summary))

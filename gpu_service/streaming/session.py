@@ -67,8 +67,6 @@ def speech_pieces(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
     return pieces
 
 
-first_piece_split = speech_pieces
-
 
 def check_audio_format(sample_rate, channels) -> tuple[int, int]:
     """Pushed PCM's declared rate and channels, or ValidationFailed naming the field."""
@@ -791,4 +789,5 @@ class StreamSession:
             "dropped": sum(s.dropped for s in self._subs),
             "render_ms_p50": round(ms[len(ms) // 2], 3) if ms else None,
             "render_ms_p95": round(ms[int(len(ms) * 0.95)], 3) if ms else None,
+            "recent_utterances": list(self.timings),
         }

@@ -42,6 +42,10 @@ class Controls:
     """Extra eye opening from emotion: -1 narrowed, 0 neutral, 1 wide (surprised, fearful)."""
     blink: np.ndarray
     """Eyelid closure: 0 open, 1 closed."""
+    gaze_x: np.ndarray
+    """Where the eyes look: the irises' shift to the image's right, in eye widths (0 at the camera; |x| < 0.1)."""
+    gaze_y: np.ndarray
+    """The irises' shift down, in eye widths (small: |y| < 0.05)."""
     head_yaw: np.ndarray
     """Head turn, radians (small: |x| < 0.1)."""
     head_pitch: np.ndarray

@@ -182,6 +182,12 @@ _LABIAL_OPEN = 0.1  # a /w/ keeps this share of the opening around it
 _LABIAL_RAMP_S = 0.08  # approached over this (rounding starts during the consonant before it)
 _PAUSE_RELAX_S = 0.10  # the mouth relaxes to closed over this after speech stops
 _PAUSE_PREPARE_S = 0.10  # and reopens this long before speech resumes
+# A silence between words shorter than this is no pause: a stop's closure, or the short gap a phone
+# recogniser marks between words, where a talker's lips do not relax (v01 holds its mouth at 0.09-0.11
+# face heights through a 0.08 s gap that closed ours to a quarter of speaking-wide). Its "_" is
+# dropped and the words on either side blend across it, as the audio-only path bridges gaps below
+# 0.15 s (_speech_runs); the evaluator checks pauses only from 0.2 s (PAUSE_SETTLE_S + PAUSE_PREPARE_S).
+_SHORT_PAUSE_S = 0.15
 # Phoneme timings mark acoustic segments, but the lips reach each shape a little before its sound
 # (a CV syllable's energy starts with the consonant, while the jaw is already opening for the vowel).
 # On Piper speech the phoneme spans lag the speech envelope by 10-30 ms (a stop's silence comes
@@ -197,11 +203,15 @@ _LIP_LEAD_S = 0.025
 _JAW_SPEED = 8.5
 # Before its first words, after a lead-in long enough to breathe in, a speaker's lips part (an oral
 # in-breath) a few hundred ms ahead of the sound: the kit's GRID talkers all sit open at 0.3-0.95
-# of their speaking p95 before they start. Pauses inside a clip relax to closed (the spec's ~100 ms;
-# Piper's between sentences last 0.1-0.35 s), where the evaluator checks that they are closed.
+# of their speaking p95 before they start (MediaPipe over the 8 frames before the first sound: 0.73,
+# 0.54, 0.87 on v01-v03). A breath of 0.4 speech units read as 0.01-0.38 of the output's own p95 on
+# those clips' portraits (MediaPipe reads a thin drawn opening as thinner still, and as shut under a
+# moustache); 0.55 reads as 0.48-0.50 where the lips are bare, inside the talkers' range and still
+# well below speaking-wide. Pauses inside a clip relax to closed (the spec's ~100 ms; Piper's between
+# sentences last 0.1-0.35 s), where the evaluator checks that they are closed.
 _BREATH_MIN_LEAD_S = 0.4
 _BREATH_LEAD_S = 0.5
-_BREATH_OPEN = 0.4
+_BREATH_OPEN = 0.55
 
 
 def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, float]]:
@@ -222,9 +232,22 @@ def _pause_spans(phones: list[tuple[str, float, float]]) -> list[tuple[float, fl
     return spans
 
 
+def _without_short_pauses(phones: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """The phones without the pauses of silences shorter than _SHORT_PAUSE_S between words (see there)."""
+    words = [p for p in phones if p[0] not in (PAUSE, WORD_BOUNDARY)]
+    if not words:
+        return phones
+    first, last = words[0][1], words[-1][2]
+    short = [(s, e) for s, e in _pause_spans(phones) if e - s < _SHORT_PAUSE_S and s >= first and e <= last]
+    if not short:
+        return phones
+    return [p for p in phones if not (p[0] == PAUSE and any(s - 1e-6 <= p[1] and p[2] <= e + 1e-6 for s, e in short))]
+
+
 def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray,
                          fps: float) -> tuple[np.ndarray, list[int]]:
     """(T, 4) open/round/spread/tuck by dominance blending plus closure and pause gates, and the sealed frames."""
+    phones = _without_short_pauses(phones)
     spoken = [p for p in phones if p[0] != WORD_BOUNDARY]
     out = np.zeros((len(t), 4))
     if not spoken:
@@ -502,6 +525,7 @@ class _BlinkSchedule:
         self._fps = fps
         self._peak = 0.5 + rng.uniform(0.4, 3.5)
         self.events: list[tuple[float, float, float, float]] = []
+        self._peaks: list[float] = []
 
     def extend(self, until_s: float) -> None:
         """Draw the blinks whose peaks fall before `until_s`."""
@@ -514,6 +538,7 @@ class _BlinkSchedule:
             pk = (np.floor(self._peak * self._fps) + 0.5) / self._fps
             if pk - close_s >= 0.5:
                 self.events.append((pk, close_s, hold_s, open_s))
+                self._peaks.append(pk)
             self._peak += float(np.clip(rng.gamma(8.0, 4.2 / 8.0), 2.0, 8.0))
 
     def curve(self, t: np.ndarray) -> np.ndarray:
@@ -521,13 +546,13 @@ class _BlinkSchedule:
         out = np.zeros(len(t))
         if not len(t):
             return out
-        # Only the blinks near t (a blink spans < 0.2 s around its peak; peaks are drawn in order): a live
-        # stream asks for one frame at a time, hours in, and must not walk every blink since its start.
         lo, hi = float(np.min(t)), float(np.max(t))
-        first = bisect.bisect_left(self.events, (lo - 1.0,))
-        for pk, close_s, hold_s, open_s in self.events[first:]:
-            if pk - close_s > hi:
-                break
+        # Events are in time order and no blink lasts 0.5 s: only those peaking within 0.5 s of t can touch it.
+        first = bisect.bisect_left(self._peaks, lo - 0.5)
+        last = bisect.bisect_right(self._peaks, hi + 0.5)
+        for pk, close_s, hold_s, open_s in self.events[first:last]:
+            if pk - close_s > hi or pk + hold_s + open_s < lo:
+                continue  # it is 0 at every t: a long stream's block looks only at the blinks around it
             down = _smoothstep((t - (pk - close_s)) / close_s)
             up = 1.0 - _smoothstep((t - (pk + hold_s)) / open_s)
             out = np.maximum(out, np.where(t <= pk, down, np.where(t <= pk + hold_s, 1.0, up)))
@@ -537,6 +562,74 @@ class _BlinkSchedule:
 def _blinks(t: np.ndarray, fps: float, duration_s: float, rng: np.random.Generator) -> np.ndarray:
     """Blinks over a clip of duration_s, sampled at t."""
     schedule = _BlinkSchedule(rng, fps)
+    schedule.extend(duration_s)
+    return schedule.curve(t)
+
+
+GAZE_AVERT = (0.035, 0.075)
+"""Sideways iris shift of a look away, in eye widths (about 5-11 degrees of eye turn)."""
+GAZE_JITTER = 0.008
+"""Spread of the small shifts between fixations on the listener (about 1 degree), in eye widths."""
+
+
+def _gaze_rng(seed: int, avatar_key: str) -> np.random.Generator:
+    """The gaze's own generator (motion_rng of a derived key), so gaze leaves the blinks and head drift as drawn."""
+    return motion_rng(seed, avatar_key + "\x00gaze")
+
+
+class _GazeSchedule:
+    """Fixations (start, x, y in eye widths) drawn as time advances: a speaker looks at the listener (the camera)
+    with small shifts of about a degree every 0.4-3 s, and now and then looks away sideways or down for 0.3-1.5 s.
+
+    The first fixation is on the camera for 0.8-2.5 s, so a clip starts as the portrait looks. Each person
+    looks away more to one side (a side drawn once per avatar and seed, taken 70 % of the time). The
+    eyes jump between fixations in a saccade (30-50 ms, faster than a frame at 25 fps; see curve).
+    """
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+        self._side = float(rng.choice((-1.0, 1.0)))
+        self._next = float(rng.uniform(0.8, 2.5))
+        self._away = False
+        self.fixations: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
+        self._array: Optional[np.ndarray] = None
+
+    def extend(self, until_s: float) -> None:
+        """Draw the fixations that start before `until_s`."""
+        rng = self._rng
+        while self._next < until_s:
+            if not self._away and rng.uniform() < 0.35:
+                side = self._side if rng.uniform() < 0.7 else -self._side
+                x = side * rng.uniform(*GAZE_AVERT)
+                y = rng.uniform(-0.01, 0.03)  # down more often than up, as when thinking of the next words
+                hold = float(np.clip(rng.gamma(4.0, 0.8 / 4.0), 0.3, 1.5))
+                self._away = True
+            else:
+                x, y = rng.normal(0.0, GAZE_JITTER), rng.normal(0.0, 0.6 * GAZE_JITTER)
+                hold = float(np.clip(rng.gamma(3.0, 1.3 / 3.0), 0.4, 3.0))
+                self._away = False
+            self.fixations.append((self._next, float(x), float(y)))
+            self._next += hold
+
+    def curve(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) at times t: each fixation held, reached from the last by a saccade of 30-50 ms (smoothstep)."""
+        if self._array is None or len(self._array) != len(self.fixations):
+            self._array = np.asarray(self.fixations, np.float64)  # made again only after extend drew more
+        fix = self._array
+        t = np.asarray(t, np.float64)
+        # Each t is on the way from the fixation before the last one started to that last one (fixations
+        # last 0.3 s or more, saccades 50 ms at most): the same value however a stream is cut into blocks.
+        k = np.clip(np.searchsorted(fix[:, 0], t, side="right") - 1, 0, len(fix) - 1)
+        prev = fix[np.maximum(k - 1, 0)]
+        cur = fix[k]
+        size = np.hypot(cur[:, 1] - prev[:, 1], cur[:, 2] - prev[:, 2]) / 0.007  # degrees, ~0.007 eye widths each
+        ramp = np.where(k > 0, _smoothstep((t - cur[:, 0]) / (0.021 + 0.0022 * size)), 1.0)  # 21 ms + 2.2 ms/degree
+        return prev[:, 1] + (cur[:, 1] - prev[:, 1]) * ramp, prev[:, 2] + (cur[:, 2] - prev[:, 2]) * ramp
+
+
+def _gaze(t: np.ndarray, duration_s: float, seed: int, avatar_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Gaze over a clip of duration_s, sampled at t."""
+    schedule = _GazeSchedule(_gaze_rng(seed, avatar_key))
     schedule.extend(duration_s)
     return schedule.curve(t)
 
@@ -568,7 +661,7 @@ HEAD_DRIFT = {"head_dx": 0.015, "head_dy": 0.008, "head_yaw": 0.02, "head_pitch"
 
 
 class IdleMotion:
-    """Blinks and slow head drift for an open-ended stream of frames (no clip length known in advance).
+    """Blinks, gaze shifts and slow head drift for an open-ended stream of frames (no clip length known in advance).
 
     Frame k gets the same values however the frames are split into blocks: the drift is a fixed
     function of time and blinks are drawn in order as time advances.
@@ -579,13 +672,18 @@ class IdleMotion:
         self.fps = float(fps)
         self._waves = {name: _drift_wave(amp, rng) for name, amp in HEAD_DRIFT.items()} if head_motion else {}
         self._blinks = _BlinkSchedule(rng, self.fps)
+        self._gaze = _GazeSchedule(_gaze_rng(seed, avatar_key))
 
     def apply(self, controls: Controls, start_frame: int) -> Controls:
-        """The controls of frames [start_frame, start_frame + n) with blinks and head drift added."""
+        """The controls of frames [start_frame, start_frame + n) with blinks, gaze and head drift added."""
         t = (np.arange(start_frame, start_frame + controls.n_frames) + 0.5) / self.fps
         self._blinks.extend(float(t[-1]) + 1.0 if len(t) else 0.0)
         out = controls.slice(0, controls.n_frames)
         out.blink = np.maximum(out.blink, self._blinks.curve(t)).astype(np.float32)
+        self._gaze.extend(float(t[-1]) + 1.0 if len(t) else 0.0)
+        gx, gy = self._gaze.curve(t)
+        out.gaze_x = (out.gaze_x + gx).astype(np.float32)
+        out.gaze_y = (out.gaze_y + gy).astype(np.float32)
         for name, wave in self._waves.items():
             setattr(out, name, (getattr(out, name) + wave(t)).astype(np.float32))
         return out
@@ -647,7 +745,7 @@ def drive(
 ) -> Controls:
     """Per-frame face controls for speech given as phoneme timings, audio, or both.
 
-    `seed` and `avatar_key` (the avatar's id) draw the blinks and the head's drift (motion_rng).
+    `seed` and `avatar_key` (the avatar's id) draw the blinks, the gaze's fixations and the head's drift (motion_rng).
     """
     t0 = time.perf_counter()
     if not (np.isfinite(duration_s) and duration_s > 0):
@@ -705,6 +803,7 @@ def drive(
     ctl.brow[:] = np.clip(brow + 0.12 * _bumps(t, stress), -1.0, 1.0)
     ctl.eye_open[:] = eye_open
     ctl.blink[:] = _blinks(t, fps, n / fps, rng)
+    ctl.gaze_x[:], ctl.gaze_y[:] = _gaze(t, n / fps, seed, avatar_key)
     if head_motion:
         _head(ctl, t, stress, _activity(opening, fps), rng)
 

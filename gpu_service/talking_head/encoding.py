@@ -26,10 +26,11 @@ from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 10
+ENCODING_VERSION = 11
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
-faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back); older caches are re-encoded."""
-MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow")
+faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
+eye width); older caches are re-encoded."""
+MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
 MIN_FACE_PX = 40
@@ -125,6 +126,8 @@ class FaceGeometry:
     """The portrait's edge blur around the mouth (Gaussian sigma, pixels): the interior's edges are as soft."""
     dark_floor: float
     """Luminance of the portrait's own darkest (pupils, lashes): no pixel of the interior is darker."""
+    eye_width: float = 0.0
+    """Mean corner-to-corner width of the eyes along the eye line: the gaze controls are in these units."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -734,6 +737,9 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     px1, py1 = np.ceil(corners.max(0)).astype(int) + 1
     px0, py0, px1, py1 = max(px0, 0), max(py0, 0), min(px1, w), min(py1, h)
 
+    # The eyes' mean corner-to-corner width: the unit of the gaze controls.
+    eye_width = float(np.mean([max(float(np.ptp(uv[upper, 0])), 2.0) for upper in (L.EYE_LEFT_UPPER, L.EYE_RIGHT_UPPER)]))
+
     sx0, sy0, sx1, sy1 = 0, 0, w, h
     if mouth_only:
         # The mouth modes vanish beyond these bounds (u: the jaw's widest reach and the corners' fall-off;
@@ -872,6 +878,31 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
             up = 1.0 - smoothstep(0.0, 1.6 * (lid_v - bv), bv - V)
             brow_w = np.maximum(brow_w, lat_b * np.where(V > bv, down, up))
         put(7, brow_w, e_v)
+        # Gaze: the iris and the white around it slide inside the eye's opening, the lids and corners stay.
+        # One pixel of each mode moves the iris by one pixel (along u, then v): a plateau of the iris's
+        # width around it, falling off to nothing at the corners and at the lid edges.
+        gaze_w = np.zeros((h, w), np.float32)
+        for upper, lower in ((L.EYE_LEFT_UPPER, L.EYE_LEFT_LOWER), (L.EYE_RIGHT_UPPER, L.EYE_RIGHT_LOWER)):
+            up_pts, lo_pts = uv[upper], uv[lower]
+            eu0, eu1 = float(up_pts[:, 0].min()), float(up_pts[:, 0].max())
+            ew = max(eu1 - eu0, 2.0)
+            cu, ri = (eu0 + eu1) / 2, 0.2 * ew
+            if len(uv) > max(L.IRIS_CENTRES):
+                for centre, rim in zip(L.IRIS_CENTRES, L.IRIS_RIMS):
+                    if eu0 + 0.15 * ew < uv[centre, 0] < eu1 - 0.15 * ew:
+                        cu = float(uv[centre, 0])
+                        ri = float(np.clip(np.linalg.norm(uv[list(rim)] - uv[centre], axis=1).mean(), 0.12 * ew, 0.3 * ew))
+            # The fall-off to the nearer corner is at least a quarter of the eye wide (see renderer.GAZE_MAX).
+            plat = min(1.15 * ri, max(0.0, min(cu - eu0, eu1 - cu) - 0.25 * ew))
+            left = smoothstep(eu0 + 1.0, cu - plat, U)
+            right = 1.0 - smoothstep(cu + plat, eu1 - 1.0, U)
+            v_ul = at(_curve(up_pts, u_lo, u_hi, step), U)
+            v_ll = at(_curve(lo_pts, u_lo, u_hi, step), U)
+            opening = smoothstep(v_ul - 0.5, v_ul + 1.0, V) * (1.0 - smoothstep(v_ll - 1.0, v_ll + 0.5, V))
+            inside = ((U > eu0) & (U < eu1)).astype(np.float32)
+            gaze_w = np.maximum(gaze_w, left * right * opening * inside)
+        put(8, -gaze_w, e_u)
+        put(9, -gaze_w, e_v)
 
     # Nothing moves at the crop border, so the pasted crop meets the portrait seamlessly.
     margin = 4.0
@@ -939,6 +970,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
             mouth_u=u_mid, yaw=yaw, frontal=frontal, landmark_mouth_half_width=hw_lm,
             teeth_mid_u=float(np.clip(uv[L.INNER_UPPER_MID[0], 0], c_left + 0.3 * hw_m, c_right - 0.3 * hw_m)),
             grain=grain, blur=blur, dark_floor=dark_floor,
+            eye_width=eye_width,
         ),
         patch_mask=np.ascontiguousarray(face[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0], dtype=np.float32),
         eye_patch=eye_patch,

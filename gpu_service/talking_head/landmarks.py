@@ -33,6 +33,9 @@ EYE_RIGHT_LOWER = [362, 382, 381, 380, 374, 373, 390, 249, 263]
 # The middle of each eyelid (upper, lower), for measuring an eye's opening.
 LID_MID_LEFT = (159, 145)
 LID_MID_RIGHT = (386, 374)
+# The refined irises: each a centre and four points on its rim (which eye is which is found by position).
+IRIS_CENTRES = (468, 473)
+IRIS_RIMS = ((469, 470, 471, 472), (474, 475, 476, 477))
 BROW_LEFT = [70, 63, 105, 66, 107, 46, 53, 52, 65, 55]
 BROW_RIGHT = [300, 293, 334, 296, 336, 276, 283, 282, 295, 285]
 CHIN = 152

@@ -30,6 +30,11 @@ The lid's field moves what lies below the lid with it, so a wider eye is a talle
 about a third of the opening it reads as stretched (and on p05 bends the glasses' rim)."""
 
 
+GAZE_MAX = 0.1
+"""The largest iris shift (eye widths, about 14 degrees of eye turn) the gaze fields are asked for: between the
+iris and the eye's corner the white is squeezed by up to 1.5 x this over the fall-off (a fifth of the eye)."""
+
+
 def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.ndarray:
     """(T, K) amounts of each deformation mode in MODES for the controls, in the avatar's own pixels.
 
@@ -60,7 +65,10 @@ def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.nda
     # Closing (positive) is the lid's travel, drawn by shade_eyes; widening is all warp, at full strength.
     lid = np.where(lid > 0, lid, lid / BLINK_SKIN_SHARE)
     brow = c.brow * geo.brow_travel
-    out = np.stack([jaw, upper, spread, smile, tuck, lid, lid, brow], axis=1).astype(np.float32)
+    # Gaze in eye widths, held where the eye's field can slide the iris without folding the white.
+    gaze_x = np.clip(c.gaze_x, -GAZE_MAX, GAZE_MAX) * geo.eye_width
+    gaze_y = np.clip(c.gaze_y, -GAZE_MAX, GAZE_MAX) * geo.eye_width
+    out = np.stack([jaw, upper, spread, smile, tuck, lid, lid, brow, gaze_x, gaze_y], axis=1).astype(np.float32)
     assert out.shape[1] == len(MODES)
     return out
 

@@ -217,3 +217,17 @@ def test_reenact_never_imports_torch_or_gpu_service():
             "bad = [m for m in ('torch', 'gpu_service', 'runtime') if m in sys.modules]; assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_cross_audio_figures_catch_a_lipsync_that_passes_its_source_through(ref):
+    # Lip-sync re-voiced with another talker's speech: the source mouth left as filmed scores the
+    # passthrough figure and no margin; a mouth that follows the new speech beats it.
+    from evaluator.reenact import cross_figures
+
+    filmed = ref.gap
+    voice = np.roll(filmed[::-1], 7)  # another mouth, moving otherwise
+    passed = cross_figures(filmed, filmed, voice, 25.0)
+    assert passed["margin"] == 0.0 and passed["r_filmed"] == pytest.approx(1.0)
+    follows = cross_figures(voice, filmed, voice, 25.0)
+    assert follows["r"] == pytest.approx(1.0) and follows["margin"] > 0.3 and follows["amp"] == pytest.approx(1.0)
+    assert follows["r_passthrough"] == passed["r"]

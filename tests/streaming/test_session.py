@@ -240,3 +240,48 @@ def test_a_second_viewer_does_not_change_the_first(service):
     assert all(by_index[t.index] is t for t in common)  # the very same tick, frame and audio
     assert dropped_a == dropped_b == 0
     assert dropped_slow > 0 and pending_slow == session.viewer_buffer
+
+
+def test_rapid_say_and_interrupt_answer_every_utterance_once(service):
+    session = session_of(service, create(service))
+
+    async def run():
+        import asyncio
+
+        sub, feed = session.subscribe(), session.listen()
+        ids = []
+        for i in range(12):  # says queued, interrupting, interrupted before their audio came, and pushed PCM
+            if i % 4 == 3:
+                inp = session.open_audio(16000)
+                inp.push(np.zeros(1600, "<i2").tobytes())
+                ids.append(inp.utterance_id)
+                inp.end()
+            else:
+                ids.append(await session.say("One more thing, please.", interrupt=i % 2 == 1))
+            for _ in range(i % 3):
+                await sub.get()
+            if i % 5 == 4:
+                session.interrupt()
+        last = await session.say("Last.")
+        ids.append(last)
+        events = []
+        for _ in range(750):  # up to 30 s of ticks
+            await sub.get()
+            drain(feed, events)
+            if any(e["event"] == "speech_finished" and e["utterance_id"] == last for e in events):
+                break
+        await asyncio.sleep(0.2)
+        drain(feed, events)
+        sub.close(), feed.close()
+        return ids, events
+
+    ids, events = on_loop(session, run)
+    finished = [e["utterance_id"] for e in events if e["event"] == "speech_finished"]
+    assert sorted(finished) == sorted(ids), "every utterance gets exactly one speech_finished"
+    started = [e["utterance_id"] for e in events if e["event"] == "speech_started"]
+    assert len(started) == len(set(started))
+    for uid in started:  # a start always comes before its finish
+        kinds = [e["event"] for e in events if e.get("utterance_id") == uid]
+        assert kinds == ["speech_started", "speech_finished"]
+    assert not [e for e in events if e["utterance_id"] == ids[-1] and e["event"] == "speech_finished"][0]["interrupted"]
+    assert session.speaking is None

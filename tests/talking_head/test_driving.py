@@ -151,10 +151,11 @@ def test_the_lips_part_for_a_breath_before_the_first_words_only():
     t = (np.arange(len(mo)) + 0.5) / FPS
     assert mo[t < 0.4].max() == 0.0  # closed until the breath
     breath = mo[(t > 0.65) & (t < 0.95)]
-    assert 0.3 <= breath.min() and breath.max() <= 0.45, breath  # parted, not speaking-wide
+    # Parted as the kit's talkers sit before they speak (0.3-0.95 of their p95), not speaking-wide.
+    assert 0.3 <= breath.min() and breath.max() <= 0.6, breath
     assert mo[(t > 1.5) & (t < 2.0)].max() <= 0.02  # a pause inside the clip relaxes to closed
     short = opening(drive(2.6, FPS, phonemes=[("_", 0.0, 0.2)] + [(p, s - 0.8, e - 0.8) for p, s, e in words]))
-    assert short[t < 0.1].max() <= 0.05  # Piper's lead-ins are too short to breathe in (a breath would be 0.4 here)
+    assert short[t < 0.1].max() <= 0.05  # Piper's lead-ins are too short to breathe in (a breath would be 0.55 here)
     # The same from audio alone: its first words start from a breath.
     sr = 16000
     noise = np.random.default_rng(0).normal(0, 1e-4, int(2.6 * sr))
@@ -369,3 +370,19 @@ def test_idle_motion_is_the_same_however_a_stream_is_cut_into_blocks():
     assert not still.blink.any()  # the caller's controls are left alone
     calm = IdleMotion(25.0, seed=5, head_motion=False).apply(still, 0)
     assert not calm.head_roll.any() and calm.blink.any()
+
+
+def test_a_gap_between_words_shorter_than_a_pause_keeps_the_mouth_speaking():
+    """A phone recogniser's 80 ms "_" between two words is no pause: the lips do not relax (a real talker's
+    stay open through it); a 0.3 s pause still relaxes to closed."""
+    def run(gap_s: float) -> tuple[np.ndarray, np.ndarray]:
+        ph = [("_", 0.0, 0.2), ("s", 0.2, 0.3), ("ɛ", 0.3, 0.5), ("t", 0.5, 0.56), ("_", 0.56, 0.56 + gap_s),
+              ("ɪ", 0.56 + gap_s, 0.76 + gap_s), ("n", 0.76 + gap_s, 0.84 + gap_s), ("_", 0.84 + gap_s, 1.4 + gap_s)]
+        mo = opening(drive(1.4 + gap_s, FPS, phonemes=ph))
+        return mo, (np.arange(len(mo)) + 0.5) / FPS
+
+    mo, t = run(0.08)
+    around = min(mo[(t > 0.3) & (t < 0.5)].max(), mo[(t > 0.64) & (t < 0.84)].max())
+    assert mo[(t > 0.56) & (t < 0.64)].min() >= 0.5 * around, mo
+    mo, t = run(0.3)
+    assert mo[(t > 0.7) & (t < 0.78)].max() <= 0.02, mo

@@ -418,7 +418,7 @@ def assert_paths_agree(a: np.ndarray, b: np.ndarray) -> None:
 
 def test_cpu_and_torch_paths_agree(astro, closed, cpu):
     c = random_controls(10, 0, mouth_open=(0, 1), blink=(0, 1), smile=(-1, 1), mouth_round=(0, 1),
-                        head_roll=(-0.05, 0.05), head_dy=(-0.03, 0.03))
+                        head_roll=(-0.05, 0.05), head_dy=(-0.03, 0.03), gaze_x=(-0.1, 0.1), gaze_y=(-0.05, 0.05))
     torch_path = Renderer("cpu", backend="torch", batch=4)
     assert_paths_agree(cpu.render(astro, c), torch_path.render(astro, c))
     # A closed mouth's interior is all drawn (teeth, tongue, throat, grain): the same on both paths.

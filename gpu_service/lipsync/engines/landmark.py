@@ -53,8 +53,8 @@ APPEARANCE_EVERY_S = 0.2
 """How often the interior's colours and grain are measured on the source (seconds): a person's colouring
 and the picture's grain change slowly, and measuring them took a fifth of each frame's face work at 720p.
 The lips' colour is measured on every frame (encoding.lip_colour)."""
-# Controls the source keeps as filmed: its own blinks, brows and expression.
-_KEEP_SOURCE = ("smile", "brow", "eye_open", "blink", "head_yaw", "head_pitch", "head_roll", "head_dx", "head_dy")
+# Controls the source keeps as filmed: its own blinks, gaze, brows and expression.
+_KEEP_SOURCE = ("smile", "brow", "eye_open", "blink", "gaze_x", "gaze_y", "head_yaw", "head_pitch", "head_roll", "head_dx", "head_dy")
 
 
 def speech_controls(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int,
