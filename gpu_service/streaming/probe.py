@@ -328,16 +328,6 @@ class StreamProbe:
             frames = [f for f in frames if f[0] >= frames[-1][0] - seconds]
         return _pctl([b[0] - a[0] for a, b in zip(frames, frames[1:])], 95)
 
-    def _audio_arrival(self, sample: int) -> Optional[float]:
-        """Arrival time of the audio frame holding relative sample `sample`."""
-        if not self.audio:
-            return None
-        a0 = self.audio[0][1]
-        for arrival, pts, n in self.audio:
-            if pts - a0 <= sample < pts - a0 + n:
-                return arrival
-        return None
-
     def av_offsets(self) -> list[tuple[float, float]]:
         """(arrival of video frame k, offset(k)) for every frame whose audio arrived, k from the video pts."""
         if not self.video or not self.audio:
