@@ -72,6 +72,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     from gpu_service.speech import router as speech
     from gpu_service.streaming import router as streaming
     from gpu_service.streaming import launch
+    from gpu_service.streaming import webrtc as stream_webrtc
     from gpu_service.talking_head import router as talking_head
 
     app.include_router(health.router)
@@ -80,6 +81,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(lipsync.router)
     app.include_router(streaming.router)
     app.include_router(launch.router)  # POST /launch: LiveKit room workers
+    app.include_router(stream_webrtc.router)  # POST /stream/sessions/{id}/offer: WebRTC viewers
     app.include_router(http.router)
 
     @app.get("/metrics", include_in_schema=False)
