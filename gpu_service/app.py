@@ -17,6 +17,7 @@ from gpu_service.device import resolve_device
 from gpu_service.metrics import BindMetrics, GpuMetrics
 from gpu_service.registry import EngineRegistry
 from gpu_service.settings import Settings, get_settings
+from gpu_service.streaming.manager import SessionManager
 
 log = logging.getLogger("gpu_service")
 
@@ -35,9 +36,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         app.state.metrics.bind()  # the engines' load and warm-up count their OOM retries in this app's metrics
         loader = asyncio.create_task(asyncio.to_thread(registry.load_all, settings.warmup))
         pruner = asyncio.create_task(_prune_forever(app.state.artifacts))
+        await app.state.streams.start()
         try:
             yield
         finally:
+            await app.state.streams.stop()
             pruner.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(loader, timeout=0.1)
@@ -49,6 +52,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.registry = EngineRegistry.from_settings(settings, device.devices)
     app.state.artifacts = ArtifactStore(settings.artifacts_dir, settings.artifact_max_bytes, settings.artifact_ttl_s)
     metrics = app.state.metrics = GpuMetrics(app.state.registry, device.name)
+    app.state.streams = SessionManager(settings, app.state.registry, metrics)
 
     def body_limit(path: str) -> int:
         """MAX_REQUEST_BYTES, or lip-sync's own larger limit for its video uploads (each part is also limited)."""
@@ -66,12 +70,14 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     from gpu_service import health, http
     from gpu_service.lipsync import router as lipsync
     from gpu_service.speech import router as speech
+    from gpu_service.streaming import router as streaming
     from gpu_service.talking_head import router as talking_head
 
     app.include_router(health.router)
     app.include_router(speech.router)
     app.include_router(talking_head.router)
     app.include_router(lipsync.router)
+    app.include_router(streaming.router)
     app.include_router(http.router)
 
     @app.get("/metrics", include_in_schema=False)

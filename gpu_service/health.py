@@ -31,6 +31,10 @@ class HealthReport(HealthResponse):
 
     engines: list[EngineReport] = Field(default_factory=list)
     devices: list[DeviceFigures] = Field(default_factory=list)
+    active_sessions: int = 0
+    """Streaming sessions open now (/stream/sessions)."""
+    max_sessions: int = 0
+    """The most streaming sessions this service holds (STREAM_MAX_SESSIONS); one more is a 429."""
 
 
 def engine_report(entry: AnyEntry, redact: Callable[[str], str]) -> EngineReport:
@@ -70,6 +74,8 @@ def health(request: Request) -> HealthReport:
         devices=registry.device_figures(),
         slots=slot_figures(loaded),
         slots_by_capability={cap: slot_figures([e for e in loaded if e.capability == cap]) for cap in CAPABILITIES},
+        active_sessions=request.app.state.streams.active,
+        max_sessions=request.app.state.streams.max_sessions,
     )
 
 

@@ -117,6 +117,31 @@ class Mp4Settings(_Group):
     closed mouth crisp enough that face trackers (and viewers) read it as closed after compression."""
 
 
+class StreamSettings(_Group):
+    """Real-time streaming sessions, /stream/sessions (`STREAM__*`, or the flat `STREAM_*` names)."""
+
+    max_sessions: int = Field(default=4, ge=0, le=1024)
+    """Streaming sessions open at once (each renders on its own thread, outside the engine slots); one more
+    is a 429 with Retry-After. 0 turns streaming off."""
+
+    idle_timeout_s: float = Field(default=60.0, gt=0, le=24 * 3600)
+    """A session ends this long after its last viewer and listener left (a session nobody ever watched, this
+    long after it was made)."""
+
+    render_ahead_frames: int = Field(default=2, ge=1, le=25)
+    """Frames a session renders before their time, to ride out a slow frame; a change of sound (interrupt,
+    new speech) re-renders them, so they add no latency to it."""
+
+    audio_lookahead_ms: float = Field(default=100.0, ge=0, le=500)
+    """Pushed PCM (WS /audio, LiveKit) plays this late so the mouth can see its sound coming and open in time."""
+
+    viewer_buffer_ticks: int = Field(default=8, ge=1, le=250)
+    """Ticks a slow viewer may fall behind before its oldest are dropped (that viewer's only)."""
+
+    max_size: int = Field(default=2048, ge=64, le=4096)
+    """Largest width or height a session's `size` may ask for."""
+
+
 LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "piper_voice_path": ("piper", "voice_path"),
     "piper_noise_scale": ("piper", "noise_scale"),
@@ -133,8 +158,15 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "lipsync_max_video_s": ("lipsync", "max_video_s"),
     "lipsync_max_audio_s": ("lipsync", "max_audio_s"),
     "lipsync_max_pixels": ("lipsync", "max_pixels"),
+    "stream_max_sessions": ("stream", "max_sessions"),
+    "stream_idle_timeout_s": ("stream", "idle_timeout_s"),
+    "stream_render_ahead_frames": ("stream", "render_ahead_frames"),
+    "stream_audio_lookahead_ms": ("stream", "audio_lookahead_ms"),
+    "stream_viewer_buffer_ticks": ("stream", "viewer_buffer_ticks"),
+    "stream_max_size": ("stream", "max_size"),
 }
-"""Flat environment names of earlier releases -> (group, field) of the nested settings."""
+"""Flat environment names of earlier releases -> (group, field) of the nested settings (and the flat
+`STREAM_*` names the streaming design uses, beside `STREAM__*`)."""
 
 
 class _LegacyNames(PydanticBaseSettingsSource):
@@ -279,6 +311,9 @@ class Settings(BaseSettings):
 
     mp4: Mp4Settings = Field(default_factory=Mp4Settings)
     """MP4 encoding of generated videos (`MP4__X264_PRESET`, `MP4__CRF`)."""
+
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    """Streaming sessions (`STREAM_MAX_SESSIONS`, `STREAM_IDLE_TIMEOUT_S`, ... or `STREAM__MAX_SESSIONS`, ...)."""
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -1,0 +1,1 @@
+"""Real-time streaming sessions: gpu_service/streaming/ (see PROJECT_SPEC.md, "Streaming")."""
