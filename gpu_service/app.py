@@ -71,6 +71,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     from gpu_service.lipsync import router as lipsync
     from gpu_service.speech import router as speech
     from gpu_service.streaming import router as streaming
+    from gpu_service.streaming import webrtc as stream_webrtc
     from gpu_service.talking_head import router as talking_head
 
     app.include_router(health.router)
@@ -78,6 +79,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.include_router(talking_head.router)
     app.include_router(lipsync.router)
     app.include_router(streaming.router)
+    app.include_router(stream_webrtc.router)
     app.include_router(http.router)
 
     @app.get("/metrics", include_in_schema=False)

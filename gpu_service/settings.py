@@ -117,6 +117,51 @@ class Mp4Settings(_Group):
     closed mouth crisp enough that face trackers (and viewers) read it as closed after compression."""
 
 
+_ICE_URL = re.compile(r"^(stun|stuns|turn|turns):[^\s?]+(\?transport=(udp|tcp))?$")
+"""A STUN/TURN URL as RFC 7064/7065 write them (aiortc parses them once more when it connects)."""
+
+
+class IceServer(BaseModel):
+    """One STUN or TURN server of STREAM_ICE_SERVERS."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(min_length=1)
+    username: str | None = None
+    credential: str | None = None
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        """A single URL or a list of them."""
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("urls")
+    @classmethod
+    def _ice_urls(cls, value: list[str]) -> list[str]:
+        """Each a stun:, stuns:, turn: or turns: URL."""
+        for url in value:
+            if not _ICE_URL.match(url):
+                raise ValueError(f"{url!r} is not a stun:, stuns:, turn: or turns: URL")
+        return value
+
+
+def _ice_server_list(value: object) -> object:
+    """STREAM_ICE_SERVERS as a list of IceServer inputs: a JSON list, or a comma list of URLs."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list of ICE servers ({exc.msg})") from None
+        else:
+            return [{"urls": [item.strip()]} for item in text.split(",") if item.strip()]
+    if isinstance(value, list):
+        return [{"urls": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
 class StreamSettings(_Group):
     """Real-time streaming sessions, /stream/sessions (`STREAM__*`, or the flat `STREAM_*` names)."""
 
@@ -141,6 +186,44 @@ class StreamSettings(_Group):
     max_size: int = Field(default=2048, ge=64, le=4096)
     """Largest width or height a session's `size` may ask for."""
 
+    ice_servers: Annotated[list[IceServer], NoDecode] = Field(default_factory=list)
+    """STUN/TURN servers offered to WebRTC viewers' connections: a comma list of URLs
+    (`stun:stun.example.org:3478,turn:turn.example.org?transport=tcp`) or a JSON list of URLs or of
+    `{"urls": ..., "username": ..., "credential": ...}` (TURN needs the latter). Empty (the default): host
+    candidates only, nothing is contacted. aiortc uses the first STUN and the first TURN server of the list."""
+
+    ice_loopback: bool = False
+    """Also gather ICE host candidates on 127.0.0.1 (aioice skips loopback): for a viewer on the same host,
+    such as a browser test in a network namespace with only `lo` up. Added anyway when no other interface exists."""
+
+    video_codecs: Annotated[list[Literal["h264", "vp8"]], NoDecode] = Field(
+        default_factory=lambda: ["h264", "vp8"], min_length=1)
+    """Video codecs offered to WebRTC viewers, most preferred first (`h264,vp8`); a viewer that has none of them
+    gets a 422."""
+
+    video_bitrate: int = Field(default=2_000_000, ge=500_000, le=3_000_000)
+    """Starting video bitrate of each WebRTC viewer in bit/s (aiortc then follows the viewer's REMB estimate,
+    within 0.5-3 Mbps for H.264, 0.25-1.5 Mbps for VP8)."""
+
+    max_viewers: int = Field(default=8, ge=1, le=256)
+    """WebRTC viewers one stream session may have at once (each has its own encoder); past it a 429."""
+
+    connect_timeout_s: float = Field(default=20.0, ge=1, le=300)
+    """A WebRTC viewer whose connection is not up this long after its offer is closed (and its subscription)."""
+
+    @field_validator("ice_servers", mode="before")
+    @classmethod
+    def _split_ice_servers(cls, value: object) -> object:
+        """Accept a comma list of URLs as well as a JSON list."""
+        return _ice_server_list(value)
+
+    @field_validator("video_codecs", mode="before")
+    @classmethod
+    def _split_codecs(cls, value: object) -> object:
+        """`h264,vp8` or a JSON list, names in any case."""
+        value = _engine_list(value)
+        return [v.lower() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
 
 LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "piper_voice_path": ("piper", "voice_path"),
@@ -164,6 +247,12 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "stream_audio_lookahead_ms": ("stream", "audio_lookahead_ms"),
     "stream_viewer_buffer_ticks": ("stream", "viewer_buffer_ticks"),
     "stream_max_size": ("stream", "max_size"),
+    "stream_ice_servers": ("stream", "ice_servers"),
+    "stream_ice_loopback": ("stream", "ice_loopback"),
+    "stream_video_codecs": ("stream", "video_codecs"),
+    "stream_video_bitrate": ("stream", "video_bitrate"),
+    "stream_max_viewers": ("stream", "max_viewers"),
+    "stream_connect_timeout_s": ("stream", "connect_timeout_s"),
 }
 """Flat environment names of earlier releases -> (group, field) of the nested settings (and the flat
 `STREAM_*` names the streaming design uses, beside `STREAM__*`)."""

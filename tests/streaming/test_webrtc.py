@@ -1,0 +1,274 @@
+"""The WebRTC transport: real aiortc peers over this machine's own addresses, real encoding and decoding.
+
+The source is the test-pattern session (gpu_service/streaming/probe.py): ticks on the wall clock
+with the tick index drawn into the frame and a flash + tone burst every second, so that what the
+viewer decodes can be checked against what was sent. The transport is the thing under test; the
+real session's end-to-end test is below them (it needs the stream core).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+
+import httpx
+import pytest
+
+pytest.importorskip("aiortc")
+
+from fastapi import FastAPI  # noqa: E402
+
+from avatar_contracts.http import install_error_handlers  # noqa: E402
+from gpu_service.errors import NotFound  # noqa: E402
+from gpu_service.settings import Settings  # noqa: E402
+from gpu_service.streaming import webrtc  # noqa: E402
+from gpu_service.streaming.probe import (StreamProbe, TestPatternSession, burst_marker, flash_marker,  # noqa: E402
+                                         read_pattern_index)
+
+import logging  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class PatternSessions:
+    """`app.state.streams` as the transport uses it: get(id) or a 404."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, TestPatternSession] = {}
+
+    def get(self, session_id: str) -> TestPatternSession:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise NotFound(f"no stream session {session_id}") from None
+
+
+@contextlib.asynccontextmanager
+async def transport_app(**settings):
+    """A FastAPI app with the WebRTC router, the service's error handlers and test-pattern sessions."""
+    app = FastAPI(lifespan=None)
+    app.state.settings = Settings(stream=settings)
+    app.state.streams = PatternSessions()
+    install_error_handlers(app, logging.getLogger("test"))
+    app.include_router(webrtc.router)
+    try:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gpu.test",
+                                         timeout=10) as client:
+                client.app = app  # type: ignore[attr-defined]
+                yield client
+    finally:
+        for s in list(app.state.streams.sessions.values()):
+            await s.close()
+
+
+def poster(client: httpx.AsyncClient, session_id: str):
+    async def post(offer: dict) -> dict:
+        r = await client.post(f"/stream/sessions/{session_id}/offer", json=offer)
+        assert r.status_code == 200, r.text
+        return r.json()
+    return post
+
+
+async def viewer(client, session_id: str, **kw) -> StreamProbe:
+    probe = StreamProbe(video_marker=flash_marker, audio_marker=burst_marker, **kw)
+    await probe.connect(poster(client, session_id))
+    return probe
+
+
+def test_viewer_receives_h264_at_25fps_with_audio_in_sync():
+    async def main():
+        async with transport_app() as client:
+            session = client.app.state.streams.sessions["s1"] = TestPatternSession("s1", size=(256, 256))
+            probe = await viewer(client, "s1", keep_video=5)
+            try:
+                assert await probe.wait_video(1, 10), "no video frame within 10 s"
+                first = probe.first_frame_s
+                assert await probe.wait_video(110, 10)
+                assert await probe.wait_audio(3 * 48_000, 5)
+                summary = probe.summary(window_s=3.0)
+                print("\nviewer:", summary, "first frame", first)
+                assert probe.codec == "H264"
+                assert 23.5 <= summary["fps"] <= 26.5, summary
+                assert summary["p95_interval_s"] < 0.08, summary
+                # the decoded pixels are the ticks sent, in order
+                indices = [read_pattern_index(f) for f in probe.kept if not flash_marker(f)]
+                assert indices == sorted(indices) and len(set(indices)) == len(indices), indices
+                # pts: consecutive frames 3600 apart (no tick skipped)
+                pts = [p for _, p in probe.video]
+                steps = {b - a for a, b in zip(pts, pts[1:])}
+                assert steps == {3600}, steps
+                # audio and video of a tick arrive together, and were paired at the sender
+                assert abs(summary["av_offset_start_s"]) < 0.04, summary
+                assert abs(summary["av_offset_end_s"]) < 0.04, summary
+                marks = probe.marker_offsets()
+                print("markers:", marks)
+                assert len(marks) >= 3, (probe.video_marks, probe.audio_marks)
+                for m in marks:
+                    assert abs(m["pts_offset_s"]) <= 0.021, m
+                    assert abs(m["arrival_offset_s"]) < 0.08, m  # decoded: aiortc holds audio 40 ms longer
+                assert session.viewers == 1
+            finally:
+                await probe.close()
+            await asyncio.sleep(0.3)
+            assert session.viewers == 0, "the viewer's subscription was not closed"
+            assert client.app.state.webrtc.count() == 0
+    asyncio.run(main())
+
+
+def test_vp8_when_h264_is_not_offered_or_configured():
+    async def main():
+        async with transport_app(video_codecs=["vp8"]) as client:
+            client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(128, 128))
+            probe = await viewer(client, "s")
+            try:
+                assert await probe.wait_video(10, 10)
+                assert probe.codec == "VP8"
+            finally:
+                await probe.close()
+    asyncio.run(main())
+
+
+def test_second_viewer_does_not_disturb_the_first():
+    async def main():
+        async with transport_app() as client:
+            session = client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(256, 256))
+            first = await viewer(client, "s")
+            second = None
+            try:
+                assert await first.wait_video(50, 10)
+                n_before = len(first.video)
+                second = await viewer(client, "s")
+                assert await second.wait_video(75, 10)
+                assert session.viewers == 2
+                # the first viewer's frames while the second joined and ran: no gap, still ~25 fps
+                joined = first.video[n_before - 1:]
+                gaps = [b[0] - a[0] for a, b in zip(joined, joined[1:])]
+                fps = (len(joined) - 1) / (joined[-1][0] - joined[0][0])
+                print(f"\nfirst viewer while the second joined: {fps:.2f} fps, max gap {max(gaps) * 1000:.0f} ms")
+                assert 23.5 <= fps <= 26.5
+                assert max(gaps) < 0.25
+                pts = [p for _, p in first.video]
+                assert {b - a for a, b in zip(pts, pts[1:])} == {3600}
+                # the second leaves: the first goes on
+                await second.close()
+                n = len(first.video)
+                await asyncio.sleep(1.0)
+                assert 20 <= len(first.video) - n <= 30
+                assert session.viewers == 1
+            finally:
+                await first.close()
+                if second is not None:
+                    await second.close()
+    asyncio.run(main())
+
+
+def test_session_end_closes_its_viewers():
+    async def main():
+        async with transport_app() as client:
+            session = client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(128, 128))
+            probe = await viewer(client, "s")
+            try:
+                assert await probe.wait_video(5, 10)
+                assert client.app.state.webrtc.count("s") == 1
+                await session.close()
+                for _ in range(50):
+                    if client.app.state.webrtc.count("s") == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                assert client.app.state.webrtc.count("s") == 0
+                await asyncio.wait_for(probe.ended.wait(), 10)
+            finally:
+                await probe.close()
+    asyncio.run(main())
+
+
+def test_shutdown_closes_every_peer_connection():
+    async def main():
+        probe = None
+        async with transport_app() as client:
+            client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(128, 128))
+            probe = await viewer(client, "s")
+            assert await probe.wait_video(5, 10)
+            peers = client.app.state.webrtc
+            pcs = [v.pc for vs in peers.viewers.values() for v in vs.values()]
+        assert pcs and all(pc.connectionState == "closed" for pc in pcs)
+        assert peers.count() == 0
+        await probe.close()
+    asyncio.run(main())
+
+
+def test_offer_errors_name_the_field():
+    async def main():
+        async with transport_app() as client:
+            client.app.state.streams.sessions["s"] = TestPatternSession("s")
+            from aiortc import RTCPeerConnection
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            good = pc.localDescription.sdp
+            await pc.close()
+
+            r = await client.post("/stream/sessions/nope/offer", json={"sdp": good, "type": "offer"})
+            assert r.status_code == 404 and "nope" in r.json()["error"], r.text
+            cases = {
+                "type": {"sdp": good, "type": "answer"},
+                "sdp": {"sdp": "hello", "type": "offer"},
+            }
+            for field, body in cases.items():
+                r = await client.post("/stream/sessions/s/offer", json=body)
+                assert r.status_code == 422, r.text
+                assert field in r.json()["error"], r.text
+            for bad in ["v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",                 # no fingerprint / ice
+                        good.replace("a=fingerprint:", "a=fingerprint:x"),           # mangled fingerprint
+                        re.sub(r"m=video \d+", "m=video x", good),                    # bad port
+                        good.replace("recvonly", "sendonly"),                        # receives nothing
+                        good.replace("H264", "H265").replace("VP8", "VP9")]:         # no common codec
+                r = await client.post("/stream/sessions/s/offer", json={"sdp": bad, "type": "offer"})
+                assert r.status_code == 422, (bad, r.text)
+                body = r.json()
+                assert body["error"].startswith("sdp"), body
+                assert "Traceback" not in body["error"] and "File " not in body["error"]
+            r = await client.post("/stream/sessions/s/offer", json={"type": "offer"})
+            assert r.status_code == 422 and "sdp" in r.json()["error"]
+            r = await client.post("/stream/sessions/s/offer", content=b"{", headers={"content-type": "application/json"})
+            assert r.status_code == 422
+            assert client.app.state.webrtc.count() == 0
+            assert client.app.state.streams.sessions["s"].viewers == 0
+    asyncio.run(main())
+
+
+def test_loopback_candidates_are_gathered_when_asked():
+    import aioice.ice
+
+    webrtc.enable_loopback_candidates(True)
+    try:
+        assert "127.0.0.1" in aioice.ice.get_host_addresses(True, False)
+    finally:
+        webrtc.enable_loopback_candidates(False)
+    assert "127.0.0.1" not in aioice.ice.get_host_addresses(True, False) or \
+        not aioice.ice.get_host_addresses.__wrapped__(True, False)
+
+
+def test_ice_servers_setting():
+    s = Settings(stream={"ice_servers": "stun:stun.example.org:3478,turn:turn.example.org?transport=tcp"})
+    servers = webrtc.ice_servers(s)
+    assert [x.urls for x in servers] == [["stun:stun.example.org:3478"], ["turn:turn.example.org?transport=tcp"]]
+    s = Settings(stream={"ice_servers": '[{"urls": "turn:t.example.org", "username": "u", "credential": "c"}]'})
+    assert webrtc.ice_servers(s)[0].credential == "c"
+    assert webrtc.ice_servers(Settings()) == []
+    with pytest.raises(ValueError, match="ice_servers"):
+        Settings(stream={"ice_servers": "http://example.org"})
+
+
+def test_stream_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("STREAM_ICE_SERVERS", "stun:stun.example.org:3478")
+    monkeypatch.setenv("STREAM__VIDEO_CODECS", "VP8,H264")
+    monkeypatch.setenv("STREAM_ICE_LOOPBACK", "1")
+    s = Settings()
+    assert s.stream.ice_servers[0].urls == ["stun:stun.example.org:3478"]
+    assert s.stream.video_codecs == ["vp8", "h264"]
+    assert s.stream.ice_loopback is True
+    monkeypatch.setenv("STREAM__ICE_SERVERS", '[{"urls": ["turn:t.example.org"], "username": "u", "credential": "c"}]')
+    assert Settings().stream.ice_servers[0].username == "u"
