@@ -146,11 +146,15 @@ class StreamRequest(BaseModel):
         default=None, max_length=128, description="A preset or uploaded avatar; the runtime's DEFAULT_AVATAR_ID when "
         "neither this nor avatar_image is sent.")
     avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
-    engine: Optional[CleanText] = Field(default=None, max_length=64, description="Speech engine (piper, xtts).")
+    engine: Optional[CleanText] = Field(default=None, max_length=64, description="Talking-head engine (landmark).")
+    tts_engine: Optional[CleanText] = Field(default=None, max_length=64, description="Speech engine of say (piper, xtts).")
     voice: Optional[CleanText] = Field(default=None, max_length=128, description="Voice of the speech engine.")
+    language: Optional[CleanText] = Field(default=None, min_length=2, max_length=16, description="Language code, e.g. en.")
     emotion: Optional[CleanText] = Field(default=None, max_length=32, description="Facial emotion; neutral if absent.")
     fps: Optional[int] = Field(default=None, ge=1, le=60, description="Frame rate (the GPU service's default: 25).")
-    size: Optional[Any] = Field(default=None, description="Frame size, as the GPU service's POST /stream/sessions takes it.")
+    size: Optional[Any] = Field(default=None, description="Frame size: [width, height] or \"WxH\", even numbers.")
+    head_motion: Optional[bool] = Field(default=None, description="Head drift and nods (default: on).")
+    seed: Optional[int] = Field(default=None, ge=0, description="Seed of the idle motion.")
 
 
 class StreamCreated(BaseModel):
@@ -189,6 +193,8 @@ class StreamSay(BaseModel):
 
     text: SpeakableText = Field(max_length=1_000_000, description="Text to speak; at most MAX_TEXT_CHARS.")
     interrupt: bool = Field(default=False, description="Cut off what is being said first.")
+    voice: Optional[CleanText] = Field(default=None, max_length=128, description="Voice of this utterance.")
+    emotion: Optional[CleanText] = Field(default=None, max_length=32, description="Facial emotion of this utterance.")
 
 
 class StreamOffer(BaseModel):

@@ -460,7 +460,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         if len(say.text) > settings.max_text_chars:
             raise ValidationFailed(f"text is {len(say.text)} characters; the maximum is {settings.max_text_chars} "
                                    "(raise MAX_TEXT_CHARS)")
-        response = await relay(request).relay(target, "POST", "/say", "say", json=say.model_dump())
+        if say.emotion is not None and say.emotion not in (*EMOTIONS, "auto"):
+            raise ValidationFailed(f"emotion {say.emotion!r} is not one of {', '.join((*EMOTIONS, 'auto'))}")
+        response = await relay(request).relay(target, "POST", "/say", "say", json=say.model_dump(exclude_none=True))
         return JSONResponse(response.json(), status_code=response.status_code)
 
     @app.post("/api/v1/stream/{stream_id}/interrupt", responses={200: {"description": "{interrupted}"}})

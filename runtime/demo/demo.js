@@ -15,12 +15,12 @@
   const keyRequired = document.body.dataset.apiKeyRequired === "true";
   const demo = window.demo = {
     state: "idle", ice: null, session: null, frames: 0, fps: null, firstFrameMs: null,
-    says: [], events: [], stats: null, errors: [], mouthScores: [],
+    says: [], events: [], stats: null, errors: [], motion: [],
   };
   let pc = null, session = null, eventsAbort = null, statsTimer = null, offerAt = null;
-  let frameTimes = [];
-  let watch = null;  // the Say being timed: {at, baseline, utterance, started, changed}
-  const CHANGE_LEVEL = 6;   // grey levels (mean over an 8x8 block of the mouth region) that count as a change
+  let frameTimes = [], lastGrey = null;
+  let watch = null;  // the Say being timed: {at, level, utterance, started, changed}
+  const CHANGE_LEVEL = 4;  // grey levels (mean over an 8x8 block of the mouth region, frame to frame) that count
 
   if (keyRequired) {
     $("key-box").hidden = false;
@@ -157,19 +157,23 @@
     frameTimes.push(now);
     while (frameTimes.length && now - frameTimes[0] > 2000) frameTimes.shift();
     demo.fps = frameTimes.length > 1 ? (frameTimes.length - 1) * 1000 / (frameTimes[frameTimes.length - 1] - frameTimes[0]) : null;
-    if (watch && watch.changed == null && video.videoWidth) {
+    if (video.videoWidth) {
+      // the mouth region's change from the previous frame: idle motion is slow, a mouth opening is not
       const grey = grab();
-      if (!watch.baseline) {
-        watch.baseline = grey;
-      } else {
-        const score = blockChange(grey, watch.baseline);
-        demo.mouthScores.push([Math.round(now - watch.at), Math.round(score * 10) / 10]);
-        if (score >= CHANGE_LEVEL) {
+      const score = lastGrey ? blockChange(grey, lastGrey) : 0;
+      lastGrey = grey;
+      demo.motion.push([Math.round(now), Math.round(score * 10) / 10]);
+      while (demo.motion.length && now - demo.motion[0][0] > 60000) demo.motion.shift();
+      if (watch && watch.changed == null) {
+        if (watch.level == null) {  // what idle motion alone reached in the 2 s before the click
+          const idle = demo.motion.filter(([t]) => t < watch.at && t > watch.at - 2000).map(([, v]) => v);
+          watch.level = Math.max(CHANGE_LEVEL, 2 * Math.max(0, ...idle));
+        }
+        if (now > watch.at && score >= watch.level) {
           watch.changed = now - watch.at;
           $("m-first-change").textContent = ms(watch.changed);
-        } else if (now - watch.at > 10000) {
-          watch.changed = null;
-          watch = null;  // nothing moved in 10 s: give up timing this one
+        } else if (now - watch.at > 15000) {
+          watch = null;  // nothing moved in 15 s: this one is not timed
         }
       }
     }
@@ -182,7 +186,7 @@
   async function pollStats() {
     if (!pc) return;
     const report = await pc.getStats();
-    const s = {video: null, audio: null, rtt_ms: null, codecs: {}};
+    const s = {video: null, audio: null, rtt_ms: null};
     const codecs = {};
     report.forEach((r) => { if (r.type === "codec") codecs[r.id] = r.mimeType; });
     report.forEach((r) => {
@@ -234,12 +238,14 @@
     for (const id of ["m-first-frame", "m-speech-started", "m-first-change"]) $(id).textContent = "\u2013";
     Object.assign(demo, {frames: 0, fps: null, firstFrameMs: null, stats: null});
     frameTimes = [];
+    lastGrey = null;
     lastBytes = null;
     if (keyRequired) sessionStorage.setItem("avatar-api-key", $("api-key").value.trim());
     setState("creating");
     try {
       const body = {};
       if ($("avatar").value.trim()) body.avatar_id = $("avatar").value.trim();
+      if ($("size").value) body.size = $("size").value;
       session = await api("POST", "/api/v1/stream", body, true);
       demo.session = {stream_id: session.stream_id, fps: session.fps, width: session.width, height: session.height,
                       face_box: session.face_box};
@@ -293,10 +299,9 @@
     if (!text || !session) return;
     $("error").textContent = "";
     for (const id of ["m-speech-started", "m-first-change"]) $(id).textContent = "\u2013";
-    watch = {at: performance.now(), baseline: null, utterance: null, started: null, changed: null};
+    watch = {at: performance.now(), level: null, utterance: null, started: null, changed: null};
     const timing = watch;
     demo.says.push(timing);
-    demo.mouthScores = [];
     try {
       const out = await api("POST", session.say_url, {text});
       timing.utterance = out.utterance_id;
