@@ -37,8 +37,6 @@ import pytest
 
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.slow
-
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 INSTALL = "install it with `apt-get install -y chromium chromium-driver` (scripts/test.sh does so when run as root)"
 
@@ -110,6 +108,7 @@ def mouth_change(result: dict, names: list[str]) -> list[float]:
     return [float(np.abs(grey(n) - first).mean()) for n in names]
 
 
+@pytest.mark.slow
 def test_the_page_connects_and_plays_real_decoded_frames_with_audio(seen):
     assert seen["key_box_visible"]  # the runtime has keys: the page asks for one
     assert seen["state_text"] == "connected"
@@ -131,6 +130,7 @@ def test_the_page_connects_and_plays_real_decoded_frames_with_audio(seen):
     assert seen["closed"]
 
 
+@pytest.mark.slow
 def test_the_mouth_region_moves_while_speaking_and_not_much_at_rest(seen):
     # the page's own measure: frame-to-frame change of the mouth region, on every decoded frame (canvas pixels)
     says = seen["say"]
@@ -147,6 +147,7 @@ def test_the_mouth_region_moves_while_speaking_and_not_much_at_rest(seen):
     assert max(talking) > max(6.0, 2 * max(at_rest)), (talking, at_rest)
 
 
+@pytest.mark.slow
 def test_the_page_shows_the_latency_and_the_stream_figures(seen):
     shown = seen["figures_text"]
     for row in ("offer \u2192 first frame", "Say \u2192 speech_started", "Say \u2192 first changed frame (mouth)"):
@@ -159,6 +160,7 @@ def test_the_page_shows_the_latency_and_the_stream_figures(seen):
     assert 0 < seen["first_frame_ms"] < 30_000
 
 
+@pytest.mark.slow
 def test_each_utterance_starts_and_finishes_once_and_interrupt_cuts_the_second(seen):
     events = [e for e in seen["events"] if e["event"] in ("speech_started", "speech_finished")]
     kinds = [(e["event"], e["utterance_id"]) for e in events]
@@ -168,3 +170,9 @@ def test_each_utterance_starts_and_finishes_once_and_interrupt_cuts_the_second(s
     assert events[1]["interrupted"] is False and events[1]["position_s"] > 1.0
     assert seen["interrupted_finish"]["interrupted"] is True
     assert 0 < seen["interrupted_finish"]["position_s"] < 5.0
+
+
+def test_without_chromium_the_reason_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", str(tmp_path / "no-chromium"))
+    why = chromium_missing()
+    assert why and "apt-get install -y chromium chromium-driver" in why and "CHROMIUM" in why
