@@ -477,7 +477,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def stream_events(stream_id: str, request: Request):
         """The session's server-sent events, passed on as they come (EventSource: the token as ?token=)."""
         target = stream_target(request, stream_id)
-        pieces = await relay(request).events(target)
+        pieces = await relay(request).events(target, stopping=request.app.state.shutting_down)
         return EventStream(pieces, media_type="text/event-stream",
                            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 

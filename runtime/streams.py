@@ -28,7 +28,7 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import anyio
 import httpx
@@ -206,9 +206,10 @@ class StreamRelay:
                 raise NotFound(f"no stream session {target.stream_id!r} (it ended, or expired)") from None
             raise relayed_error(exc, what) from None
 
-    async def events(self, target: StreamTarget) -> AsyncIterator[bytes]:
+    async def events(self, target: StreamTarget, stopping: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
         """The session's server-sent events, opened now (errors before the first byte are raised here), then
-        passed on chunk by chunk; the upstream request is closed when the caller stops reading."""
+        passed on chunk by chunk; the upstream request is closed when the caller stops reading, and the stream
+        ends (cleanly, between events) once `stopping()` says the server is shutting down, which waits for it."""
         client = self._client(target.service)
         headers = {"Accept": "text/event-stream"}
         rid = current_request_id()
@@ -233,9 +234,9 @@ class StreamRelay:
             if exc.status == 404:
                 raise NotFound(f"no stream session {target.stream_id!r} (it ended, or expired)")
             raise relayed_error(exc, "events")
-        return self._pump(response)
+        return self._pump(response, stopping)
 
-    async def _pump(self, response: httpx.Response) -> AsyncIterator[bytes]:
+    async def _pump(self, response: httpx.Response, stopping: Callable[[], bool]) -> AsyncIterator[bytes]:
         """Upstream bytes as they come, with a keep-alive comment between events while it is quiet."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)
         done = object()
@@ -250,17 +251,23 @@ class StreamRelay:
 
         reader = asyncio.create_task(read())
         at_boundary = True  # a comment may only go between events, never inside one
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
         try:
             while True:
+                if at_boundary and stopping():
+                    return
                 try:
-                    piece = await asyncio.wait_for(queue.get(), timeout=self.keepalive_s)
+                    piece = await asyncio.wait_for(queue.get(), timeout=min(1.0, self.keepalive_s))
                 except asyncio.TimeoutError:
-                    if at_boundary:
+                    if at_boundary and loop.time() - quiet_since >= self.keepalive_s:
+                        quiet_since = loop.time()
                         yield b": keep-alive\n\n"
                     continue
                 if piece is done:
                     return
                 if piece:
+                    quiet_since = loop.time()
                     at_boundary = piece.endswith(b"\n\n") or piece.endswith(b"\r\n\r\n")
                     yield piece
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import threading
 import time
 import uuid
@@ -326,3 +327,24 @@ def test_the_demo_page_is_served_without_a_key_and_asks_for_one_when_keys_are_se
             assert "requestVideoFrameCallback" in script.text and "getStats" in script.text
             doc = c.get("/openapi.json").json()
             assert doc["paths"]["/api/v1/stream/{stream_id}/say"]["post"]["security"] == [{"StreamToken": []}]
+
+
+def test_a_runtime_stopping_ends_its_open_event_streams_instead_of_waiting_on_them(stand_in, tmp_path):
+    from tests.runtime.conftest import API_KEY, runtime_proc
+
+    (tmp_path / "p").mkdir()
+    proc = runtime_proc(tmp_path / "p", stand_in.url, STREAM_KEEPALIVE_S="0.5").start()
+    try:
+        made = httpx.post(f"{proc.url}/api/v1/stream", json={}, headers={"X-API-Key": API_KEY}, timeout=30).json()
+        with httpx.stream("GET", made["events_url"], headers={"X-Stream-Token": made["token"]}, timeout=30) as events:
+            assert events.status_code == 200
+            proc.proc.send_signal(signal.SIGTERM)
+            t = time.monotonic()
+            for _ in events.iter_lines():  # ends: the runtime closed it, cleanly (keep-alives until then)
+                if time.monotonic() - t > 8:
+                    break
+            waited = time.monotonic() - t
+        assert waited < 5
+        assert proc.proc.wait(timeout=15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has stopped
+    finally:
+        proc.kill()
