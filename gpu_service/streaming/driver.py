@@ -25,8 +25,9 @@ from scipy import signal
 
 from gpu_service.talking_head import driving
 from gpu_service.talking_head.controls import SPEECH_OPEN, Controls
-from gpu_service.talking_head.driving import EMOTIONS, _JAW_SPEED, _mouth_from_phonemes, _phone_tuples, _split_glides
-from gpu_service.talking_head.visemes import PAUSE, WORD_BOUNDARY
+from gpu_service.talking_head.driving import (EMOTIONS, NOD_PITCH, _JAW_SPEED, _bumps, _mouth_from_phonemes, _phone_tuples,
+                                             _split_glides, _stress_times)
+from gpu_service.talking_head.visemes import PAUSE, WORD_BOUNDARY, table_arrays
 
 SHAPE_STEP = 0.25
 """Most the rounding, spreading and tuck change per frame (they have no speed limit in `drive`; here
@@ -125,20 +126,25 @@ def breathing(index: np.ndarray | int, fps: float) -> tuple[np.ndarray, np.ndarr
     return BREATH_DY * wave, 0.004 * wave
 
 
-def frame_controls(fps: float, index: int, mouth: np.ndarray, emotion: np.ndarray) -> Controls:
-    """One frame of controls: the mouth (speech units), the emotion's face and breathing; the engine's
-    stream adds blinks and head drift (open_stream's idle_seed)."""
+NOD_STEP = 0.2
+"""Most the nod's strength changes per frame (a nod cut short by an interrupt eases out)."""
+
+
+def frame_controls(fps: float, index: int, mouth: np.ndarray, emotion: np.ndarray, nod: float = 0.0) -> Controls:
+    """One frame of controls: the mouth (speech units), the emotion's face, breathing, and a nod of the head and a
+    lift of the brows on stressed syllables (as `drive` does); the engine's stream adds blinks and head drift
+    (open_stream's idle_seed)."""
     ctl = Controls.neutral(1, float(fps))
     ctl.mouth_open[:] = float(np.clip(mouth[0], 0.0, 1.0)) * SPEECH_OPEN
     ctl.mouth_round[:] = mouth[1]
     ctl.mouth_spread[:] = mouth[2]
     ctl.lip_tuck[:] = mouth[3]
     ctl.smile[:] = emotion[0]
-    ctl.brow[:] = emotion[1]
+    ctl.brow[:] = np.clip(emotion[1] + 0.12 * nod, -1.0, 1.0)
     ctl.eye_open[:] = emotion[2]
     dy, pitch = breathing(index, fps)
-    ctl.head_dy[:] = dy
-    ctl.head_pitch[:] = pitch
+    ctl.head_dy[:] = dy + 0.004 * nod
+    ctl.head_pitch[:] = pitch + NOD_PITCH * nod
     return ctl
 
 
@@ -160,13 +166,26 @@ class PhonemeTrack:
         self.covered_s = 0.0
         """Seconds of audio whose phonemes are known."""
         self.ended = False
-        self._targets = np.zeros((0, 4))
-        self._sealed = np.zeros(0, bool)
+        self._targets: list[np.ndarray] = []
+        self._sealed: list[bool] = []
+        self._first = 0  # phones before this one ended long before the frames still to decide
+        self.stress: list[tuple[float, float]] = []
 
     def add(self, phonemes: Sequence, until_s: float) -> None:
-        """Phonemes (Phone or tuples, utterance times) of audio up to `until_s`."""
-        self.phones.extend(_split_glides(_phone_tuples(phonemes)))
+        """Phonemes (Phone or tuples, utterance times) of audio up to `until_s`: one chunk, whole."""
+        new = _split_glides(_phone_tuples(phonemes))
+        self.phones.extend(new)
         self.covered_s = max(self.covered_s, float(until_s))
+        spoken = [p for p in new if p[0] not in (PAUSE, WORD_BOUNDARY)]
+        if spoken:  # the chunk's stressed syllables, as drive() finds them in a clip
+            targets, _, _ = table_arrays([p[0] for p in spoken])
+            self.stress.extend(_stress_times(spoken, targets[:, 0]))
+
+    def nod(self, k: int) -> float:
+        """The nod (0..1) on frame k from the stressed syllables around it."""
+        t = (k + 0.5) / self.fps
+        near = [e for e in self.stress if abs(e[0] - t) < 0.6]
+        return float(_bumps(np.array([t]), near)[0]) if near else 0.0
 
     def end(self) -> None:
         self.ended = True
@@ -185,26 +204,30 @@ class PhonemeTrack:
             return
         t = (np.arange(k0, n) + 0.5) / self.fps
         lo, hi = t[0] - self.CONTEXT_S, t[-1] + self.CONTEXT_S
-        near = [p for p in self.phones if p[2] >= lo and p[1] <= hi]
+        while self._first < len(self.phones) and self.phones[self._first][2] < lo:
+            self._first += 1
+        near = [p for p in self.phones[self._first:] if p[2] >= lo and p[1] <= hi]
         spoken = [p for p in near if p[0] not in (PAUSE, WORD_BOUNDARY)]
         if not spoken:
             mouth, sealed = np.zeros((len(t), 4)), []
         else:
             # Evaluated on the whole window of phonemes, then cut to the new frames: the same values
             # the whole-clip driving gives them (up to the window), so chunks join without a step.
-            mouth, sealed = _mouth_from_phonemes(near, t, self.fps)
-            # The silence before the first known phoneme of the window is not a pause: only the
-            # utterance's own start is (the gate closes the mouth before the first phoneme).
+            # _mouth_from_phonemes indexes frames from t = 0: the window is moved to start there (by whole frames).
+            base = k0 / self.fps
+            local = [(sym, a - base, b - base) for sym, a, b in near]
+            mouth, sealed = _mouth_from_phonemes(local, t - base, self.fps)
         seal = np.zeros(len(t), bool)
         seal[[s for s in sealed if s < len(t)]] = True
-        self._targets = np.concatenate([self._targets, np.clip(mouth, 0.0, 1.0)])
-        self._sealed = np.concatenate([self._sealed, seal])
+        self._targets.extend(np.clip(mouth, 0.0, 1.0))
+        self._sealed.extend(seal.tolist())
 
     def targets(self, k: int, lookahead: int) -> tuple[np.ndarray, np.ndarray]:
         """Targets and seals of frames k .. k + lookahead that are known (k must be known)."""
         n = self.known_frames()
         stop = min(n, k + 1 + lookahead)
-        return self._targets[k:stop], self._sealed[k:stop]
+        rows = self._targets[k:stop]
+        return (np.stack(rows) if rows else np.zeros((0, 4))), np.array(self._sealed[k:stop], bool)
 
 
 # -- speech as pushed PCM (no timings) ---------------------------------------------------------
@@ -227,6 +250,8 @@ class EnvelopeTrack:
         self.spf = self.sr / self.fps
         self._audio = np.zeros(0, np.float32)
         self._band = np.zeros(0, np.float32)
+        self._start = 0  # sample index of _audio[0] (and _band[0]): samples no window needs any more are dropped
+        self._total = 0
         nyq = 0.5 * self.sr
         self._sos = signal.butter(2, [1500.0 / nyq, 3000.0 / nyq], btype="band", output="sos")
         self._zi = signal.sosfilt_zi(self._sos) * 0.0
@@ -240,15 +265,19 @@ class EnvelopeTrack:
         if not len(x):
             return
         band, self._zi = signal.sosfilt(self._sos, x, zi=self._zi)
-        self._audio = np.concatenate([self._audio, x])
-        self._band = np.concatenate([self._band, band.astype(np.float32)])
+        keep = max(0, int(round((len(self._targets) + 0.5) * self.spf)) - int(self.WINDOW_S * self.sr) - self._start)
+        self._audio = np.concatenate([self._audio[keep:], x])
+        self._band = np.concatenate([self._band[keep:], band.astype(np.float32)])
+        self._start += keep
+        self._total += len(x)
 
     def end(self) -> None:
         self.ended = True
 
     def _window_db(self, x: np.ndarray, centre: int) -> float:
         half = int(self.WINDOW_S * self.sr / 2)
-        seg = x[max(0, centre - half): centre + half]
+        centre -= self._start
+        seg = x[max(0, centre - half): max(0, centre + half)]
         return float(10.0 * np.log10(np.mean(np.square(seg, dtype=np.float64)) + 1e-12)) if len(seg) else -120.0
 
     def _level(self, db: float, key: str) -> float:
@@ -270,9 +299,9 @@ class EnvelopeTrack:
         """Frames whose targets can be decided: their whole window is in (all, once the utterance ended)."""
         half = int(self.WINDOW_S * self.sr / 2)
         if self.ended:
-            n = int(np.ceil(len(self._audio) / self.spf - 1e-9))
+            n = int(np.ceil(self._total / self.spf - 1e-9))
         else:
-            n = int(np.floor((len(self._audio) - half) / self.spf - 0.5)) + 1
+            n = int(np.floor((self._total - half) / self.spf - 0.5)) + 1
         while len(self._targets) < n:
             k = len(self._targets)
             centre = int(round((k + 0.5) * self.spf))

@@ -31,7 +31,7 @@ import numpy as np
 from avatar_contracts.text import split_bounded, split_clauses, split_sentences
 from gpu_service.errors import ValidationFailed
 from gpu_service.speech.protocol import SpeechEngine, SpeechRequest
-from gpu_service.streaming.driver import CausalMouth, EmotionRamp, EnvelopeTrack, PhonemeTrack, frame_controls
+from gpu_service.streaming.driver import NOD_STEP, CausalMouth, EmotionRamp, EnvelopeTrack, PhonemeTrack, frame_controls
 from gpu_service.streaming.media import SAMPLE_RATE, MediaTick, SessionClosed, Subscription, samples_per_tick
 from gpu_service.talking_head.driving import resolve_emotion
 from gpu_service.talking_head.protocol import FrameStream
@@ -89,6 +89,7 @@ class Utterance:
         """Frames of mouth targets the jaw looks ahead at (say's chunks are whole: as far as they reach)."""
         self._chunks: list[np.ndarray] = []
         self._audio = np.zeros(0, np.float32)
+        self._audio_start = 0  # sample index of _audio[0]: what was played is dropped (an open push can last hours)
         self.total = 0
         self.ended = False
         self.cancelled = False
@@ -99,6 +100,8 @@ class Utterance:
         self.finished = False
         self.released_samples = 0
         self.created = time.monotonic()
+        self.first_audio_at: Optional[float] = None
+        self.started_at: Optional[float] = None
 
     # -- audio (under the session lock) -----------------------------------------------------
     def add_audio(self, samples: np.ndarray) -> None:
@@ -107,10 +110,14 @@ class Utterance:
             self.total += len(samples)
 
     def audio(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of the utterance; frames are taken in order, so what lies before start goes."""
+        if start > self._audio_start:
+            self._audio = self._audio[start - self._audio_start:]
+            self._audio_start = start
         if self._chunks:
             self._audio = np.concatenate([self._audio] + self._chunks)
             self._chunks = []
-        return self._audio[start:stop]
+        return self._audio[start - self._audio_start:stop - self._audio_start]
 
     def frames_total(self) -> int:
         return -(-self.total // self.spf)
@@ -143,6 +150,7 @@ class _Planned:
     last: bool = False
     finish: list = field(default_factory=list)  # utterances (without audio) whose speech_finished rides on this tick
     tick: Optional[MediaTick] = None
+    pre_nod: float = 0.0
 
 
 class EventFeed:
@@ -285,6 +293,7 @@ class StreamSession:
         self._on_closed = on_closed
         self._mouth = CausalMouth(self.fps)
         self._emotion = EmotionRamp(self.fps, self.emotion)
+        self._nod = 0.0
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._queue: list[Utterance] = []
@@ -308,6 +317,8 @@ class StreamSession:
         """Ticks released more than a frame after their time (the producer fell behind)."""
         self.utterances = 0
         self.underruns = 0
+        self.timings: collections.deque[dict] = collections.deque(maxlen=20)
+        """Recent utterances: ms from say/open_audio to their first audio and to their first tick released."""
         """Ticks inside an utterance that had no audio yet (its TTS or pusher fell behind real time)."""
         self._silence = np.zeros(self.samples_per_tick, np.int16)
 
@@ -453,7 +464,14 @@ class StreamSession:
             if utt.cancelled or utt.finished or self._closed:
                 return
             start_s = utt.total / SAMPLE_RATE
+            if (utt.kind == "say" and start_s == 0.0 and len(samples) and phonemes is not None
+                    and not any(p[0] not in ("_", " ") for p in phonemes)):
+                # A speech engine without timings (XTTS streams audio only): the mouth follows the envelope,
+                # which can read ahead inside each whole chunk without delaying the audio.
+                utt.track = EnvelopeTrack(self.fps, SAMPLE_RATE)
             utt.add_audio(samples)
+            if utt.first_audio_at is None and len(samples):
+                utt.first_audio_at = time.monotonic()
             if isinstance(utt.track, PhonemeTrack):
                 if phonemes is not None:
                     utt.track.add(phonemes, utt.total / SAMPLE_RATE)
@@ -580,6 +598,7 @@ class StreamSession:
         first = unseen[0]
         self._mouth.restore(first.pre_mouth)
         self._emotion.restore(first.pre_emotion)
+        self._nod = first.pre_nod
         self._next_index = first.index
         self._pending.clear()
         self._inflight = None
@@ -613,6 +632,7 @@ class StreamSession:
             targets = targets.copy()
             targets[:, 0] = np.clip(targets[:, 0] * emo[3], 0.0, 1.0)
             mouth = self._mouth.step(targets, sealed)
+            nod_goal = utt.track.nod(k) if isinstance(utt.track, PhonemeTrack) else 0.0
             seg = utt.audio(k * self.samples_per_tick, (k + 1) * self.samples_per_tick)
             real = len(seg)
             audio = _to_int16(np.pad(seg, (0, self.samples_per_tick - real))) if real else self._silence
@@ -628,17 +648,27 @@ class StreamSession:
                 self.underruns += 1
             emo = self._emotion.next(utt.emotion if speaking is not None else None)
             mouth = self._mouth.step(None, fast_close=self._fast_close)
+            nod_goal = 0.0
             if mouth[0] <= 0.0:
                 self._fast_close = False
-        controls = frame_controls(self.fps, index, mouth, emo)
-        return _Planned(index, pre_mouth, pre_emotion, speaking, audio, real, mouth, controls, last, finish)
+        pre_nod = self._nod
+        self._nod += float(np.clip(nod_goal - self._nod, -NOD_STEP, NOD_STEP))
+        controls = frame_controls(self.fps, index, mouth, emo, self._nod)
+        return _Planned(index, pre_mouth, pre_emotion, speaking, audio, real, mouth, controls, last, finish,
+                        pre_nod=pre_nod)
 
     def _render(self, plan: _Planned) -> np.ndarray:
         self._stream.frames_rendered = plan.index  # the idle motion of frame `index`, however we got here
         frame = self._stream.render(plan.controls)[0]
         h, w = frame.shape[:2]
         if (w, h) != self.size:
-            interp = cv2.INTER_AREA if self.size[0] < w else cv2.INTER_LINEAR
+            # Cropped to the size's aspect around the centre (the face is not stretched), then scaled: INTER_AREA
+            # down (it averages, no aliasing of the lip seam), bilinear up.
+            tw, th = self.size
+            cw, ch = (w, min(h, round(w * th / tw))) if w * th <= h * tw else (min(w, round(h * tw / th)), h)
+            x0, y0 = (w - cw) // 2, (h - ch) // 2
+            frame = frame[y0:y0 + ch, x0:x0 + cw]
+            interp = cv2.INTER_AREA if tw < cw else cv2.INTER_LINEAR
             frame = cv2.resize(frame, self.size, interpolation=interp)
         return np.ascontiguousarray(frame)
 
@@ -650,6 +680,11 @@ class StreamSession:
         if utt is not None and not utt.finished:
             if not utt.started:
                 utt.started = True
+                utt.started_at = time.monotonic()
+                if utt.first_audio_at is not None:
+                    self.timings.append({"utterance_id": utt.id, "kind": utt.kind,
+                                         "first_audio_ms": round((utt.first_audio_at - utt.created) * 1000, 1),
+                                         "first_tick_ms": round((utt.started_at - utt.created) * 1000, 1)})
                 self._emit_locked({"event": "speech_started", "utterance_id": utt.id, "t": round(tick.pts_s, 4)})
             utt.released_samples += plan.real_samples
         try:

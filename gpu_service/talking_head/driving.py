@@ -24,6 +24,7 @@ seals included, and before the clip's first words the lips part for an in-breath
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import re
@@ -518,7 +519,15 @@ class _BlinkSchedule:
     def curve(self, t: np.ndarray) -> np.ndarray:
         """Lid closure at times t: each blink closes in ~50 ms and opens in ~80 ms."""
         out = np.zeros(len(t))
-        for pk, close_s, hold_s, open_s in self.events:
+        if not len(t):
+            return out
+        # Only the blinks near t (a blink spans < 0.2 s around its peak; peaks are drawn in order): a live
+        # stream asks for one frame at a time, hours in, and must not walk every blink since its start.
+        lo, hi = float(np.min(t)), float(np.max(t))
+        first = bisect.bisect_left(self.events, (lo - 1.0,))
+        for pk, close_s, hold_s, open_s in self.events[first:]:
+            if pk - close_s > hi:
+                break
             down = _smoothstep((t - (pk - close_s)) / close_s)
             up = 1.0 - _smoothstep((t - (pk + hold_s)) / open_s)
             out = np.maximum(out, np.where(t <= pk, down, np.where(t <= pk + hold_s, 1.0, up)))
