@@ -161,6 +161,7 @@ class StreamProbe:
         self.audio_marks: list[tuple[float, int]] = []
         self.kept: list[np.ndarray] = []
         self.rtp: dict[str, list[tuple[float, int]]] = {"audio": [], "video": []}  # (arrival, relative RTP ts)
+        self.levels: list[float] = []                     # mean |sample| of each audio frame
         self._keep = keep_video
         self._video_marker, self._audio_marker = video_marker, audio_marker
         self._on_video_frame = on_video_frame
@@ -251,9 +252,10 @@ class StreamProbe:
             while True:
                 frame = await track.recv()
                 arrival = time.monotonic()
+                samples = frame.to_ndarray().reshape(-1)
                 self.audio.append((arrival, int(frame.pts), int(frame.samples)))
+                self.levels.append(float(np.abs(samples.astype(np.float32)).mean()))
                 if self._audio_marker:
-                    samples = frame.to_ndarray().reshape(-1)
                     self._mark("audio", bool(self._audio_marker(samples)), arrival, int(frame.pts))
 
     async def wait_video(self, frames: int, timeout_s: float = 10.0) -> bool:
@@ -267,6 +269,12 @@ class StreamProbe:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._frame_event.wait(), min(left, 0.5))
         return True
+
+    def audio_level(self, seconds: float = 1.0) -> float:
+        """Mean absolute sample value of the audio received in the last `seconds` (0 before any)."""
+        frames = int(seconds * SAMPLE_RATE / 960)
+        recent = self.levels[-frames:]
+        return float(np.mean(recent)) if recent else 0.0
 
     async def wait_audio(self, samples: int, timeout_s: float = 10.0) -> bool:
         """Wait until `samples` audio samples have arrived (False on timeout)."""
@@ -304,6 +312,21 @@ class StreamProbe:
 
     def p95_interval_s(self, seconds: Optional[float] = None) -> Optional[float]:
         return _pctl(self.intervals(seconds), 95)
+
+    def rtp_fps(self, seconds: Optional[float] = None) -> Optional[float]:
+        """Video frames per second at the network (first packet of each RTP timestamp) over the last `seconds`."""
+        frames = self.rtp["video"]
+        if seconds is not None and frames:
+            frames = [f for f in frames if f[0] >= frames[-1][0] - seconds]
+        if len(frames) < 2:
+            return None
+        return (len(frames) - 1) / (frames[-1][0] - frames[0][0])
+
+    def rtp_p95_interval_s(self, seconds: Optional[float] = None) -> Optional[float]:
+        frames = self.rtp["video"]
+        if seconds is not None and frames:
+            frames = [f for f in frames if f[0] >= frames[-1][0] - seconds]
+        return _pctl([b[0] - a[0] for a, b in zip(frames, frames[1:])], 95)
 
     def _audio_arrival(self, sample: int) -> Optional[float]:
         """Arrival time of the audio frame holding relative sample `sample`."""
@@ -385,6 +408,8 @@ class StreamProbe:
             "frames": len(self.video),
             "fps": self.fps_received(window_s),
             "p95_interval_s": self.p95_interval_s(window_s),
+            "rtp_fps": self.rtp_fps(window_s),
+            "rtp_p95_interval_s": self.rtp_p95_interval_s(window_s),
             "audio_s": sum(a[2] for a in self.audio) / SAMPLE_RATE,
             "av_offset_start_s": self.av_offset_s("start"),
             "av_offset_end_s": self.av_offset_s("end"),

@@ -126,20 +126,22 @@ class ViewerFeed:
     own oldest ticks). Both deliver a tick at the same wall-clock slot: anchor + (index - anchor_index) / fps.
     """
 
-    def __init__(self, subscription: Any, fps: int, on_end: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, subscription: Any, fps: int, on_end: Optional[Callable[[], None]] = None,
+                 kinds: tuple[str, ...] = ("audio", "video")) -> None:
         self.subscription = subscription
         self.fps = int(fps)
         self.samples_per_tick = samples_per_tick(self.fps)
         self._on_end = on_end
         self._buffers: dict[str, collections.deque] = {k: collections.deque(maxlen=FEED_BUFFER_TICKS)
-                                                        for k in ("audio", "video")}
-        self._wake: dict[str, asyncio.Event] = {k: asyncio.Event() for k in ("audio", "video")}
+                                                        for k in kinds}
+        self._wake: dict[str, asyncio.Event] = {k: asyncio.Event() for k in kinds}
         self._started: dict[str, bool] = {"audio": False, "video": False}
         self._anchor: Optional[tuple[float, int]] = None  # (monotonic time, tick index)
         self.ended = False
         self.end_reason: Optional[str] = None
         self.ticks_in = 0
-        self.dropped = {"audio": 0, "video": 0}
+        self.dropped = {"audio": 0, "video": 0}   # lost from a full track buffer
+        self.skipped = {"audio": 0, "video": 0}   # left behind when the track started (before it connected)
         self._pump: Optional[asyncio.Task] = None
 
     def start(self) -> None:
@@ -208,9 +210,11 @@ class ViewerFeed:
             if self._anchor is not None:
                 while len(buf) > 1 and buf[0].index < self._anchor[1]:
                     buf.popleft()
+                    self.skipped[kind] += 1
             else:
                 while len(buf) > 1:
                     buf.popleft()
+                    self.skipped[kind] += 1
         tick = buf.popleft()
         if self._anchor is None:
             self._anchor = (time.monotonic(), tick.index)
@@ -241,7 +245,6 @@ def _tracks():
             super().__init__()
             self.feed = feed
             self.frames_sent = 0
-            self.on_frame: Optional[Callable[[], None]] = None
 
         async def recv(self):
             tick = await self.feed.next("video")
@@ -250,8 +253,6 @@ def _tracks():
             frame.pts = tick.index * VIDEO_CLOCK // self.feed.fps
             frame.time_base = VIDEO_TIME_BASE
             self.frames_sent += 1
-            if self.on_frame is not None:
-                self.on_frame()
             return frame
 
         def stop(self) -> None:
@@ -307,6 +308,48 @@ def _tracks():
     return SessionVideoTrack, SessionAudioTrack
 
 
+def _encoder(codec_name: Optional[str], bitrate: int, preset: str) -> Any:
+    """The video encoder of one viewer's sender: aiortc's, started at `bitrate`; H.264 at x264 `preset`.
+
+    aiortc's H.264 encoder leaves libx264 at its default preset (medium), 3-4x the CPU of veryfast for the
+    same bitrate, and lets x264 start a thread pool per viewer; this one differs only in those options.
+    """
+    from aiortc.codecs.h264 import H264Encoder
+    from aiortc.codecs.vpx import Vp8Encoder
+
+    if codec_name is None or codec_name.lower() not in ("h264", "vp8"):
+        return None
+    if codec_name.lower() == "vp8":
+        encoder = Vp8Encoder()
+        encoder.target_bitrate = bitrate
+        return encoder
+
+    class PresetH264Encoder(H264Encoder):
+        def _encode_frame(self, frame, force_keyframe):
+            import av
+
+            if self.codec and (frame.width != self.codec.width or frame.height != self.codec.height
+                               or abs(self.target_bitrate - self.codec.bit_rate) / self.codec.bit_rate > 0.1):
+                self.buffer_data, self.buffer_pts, self.codec = b"", None, None
+            frame.pict_type = av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
+            if self.codec is None:
+                self.codec = av.CodecContext.create("libx264", "w")
+                self.codec.width, self.codec.height = frame.width, frame.height
+                self.codec.bit_rate = self.target_bitrate
+                self.codec.pix_fmt = "yuv420p"
+                self.codec.framerate = fractions.Fraction(30, 1)
+                self.codec.time_base = fractions.Fraction(1, 30)
+                self.codec.options = {"level": "31", "tune": "zerolatency", "preset": preset, "threads": "1"}
+                self.codec.profile = "Baseline"
+            data = b"".join(bytes(p) for p in self.codec.encode(frame))
+            if data:
+                yield from self._split_bitstream(data)
+
+    encoder = PresetH264Encoder()
+    encoder.target_bitrate = bitrate
+    return encoder
+
+
 # -- peers -------------------------------------------------------------------------------------------------
 
 class Viewer:
@@ -334,6 +377,7 @@ class WebRtcPeers:
         self.codecs = list(config.video_codecs)
         self.max_viewers = config.max_viewers
         self.connect_timeout_s = config.connect_timeout_s
+        self.x264_preset = config.x264_preset
         enable_loopback_candidates(config.ice_loopback)
 
     def count(self, session_id: Optional[str] = None) -> int:
@@ -387,7 +431,8 @@ class WebRtcPeers:
                 if viewer is not None:
                     self._spawn(self.close_viewer(viewer, viewer.feed.end_reason or "closed"))
 
-            feed = ViewerFeed(subscription, int(session.fps), on_end=on_end)
+            feed = ViewerFeed(subscription, int(session.fps), on_end=on_end,
+                              kinds=tuple(k for k, t in (("audio", audio_tr), ("video", video_tr)) if t is not None))
             video, audio = VideoTrack(feed), AudioTrack(feed)
             if video_tr is not None:
                 video_tr.sender.replaceTrack(video)
@@ -395,7 +440,6 @@ class WebRtcPeers:
                 audio_tr.sender.replaceTrack(audio)
             viewer = Viewer(viewer_id, session_id, pc, feed, video, audio)
             viewer.video_sender = video_tr.sender if video_tr is not None else None
-            video.on_frame = lambda: self._set_bitrate(viewer)
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
         except BaseException:
@@ -405,6 +449,12 @@ class WebRtcPeers:
             await pc.close()
             raise
         viewer.video_codec = _negotiated(video_tr) if video_tr is not None else None
+        if video_tr is not None:
+            # Our encoder in place of the one aiortc would make at the first frame (it reads this attribute:
+            # `if self.__encoder is None: self.__encoder = get_encoder(codec)`); REMB moves its bitrate later.
+            encoder = _encoder(viewer.video_codec, self.bitrate, self.x264_preset)
+            if encoder is not None:
+                video_tr.sender._RTCRtpSender__encoder = encoder
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -417,13 +467,6 @@ class WebRtcPeers:
         log.info("webrtc viewer", extra={"session_id": session_id, "viewer_id": viewer_id,
                                          "codec": viewer.video_codec, "viewers": self.count(session_id)})
         return pc.localDescription.sdp, viewer
-
-    def _set_bitrate(self, viewer: Viewer) -> None:
-        """Start the viewer's video encoder at STREAM_VIDEO_BITRATE (once; REMB moves it from there)."""
-        encoder = getattr(viewer.video_sender, "_RTCRtpSender__encoder", None)  # aiortc makes it on the first frame
-        if encoder is not None and hasattr(encoder, "target_bitrate"):
-            encoder.target_bitrate = self.bitrate
-            viewer.video.on_frame = None
 
     async def _connect_deadline(self, viewer: Viewer) -> None:
         await asyncio.sleep(self.connect_timeout_s)
@@ -524,6 +567,8 @@ def peers(app: FastAPI) -> WebRtcPeers:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
     peers(app)  # loopback candidates configured before the first offer
+    with contextlib.suppress(ImportError):  # aiortc's import (~1 s) not on the first viewer's clock
+        await asyncio.to_thread(_tracks)
     try:
         yield
     finally:

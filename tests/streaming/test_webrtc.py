@@ -13,6 +13,7 @@ import contextlib
 import re
 
 import httpx
+import numpy as np
 import pytest
 
 pytest.importorskip("aiortc")
@@ -232,7 +233,8 @@ def test_offer_errors_name_the_field():
                 assert "Traceback" not in body["error"] and "File " not in body["error"]
             r = await client.post("/stream/sessions/s/offer", json={"type": "offer"})
             assert r.status_code == 422 and "sdp" in r.json()["error"]
-            r = await client.post("/stream/sessions/s/offer", content=b"{", headers={"content-type": "application/json"})
+            r = await client.post("/stream/sessions/s/offer", content=b"{",
+                                  headers={"content-type": "application/json"})
             assert r.status_code == 422
             assert client.app.state.webrtc.count() == 0
             assert client.app.state.streams.sessions["s"].viewers == 0
@@ -272,3 +274,212 @@ def test_stream_settings_from_the_environment(monkeypatch):
     assert s.stream.ice_loopback is True
     monkeypatch.setenv("STREAM__ICE_SERVERS", '[{"urls": ["turn:t.example.org"], "username": "u", "credential": "c"}]')
     assert Settings().stream.ice_servers[0].username == "u"
+
+
+# -- end to end: the real session --------------------------------------------------------------------------
+
+def test_real_session_end_to_end(tmp_path):
+    """A real StreamSession (the landmark talking head, Piper) viewed over WebRTC: idle frames at 25 fps,
+    speech arrives as audio, and deleting the session closes the viewer's connection."""
+    from tests.conftest import running_app
+
+    settings = Settings(device="cpu", tts_engines=["piper"], lipsync_engines=[], data_dir=tmp_path / "data",
+                        warmup=False)
+
+    async def main():
+        async with running_app(settings) as client:
+            r = await client.post("/stream/sessions", json={"avatar_id": "astronaut", "size": [256, 256]})
+            assert r.status_code == 201, r.text
+            created = r.json()
+            sid = created["session_id"]
+            probe = StreamProbe()
+
+            async def post(offer):
+                answer = await client.post(created["offer_url"], json=offer)
+                assert answer.status_code == 200, answer.text
+                return answer.json()
+
+            try:
+                await probe.connect(post)
+                assert await probe.wait_video(1, 10), "no frame within 10 s"
+                assert await probe.wait_video(75, 10)
+                print("\nreal session, idle:", probe.summary(window_s=2.0))
+                assert probe.codec == "H264"
+                assert 22 <= probe.fps_received(2.0) <= 27
+                quiet = probe.audio_level()
+                r = await client.post(created["say_url"], json={"text": "Hello there, how are you today?"})
+                assert r.status_code == 202, r.text
+                # speech reaches the viewer as audio (bounded wait: 10 s)
+                for _ in range(100):
+                    await asyncio.sleep(0.1)
+                    if probe.audio_level(0.5) > max(10 * quiet, 300):
+                        break
+                else:
+                    raise AssertionError(f"no speech in the received audio (level {probe.audio_level(0.5)})")
+                await asyncio.sleep(1.0)
+                summary = probe.summary(window_s=2.0)
+                offsets = [o for _, o in probe.rtp_av_offsets()]
+                print("real session, speaking:", summary)
+                print("A/V offsets (ms, every 5th frame):", [round(o * 1000) for o in offsets[::5]])
+                # The median over the run; single frames wait longer when the 2 shared cores are busy with
+                # speech synthesis and rendering (the benchmark reports the start and end figures).
+                assert abs(float(np.median(offsets))) < 0.04, offsets
+                # The session's own pace while it synthesises speech is the core's (on 2 busy cores it has
+                # released ticks late); the transport passes on every tick it is given, in time.
+                viewer = next(iter(client.app.state.webrtc.viewers[sid].values()))
+                print("ticks in", viewer.feed.ticks_in, "frames sent", viewer.video.frames_sent,
+                      "received", len(probe.video), "skipped", viewer.feed.skipped, "dropped", viewer.feed.dropped,
+                      viewer.feed.subscription.dropped)
+                assert viewer.video.frames_sent >= viewer.feed.ticks_in - viewer.feed.skipped["video"] - 2
+                assert len(probe.video) >= viewer.video.frames_sent - 3
+                assert viewer.feed.subscription.dropped == 0 and viewer.feed.dropped == {"audio": 0, "video": 0}
+                # the session ends: its viewers' connections close
+                r = await client.delete(f"/stream/sessions/{sid}")
+                assert r.status_code == 204
+                await asyncio.wait_for(probe.ended.wait(), 10)
+                for _ in range(50):
+                    if client.app.state.webrtc.count(sid) == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                assert client.app.state.webrtc.count(sid) == 0
+            finally:
+                await probe.close()
+    asyncio.run(main())
+
+
+def test_viewer_over_loopback_in_a_namespace_with_only_lo():
+    """No interface but `lo` (a browser test's namespace): loopback host candidates are gathered, and it streams."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a network namespace here (unshare -n)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = "ip link set lo up && exec \"$0\" -m tests.streaming.loopback_viewer"
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script, sys.executable], cwd=root, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["candidates"] and all("127.0.0.1" in c for c in result["candidates"]), result["candidates"]
+    assert result["frames"] >= 25 and result["codec"] == "H264"
+
+
+def test_viewer_that_never_connects_is_closed():
+    async def main():
+        async with transport_app(connect_timeout_s=1.0) as client:
+            session = client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(128, 128))
+            from aiortc import RTCPeerConnection
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            r = await client.post("/stream/sessions/s/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+            assert r.status_code == 200
+            await pc.close()  # it never applies the answer
+            assert client.app.state.webrtc.count("s") == 1 and session.viewers == 1
+            for _ in range(40):
+                if client.app.state.webrtc.count("s") == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert client.app.state.webrtc.count("s") == 0
+            assert session.viewers == 0
+    asyncio.run(main())
+
+
+def test_viewers_past_the_limit_are_a_429():
+    async def main():
+        async with transport_app(max_viewers=1) as client:
+            client.app.state.streams.sessions["s"] = TestPatternSession("s", size=(128, 128))
+            first = await viewer(client, "s")
+            try:
+                from aiortc import RTCPeerConnection
+                pc = RTCPeerConnection()
+                pc.addTransceiver("video", direction="recvonly")
+                await pc.setLocalDescription(await pc.createOffer())
+                r = await client.post("/stream/sessions/s/offer",
+                                      json={"sdp": pc.localDescription.sdp, "type": "offer"})
+                await pc.close()
+                assert r.status_code == 429 and r.headers.get("retry-after"), r.text
+                assert "STREAM_MAX_VIEWERS" in r.json()["error"]
+                assert client.app.state.streams.sessions["s"].viewers == 1
+            finally:
+                await first.close()
+    asyncio.run(main())
+
+
+def test_audio_track_fills_lost_ticks_with_silence_and_keeps_the_clocks_equal():
+    """Ticks a viewer lost (0, 1, then 4): the audio goes on in 20 ms frames whose pts stay index * 1920."""
+    from gpu_service.streaming.media import Subscription
+
+    async def main():
+        sub = Subscription(buffer=16)
+        pattern = TestPatternSession("g", size=(64, 64))
+        sub._deliver(pattern.tick(0))
+        feed = webrtc.ViewerFeed(sub, 25)
+        feed.start()
+        video_cls, audio_cls = webrtc._tracks()
+        audio, video = audio_cls(feed), video_cls(feed)
+        frames = [await asyncio.wait_for(audio.recv(), 2)]  # the track starts at tick 0 (the newest then)
+        for index in (1, 4, 5):
+            sub._deliver(pattern.tick(index))
+        sub._end()
+        from aiortc.mediastreams import MediaStreamError
+        with contextlib.suppress(MediaStreamError):
+            for _ in range(20):
+                frames.append(await asyncio.wait_for(audio.recv(), 2))
+        assert [f.pts for f in frames] == [i * 960 for i in range(12)]
+        assert all(f.samples == 960 and f.sample_rate == 48_000 and f.format.name == "s16" for f in frames)
+        silent = [i for i, f in enumerate(frames) if not f.to_ndarray().any()]
+        assert silent == [4, 5, 6, 7]  # ticks 2 and 3
+        assert audio.silence_filled == 2 * 1920
+        vpts = []
+        with contextlib.suppress(MediaStreamError):
+            for _ in range(10):
+                vpts.append((await asyncio.wait_for(video.recv(), 2)).pts)
+        assert vpts == [0, 3600, 4 * 3600, 5 * 3600]  # video jumps; audio and video clocks agree at every tick
+        assert feed.ended and feed.end_reason == "session closed"
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("where", ["host address", "namespace with only lo"])
+def test_chromium_receives_h264_and_opus(where):
+    """Real headless Chromium (Debian's) as the viewer: H.264 and Opus negotiated, ~25 fps decoded, audio played."""
+    import json
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from tests.streaming.chromium_viewer import CHROMIUM
+
+    pytest.importorskip("playwright")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root}
+    if where == "host address":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(("192.0.2.1", 9))  # no packet is sent: this picks the address of the default route
+                host = s.getsockname()[0]
+            except OSError:
+                pytest.skip("no network interface but loopback")
+        cmd = [sys.executable, "-m", "tests.streaming.chromium_viewer", host]
+    else:
+        if not shutil.which("unshare") or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+            pytest.skip("cannot make a network namespace here (unshare -n)")
+        script = "ip link set lo up && exec \"$0\" -m tests.streaming.chromium_viewer 127.0.0.1"
+        cmd = ["unshare", "-n", "sh", "-c", script,
+               sys.executable]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\nChromium ({where}):", result)
+    assert result["codecs"][result["video"]["codec"]] == "video/H264"
+    assert result["codecs"][result["audio"]["codec"]] == "audio/opus"
+    assert result["video"]["frames"] >= 100 and 22 <= result["video"]["fps"] <= 27, result
+    assert result["audio"]["samples"] >= 3 * 48_000 and result["video"]["lost"] == 0
