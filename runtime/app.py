@@ -429,7 +429,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 raise ValidationFailed(f"unknown avatar_id {req.avatar_id!r}; known avatars: {shown}")
         target, answer = await relay(request).create(req.model_dump(exclude_none=True), req.avatar_id, req.avatar_image)
         urls = stream_urls(request, target.stream_id)
-        face_box = await relay(request).face_box(target, answer.get("avatar_id", req.avatar_id))
+        try:
+            frame_size = (int(answer["width"]), int(answer["height"]))
+        except (KeyError, TypeError, ValueError):
+            frame_size = None
+        face_box = (await relay(request).face_box(target, answer.get("avatar_id", req.avatar_id), frame_size)
+                    if frame_size else None)
         try:
             created = StreamCreated(
                 stream_id=target.stream_id, token=relay(request).tokens.token(target.stream_id),

@@ -279,9 +279,11 @@ class StreamRelay:
                     await reader
                 await response.aclose()
 
-    async def face_box(self, target: StreamTarget, avatar_id: Optional[str]) -> Optional[list[float]]:
-        """The avatar's face box as fractions of its portrait (the frame is the whole portrait, scaled), from the
-        service's avatar list; None when it cannot say (never an error: the box only helps a viewer)."""
+    async def face_box(self, target: StreamTarget, avatar_id: Optional[str], size: tuple[int, int]
+                       ) -> Optional[list[float]]:
+        """The avatar's face box as fractions of the session's frames, from the service's avatar list; None when
+        it cannot say (never an error: the box only helps a viewer). A frame is the portrait cropped around its
+        centre to the frame's aspect, then scaled (gpu_service/streaming/session.py), so the box is too."""
         if not avatar_id:
             return None
         try:
@@ -290,7 +292,7 @@ class StreamRelay:
             items = items.get("avatars", []) if isinstance(items, dict) else items
             info = next(i for i in items if isinstance(i, dict) and i.get("avatar_id") == avatar_id)
             (x, y, w, h), (width, height) = info["face_box"], info["image_size"]
-            return [round(x / width, 4), round(y / height, 4), round(w / width, 4), round(h / height, 4)]
+            return crop_box((x, y, w, h), (width, height), size)
         except (GPUServiceError, ValueError, KeyError, TypeError, StopIteration, ZeroDivisionError):
             return None
 
@@ -298,6 +300,17 @@ class StreamRelay:
         """The session's own ICE servers (when the GPU service names any), then STREAM_ICE_SERVERS."""
         own = answer.get("ice_servers") if isinstance(answer.get("ice_servers"), list) else []
         return [s for s in own if isinstance(s, dict)] + list(self.settings.stream_ice_servers)
+
+
+def crop_box(box: tuple[float, float, float, float], image: tuple[int, int], frame: tuple[int, int]) -> list[float]:
+    """A box in portrait pixels as fractions of a frame made by cropping the portrait around its centre to the
+    frame's aspect and scaling it (the GPU service's streamed frames), clipped to the frame."""
+    (x, y, w, h), (iw, ih), (tw, th) = box, image, frame
+    cw, ch = (iw, min(ih, round(iw * th / tw))) if iw * th <= ih * tw else (min(iw, round(ih * tw / th)), ih)
+    x0, y0 = (iw - cw) // 2, (ih - ch) // 2
+    left, top = max(0.0, (x - x0) / cw), max(0.0, (y - y0) / ch)
+    right, bottom = min(1.0, (x + w - x0) / cw), min(1.0, (y + h - y0) / ch)
+    return [round(left, 4), round(top, 4), round(max(0.0, right - left), 4), round(max(0.0, bottom - top), 4)]
 
 
 def _failure(response: httpx.Response, service: ServiceClient, what: str) -> GPUServiceError:

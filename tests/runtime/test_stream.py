@@ -348,3 +348,16 @@ def test_a_runtime_stopping_ends_its_open_event_streams_instead_of_waiting_on_th
         assert proc.proc.wait(timeout=15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has stopped
     finally:
         proc.kill()
+
+
+def test_the_face_box_follows_the_frames_crop_to_their_aspect():
+    from runtime.streams import crop_box
+
+    # a square frame of a square portrait: the portrait's own fractions
+    assert crop_box((128, 64, 256, 320), (512, 512), (256, 256)) == [0.25, 0.125, 0.5, 0.625]
+    # a wide frame of a square portrait: its middle 512x256 band is kept (rows 128..384)
+    assert crop_box((128, 192, 256, 128), (512, 512), (512, 256)) == [0.25, 0.25, 0.5, 0.5]
+    # a tall frame of a wide portrait: its middle columns (100..300 of 400x200 for a 1:1 frame)
+    assert crop_box((150, 50, 100, 100), (400, 200), (64, 64)) == [0.25, 0.25, 0.5, 0.5]
+    # partly outside the crop: clipped to the frame
+    assert crop_box((0, 0, 200, 100), (400, 200), (200, 200)) == [0.0, 0.0, 0.5, 0.5]
