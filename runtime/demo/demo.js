@@ -17,7 +17,7 @@
     state: "idle", ice: null, session: null, frames: 0, fps: null, firstFrameMs: null,
     says: [], events: [], stats: null, errors: [], motion: [],
   };
-  let pc = null, session = null, eventsAbort = null, statsTimer = null, offerAt = null;
+  let pc = null, session = null, eventsAbort = null, statsTimer = null, offerAt = null, frameHandle = null;
   let frameTimes = [], lastGrey = null;
   let watch = null;  // the Say being timed: {at, level, utterance, started, changed}
   const CHANGE_LEVEL = 4;  // grey levels (mean over an 8x8 block of the mouth region, frame to frame) that count
@@ -177,7 +177,7 @@
         }
       }
     }
-    video.requestVideoFrameCallback(onFrame);
+    frameHandle = video.requestVideoFrameCallback(onFrame);
   }
 
   // -- stats ---------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@
       offerAt = performance.now();
       const answer = await api("POST", session.offer_url, {sdp: pc.localDescription.sdp, type: "offer"});
       await pc.setRemoteDescription(answer);
-      video.requestVideoFrameCallback(onFrame);
+      frameHandle = video.requestVideoFrameCallback(onFrame);
       statsTimer = setInterval(() => pollStats().catch(fail), 1000);
     } catch (err) {
       fail(err);
@@ -280,6 +280,8 @@
 
   async function disconnect(quiet) {
     clearInterval(statsTimer);
+    if (frameHandle != null) video.cancelVideoFrameCallback(frameHandle);
+    frameHandle = null;
     if (eventsAbort) eventsAbort.abort();
     if (pc) pc.close();
     pc = null;

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -154,14 +155,9 @@ def drive(out: Path, runtime_url: str, size: str, result: dict) -> None:
             browser.close()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--size", default="256x256", help="the demo's frame size choice ('' for the portrait's)")
-    args = parser.parse_args()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"ok": False}
+@contextlib.contextmanager
+def services(out: Path, result: dict, **gpu_env: str):
+    """The GPU service and the runtime as processes (logs in `out`) until the block ends; yields the runtime's URL."""
     procs: list[subprocess.Popen] = []
     try:
         gpu_port, rt_port = free_port(), free_port()
@@ -169,7 +165,7 @@ def main() -> int:
         gpu = start([sys.executable, "-m", "gpu_service"], {
             "HOST": "127.0.0.1", "PORT": str(gpu_port), "DEVICE": "cpu", "TTS_ENGINES": "piper",
             "DATA_DIR": str(out / "gpu-data"), "PRESET_AVATARS_DIR": str(REPO / "preset_avatars"),
-            "STREAM_ICE_LOOPBACK": "true"}, out / "gpu.log")
+            "STREAM_ICE_LOOPBACK": "true", **gpu_env}, out / "gpu.log")
         procs.append(gpu)
         rt = start([sys.executable, "-m", "runtime"], {
             "HOST": "127.0.0.1", "PORT": str(rt_port), "GPU_SERVICE_URL": gpu_url, "DATA_DIR": str(out / "rt-data"),
@@ -179,14 +175,28 @@ def main() -> int:
         wait_ready(f"{gpu_url}/ready", 240, gpu)
         result["gpu_ready_s"] = time.monotonic() - t
         wait_ready(f"{runtime_url}/ready", 60, rt)
-        drive(out, runtime_url, args.size, result)
+        yield runtime_url
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--size", default="256x256", help="the demo's frame size choice ('' for the portrait's)")
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"ok": False}
+    try:
+        with services(out, result) as runtime_url:
+            drive(out, runtime_url, args.size, result)
         result["ok"] = True
     except BaseException as exc:  # noqa: BLE001 - everything goes into the result for the test to show
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["trace"] = traceback.format_exc()[-4000:]
     finally:
-        for proc in reversed(procs):
-            stop_process(proc)
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return 0 if result["ok"] else 1
 
