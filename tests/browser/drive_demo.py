@@ -121,7 +121,10 @@ def drive(out: Path, runtime_url: str, size: str, result: dict) -> None:
                 time.sleep(0.12)
             result["speaking"] = speaking
             wait_for(page, "demo.events.some(e => e.event === 'speech_finished')", 60, "speech_finished")
-            wait_for(page, "demo.says[0].changed != null", 5, "the mouth region changed")
+            try:  # judged by the test, not fatal here: the other checks still get their figures
+                wait_for(page, "demo.says[0].changed != null", 5, "the mouth region changed")
+            except TimeoutError as exc:
+                result["mouth_change_missed"] = str(exc)
             result["say"] = page.evaluate("demo.says[0]")
             wait_for(page, "document.getElementById('m-fps').textContent !== '\\u2013'", 5, "stats shown")
             result["figures_text"] = page.evaluate(

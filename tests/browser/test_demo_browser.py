@@ -156,6 +156,7 @@ def test_the_page_shows_the_latency_and_the_stream_figures(seen):
     assert re.fullmatch(r"\d+ ms / \d+ ms", shown["video jitter / audio jitter"]), shown
     assert "H264" in shown["codecs / bitrate"] or "VP8" in shown["codecs / bitrate"]
     say = seen["say"]
+    assert say["changed"] is not None, seen.get("mouth_change_missed")
     assert 0 < say["started"] < 30_000 and 0 < say["changed"] < 30_000, say
     assert 0 < seen["first_frame_ms"] < 30_000
 
