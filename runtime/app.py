@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -53,7 +54,8 @@ _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _STREAM_SESSION_PATH = re.compile(r"^/api/v1/stream/[^/]+(/(offer|say|interrupt|events))?$")
 """A stream session's own URLs: authorised by the session's token, not by an API key."""
-_DEMO_DIR = __import__("pathlib").Path(__file__).resolve().parent / "demo"
+_DEMO_DIR = Path(__file__).resolve().parent / "demo"
+"""The demo page's static files (package data)."""
 
 
 def _describe(exc: ValidationError) -> tuple[str, list[str]]:

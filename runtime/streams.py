@@ -115,7 +115,9 @@ class StreamRelay:
         client = self._http.get(service.label)
         if client is None:
             timeout = httpx.Timeout(self.settings.stream_timeout_s, connect=self.settings.gpu_connect_timeout_s)
-            client = self._http[service.label] = httpx.AsyncClient(base_url=service.base, timeout=timeout)
+            # each open event stream holds a connection: room for many, the GPU service's own limits apply
+            limits = httpx.Limits(max_connections=1024, max_keepalive_connections=32)
+            client = self._http[service.label] = httpx.AsyncClient(base_url=service.base, timeout=timeout, limits=limits)
         return client
 
     async def aclose(self) -> None:
@@ -131,7 +133,7 @@ class StreamRelay:
         service = self._services.get(match.group(1)) if match else None
         if not token:
             raise Unauthorized(f"this session's token is required ({TOKEN_HEADER} header, or ?token=)",
-                               headers={"WWW-Authenticate": "Bearer"})
+                               headers={"WWW-Authenticate": f'{TOKEN_HEADER} realm="stream"'})
         if service is None or not self.tokens.valid(stream_id, token):
             raise NotFound(f"no stream session {stream_id[:200]!r}")
         return StreamTarget(stream_id, service, match.group(2))
