@@ -40,24 +40,34 @@ log = logging.getLogger("gpu_service.streaming")
 
 FIRST_PIECE_CHARS = 40
 """`say` speaks its first clause alone (cut at a word to this many characters when longer), so the first
-audio, and the mouth, come after a short synthesis; the rest follows sentence by sentence while it plays."""
+audio, and the mouth, come after a short synthesis; later pieces may each be twice as long as the one
+before (a sentence longer than that is cut at its clauses), so each is made while the previous plays."""
 
+MAX_PIECE_CHARS = 320
 
 SAY_TARGET_LOOKAHEAD = 5
 """Frames (200 ms at 25 fps) of a say's mouth targets the jaw looks ahead at: enough to leave in time for the
 widest opening and to close into an m/b/p seal at the jaw's speed (3 frames from wide open)."""
 
 
-def first_piece_split(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
-    """The text as [a short first piece (a clause, at most first_chars at word boundaries), the rest]."""
+def speech_pieces(text: str, first_chars: int = FIRST_PIECE_CHARS) -> list[str]:
+    """The text in the pieces `say` synthesizes one after the other (avatar_contracts.text's splitting)."""
     sentences = split_sentences(text)
     if not sentences:
         return []
     clauses = split_clauses(sentences[0])
-    head = split_bounded(clauses[0], first_chars) if clauses else [sentences[0]]
-    first = head[0]
-    rest = " ".join(head[1:] + clauses[1:] + sentences[1:]).strip()
-    return [first, rest] if rest else [first]
+    head = split_bounded(clauses[0], first_chars)  # the first clause, or its first words
+    rest = " ".join(head[1:] + clauses[1:])
+    pieces = [head[0]]
+    limit = 2 * first_chars
+    for sentence in ([rest] if rest else []) + sentences[1:]:
+        for piece in ([sentence] if len(sentence) <= limit else split_bounded(sentence, limit)):
+            pieces.append(piece)
+            limit = min(2 * limit, MAX_PIECE_CHARS)
+    return pieces
+
+
+first_piece_split = speech_pieces
 
 
 def check_audio_format(sample_rate, channels) -> tuple[int, int]:
@@ -520,7 +530,7 @@ class StreamSession:
 
         error = None
         try:
-            for piece in first_piece_split(text):
+            for piece in speech_pieces(text):
                 if utt.cancelled or self._closed:
                     return
                 with self._lock:

@@ -10,7 +10,7 @@ import pytest
 from gpu_service.speech.protocol import SpeechRequest
 from gpu_service.streaming.driver import INTERRUPT_SPEEDUP
 from gpu_service.streaming.media import SAMPLE_RATE
-from gpu_service.streaming.session import first_piece_split
+from gpu_service.streaming.session import speech_pieces
 from gpu_service.talking_head.controls import SPEECH_OPEN
 from gpu_service.talking_head.driving import _JAW_SPEED
 from tests.streaming.conftest import create, on_loop
@@ -62,9 +62,19 @@ def speech_samples(app, text):
     """Samples at 48 kHz the service's Piper makes for `text`, split as say splits it."""
     engine = app.state.registry.speech_engine(None).engine
     total = 0.0
-    for piece in first_piece_split(text):
+    for piece in speech_pieces(text):
         total += sum(len(c.audio) / c.sample_rate for c in engine.stream(SpeechRequest(text=piece)))
     return total
+
+
+def test_speech_pieces_start_short_and_grow():
+    text = ("Well, that depends on the rocket, the weather and the crew on board today. It leaves at nine. "
+            "Then it flies for three days, crosses the belts, and lands on the moon, where the crew will stay for a week.")
+    pieces = speech_pieces(text)
+    assert " ".join(pieces) == " ".join(text.split())
+    assert pieces[0] == "Well,"  # the first clause alone: the mouth opens after a short synthesis
+    assert all(len(piece) <= 40 * 2 ** i for i, piece in enumerate(pieces))  # each made while the ones before play
+    assert "It leaves at nine." in pieces  # short sentences stay whole
 
 
 def test_idle_ticks_move_on_a_steady_clock(service):
