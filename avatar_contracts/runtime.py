@@ -131,3 +131,76 @@ class RuntimeReady(BaseModel):
     gpu_service_ready: bool = Field(description="Whether at least one GPU service is ready.")
     gpu_services_ready: dict[str, bool] = Field(default_factory=dict, description="Each GPU service (host:port).")
     problems: list[str] = Field(default_factory=list)
+
+
+class StreamRequest(BaseModel):
+    """Body of ``POST /api/v1/stream``: a live session on a GPU service (at most one of avatar_id / avatar_image).
+
+    The runtime checks what needs no network (the avatar fields, emotion) and passes the rest to the GPU
+    service, whose 4xx (naming the field) comes back as it is.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    avatar_id: Optional[CleanText] = Field(
+        default=None, max_length=128, description="A preset or uploaded avatar; the runtime's DEFAULT_AVATAR_ID when "
+        "neither this nor avatar_image is sent.")
+    avatar_image: Optional[str] = Field(default=None, description="Base64 portrait (JPEG/PNG/WebP).")
+    engine: Optional[CleanText] = Field(default=None, max_length=64, description="Talking-head engine (landmark).")
+    tts_engine: Optional[CleanText] = Field(default=None, max_length=64, description="Speech engine of say (piper, xtts).")
+    voice: Optional[CleanText] = Field(default=None, max_length=128, description="Voice of the speech engine.")
+    language: Optional[CleanText] = Field(default=None, min_length=2, max_length=16, description="Language code, e.g. en.")
+    emotion: Optional[CleanText] = Field(default=None, max_length=32, description="Facial emotion; neutral if absent.")
+    fps: Optional[int] = Field(default=None, ge=1, le=60, description="Frame rate (the GPU service's default: 25).")
+    size: Optional[Any] = Field(default=None, description="Frame size: [width, height] or \"WxH\", even numbers.")
+    head_motion: Optional[bool] = Field(default=None, description="Head drift and nods (default: on).")
+    seed: Optional[int] = Field(default=None, ge=0, description="Seed of the idle motion.")
+
+
+class StreamCreated(BaseModel):
+    """201 answer of ``POST /api/v1/stream``: all a browser needs, the GPU service's address not among it.
+
+    Every URL is the runtime's own; each takes the session's ``token`` (header ``X-Stream-Token``, or
+    ``?token=`` where a header cannot be set, as with ``EventSource``) instead of the API key. The media
+    itself flows between the browser and the GPU service over ICE once the offer is answered.
+    """
+
+    stream_id: str = Field(description="The session as the runtime names it.")
+    token: str = Field(description="Bearer of this session's URLs; unguessable, shown only here.")
+    avatar_id: Optional[str] = None
+    fps: int
+    width: int
+    height: int
+    sample_rate: int
+    expires_after_idle_s: Optional[float] = Field(
+        default=None, description="The session ends this long after its last viewer or listener left.")
+    stream_url: str = Field(description="DELETE ends the session.")
+    offer_url: str = Field(description="POST {sdp, type: offer} -> {sdp, type: answer}.")
+    say_url: str = Field(description="POST {text, interrupt?} -> 202 {utterance_id}.")
+    interrupt_url: str = Field(description="POST -> {interrupted: utterance_id | null}.")
+    events_url: str = Field(description="GET: server-sent events (speech_started, speech_finished, session_closed).")
+    ice_servers: list[dict[str, Any]] = Field(
+        default_factory=list, description="STUN/TURN servers for the browser's RTCPeerConnection (RTCIceServer).")
+    face_box: Optional[list[float]] = Field(
+        default=None, description="x, y, width, height of the face as fractions of the frame's width and height "
+        "(from the avatar's encoding; null when the GPU service did not say).")
+
+
+class StreamSay(BaseModel):
+    """Body of ``POST /api/v1/stream/{stream_id}/say``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: SpeakableText = Field(max_length=1_000_000, description="Text to speak; at most MAX_TEXT_CHARS.")
+    interrupt: bool = Field(default=False, description="Cut off what is being said first.")
+    voice: Optional[CleanText] = Field(default=None, max_length=128, description="Voice of this utterance.")
+    emotion: Optional[CleanText] = Field(default=None, max_length=32, description="Facial emotion of this utterance.")
+
+
+class StreamOffer(BaseModel):
+    """Body of ``POST /api/v1/stream/{stream_id}/offer``: the browser's SDP offer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sdp: str = Field(min_length=1, max_length=100_000)
+    type: Literal["offer"]

@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -28,7 +29,8 @@ from avatar_contracts.logs import setup_logging
 from avatar_contracts.media import check_image_header, decode_base64, parse_background
 from avatar_contracts.metrics import HttpMetrics, scrape
 from avatar_contracts.runtime import GenerateRequest, GPUServicePlacement, GPUServiceStatus, JobAccepted, JobResult, RuntimeHealth, RuntimeReady
-from runtime import pipeline, webhooks
+from avatar_contracts.runtime import StreamCreated, StreamOffer, StreamRequest, StreamSay
+from runtime import pipeline, streams, webhooks
 from runtime.db import TERMINAL, key_fingerprint
 from runtime.errors import (
     BadMedia,
@@ -50,6 +52,10 @@ log = logging.getLogger("runtime")
 _AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_STREAM_SESSION_PATH = re.compile(r"^/api/v1/stream/[^/]+(/(offer|say|interrupt|events))?$")
+"""A stream session's own URLs: authorised by the session's token, not by an API key."""
+_DEMO_DIR = Path(__file__).resolve().parent / "demo"
+"""The demo page's static files (package data)."""
 
 
 def _describe(exc: ValidationError) -> tuple[str, list[str]]:
@@ -127,15 +133,19 @@ def _openapi(app: FastAPI, secured: bool) -> dict:
         schema = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas["GenerateRequest"] = schema
+        security = doc["components"].setdefault("securitySchemes", {})
+        # a stream session's own URLs take its token (StreamCreated.token), with or without API keys
+        security["StreamToken"] = {"type": "apiKey", "in": "header", "name": streams.TOKEN_HEADER}
         if secured:
-            doc["components"]["securitySchemes"] = {
-                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-                "Bearer": {"type": "http", "scheme": "bearer"},
-            }
-            for path, operations in doc["paths"].items():
-                if path.startswith("/api/"):
-                    for operation in operations.values():
-                        operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+            security["ApiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+            security["Bearer"] = {"type": "http", "scheme": "bearer"}
+        for path, operations in doc["paths"].items():
+            if _STREAM_SESSION_PATH.match(path.replace("{stream_id}", "x")):
+                for operation in operations.values():
+                    operation["security"] = [{"StreamToken": []}]
+            elif secured and path.startswith("/api/"):
+                for operation in operations.values():
+                    operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
         app.openapi_schema = doc
     return app.openapi_schema
 
@@ -164,6 +174,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         log.info("runtime started", extra={"port": settings.port, "broker": rt.broker_name,
                                             "gpu_services": ",".join(s.label for s in rt.gpu.services), "owner": rt.owner,
                                             "database": rt.store.describe(), "outputs": rt.outputs.describe()})
+        app.state.streams = streams.StreamRelay(settings, rt.gpu, metrics)
         pruner = asyncio.create_task(_prune_forever(rt))
         reaper = asyncio.create_task(_reap_forever(rt)) if settings.run_worker else None
         try:
@@ -172,6 +183,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             pruner.cancel()
             if reaper is not None:
                 reaper.cancel()
+            await app.state.streams.aclose()
             await asyncio.to_thread(rt.stop)
 
     app = FastAPI(title="Avatar runtime", version="0.1.0", lifespan=lifespan,
@@ -196,7 +208,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         """Record who is calling (the key's fingerprint); the API itself needs a valid key when keys are set."""
         request.state.owner = caller(request) if keys else None
         path = request.url.path
-        guarded = path.startswith("/api/") or (path == "/metrics" and settings.metrics_require_key)
+        guarded = ((path.startswith("/api/") and not _STREAM_SESSION_PATH.match(path))
+                   or (path == "/metrics" and settings.metrics_require_key))
         if keys and request.state.owner is None and guarded:
             return Unauthorized("a valid API key is required (X-API-Key or Authorization: Bearer)",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -350,6 +363,151 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         """A JPEG frame of the video."""
         return _output(request, task_id, pipeline.THUMBNAIL_NAME, "image/jpeg")
 
+    # -- live streams: created with the API key, then driven with the session's token -----------------
+
+    async def json_body(request: Request, model, required: bool = True):
+        """The JSON body as `model`, or a 415/413/422 naming the problem; None when optional and empty."""
+        raw = bytearray()
+        async for piece in request.stream():  # bounded even when no Content-Length was sent
+            raw.extend(piece)
+            if len(raw) > settings.max_request_bytes:
+                raise PayloadTooLarge(f"request body is over the {settings.max_request_bytes} byte limit")
+        if not raw.strip() and not required:
+            return None
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype or 'none'!r}")
+        try:
+            body = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValidationFailed(f"body is not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise ValidationFailed("body must be a JSON object")
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            raise ValidationFailed(_describe(exc)[0]) from None
+
+    def relay(request: Request) -> streams.StreamRelay:
+        return request.app.state.streams
+
+    def stream_target(request: Request, stream_id: str) -> streams.StreamTarget:
+        token = request.headers.get(streams.TOKEN_HEADER.lower()) or request.query_params.get("token")
+        return relay(request).target(stream_id, token)
+
+    def stream_urls(request: Request, stream_id: str) -> dict[str, str]:
+        root = f"{base_url(request)}/api/v1/stream/{stream_id}"
+        return {"stream_url": root, "offer_url": f"{root}/offer", "say_url": f"{root}/say",
+                "interrupt_url": f"{root}/interrupt", "events_url": f"{root}/events"}
+
+    def body_doc(model, required: bool = True) -> dict:
+        return {"requestBody": {"required": required, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+    @app.post("/api/v1/stream", status_code=201, response_model=StreamCreated, openapi_extra=body_doc(StreamRequest, False), responses={
+        429: {"model": ErrorResponse, "description": "Every GPU service is at STREAM_MAX_SESSIONS; see Retry-After."},
+        503: {"model": ErrorResponse, "description": "No GPU service could be reached (the message names it)."}})
+    async def stream_create(request: Request):
+        """A live session on a GPU service: the URLs and token a browser drives it with (no API key needed
+        after this), and its frame size and rate. The media flows browser <-> GPU service over WebRTC."""
+        req: StreamRequest = await json_body(request, StreamRequest, required=False) or StreamRequest()
+        if req.avatar_id is not None and req.avatar_image is not None:
+            raise ValidationFailed("send one of avatar_id or avatar_image, not both (both were given)")
+        if req.avatar_id is None and req.avatar_image is None:
+            if not settings.default_avatar_id:
+                raise ValidationFailed("send avatar_id or avatar_image (neither was given, and DEFAULT_AVATAR_ID is unset)")
+            req = req.model_copy(update={"avatar_id": settings.default_avatar_id})
+        if req.avatar_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", req.avatar_id):
+            raise ValidationFailed(f"avatar_id {req.avatar_id!r} is not a valid id (letters, digits, . _ -)")
+        if req.avatar_image is not None:
+            raw = await asyncio.to_thread(decode_base64, req.avatar_image, "avatar_image", settings.max_image_bytes)
+            check_image_header(raw, settings.max_image_pixels, "avatar_image")
+        if req.emotion is not None and req.emotion not in (*EMOTIONS, "auto"):
+            raise ValidationFailed(f"emotion {req.emotion!r} is not one of {', '.join((*EMOTIONS, 'auto'))}")
+        rt = runtime(request)
+        if req.avatar_id is not None:
+            known = await asyncio.to_thread(rt.gpu.avatar_ids)
+            if known is not None and req.avatar_id not in known:
+                shown = ", ".join(sorted(known)[:20]) or "none"
+                raise ValidationFailed(f"unknown avatar_id {req.avatar_id!r}; known avatars: {shown}")
+        target, answer = await relay(request).create(req.model_dump(exclude_none=True), req.avatar_id, req.avatar_image)
+        urls = stream_urls(request, target.stream_id)
+        try:
+            frame_size = (int(answer["width"]), int(answer["height"]))
+        except (KeyError, TypeError, ValueError):
+            frame_size = None
+        face_box = (await relay(request).face_box(target, answer.get("avatar_id", req.avatar_id), frame_size)
+                    if frame_size else None)
+        try:
+            created = StreamCreated(
+                stream_id=target.stream_id, token=relay(request).tokens.token(target.stream_id),
+                avatar_id=answer.get("avatar_id", req.avatar_id), fps=answer["fps"], width=answer["width"],
+                height=answer["height"], sample_rate=answer["sample_rate"],
+                expires_after_idle_s=answer.get("expires_after_idle_s"),
+                ice_servers=relay(request).ice_servers(answer), face_box=face_box, **urls)
+        except (KeyError, ValidationError) as exc:
+            raise streams.Relayed(502, "gpu_service_error", f"GPU service {target.service.label} answered a session "
+                                  f"the runtime cannot describe ({type(exc).__name__}: {str(exc)[:200]})") from None
+        log.info("stream created", extra={"stream_id": target.stream_id, "request_id": request.state.request_id})
+        return JSONResponse(created.model_dump(), status_code=201, headers={"Location": urls["stream_url"],
+                                                                           "Cache-Control": "no-store"})
+
+    @app.post("/api/v1/stream/{stream_id}/offer", openapi_extra=body_doc(StreamOffer), responses={200: {"description": "{sdp, type: answer}"}})
+    async def stream_offer(stream_id: str, request: Request):
+        """The browser's SDP offer, answered by the GPU service (one audio and one video track to receive)."""
+        target = stream_target(request, stream_id)
+        offer = await json_body(request, StreamOffer)
+        response = await relay(request).relay(target, "POST", "/offer", "offer", json=offer.model_dump())
+        return JSONResponse(response.json(), status_code=response.status_code)
+
+    @app.post("/api/v1/stream/{stream_id}/say", status_code=202, openapi_extra=body_doc(StreamSay), responses={202: {"description": "{utterance_id}"}})
+    async def stream_say(stream_id: str, request: Request):
+        """Speak text on the session (speech_started / speech_finished follow on the events)."""
+        target = stream_target(request, stream_id)
+        say = await json_body(request, StreamSay)
+        if len(say.text) > settings.max_text_chars:
+            raise ValidationFailed(f"text is {len(say.text)} characters; the maximum is {settings.max_text_chars} "
+                                   "(raise MAX_TEXT_CHARS)")
+        if say.emotion is not None and say.emotion not in (*EMOTIONS, "auto"):
+            raise ValidationFailed(f"emotion {say.emotion!r} is not one of {', '.join((*EMOTIONS, 'auto'))}")
+        response = await relay(request).relay(target, "POST", "/say", "say", json=say.model_dump(exclude_none=True))
+        return JSONResponse(response.json(), status_code=response.status_code)
+
+    @app.post("/api/v1/stream/{stream_id}/interrupt", responses={200: {"description": "{interrupted}"}})
+    async def stream_interrupt(stream_id: str, request: Request):
+        """Stop what is being said: the mouth closes, queued speech is dropped, idle motion goes on."""
+        target = stream_target(request, stream_id)
+        response = await relay(request).relay(target, "POST", "/interrupt", "interrupt")
+        return JSONResponse(response.json(), status_code=response.status_code)
+
+    @app.get("/api/v1/stream/{stream_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."}})
+    async def stream_events(stream_id: str, request: Request):
+        """The session's server-sent events, passed on as they come (EventSource: the token as ?token=)."""
+        target = stream_target(request, stream_id)
+        pieces = await relay(request).events(target, stopping=request.app.state.shutting_down)
+        return EventStream(pieces, media_type="text/event-stream",
+                           headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.delete("/api/v1/stream/{stream_id}", status_code=204)
+    async def stream_delete(stream_id: str, request: Request):
+        """End the session (its viewers' connections close)."""
+        target = stream_target(request, stream_id)
+        await relay(request).relay(target, "DELETE", "", "end session")
+        log.info("stream ended", extra={"stream_id": stream_id, "request_id": request.state.request_id})
+        return Response(status_code=204)
+
+    @app.get("/demo", include_in_schema=False)
+    def demo_page() -> Response:
+        """A page to try a live stream: type text, watch the avatar say it, with the latency measured."""
+        html = (_DEMO_DIR / "index.html").read_text(encoding="utf-8")
+        html = html.replace("{{API_KEY_REQUIRED}}", "true" if keys else "false")
+        return Response(html, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/demo/demo.js", include_in_schema=False)
+    def demo_script() -> Response:
+        return FileResponse(_DEMO_DIR / "demo.js", media_type="text/javascript; charset=utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
     @app.get("/health", response_model=RuntimeHealth, response_model_exclude_none=True)
     async def health(request: Request) -> RuntimeHealth:
         """Always 200 while the process runs. With API keys set, only the status unless the caller sends a key;
@@ -404,6 +562,18 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return scrape(metrics.registry)
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """A streamed answer whose source is closed however the stream ends (the client left, the send failed)."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def failed_status(error_type: Optional[str]) -> int:

@@ -184,6 +184,37 @@ class Settings(BaseSettings):
     metrics_require_key: bool = False
     """Put /metrics behind the API keys too (a Prometheus scraper then sends one); needs RUNTIME_API_KEYS."""
 
+    stream_token_secret: Optional[str] = Field(default=None, min_length=16, max_length=512)
+    """Key that signs the per-session tokens of /api/v1/stream (HMAC-SHA256 of the session's id). Runtimes behind
+    one load balancer share it, so any of them serves any session; unset: a random key per process (a session
+    is then reached only through the runtime that created it, and not after it restarts)."""
+
+    stream_ice_servers: Annotated[list[dict], NoDecode] = Field(default_factory=list, max_length=16)
+    """STUN/TURN servers handed to browsers for their RTCPeerConnection (a JSON list of RTCIceServer objects,
+    e.g. [{"urls": "stun:stun.example.org:3478"}]); those the GPU service names for the session come first."""
+
+    stream_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    """Read timeout of one call the runtime relays to a stream session (create, offer, say, interrupt, delete).
+    A session's event stream has no read timeout: it lasts as long as the session."""
+
+    stream_keepalive_s: float = Field(default=15.0, ge=0.1, le=300)
+    """A relayed event stream that has been quiet this long gets a comment line (between events), so that
+    proxies keep the connection and a viewer that left is noticed."""
+
+    @field_validator("stream_ice_servers", mode="before")
+    @classmethod
+    def _ice_servers(cls, value: object) -> object:
+        """A JSON list of {urls, username?, credential?}; empty means none."""
+        if isinstance(value, str):
+            import json
+
+            value = json.loads(value) if value.strip() else []
+        if isinstance(value, list):
+            for server in value:
+                if not isinstance(server, dict) or not isinstance(server.get("urls"), (str, list)):
+                    raise ValueError('each ICE server is an object with "urls", e.g. {"urls": "stun:host:3478"}')
+        return value
+
     @field_validator("runtime_api_keys", "webhook_allowed_hosts", "gpu_service_urls", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
@@ -217,7 +248,7 @@ class Settings(BaseSettings):
                              "give each service its own host or port")
         return cleaned
 
-    @field_validator("redis_url", "webhook_secret", "public_url", "default_avatar_id", mode="before")
+    @field_validator("redis_url", "webhook_secret", "public_url", "default_avatar_id", "stream_token_secret", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         """An empty variable (as compose writes `REDIS_URL=`) means unset."""
