@@ -277,7 +277,7 @@ def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable, op
         # Jaw side: down to m below the lower inner lip; upper side: up to m above the upper one (along e_v).
         s = k * (side * clamp(above_lo + m, 0.0, None) - (1.0 - side) * clamp(below_up + m, 0.0, None))
     if closing:
-        k = smooth01(0.0, geo.rest_gap, -gap, clamp)
+        k = smooth01(0.6 * geo.rest_gap, geo.rest_gap, -gap, clamp)
         s = s + k * (side * clamp(above_lo, 0.0, None) - (1.0 - side) * clamp(below_up, 0.0, None))
     return -geo.roll_sin * s, geo.roll_cos * s
 
