@@ -29,11 +29,19 @@ CASES = 40
 GPU_OPERATIONS = [
     "GET /health", "GET /ready", "POST /tts/generate", "POST /tts/stream", "GET /artifacts/{art_id}",
     "GET /avatars", "POST /avatars", "DELETE /avatars/{avatar_id}", "POST /video/generate", "POST /lipsync/generate",
+    "GET /stream/sessions", "POST /stream/sessions", "GET /stream/sessions/{session_id}",
+    "DELETE /stream/sessions/{session_id}", "POST /stream/sessions/{session_id}/say",
+    "POST /stream/sessions/{session_id}/interrupt", "GET /stream/sessions/{session_id}/events",
+    "POST /stream/sessions/{session_id}/offer",
+    "GET /launch", "POST /launch", "GET /launch/{worker_id}", "DELETE /launch/{worker_id}",
 ]
 RUNTIME_OPERATIONS = [
     "POST /api/v1/generate", "GET /api/v1/jobs/{task_id}", "GET /api/v1/jobs/{task_id}/video",
     "GET /api/v1/jobs/{task_id}/captions.vtt", "GET /api/v1/jobs/{task_id}/timing.json",
     "GET /api/v1/jobs/{task_id}/thumbnail.jpg", "GET /health", "GET /ready",
+    "POST /api/v1/stream", "POST /api/v1/stream/{stream_id}/offer", "POST /api/v1/stream/{stream_id}/say",
+    "POST /api/v1/stream/{stream_id}/interrupt", "GET /api/v1/stream/{stream_id}/events",
+    "DELETE /api/v1/stream/{stream_id}",
 ]
 
 
