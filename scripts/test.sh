@@ -15,6 +15,30 @@ if [ -z "${CHROMIUM:-}" ] && ! [ -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] &&
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } >&2 \
     || echo "could not install chromium: the browser tests will skip" >&2
 fi
+# The agent-side LiveKit package (integrations/livekit_agents) needs livekit-agents, which cannot share
+# .venv (livekit >= 1.1 and protobuf >= 5 against mediapipe's protobuf 4): it gets .venv-agents from its
+# own lock (about 400 MB, 1-4 min the first time; a stamp makes later runs a no-op). Its own tests and
+# tests/streaming/test_livekit_agents_interop.py then run against it. TEST_LIVEKIT_AGENTS=0 skips both.
+AGENTS_LOCK=integrations/livekit_agents/requirements.lock
+if [ "${TEST_LIVEKIT_AGENTS:-1}" = 1 ]; then
+  agents_stamp=$(cat "$AGENTS_LOCK" integrations/livekit_agents/pyproject.toml | sha256sum | cut -c1-16)
+  if [ "$(cat .venv-agents/.setup-stamp 2>/dev/null)" != "$agents_stamp" ]; then
+    echo "[test] building .venv-agents from $AGENTS_LOCK" >&2
+    rm -rf .venv-agents
+    python3 -m venv .venv-agents
+    .venv-agents/bin/python -m pip install -q --disable-pip-version-check -r "$AGENTS_LOCK"
+    .venv-agents/bin/python -m pip install -q --disable-pip-version-check --no-deps -e integrations/livekit_agents
+    echo "$agents_stamp" > .venv-agents/.setup-stamp
+  fi
+  export AVATAR_STACK_AGENTS_PYTHON="$PWD/.venv-agents/bin/python"
+fi
 cores=$(nproc 2>/dev/null || echo 2)
 workers=${TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile --durations=15 "$@"
+status=0
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile --durations=15 "$@" || status=$?
+if [ "${TEST_LIVEKIT_AGENTS:-1}" = 1 ] && [ $# -eq 0 ]; then
+  echo "[test] integrations/livekit_agents in .venv-agents" >&2
+  (cd integrations/livekit_agents && AVATAR_STACK_GPU_PYTHON="$OLDPWD/.venv/bin/python" \
+     "$AVATAR_STACK_AGENTS_PYTHON" -m pytest -q -p no:cacheprovider tests) || status=$?
+fi
+exit $status
