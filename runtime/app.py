@@ -84,6 +84,26 @@ def parse_request(raw: bytes, request_id: str) -> GenerateRequest:
         raise ValidationFailed(message) from None
 
 
+def with_avatar(req, settings: Settings):
+    """The request naming exactly one avatar (avatar_id or avatar_image; DEFAULT_AVATAR_ID when neither),
+    its id well formed; the image itself is checked by check_avatar_image."""
+    if req.avatar_id is not None and req.avatar_image is not None:
+        raise ValidationFailed("send one of avatar_id or avatar_image, not both (both were given)")
+    if req.avatar_id is None and req.avatar_image is None:
+        if not settings.default_avatar_id:
+            raise ValidationFailed("send avatar_id or avatar_image (neither was given, and DEFAULT_AVATAR_ID is unset)")
+        req = req.model_copy(update={"avatar_id": settings.default_avatar_id})
+    if req.avatar_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", req.avatar_id):
+        raise ValidationFailed(f"avatar_id {req.avatar_id!r} is not a valid id (letters, digits, . _ -)")
+    return req
+
+
+def check_avatar_image(avatar_image: str, settings: Settings) -> None:
+    """A base64 portrait that decodes within MAX_IMAGE_BYTES and whose header is an image within MAX_IMAGE_PIXELS."""
+    raw = decode_base64(avatar_image, "avatar_image", settings.max_image_bytes)
+    check_image_header(raw, settings.max_image_pixels, "avatar_image")
+
+
 def validate_request(req: GenerateRequest, settings: Settings) -> GenerateRequest:
     """Checks that need no network (text, avatar, media, language, emotion, webhook target); returns the
     request with the default avatar filled in when it named none."""
@@ -93,17 +113,9 @@ def validate_request(req: GenerateRequest, settings: Settings) -> GenerateReques
         raise ValidationFailed(
             f"text is {len(req.text)} characters; the maximum is {settings.max_text_chars} (raise MAX_TEXT_CHARS)"
         )
-    if req.avatar_id is not None and req.avatar_image is not None:
-        raise ValidationFailed("send one of avatar_id or avatar_image, not both (both were given)")
-    if req.avatar_id is None and req.avatar_image is None:
-        if not settings.default_avatar_id:
-            raise ValidationFailed("send avatar_id or avatar_image (neither was given, and DEFAULT_AVATAR_ID is unset)")
-        req = req.model_copy(update={"avatar_id": settings.default_avatar_id})
-    if req.avatar_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", req.avatar_id):
-        raise ValidationFailed(f"avatar_id {req.avatar_id!r} is not a valid id (letters, digits, . _ -)")
+    req = with_avatar(req, settings)
     if req.avatar_image is not None:
-        raw = decode_base64(req.avatar_image, "avatar_image", settings.max_image_bytes)
-        check_image_header(raw, settings.max_image_pixels, "avatar_image")
+        check_avatar_image(req.avatar_image, settings)
     if req.avatar_image is None and (req.background is not None or req.face_index is not None):
         given = " and ".join(n for n in ("background", "face_index") if getattr(req, n) is not None)
         raise ValidationFailed(f"{given} {'apply' if ' and ' in given else 'applies'} to avatar_image; an avatar_id names a portrait already encoded")
@@ -410,17 +422,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         """A live session on a GPU service: the URLs and token a browser drives it with (no API key needed
         after this), and its frame size and rate. The media flows browser <-> GPU service over WebRTC."""
         req: StreamRequest = await json_body(request, StreamRequest, required=False) or StreamRequest()
-        if req.avatar_id is not None and req.avatar_image is not None:
-            raise ValidationFailed("send one of avatar_id or avatar_image, not both (both were given)")
-        if req.avatar_id is None and req.avatar_image is None:
-            if not settings.default_avatar_id:
-                raise ValidationFailed("send avatar_id or avatar_image (neither was given, and DEFAULT_AVATAR_ID is unset)")
-            req = req.model_copy(update={"avatar_id": settings.default_avatar_id})
-        if req.avatar_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", req.avatar_id):
-            raise ValidationFailed(f"avatar_id {req.avatar_id!r} is not a valid id (letters, digits, . _ -)")
+        req = with_avatar(req, settings)
         if req.avatar_image is not None:
-            raw = await asyncio.to_thread(decode_base64, req.avatar_image, "avatar_image", settings.max_image_bytes)
-            check_image_header(raw, settings.max_image_pixels, "avatar_image")
+            await asyncio.to_thread(check_avatar_image, req.avatar_image, settings)
         if req.emotion is not None and req.emotion not in (*EMOTIONS, "auto"):
             raise ValidationFailed(f"emotion {req.emotion!r} is not one of {', '.join((*EMOTIONS, 'auto'))}")
         rt = runtime(request)
