@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import logging
 
 import pytest
@@ -75,6 +76,10 @@ def test_a_job_is_counted_on_both_sides_traced_by_one_id_and_never_logged_in_wor
     assert value(theirs, "avatar_gpu_http_requests_total", method="POST", route="/video/generate",
                  status="200") == chunks
 
+    # the worker logs "job succeeded" just after it records the job as done: wait (bounded) for that line
+    deadline = time.monotonic() + 10
+    while '"job succeeded"' not in lines.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
     text = lines.getvalue()
     records = [json.loads(line) for line in text.splitlines()]
     assert len(records) > 20, "too few lines captured to judge"

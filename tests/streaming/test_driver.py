@@ -67,7 +67,7 @@ def test_envelope_track_follows_the_audio_driving(speech):
     n = min(len(y), len(ref))
     assert np.corrcoef(y[:n], ref[:n])[0, 1] > 0.75
     assert np.abs(np.diff(y)).max() <= _JAW_SPEED / FPS + 1e-9
-    assert y.max() > 0.6 and (y < 0.02).sum() > 5  # opens wide on vowels, closes in the pauses
+    assert y.max() > 0.6 and (y < 0.02).sum() >= 3  # opens wide on vowels, closes in the pauses (Piper's sampled pause: 5-8 frames)
 
 
 def test_causal_mouth_limits_and_interrupts():

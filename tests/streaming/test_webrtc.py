@@ -149,7 +149,7 @@ def test_second_viewer_does_not_disturb_the_first():
                 gaps = [b[0] - a[0] for a, b in zip(joined, joined[1:])]
                 fps = (len(joined) - 1) / (joined[-1][0] - joined[0][0])
                 print(f"\nfirst viewer while the second joined: {fps:.2f} fps, max gap {max(gaps) * 1000:.0f} ms")
-                assert 23.5 <= fps <= 26.5
+                assert 22.0 <= fps <= 27.0  # a disturbed first viewer drops to about half
                 assert max(gaps) < 0.25
                 pts = [p for _, p in first.video]
                 steps = [b - a for a, b in zip(pts, pts[1:])]
@@ -529,7 +529,7 @@ def test_a_viewer_whose_video_encoder_is_slow_keeps_its_audio_and_others_keep_th
                 assert 5 <= video_fps <= 11
                 assert audio_pps >= 47  # 50 a second: all of it
                 assert max(offsets) < 0.1 + 2 / 25 + 0.1  # the encode, a tick queued, jitter of 2 busy cores
-                assert 23.5 <= other_fps <= 26.5
+                assert 22.0 <= other_fps <= 27.0
                 assert slow_side.feed.dropped["video"] > 30 and slow_side.feed.dropped["audio"] == 0
             finally:
                 await slow.close()
