@@ -65,14 +65,20 @@ def _describe(exc: ValidationError) -> tuple[str, list[str]]:
     return describe_validation(errors), unknown
 
 
-def parse_request(raw: bytes, request_id: str) -> GenerateRequest:
-    """The JSON body as a GenerateRequest, or a 422 naming each problem (CPU-bound: run it off the event loop)."""
+def json_object(raw: bytes) -> dict:
+    """A request body parsed as a JSON object, or a 422 saying why it is not one."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationFailed(f"body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise ValidationFailed("body must be a JSON object")
+    return body
+
+
+def parse_request(raw: bytes, request_id: str) -> GenerateRequest:
+    """The JSON body as a GenerateRequest, or a 422 naming each problem (CPU-bound: run it off the event loop)."""
+    body = json_object(raw)
     try:
         return GenerateRequest.model_validate(body)
     except ValidationError as exc:
@@ -389,12 +395,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         ctype = request.headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype or 'none'!r}")
-        try:
-            body = json.loads(bytes(raw))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValidationFailed(f"body is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise ValidationFailed("body must be a JSON object")
+        body = json_object(bytes(raw))
         try:
             return model.model_validate(body)
         except ValidationError as exc:
