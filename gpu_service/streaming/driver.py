@@ -33,7 +33,7 @@ SHAPE_STEP = 0.25
 """Most the rounding, spreading and tuck change per frame (they have no speed limit in `drive`; here
 they would jump where a chunk's driving takes over or an interrupt lets go)."""
 
-INTERRUPT_SPEEDUP = 1.5
+INTERRUPT_SPEEDUP = 1.75
 """An interrupted mouth closes this much faster than the jaw's speech speed: within 2 frames from the
 widest speech opening at 25 fps (the 100 ms the spec allows is 2.5)."""
 

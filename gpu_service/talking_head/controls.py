@@ -11,13 +11,16 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-SPEECH_OPEN = 0.08 / 0.22
-"""mouth_open at the widest opening of conversational speech: an inner-lip gap of 0.08 face heights.
+SPEECH_OPEN = 0.0865 / 0.22
+"""mouth_open at the widest opening of conversational speech: an inner-lip gap of 0.0865 face heights.
 
 mouth_open=1 is the renderer's widest opening, 0.22 face heights on a frontal face (less on a turned
 one: encoding.FaceGeometry.max_gap), which real speakers do not use when they talk: the kit's GRID
 talkers peak at 0.065-0.12 (p95 0.064-0.113) and conversational speech stays within 0.035-0.11.
-Driving works in units of this opening (visemes.py) and scales them by it.
+Driving works in units of this opening (visemes.py) and scales them by it. It was 0.08 until the
+talking head's self-reenactment amplitude on the kit's clips sat at 0.72-0.89 of the real talkers' (a
+mouth that opens a little less than the person's at every peak); 0.0865 puts it at 0.76-0.97, with the
+jaw's top speed (driving._JAW_SPEED) lowered in proportion so no frame moves further than before.
 """
 
 

@@ -194,13 +194,13 @@ _SHORT_PAUSE_S = 0.15
 # ~20 ms before its span's centre) and the mouth read one frame late; the opening and the m/b/p
 # seals lead by this much, and the frame holding each m/b/p centre is still closed exactly.
 _LIP_LEAD_S = 0.025
-# The jaw's and lips' top speed, in speech units (visemes.py) per second: 0 -> 1 in 120 ms, an
-# inner-lip gap changing by at most 0.027 face heights per 40 ms frame. Real talkers' gaps change
+# The jaw's and lips' top speed, in speech units (visemes.py) per second: 0 -> 1 in 135 ms, an
+# inner-lip gap changing by at most 0.026 face heights per 40 ms frame (7.4 x 0.04 x SPEECH_OPEN x 0.22). Real talkers' gaps change
 # by at most 0.017-0.049 per frame (the kit's measures; MediaPipe reads more where a moustache
 # makes thin openings snap shut, 0.087 on the kit's v01, and reads ours alike); an opening from
 # closed to wide in one frame is what makes a mouth look mechanical. It holds everywhere, m/b/p
 # seals included: the lips close into a seal and release from it at this speed.
-_JAW_SPEED = 8.5
+_JAW_SPEED = 7.4
 # Before its first words, after a lead-in long enough to breathe in, a speaker's lips part (an oral
 # in-breath) a few hundred ms ahead of the sound: the kit's GRID talkers all sit open at 0.3-0.95
 # of their speaking p95 before they start (MediaPipe over the 8 frames before the first sound: 0.73,

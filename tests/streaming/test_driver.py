@@ -77,7 +77,7 @@ def test_causal_mouth_limits_and_interrupts():
     assert np.allclose(np.diff([0.0] + ys)[:2], step) and ys[-1] == 1.0  # opens at the jaw's speed
     ahead = CausalMouth(FPS)
     seen = ahead.step(np.array([[0, 0, 0, 0]] * 2 + [[1.0, 0, 0, 0]]))[0]
-    assert seen == pytest.approx(1.0 - 2 * step)  # leaves early for a vowel 2 frames ahead
+    assert seen == pytest.approx(min(step, 1.0 - 2 * step)) and seen > 0  # leaves early for a vowel 2 frames ahead
     closes = [mouth.step(None, fast_close=True)[0] for _ in range(3)]
     assert closes[1] == 0.0  # an interrupt closes from wide open within 2 frames
     mouth.restore(np.array([1.0, 0, 0, 0]))
