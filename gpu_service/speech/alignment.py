@@ -330,11 +330,30 @@ def forced_alignment(dec: _Decoder, pcm: np.ndarray, words: Sequence[str]) -> li
     return out
 
 
+_VOWELS = frozenset(("AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW"))
+
+
+def _onglides(segs: Sequence[_Seg]) -> list[_Seg]:
+    """A high back rounded vowel run straight into another vowel is the glide /w/.
+
+    Phonetically [u] before a vowel is [w]: the lips round and close in it, then open for the vowel.
+    The recogniser has no word list to tell them apart and, with no consonant between, often writes
+    "w" as a short UW or UH ("set white" came out as "s eh d uw oy": the lips that seal for "t w" stayed
+    open for a vowel). A rounded vowel that ends the run (before a consonant or a silence) stays a vowel.
+    """
+    out = list(segs)
+    for i in range(len(out) - 1):
+        a, b = out[i], out[i + 1]
+        if a.name in ("UW", "UH") and b.name in _VOWELS and b.name not in ("UW", "UH") and b.start == a.end:
+            out[i] = _Seg("W", a.start, a.end, a.word)
+    return out
+
+
 def phone_recognition(dec: _Decoder, pcm: np.ndarray) -> list[_Seg]:
-    """Phone spans heard in the audio with no text: allphone search with the phone bigram."""
+    """Phone spans heard in the audio with no text: allphone search with the phone bigram, onglides as /w/."""
     dec.ps.activate_search("allphone")
     dec.decode(pcm)
-    return [_Seg(s.word, s.start_frame, s.end_frame + 1) for s in dec.ps.seg() or []]
+    return _onglides([_Seg(s.word, s.start_frame, s.end_frame + 1) for s in dec.ps.seg() or []])
 
 
 def _quiet_as_pause(segs: Sequence[_Seg], audio: np.ndarray, sample_rate: int) -> list[_Seg]:

@@ -100,6 +100,32 @@ def test_phone_recognition_finds_the_m_of_meters(a03):
     assert nearest_errors(m_ref, bilabial_onsets(phones))[0] <= 0.08
 
 
+def test_a_rounded_vowel_run_into_a_vowel_is_the_glide_w():
+    seg = alignment._Seg
+    heard = [seg("S", 0, 20), seg("EH", 20, 30), seg("D", 30, 34), seg("UW", 34, 51), seg("OY", 51, 63),
+             seg("UW", 63, 80), seg("T", 80, 90), seg("UH", 90, 95), seg("SIL", 95, 120)]
+    names = [s.name for s in alignment._onglides(heard)]
+    # before a vowel it is /w/; before a consonant or a silence it stays a vowel
+    assert names == ["S", "EH", "D", "W", "OY", "UW", "T", "UH", "SIL"]
+    assert [(s.start, s.end) for s in alignment._onglides(heard)] == [(s.start, s.end) for s in heard]
+
+
+def test_phone_recognition_closes_the_lips_for_the_w_of_white():
+    """The kit's v01 says "set white": the recogniser hears "s eh d uw oy"; his lips close for "t w" (1.0-1.16 s)."""
+    from evaluator.reenact import decode
+
+    clip = decode(FIXTURES / "v01_grid_swiz3n_darker_skin_moustache.mp4")
+    phones, source = align(clip.audio, clip.sample_rate, None)
+    assert source == "phone_recognition"
+    w_ref = (1.11, 1.21)  # the kit's forced alignment of its transcript (video/v01_*.align.json)
+    ws = [p for p in phones if p.phoneme == "w"]
+    assert any(p.start_s < w_ref[1] and p.end_s > w_ref[0] for p in ws), phones
+    duration = len(clip.audio) / clip.sample_rate
+    ctl = drive(duration, FPS, phonemes=phones, audio=clip.audio, sample_rate=clip.sample_rate)
+    k = int(1.08 * FPS)  # the filmed mouth is shut (MediaPipe gap <= 0.003) over frames 25-29
+    assert ctl.mouth_open[k] <= 0.15 * SPEECH_OPEN, ctl.mouth_open[k - 3:k + 3]
+
+
 def test_driven_mouth_seals_at_the_reference_m(a03):
     phones, _ = align(a03.audio, a03.sample_rate, a03.text)
     ctl = drive(a03.duration_s, FPS, phonemes=phones, audio=a03.audio, sample_rate=a03.sample_rate)

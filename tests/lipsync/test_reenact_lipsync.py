@@ -64,9 +64,8 @@ def test_revoiced_with_its_own_audio_opens_as_wide_and_no_faster_than_the_talker
     own = float(np.nanmax(np.abs(np.diff(ref.gap))))
     assert AMP[0] <= figs["amp"] <= AMP[1], figs
     assert figs["jump"] <= max(JUMP, own) + SNAP, (figs["jump"], own)
-    # The r >= 0.6 is not reached on v01 (0.34 by the service: MediaPipe reads the thin openings
-    # under his moustache as shut, ours and his); a floor against regressions.
-    assert figs["r"] >= 0.28, figs
+    # The r >= 0.6: 0.69 (0.34 before "t w" was recognised as such, alignment._onglides).
+    assert figs["r"] >= 0.6, figs
 
 
 def test_revoiced_with_other_speech_follows_that_speech_not_the_filmed_mouth(ref, revoice):

@@ -1,14 +1,15 @@
 """The talking head re-enacts a real talker (the kit's v01) from his own audio, in process, as `evaluator reenact` does.
 
-The portrait is the clip's first closed-mouth frame; driving gets the clip's audio and no phoneme
-timings (what the reenact measure sends); the frames go through the service's own MP4 encoding and
+The portrait is the clip's first closed-mouth frame; driving gets the clip's audio and the phoneme
+timings the service derives for audio sent without them or its text (phone recognition, as the reenact
+measure sends it); the frames go through the service's own MP4 encoding and
 are measured against the real clip by evaluator.reenact.compare (MediaPipe). The guarantees are the
 realism issue's: the opening as wide as the talker's (amp within 0.7-1.4; it was 2.06 when the mouth
 opened to a fifth of the face), and no frame-to-frame change larger than real speech makes (jump
 within 0.05 per 40 ms, or the real clip's own largest where that is higher: 0.087 on v01).
 
 On v01 MediaPipe reads an opening below ~0.045 face heights under the moustache as shut and one of
-0.06 as 0.09-0.1, his and ours alike: a closing at the jaw's top speed (0.027 per frame) that passes
+0.06 as 0.09-0.1, his and ours alike: a closing at the jaw's top speed (0.026 per frame) that passes
 that point reads as a jump of 0.083-0.103 depending on the head's drift (0.095 with the head still),
 where his own reads 0.087. SNAP allows for that; the renderer of the issue jumped by 0.153.
 """
@@ -20,6 +21,7 @@ import pytest
 
 from evaluator.metrics.judges import MEDIAPIPE
 from evaluator.reenact import closed_frame, compare, decode, measure_reference
+from gpu_service.speech.alignment import timings_for
 from gpu_service.talking_head.driving import drive
 from gpu_service.talking_head.encoding import encode_image
 from gpu_service.talking_head.renderer import Renderer
@@ -40,8 +42,10 @@ def reenacted(tmp_path_factory):
     k, closed = closed_frame(ref.gap)
     assert closed
     enc = encode_image(real.frames[k])
-    controls = drive(len(real.audio) / real.sample_rate, real.fps, audio=real.audio, sample_rate=real.sample_rate,
-                     avatar_key="v01")
+    phones, source = timings_for(real.audio, real.sample_rate, None, None)
+    assert source == "phone_recognition"
+    controls = drive(len(real.audio) / real.sample_rate, real.fps, phonemes=phones, audio=real.audio,
+                     sample_rate=real.sample_rate, avatar_key="v01")
     frames = Renderer("cpu").render(enc, controls)
     mp4, _ = encode_mp4(frames, real.fps, (frames.shape[2], frames.shape[1]), audio=real.audio,
                         sample_rate=real.sample_rate)
@@ -63,8 +67,9 @@ def test_the_head_never_moves_faster_than_real_speech(reenacted):
 
 
 def test_the_head_follows_the_talkers_mouth(reenacted):
-    # The issue's target is r >= 0.6; on v01 from audio alone the head reaches 0.46 (0.37 before), as
-    # MediaPipe reads our openings below ~0.045 face heights under his moustache as shut. A floor
-    # against regressions, with the lag inside the search.
+    # The issue's target, r >= 0.6, with the lag inside the search. From v01's audio alone the head
+    # reaches 0.80 in process (0.70 through the service, whose head drifts), 0.46 before the recogniser's
+    # "uw" run into a vowel was read as the /w/ it is (alignment._onglides): "set white" had kept the
+    # lips open where his close.
     figs, _ = reenacted
-    assert figs["r"] >= 0.42 and abs(figs["lag_frames"]) <= 2, figs
+    assert figs["r"] >= 0.6 and abs(figs["lag_frames"]) <= 2, figs
