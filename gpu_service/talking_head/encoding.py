@@ -26,11 +26,12 @@ from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 12
+ENCODING_VERSION = 13
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
-rounder jaw field and the lips' seam map); older caches are re-encoded."""
+rounder jaw field and the lips' seam map; 13: a blink's lid keeps the skin's grain and its lash line is
+the portrait's own lashes); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -176,7 +177,9 @@ class Encoding:
     eye_map: np.ndarray
     """(3, eh, ew) per eye-patch pixel: pixels below the rest upper lid, that column's eye opening, 1 for the image-right eye."""
     eye_skin: np.ndarray
-    """(eh, ew, 3) the upper lid's skin colour (sampled just above the lid) for each eye-patch pixel's column."""
+    """(eh, ew, 3) the upper lid's skin (sampled above the lid, with that skin's grain) for each eye-patch pixel."""
+    eye_lash: np.ndarray
+    """(eh, ew, 3) the portrait's own upper lashes (its rest lid line) for each eye-patch pixel's column."""
     frame: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8))
     """(H, W, 3) uint8 full-resolution portrait when `image` is a working-resolution cut of it; empty when
     `image` is the portrait itself (the face's size was within WORK_FACE_MIN..WORK_FACE_MAX)."""
@@ -410,11 +413,15 @@ def face_mask(xs: np.ndarray, ys: np.ndarray, lm: np.ndarray, sweep: np.ndarray,
 
 
 def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.ndarray, which: np.ndarray,
-                e_v: np.ndarray) -> tuple[Box, np.ndarray, np.ndarray]:
-    """The eye patch, its per-pixel lid geometry and the lid skin colour a blink draws (crop coordinates).
+                e_v: np.ndarray) -> tuple[Box, np.ndarray, np.ndarray, np.ndarray]:
+    """The eye patch, its per-pixel lid geometry, and the lid skin and lash colours a blink draws (crop coordinates).
 
-    The lid colour of a column is the median of a few blurred samples 0.5-1.1 eye openings above
-    its upper lid: lid skin, clear of the lashes and of the crease's shadow.
+    The lid skin of a column blends the blurred samples 0.4-1.2 eye openings above its upper lid that
+    are most like the face's skin (clear of the lashes, the crease, the brow and glasses), with the fine texture of
+    the same sample added back: a flat, grainless lid read as a sticker on a photo's skin or a
+    painting's craquelure. The lash colour is the darkest of the portrait's own pixels along the rest
+    lid line, so a closed eye's lash line is as dark and as soft as this picture's lashes (a fixed
+    near-black line was crisp on a blurred photo and on a painting).
     """
     h, w = eye_t.shape
     pts = lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER + L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER]
@@ -426,20 +433,39 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
     t = eye_t[ey0:ey1, ex0:ex1]
     g = eye_g[ey0:ey1, ex0:ex1]
     eye_map = np.ascontiguousarray(np.stack([t, g, which[ey0:ey1, ex0:ex1]]), dtype=np.float32)
-    blurred = cv2.GaussianBlur(crop.astype(np.float32), (0, 0), max(0.7, 0.2 * g_max))
+    sharp = crop.astype(np.float32)
+    blurred = cv2.GaussianBlur(sharp, (0, 0), max(0.7, 0.2 * g_max))
     ys, xs = np.mgrid[ey0:ey1, ex0:ex1].astype(np.float32)
-    samples = []
-    for above in (0.5, 0.8, 1.1):
-        lift = t + above * g_max + 1.0  # distance back up to the sample point, along -e_v
+
+    def above(lift: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """`image` sampled `lift` pixels up from each patch pixel, along -e_v."""
         mx = (xs - lift * e_v[0]).astype(np.float32)
         my = (ys - lift * e_v[1]).astype(np.float32)
-        samples.append(cv2.remap(blurred, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
-    samples = np.stack(samples)
-    # The median sample: the lid skin, not a lash or crease (darkest) nor a highlight (brightest).
-    lum = samples @ np.array([0.299, 0.587, 0.114], np.float32)
-    order = np.argsort(lum, axis=0)[1]
-    skin = np.take_along_axis(samples, order[None, ..., None], axis=0)[0]
-    return Box(int(ex0), int(ey0), int(ex1), int(ey1)), eye_map, np.ascontiguousarray(skin, dtype=np.float32)
+        return cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    lifts = [t + k * g_max + 1.0 for k in (0.4, 0.6, 0.8, 1.0, 1.2)]  # distances back up to the sample points
+    samples = np.stack([above(lift, blurred) for lift in lifts])
+    # The samples most like the face's skin, blended softly: the lid skin, not a lash, a crease, a brow
+    # or a spectacle rim (a median of three took the rim's brown-black on p05's glasses).
+    _, face_pix = _lips_and_skin(crop, lm)
+    face = _median_colour(face_pix) if len(face_pix) else np.median(samples.reshape(-1, 3), axis=0)
+    far = np.linalg.norm(samples - face, axis=-1)
+    near = np.exp(-0.5 * ((far - far.min(axis=0)) / 12.0) ** 2)
+    skin = (samples * near[..., None]).sum(axis=0) / near.sum(axis=0)[..., None]
+    # Its grain: the fine detail of the skin one eye opening above, moved down whole (the samples above
+    # are one point per column, whose detail would streak), bounded so a hair or a crease stays faint.
+    shift = np.full_like(t, g_max + 2.0)
+    detail = above(shift, sharp) - above(shift, blurred)
+    bound = 2.0 * float(np.median(np.abs(detail))) + 1.0
+    skin = np.clip(skin + np.clip(detail, -bound, bound), 0.0, 255.0)
+    # The lashes: the darkest of the rest lid line and the pixel on either side of it.
+    line = np.stack([above(t + k, sharp) for k in (-1.0, 0.0, 1.0)])
+    lash = np.take_along_axis(line, np.argmin(line @ LUMA, axis=0)[None, ..., None], axis=0)[0]
+    # At least as dark as a shut lid's lashes against its skin: a faint lid line (a small, soft face)
+    # would leave the closed eye's lower rim showing as a light crescent under it.
+    lash = np.minimum(lash, 0.6 * skin)
+    return (Box(int(ex0), int(ey0), int(ex1), int(ey1)), eye_map, np.ascontiguousarray(skin, dtype=np.float32),
+            np.ascontiguousarray(lash, dtype=np.float32))
 
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -945,9 +971,10 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     if mouth_only:
         eye_patch = Box(0, 0, 1, 1)
         eye_map = np.zeros((3, 1, 1), np.float32)
-        eye_skin = np.zeros((1, 1, 3), np.float32)
+        eye_skin = eye_lash = np.zeros((1, 1, 3), np.float32)
     else:
-        eye_patch, eye_map, eye_skin = _eye_layers(image[y0:y1, x0:x1], lm - off, eye_t, eye_g, eye_which, e_v)
+        eye_patch, eye_map, eye_skin, eye_lash = _eye_layers(image[y0:y1, x0:x1], lm - off, eye_t, eye_g, eye_which,
+                                                             e_v)
 
     # The portrait's own teeth: a bright band between the inner lips, unsaturated or (under a warm
     # light, as GRID's yellow teeth) much brighter than the lips.
@@ -995,6 +1022,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
         eye_patch=eye_patch,
         eye_map=eye_map,
         eye_skin=eye_skin,
+        eye_lash=eye_lash,
     )
 
 

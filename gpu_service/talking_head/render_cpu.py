@@ -102,10 +102,11 @@ class CpuRenderer:
         lid_l, lid_r = float(weights[BLINK_L]), float(weights[BLINK_R])
         if lid_l > 0.0 or lid_r > 0.0:
             eyes = enc.eye_patch.slices
-            alpha, bright = shade_eyes(enc.eye_map, lid_l, lid_r, np.clip)
-            a = alpha[..., None]
+            alpha, bright, lash = shade_eyes(enc.eye_map, lid_l, lid_r, np.clip)
+            a, lw = alpha[..., None], lash[..., None]
             region = out[eyes].astype(np.float32)
-            mixed = region * (1.0 - a) + enc.eye_skin * bright[..., None] * a
+            lid = enc.eye_skin * bright[..., None] * (1.0 - lw) + enc.eye_lash * lw
+            mixed = region * (1.0 - a) + lid * a
             out[eyes] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
         if head is not None and np.any(head != 0.0):  # a still frame's row is exactly zero
             roll, tx, ty = (float(v) for v in head)

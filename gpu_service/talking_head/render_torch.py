@@ -116,6 +116,7 @@ class _Prepared:
         self.patch_mask = torch.from_numpy(enc.patch_mask).to(device)
         self.eye_map = torch.from_numpy(enc.eye_map).to(device)
         self.eye_skin = torch.from_numpy(enc.eye_skin).permute(2, 0, 1).to(device)
+        self.eye_lash = torch.from_numpy(enc.eye_lash).permute(2, 0, 1).to(device)
         self._tables = {id(enc.lut_upper): torch.from_numpy(enc.lut_upper).to(device),
                         id(enc.lut_lower): torch.from_numpy(enc.lut_lower).to(device)}
         self.u0, self.step = enc.geometry.lut_u0, enc.geometry.lut_step
@@ -208,10 +209,12 @@ class TorchRenderer:
         out[:, :, rows, cols] = torch.clamp(torch.floor(mixed + 0.5), 0, 255)
         if np.any(weights[:, [BLINK_L, BLINK_R]] > 0.0):
             rows, cols = enc.eye_patch.slices
-            alpha, bright = shade_eyes(p.eye_map, wt[:, BLINK_L].view(b, 1, 1), wt[:, BLINK_R].view(b, 1, 1), torch.clamp)
-            a = alpha.unsqueeze(1)
+            alpha, bright, lash = shade_eyes(p.eye_map, wt[:, BLINK_L].view(b, 1, 1), wt[:, BLINK_R].view(b, 1, 1),
+                                             torch.clamp)
+            a, lw = alpha.unsqueeze(1), lash.unsqueeze(1)
             region = out[:, :, rows, cols]
-            mixed = region * (1.0 - a) + p.eye_skin.unsqueeze(0) * bright.unsqueeze(1) * a
+            lid = p.eye_skin.unsqueeze(0) * bright.unsqueeze(1) * (1.0 - lw) + p.eye_lash.unsqueeze(0) * lw
+            mixed = region * (1.0 - a) + lid * a
             out[:, :, rows, cols] = torch.clamp(torch.floor(mixed + 0.5), 0, 255)
         if head is not None and np.any(head != 0.0):  # a still frame's row is exactly zero: it keeps `out`
             hp = torch.from_numpy(np.ascontiguousarray(head, dtype=np.float32)).to(self.device)

@@ -350,23 +350,26 @@ def shade_mouth(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable,
 
 
 def shade_eyes(eye_map, lid_left, lid_right, clamp: Callable):
-    """Alpha and brightness of the drawn upper lid over the eye patch, for lid closures 0 (open) .. 1 (shut).
+    """Alpha, skin brightness and lash weight of the drawn upper lid over the eye patch, for closures 0 (open) .. 1 (shut).
 
     The lid's edge sits `closure x opening` pixels below the rest lid; above it the lid skin
-    (Encoding.eye_skin, times the brightness) covers the eye, with a thin dark lash line along the
-    edge. Closures are scalars or (B, 1, 1) for a batch; alpha is exactly 0 at closure 0.
+    (Encoding.eye_skin, times the brightness) covers the eye, and along the edge its lashes
+    (Encoding.eye_lash, the portrait's own) take over by the lash weight. Closures are scalars or
+    (B, 1, 1) for a batch; alpha is exactly 0 at closure 0.
     """
     t, g, which = eye_map[0], eye_map[1], eye_map[2]
     b = clamp(lid_left + (lid_right - lid_left) * which, 0.0, 1.0)
     edge = b * g
+    # Shut, the lid reaches half a pixel past the lower lid, so no rim of the eye shows under its lashes.
+    cover = edge + 0.5 * b
     alpha = (smooth01(0.0, 0.12, b, clamp) * smooth01(0.0, 0.6, g, clamp)
-             * (1.0 - smooth01(edge - 0.6, edge + 0.6, t, clamp)) * smooth01(-3.5, -0.5, t, clamp))
+             * (1.0 - smooth01(cover - 0.6, cover + 0.6, t, clamp)) * smooth01(-3.5, -0.5, t, clamp))
     g_max = float(eye_map[1].max())
     width = min(max(0.15 * g_max, 0.7), 1.4)
     lash = clamp(1.0 - ((t - (edge - 0.6 * width)) / width) ** 2, 0.0, 1.0) * smooth01(0.15, 0.5, b, clamp)
-    # The lid curves away from the light towards its edge: a little darker there, darkest at the lashes.
-    bright = (1.0 - 0.12 * clamp((t + 1.0) / (edge + 1.0), 0.0, 1.0)) * (1.0 - 0.72 * lash)
-    return alpha, bright
+    # The lid curves away from the light towards its edge: a little darker there.
+    bright = 1.0 - 0.12 * clamp((t + 1.0) / (edge + 1.0), 0.0, 1.0)
+    return alpha, bright, 0.9 * lash
 
 
 class PreparedCache:

@@ -410,6 +410,44 @@ def test_blink_closes_the_eyes(astro, cpu):
         assert lid.sum() > 10 and abs(lum[lid].mean() - skin_above.mean()) < 25 and lum[lid].std() < 12
 
 
+def _shut_eyes(enc: Encoding, cpu: Renderer):
+    """(open, shut) luminance frames of a blink, and per eye its polygon mask at rest."""
+    c = Controls.neutral(2, 25.0)
+    c.blink[:] = [0.0, 1.0]
+    open_, shut = (f.astype(np.float32) @ LUMA for f in cpu.render(enc, c, head_motion=False))
+    lm, eyes = enc.frame_landmarks, []
+    for upper, lower in ((L.EYE_LEFT_UPPER, L.EYE_LEFT_LOWER), (L.EYE_RIGHT_UPPER, L.EYE_RIGHT_LOWER)):
+        eye = np.zeros(open_.shape, np.uint8)
+        cv2.fillPoly(eye, [np.round(lm[upper + lower[::-1]]).astype(np.int32)], 1)
+        eyes.append(eye)
+    return open_, shut, eyes
+
+
+@pytest.mark.parametrize("name", ["p01_neutral_closed_mouth_grid_bbaf2n_f000.png", "p05_glasses_older_woman_grace_hopper.jpg",
+                                  "p06_darker_skin_closed_mouth_grid_swiz3n_f074.png",
+                                  "p10_small_face_large_frame_obama.jpg"])
+def test_a_shut_eyes_lash_line_is_no_darker_than_the_portraits_own_eye(name, cpu):
+    # The line a blink draws along the shut lid is this picture's lashes: a fixed near-black line was
+    # darker than anything in p01's and p06's soft eyes (1st percentile 26 and 21 against their own 49
+    # and 54) and read as drawn on.
+    open_, shut, eyes = _shut_eyes(encode_image(cv2.cvtColor(cv2.imread(str(MEDIA / name)), cv2.COLOR_BGR2RGB)), cpu)
+    for eye in eyes:
+        near = cv2.dilate(eye, np.ones((5, 5), np.uint8)).astype(bool)
+        assert np.percentile(shut[near], 1) >= np.percentile(open_[near], 1) - 8.0, name
+
+
+def test_a_shut_lid_keeps_the_skins_grain(cpu):
+    # p05's grainy photo: the skin around her eyes has a fine texture of 19-29 grey levels (mean |x - blur|);
+    # a lid of blurred skin measured 3-4 and read as a smooth sticker. Its upper part (above the lashes):
+    open_, shut, eyes = _shut_eyes(encode_image(kit_portrait("p05")), cpu)
+    fine = np.abs(shut - cv2.GaussianBlur(shut, (0, 0), 1.5))
+    for eye in eyes:
+        eye = cv2.erode(eye, np.ones((3, 3), np.uint8)).astype(bool)
+        rows = np.nonzero(eye.any(1))[0]
+        lid = eye & (np.arange(eye.shape[0])[:, None] < rows[0] + 0.6 * (rows[-1] - rows[0] + 1))
+        assert lid.sum() > 100 and fine[lid].mean() >= 6.0, fine[lid].mean()
+
+
 def test_speech_driven_clip_keeps_the_rest_of_the_face(astro, cpu, piper_engine):
     from gpu_service.talking_head.driving import drive
 
