@@ -31,7 +31,7 @@ ENCODING_VERSION = 13
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
 rounder jaw field and the lips' seam map; 13: a blink's lid keeps the skin's grain and its lash line is
-the portrait's own lashes); older caches are re-encoded."""
+the portrait's own lashes; a 3/4 turn's full widest opening); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -740,9 +740,11 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     v_lo = float(uv[L.OUTER_LOWER, 1].max())
     v_li0 = float(np.mean(uv[L.INNER_LOWER_MID, 1]))
     lip_lo_h = max(2.0, v_lo - v_li0)
-    # The widest opening shrinks as the face turns and is bounded by the visible mouth width, so a
-    # profile opens a little rather than swinging a jaw the photo cannot show.
-    g_max = 0.22 * fh * (1.0 - 0.6 * float(smoothstep(0.15, 0.85, yaw)))
+    # The widest opening shrinks as the face turns towards profile and is bounded by the visible mouth
+    # width, so a profile opens a little rather than swinging a jaw the photo cannot show. A 3/4 view
+    # shows a jaw drop in full: the shrinking starts past yaw 0.4 (it started at 0.15, and p08's 3/4
+    # turn opened for speech no wider than her parted lips at rest).
+    g_max = 0.22 * fh * (1.0 - 0.6 * float(smoothstep(0.4, 0.95, yaw)))
     g_max = max(min(g_max, 2.8 * hw_m), 1.25 * g0, 2.0)
 
     # The crop holds the head mask and the jaw's fade below the chin.

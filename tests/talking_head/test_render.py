@@ -389,6 +389,23 @@ def test_turned_face_opens_inside_its_oval(cam, cpu):
     assert cam.geometry.max_gap < 0.15 * cam.geometry.face_height
 
 
+def test_a_three_quarter_turn_opens_past_its_parted_lips_for_speech_and_closes(cpu):
+    # p08 (Vermeer, head turned about 3/4, lips parted at rest): the widest opening once shrank with
+    # the turn to half the face's (0.11 face heights), so speech's widest opening was her own parted
+    # lips (MediaPipe: 0.036 against her rest's 0.041) and the mouth barely moved. A jaw drops as far
+    # in a 3/4 view; only near profile does the photo not show it.
+    from gpu_service.talking_head.controls import SPEECH_OPEN
+
+    img = cv2.cvtColor(cv2.imread(str(MEDIA / "p08_painting_turned_head_pearl_earring.jpg")), cv2.COLOR_BGR2RGB)
+    enc = encode_image(img)
+    c = Controls.neutral(3, 25.0)
+    c.mouth_open[:] = [enc.geometry.rest_gap / enc.geometry.max_gap, SPEECH_OPEN, 0.0]
+    rest, wide, shut = (inner_gap(f) for f in cpu.render(enc, c, head_motion=False))
+    assert rest > 0.02 * enc.geometry.face_height  # her own parted lips, as painted
+    assert wide >= 1.3 * rest, (rest, wide)
+    assert shut <= 0.01 * enc.geometry.face_height, shut
+
+
 def test_blink_closes_the_eyes(astro, cpu):
     c = rest_controls(astro, 2)
     c.blink[:] = [0.0, 1.0]
