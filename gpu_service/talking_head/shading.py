@@ -110,6 +110,8 @@ UPPER_GAPS = (0.0, 0.30, 0.53, 0.72, 0.86, 0.97, 1.08)
 """Where the gaps between upper teeth sit across the mouth (half-widths from the midline): incisors, canine, premolars."""
 LOWER_GAPS = (0.0, 0.19, 0.38, 0.56, 0.72, 0.86, 0.98)
 """The same for the narrower lower teeth."""
+TEETH_BOUNCE = 0.5
+"""How far a fully shadowed tooth takes the cavity's hue (scaled by how dark it is): light bounced inside the mouth."""
 
 
 def mouth_layout(enc: Encoding) -> MouthLayout:
@@ -169,13 +171,22 @@ def mouth_layout(enc: Encoding) -> MouthLayout:
     edge = contact + OVERBITE * fh * (1.0 - 0.5 * at * at) - notch
     upper_cover = (1.0 - smoothstep(-0.5 * edge_w, 0.5 * edge_w, v - edge)) * (1.0 - smoothstep(0.85, 1.02, at))
     translucent = 1.0 - 0.12 * smoothstep(-0.3 * OVERBITE * fh - edge_w, 0.0, v - edge)
+    # Teeth in shadow are lit by the mouth around them: the light bounced off the cheeks and tongue
+    # warms them towards the cavity's hue as they darken (scaled teeth alone went a cold grey that read
+    # bluish against a warm face and interior: p05, p07).
+    cavity = np.asarray(enc.palette[0], np.float32)[:, None, None]
+    bounce = cavity * (float(teeth[:, 0, 0] @ LUMA) / max(float(cavity[:, 0, 0] @ LUMA), 1.0))
+
+    def shaded(light: np.ndarray) -> np.ndarray:
+        return (teeth + (bounce - teeth) * (TEETH_BOUNCE * (1.0 - light))[None]) * light[None]
+
     # The far teeth turn away into the cheeks' shadow (the buccal corridor).
-    upper_rgb = teeth * (shade_u * (1.0 - 0.55 * at * at) * translucent)[None]
+    upper_rgb = np.clip(shaded(shade_u * (1.0 - 0.55 * at * at) * translucent), 0.0, 255.0)
     # Lower teeth: on the jaw, narrower, in the upper row's shadow.
     shade_l, gap_l = _teeth_row(at, half, LOWER_GAPS, blur, depth=0.6)
     lower_notch = 0.03 * np.minimum(0.2 * half, 0.03 * fh) * (1.0 - smoothstep(0.0, 0.45, gap_l))
     lower_cover = 1.0 - smoothstep(0.5, 0.75, at)
-    lower_rgb = teeth * (0.9 * shade_l * (1.0 - 0.6 * at * at))[None]
+    lower_rgb = np.clip(shaded(0.9 * shade_l * (1.0 - 0.6 * at * at)), 0.0, 255.0)
     # Tongue: a dome lying on the jaw behind the lower teeth, lit across its middle, a groove down it.
     dome = np.clip(1.0 - (at / 0.8) ** 2, 0.0, 1.0)
     groove = 1.0 - 0.1 * (1.0 - smoothstep(0.0, 0.08, at))

@@ -406,6 +406,26 @@ def test_a_three_quarter_turn_opens_past_its_parted_lips_for_speech_and_closes(c
     assert shut <= 0.01 * enc.geometry.face_height, shut
 
 
+@pytest.mark.parametrize("name", sorted(CLOSED_MOUTHS))
+def test_teeth_in_shadow_take_the_mouths_warm_light(closed, name):
+    # Light bounced off the cheeks and tongue warms a tooth as it darkens; scaled teeth alone kept the
+    # lit teeth's chromaticity and went a cold grey against the warm interior and face.
+    from gpu_service.talking_head.shading import mouth_layout
+
+    enc = closed[name]
+    lay = mouth_layout(enc)
+    m = lay.lower_cover > 0.5
+    px = np.stack([lay.lower_rgb[c][m] for c in range(3)], -1).astype(np.float32)
+    lum = px @ LUMA
+    lab = cv2.cvtColor((np.clip(px, 0, 255) / 255.0)[None].astype(np.float32), cv2.COLOR_RGB2LAB)[0]
+    lit = cv2.cvtColor((np.asarray(enc.teeth_rgb, np.float32) / 255.0)[None, None], cv2.COLOR_RGB2LAB)[0, 0]
+    dark = lum <= np.percentile(lum, 20)
+    # redder than the lit teeth, towards the cavity, and still a tooth: not as red as the cavity
+    cavity = cv2.cvtColor((np.asarray(enc.palette[0], np.float32) / 255.0)[None, None], cv2.COLOR_RGB2LAB)[0, 0]
+    assert lab[dark, 1].mean() >= lit[1] + 2.0, (lab[dark, 1].mean(), lit[1])
+    assert lab[dark, 1].mean() <= lit[1] + 0.5 * (cavity[1] - lit[1]), (lab[dark, 1].mean(), lit[1], cavity[1])
+
+
 def test_blink_closes_the_eyes(astro, cpu):
     c = rest_controls(astro, 2)
     c.blink[:] = [0.0, 1.0]
