@@ -627,10 +627,64 @@ class _GazeSchedule:
         return prev[:, 1] + (cur[:, 1] - prev[:, 1]) * ramp, prev[:, 2] + (cur[:, 2] - prev[:, 2]) * ramp
 
 
-def _gaze(t: np.ndarray, duration_s: float, seed: int, avatar_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Gaze over a clip of duration_s, sampled at t."""
-    schedule = _GazeSchedule(_gaze_rng(seed, avatar_key))
+GAZE_RETURN_S = 0.5
+"""A speaker looks back at the listener this long before a phrase ends (and holds it into the pause)."""
+GAZE_PLAN_P = 0.5
+"""Chance that a phrase after a pause starts with a look away (planning what to say)."""
+
+
+def _phrases(talking: np.ndarray, fps: float, min_pause_s: float = 0.3) -> list[tuple[float, float]]:
+    """(start, end) seconds of the runs of speech in a per-frame mask, joined across pauses shorter than min_pause_s."""
+    starts, ends = _runs(talking)
+    out: list[tuple[float, float]] = []
+    for a, b in zip(starts / fps, ends / fps):
+        if out and a - out[-1][1] < min_pause_s:
+            out[-1] = (out[-1][0], float(b))
+        else:
+            out.append((float(a), float(b)))
+    return [(a, b) for a, b in out if b - a >= min_pause_s]
+
+
+def _speech_gaze(fixations: list[tuple[float, float, float]], phrases: Sequence[tuple[float, float]],
+                 rng: np.random.Generator) -> list[tuple[float, float, float]]:
+    """The idle fixations with speech's pattern laid over them (Kendon 1967; Argyle & Cook 1976).
+
+    A speaker looks away as a phrase begins after a pause, while planning it (GAZE_PLAN_P of the
+    phrases of 1.5 s or more, just before the first sound, for 0.4-1.2 s), and looks back at the
+    listener over the last GAZE_RETURN_S of every phrase, into the pause after it: no look away
+    lasts through a phrase's end. A clip's start stays as drawn (on the camera).
+    """
+    overrides: list[tuple[float, float, float, float]] = []  # (from, to, x, y)
+    for i, (a, b) in enumerate(phrases):
+        after_pause = i > 0 or a >= 0.8
+        if after_pause and b - a >= 1.5 and rng.uniform() < GAZE_PLAN_P:
+            side = 1.0 if rng.uniform() < 0.5 else -1.0
+            hold = min(float(rng.uniform(0.4, 1.2)), b - a - GAZE_RETURN_S - 0.3)
+            overrides.append((max(a - 0.15, 0.0), a - 0.15 + hold, side * float(rng.uniform(*GAZE_AVERT)),
+                              float(rng.uniform(-0.01, 0.03))))
+        nxt = phrases[i + 1][0] if i + 1 < len(phrases) else np.inf
+        x, y = rng.normal(0.0, GAZE_JITTER), rng.normal(0.0, 0.6 * GAZE_JITTER)
+        overrides.append((max(b - GAZE_RETURN_S, a), min(b + 0.3, nxt - 0.15), float(x), float(y)))
+    fix = list(fixations)
+    for t0, t1, x, y in overrides:
+        if t1 <= t0 or t0 <= 0.0:
+            continue
+        starts = [f[0] for f in fix]
+        held = fix[max(bisect.bisect_right(starts, t1) - 1, 0)]  # what was drawn for t1
+        fix = [f for f in fix if not (t0 <= f[0] <= t1)]
+        fix += [(t0, x, y), (t1, held[1], held[2])]
+        fix.sort(key=lambda f: f[0])
+    return fix
+
+
+def _gaze(t: np.ndarray, duration_s: float, seed: int, avatar_key: str,
+          phrases: Sequence[tuple[float, float]] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Gaze over a clip of duration_s, sampled at t; with speech's phrases, tied to them (_speech_gaze)."""
+    rng = _gaze_rng(seed, avatar_key)
+    schedule = _GazeSchedule(rng)
     schedule.extend(duration_s)
+    if phrases:
+        schedule.fixations = _speech_gaze(schedule.fixations, phrases, rng)
     return schedule.curve(t)
 
 
@@ -768,8 +822,12 @@ def drive(
         wav, sr = _mono(audio, sample_rate)
 
     env = None
+    talking = np.zeros(n, bool)
     if has_phones:
         mouth, sealed = _mouth_from_phonemes(phones, t, fps)
+        spans = np.array([(s, e) for sym, s, e in phones if sym not in (PAUSE, WORD_BOUNDARY)])
+        inside = np.searchsorted(spans[:, 0], t, side="right") - 1  # the last spoken phone starting before t
+        talking = (inside >= 0) & (t < spans[np.maximum(inside, 0), 1])
         spoken = [p for p in phones if p[0] not in (PAUSE, WORD_BOUNDARY)]
         targets, _, _ = table_arrays([p[0] for p in spoken])
         stress = _stress_times(spoken, targets[:, 0])
@@ -782,6 +840,7 @@ def drive(
     elif wav is not None:
         mouth, env = _mouth_from_audio(wav, sr, t, fps)
         sealed = []
+        talking = _speech_runs(audio_envelope(wav, sr, t)[1], fps)
         smooth = _zero_phase_lowpass(env, fps, 3.0)
         peaks, props = signal.find_peaks(smooth, distance=max(1, int(0.9 * fps)), prominence=0.15)
         top = props["prominences"].max() if len(peaks) else 1.0
@@ -803,7 +862,7 @@ def drive(
     ctl.brow[:] = np.clip(brow + 0.12 * _bumps(t, stress), -1.0, 1.0)
     ctl.eye_open[:] = eye_open
     ctl.blink[:] = _blinks(t, fps, n / fps, rng)
-    ctl.gaze_x[:], ctl.gaze_y[:] = _gaze(t, n / fps, seed, avatar_key)
+    ctl.gaze_x[:], ctl.gaze_y[:] = _gaze(t, n / fps, seed, avatar_key, _phrases(talking, fps))
     if head_motion:
         _head(ctl, t, stress, _activity(opening, fps), rng)
 

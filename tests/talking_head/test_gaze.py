@@ -1,7 +1,8 @@
 """Gaze: small shifts of where the eyes look, drawn per avatar and seed, and rendered by moving the iris inside the eye.
 
 Driving: a speaker mostly looks at the listener (the camera), with shifts of about a degree between
-fixations, and now and then looks away sideways for a fraction of a second (driving._GazeSchedule).
+fixations, and now and then looks away sideways for a fraction of a second (driving._GazeSchedule);
+with speech, looks back at the listener as each phrase ends and often away as one begins after a pause.
 The clip starts looking as the portrait does. Rendering: the gaze fields slide the iris and the
 white around it inside the eye's opening; the lids, brows and everything outside the eyes stay.
 Measured on the kit's p05 (glasses) by the iris's dark-pixel centroid inside each eye's lid outline:
@@ -137,3 +138,41 @@ def test_the_gaze_asked_is_held_to_what_the_eye_can_show(rendered):
     c.gaze_x[:] = [1.0, -1.0]
     w = mode_weights(enc, c)[:, MODES.index("gaze_x")]
     assert np.allclose(np.abs(w), GAZE_MAX * enc.geometry.eye_width)
+
+
+def _phrased(seed: int, phrases: int = 8, talk_s: float = 2.6, pause_s: float = 0.6):
+    """Controls for speech of `phrases` phrases (vowel-consonant runs) with pauses between, and their spans."""
+    phones, spans, t = [("_", 0.0, 1.0)], [], 1.0
+    for _ in range(phrases):
+        start = t
+        while t < start + talk_s - 1e-9:
+            phones += [("a", t, t + 0.12), ("t", t + 0.12, t + 0.2)]
+            t += 0.2
+        spans.append((start, t))
+        phones.append(("_", t, t + pause_s))
+        t += pause_s
+    return drive(t, FPS, phonemes=phones, seed=seed, avatar_key="grace", head_motion=False), spans
+
+
+def test_the_gaze_comes_back_to_the_listener_as_each_phrase_ends():
+    for seed in range(10):
+        c, spans = _phrased(seed)
+        for a, b in spans:
+            k0, k1 = int((b - 0.45) * FPS), int(b * FPS)
+            assert np.all(np.abs(c.gaze_x[k0:k1]) < GAZE_AVERT[0] - 1e-6), (seed, a, b, c.gaze_x[k0:k1])
+
+
+def test_a_phrase_after_a_pause_often_starts_with_a_look_away_where_idle_eyes_seldom_do():
+    def looks_away_at_starts(c, spans) -> float:
+        hits = 0
+        for a, _ in spans:
+            k0, k1 = int((a - 0.25) * FPS), int((a + 0.3) * FPS)
+            hits += bool(np.any(np.abs(c.gaze_x[k0:k1]) >= GAZE_AVERT[0] - 1e-6))
+        return hits / len(spans)
+
+    spoken, idle = [], []
+    for seed in range(12):
+        c, spans = _phrased(seed)
+        spoken.append(looks_away_at_starts(c, spans))
+        idle.append(looks_away_at_starts(drive(c.n_frames / FPS, FPS, seed=seed, avatar_key="grace", head_motion=False), spans))
+    assert np.mean(spoken) >= 0.35 and np.mean(spoken) >= np.mean(idle) + 0.2, (np.mean(spoken), np.mean(idle))
