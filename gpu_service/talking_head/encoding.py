@@ -417,9 +417,9 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
     """The eye patch, its per-pixel lid geometry, and the lid skin and lash colours a blink draws (crop coordinates).
 
     The lid skin of a column blends the blurred samples 0.4-1.2 eye openings above its upper lid that
-    are most like the face's skin (clear of the lashes, the crease, the brow and glasses), with the fine texture of
-    the same sample added back: a flat, grainless lid read as a sticker on a photo's skin or a
-    painting's craquelure. The lash colour is the darkest of the portrait's own pixels along the rest
+    are most like the face's skin (clear of the lashes, the crease, the brow and glasses), with the fine
+    texture of the skin one eye opening above added back: a flat, grainless lid read as a sticker on a
+    photo's skin or a painting's craquelure. The lash colour is the darkest of the portrait's own pixels along the rest
     lid line, so a closed eye's lash line is as dark and as soft as this picture's lashes (a fixed
     near-black line was crisp on a blurred photo and on a painting).
     """
