@@ -136,7 +136,10 @@ def test_livekit_agents_datastream_output_against_the_worker(tmp_path):
 
     assert out["played"]["interrupted"] is False and out["played"]["position"] == pytest.approx(1.0, abs=0.1)
     for ev in out["interrupted"]:
-        assert ev["interrupted"] is True and 0.2 < ev["position"] < 4.0, ev
+        # Cut mid-speech: some of it heard, not all 4 s. How much depends on how soon playback started
+        # (about 1.1 s of the 1.2 s before the clear on an idle machine; 0.12 s seen at the end of a loaded
+        # CI run), so the floor is only that playback had begun.
+        assert ev["interrupted"] is True and 0.0 < ev["position"] < 4.0, ev
         assert ev["answered_s"] < 1.5, "the avatar answered the clear, not the agent's own 2 s fallback"
     assert out["after"]["interrupted"] is False and out["after"]["position"] == pytest.approx(0.6, abs=0.1)
     assert not [w for w in out["warnings"] if "playback" in w or "clear buffer" in w], out["warnings"]
