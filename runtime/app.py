@@ -110,6 +110,16 @@ def check_avatar_image(avatar_image: str, settings: Settings) -> None:
     check_image_header(raw, settings.max_image_pixels, "avatar_image")
 
 
+async def check_known_avatar(rt: Runtime, avatar_id: Optional[str]) -> None:
+    """A named avatar the GPU services know; when they cannot say right now (None), the request goes on and waits."""
+    if avatar_id is None:
+        return
+    known = await asyncio.to_thread(rt.gpu.avatar_ids)
+    if known is not None and avatar_id not in known:
+        shown = ", ".join(sorted(known)[:20]) or "none"
+        raise ValidationFailed(f"unknown avatar_id {avatar_id!r}; known avatars: {shown}")
+
+
 def validate_request(req: GenerateRequest, settings: Settings) -> GenerateRequest:
     """Checks that need no network (text, avatar, media, language, emotion, webhook target); returns the
     request with the default avatar filled in when it named none."""
@@ -281,12 +291,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             raise ValidationFailed("Idempotency-Key must be 1 to 255 characters")
         req = await asyncio.to_thread(validate_request, req, settings)
         rt = runtime(request)
-        if req.avatar_id is not None:
-            known = await asyncio.to_thread(rt.gpu.avatar_ids)
-            # None: the GPU service cannot say right now; the job then waits for it like any other
-            if known is not None and req.avatar_id not in known:
-                shown = ", ".join(sorted(known)[:20]) or "none"
-                raise ValidationFailed(f"unknown avatar_id {req.avatar_id!r}; known avatars: {shown}")
+        await check_known_avatar(rt, req.avatar_id)
         canonical = req.model_dump(exclude_none=True)
         row, created = await asyncio.to_thread(
             rt.store.create, uuid.uuid4().hex, canonical, key, base_url(request), request.state.owner,
@@ -429,11 +434,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         if req.emotion is not None and req.emotion not in (*EMOTIONS, "auto"):
             raise ValidationFailed(f"emotion {req.emotion!r} is not one of {', '.join((*EMOTIONS, 'auto'))}")
         rt = runtime(request)
-        if req.avatar_id is not None:
-            known = await asyncio.to_thread(rt.gpu.avatar_ids)
-            if known is not None and req.avatar_id not in known:
-                shown = ", ".join(sorted(known)[:20]) or "none"
-                raise ValidationFailed(f"unknown avatar_id {req.avatar_id!r}; known avatars: {shown}")
+        await check_known_avatar(rt, req.avatar_id)
         target, answer = await relay(request).create(req.model_dump(exclude_none=True), req.avatar_id, req.avatar_image)
         urls = stream_urls(request, target.stream_id)
         try:

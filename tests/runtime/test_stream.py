@@ -280,6 +280,10 @@ def test_429_is_passed_on_with_retry_after_and_a_4xx_with_the_services_words(sta
                            ({"avatar_id": "a", "avatar_image": "eA=="}, "one of"), ({"fps": 0}, "fps")):
             refused = http.post("/api/v1/stream", json=body)
             assert refused.status_code == 422 and word in refused.json()["error"], refused.text
+        # an avatar the GPU services do not know, named with the ones they do
+        unknown = http.post("/api/v1/stream", json={"avatar_id": "nobody"})
+        assert unknown.status_code == 422 and "'nobody'" in unknown.json()["error"], unknown.text
+        assert "known avatars: astronaut" in unknown.json()["error"]
         assert not [c for c in stand_in.calls if c[1] == "/stream/sessions"]
 
 
