@@ -60,6 +60,27 @@ def _retry_after(response: httpx.Response) -> Optional[float]:
         return None
 
 
+def transport_failure(exc: httpx.TransportError, label: str, what: str) -> tuple[str, GPUServiceError]:
+    """(the metric's outcome, the transient GPUServiceError) of a call that got no answer: timed out or unreachable."""
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout", GPUServiceError(f"{what}: GPU service {label} timed out ({type(exc).__name__})",
+                                          transient=True, down=True)
+    return "unreachable", GPUServiceError(f"{what}: GPU service {label} is unreachable ({type(exc).__name__})",
+                                          transient=True, down=True)
+
+
+def answer_failure(response: httpx.Response, label: str, what: str) -> GPUServiceError:
+    """A non-2xx answer as a GPUServiceError: transient for 5xx, 408 and 429 (a 424 fails the same way again),
+    the service down for 5xx; `.text` holds the service's own words."""
+    text, etype = _message(response)
+    status = response.status_code
+    error = GPUServiceError(f"{what}: GPU service {label} answered {status} {etype}: {text}",
+                            transient=status >= 500 or status in (408, 429), status=status, error_type=etype,
+                            retry_after_s=_retry_after(response), down=status >= 500)
+    error.text = text  # type: ignore[attr-defined]
+    return error
+
+
 def _message(response: httpx.Response) -> tuple[str, str]:
     """The GPU service's error text and type, from its {error, error_type} body when it has one."""
     try:
@@ -143,28 +164,14 @@ class ServiceClient:
         """One request; raises GPUServiceError (transient or not) for anything but 2xx."""
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            self.metrics.gpu_call(path, "timeout")
-            raise GPUServiceError(f"{what}: GPU service {self.label} timed out ({type(exc).__name__})",
-                                  transient=True, down=True) from exc
         except httpx.TransportError as exc:
-            self.metrics.gpu_call(path, "unreachable")
-            raise GPUServiceError(f"{what}: GPU service {self.label} is unreachable ({type(exc).__name__})",
-                                  transient=True, down=True) from exc
+            outcome, error = transport_failure(exc, self.label, what)
+            self.metrics.gpu_call(path, outcome)
+            raise error from exc
         self.metrics.gpu_call(path, call_outcome(response.status_code))
         if response.is_success:
             return response
-        text, etype = _message(response)
-        status = response.status_code
-        transient = status >= 500 or status in (408, 429)  # 424: the same input fails the same way again
-        raise GPUServiceError(
-            f"{what}: GPU service {self.label} answered {status} {etype}: {text}",
-            transient=transient,
-            status=status,
-            error_type=etype,
-            retry_after_s=_retry_after(response),
-            down=status >= 500,
-        )
+        raise answer_failure(response, self.label, what)
 
     # -- probes ---------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import httpx
 
 from avatar_contracts.logs import current_request_id
 from runtime.errors import GPUServiceError, NotFound, ServiceError, Unauthorized
-from runtime.gpu_client import GPUClient, ServiceClient, _message, _retry_after, affinity_key
+from runtime.gpu_client import GPUClient, ServiceClient, affinity_key, answer_failure, transport_failure
 from runtime.metrics import RuntimeMetrics, call_outcome
 from runtime.settings import Settings
 
@@ -142,25 +142,21 @@ class StreamRelay:
 
     async def call(self, service: ServiceClient, method: str, path: str, template: str, what: str,
                    **kwargs: Any) -> httpx.Response:
-        """One relayed request; a GPUServiceError (as `ServiceClient._call` classifies it) for anything but 2xx."""
+        """One relayed request; a GPUServiceError (gpu_client.transport_failure / answer_failure, as for every GPU call) for anything but 2xx."""
         headers = kwargs.pop("headers", {})
         rid = current_request_id()
         if rid:
             headers["X-Request-ID"] = rid
         try:
             response = await self._client(service).request(method, path, headers=headers, **kwargs)
-        except httpx.TimeoutException as exc:
-            self.metrics.gpu_call(template, "timeout")
-            raise GPUServiceError(f"{what}: GPU service {service.label} timed out ({type(exc).__name__})",
-                                  transient=True, down=True) from exc
         except httpx.TransportError as exc:
-            self.metrics.gpu_call(template, "unreachable")
-            raise GPUServiceError(f"{what}: GPU service {service.label} is unreachable ({type(exc).__name__})",
-                                  transient=True, down=True) from exc
+            outcome, error = transport_failure(exc, service.label, what)
+            self.metrics.gpu_call(template, outcome)
+            raise error from exc
         self.metrics.gpu_call(template, call_outcome(response.status_code))
         if response.is_success:
             return response
-        raise _failure(response, service, what)
+        raise answer_failure(response, service.label, what)
 
     async def create(self, body: dict[str, Any], avatar_id: Optional[str], avatar_image: Optional[str]
                      ) -> tuple[StreamTarget, dict[str, Any]]:
@@ -232,7 +228,7 @@ class StreamRelay:
         if not response.is_success:
             await response.aread()
             await response.aclose()
-            exc = _failure(response, target.service, "events")
+            exc = answer_failure(response, target.service.label, "events")
             if exc.status == 404:
                 raise NotFound(f"no stream session {target.stream_id!r} (it ended, or expired)")
             raise relayed_error(exc, "events")
@@ -315,12 +311,3 @@ def crop_box(box: tuple[float, float, float, float], image: tuple[int, int], fra
     return [round(left, 4), round(top, 4), round(max(0.0, right - left), 4), round(max(0.0, bottom - top), 4)]
 
 
-def _failure(response: httpx.Response, service: ServiceClient, what: str) -> GPUServiceError:
-    """A non-2xx answer as the GPUServiceError `ServiceClient._call` would raise, with the service's own text."""
-    text, etype = _message(response)
-    status = response.status_code
-    exc = GPUServiceError(f"{what}: GPU service {service.label} answered {status} {etype}: {text}",
-                          transient=status >= 500 or status in (408, 429), status=status, error_type=etype,
-                          retry_after_s=_retry_after(response), down=status >= 500)
-    exc.text = text  # type: ignore[attr-defined]
-    return exc
