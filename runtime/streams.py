@@ -142,7 +142,8 @@ class StreamRelay:
 
     async def call(self, service: ServiceClient, method: str, path: str, template: str, what: str,
                    **kwargs: Any) -> httpx.Response:
-        """One relayed request; a GPUServiceError (gpu_client.transport_failure / answer_failure, as for every GPU call) for anything but 2xx."""
+        """One relayed request; for anything but 2xx a GPUServiceError, classified as for every GPU call
+        (gpu_client.transport_failure, answer_failure)."""
         headers = kwargs.pop("headers", {})
         rid = current_request_id()
         if rid:
