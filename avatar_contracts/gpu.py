@@ -212,7 +212,8 @@ class LipSyncResponse(BaseModel):
 
     The request itself is multipart (a video upload does not fit JSON): ``video``, then ``audio``
     or ``audio_url``, optional ``phonemes`` (JSON list of PhonemeTiming), ``text`` (the words spoken, aligned to
-    the audio when there are no phonemes), ``fps``, ``length_policy``.
+    the audio when there are no phonemes), ``fps``, ``length_policy``, ``silence`` (``filmed``, the default: keep
+    the filmed mouth where neither the source's soundtrack nor the new speech speaks; ``rendered``: render every frame).
     """
 
     success: bool = True
@@ -221,6 +222,8 @@ class LipSyncResponse(BaseModel):
     fps: float
     frames: int
     frames_without_face: int = Field(description="Frames passed through unchanged: no face (or one too small) found.")
+    frames_as_filmed: int = Field(0, description="Frames whose mouth was kept as filmed: a silence in both the source's "
+                                                 "own soundtrack and the new speech (`silence=filmed`, the default).")
     source_frames: int
     width: int
     height: int

@@ -27,6 +27,11 @@ class LipSyncJob:
     """(phoneme, start_s, end_s) timings of the new speech, when known."""
     face_index: int = 0
     """Which face to re-voice, by size on the first frame: 0 the largest."""
+    timing_source: Optional[str] = None
+    """Where `phonemes` came from (alignment.TimingSource): timings found in the audio drive the lips without a lead."""
+    silence: str = "filmed"
+    """filmed: where neither the filmed person nor the new speech speaks, keep the filmed mouth (silence.py);
+    rendered: render every frame's mouth."""
 
 
 @dataclass
@@ -48,6 +53,8 @@ class LipSyncResult:
     """Where the phoneme timings of the new speech came from (avatar_contracts.gpu.TimingSource)."""
     device: str = ""
     """The device that rendered it (cuda:1, cpu, ...)."""
+    frames_as_filmed: int = 0
+    """Frames whose mouth was kept as filmed: silent in both the source's soundtrack and the new speech."""
 
 
 @runtime_checkable

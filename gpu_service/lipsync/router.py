@@ -31,6 +31,7 @@ async def generate_lipsync(request: Request):
             {
                 "X-Frames": str(result.frames),
                 "X-Frames-Without-Face": str(result.frames_without_face),
+                "X-Frames-As-Filmed": str(result.frames_as_filmed),
                 "X-Source-Frames": str(result.source_frames),
                 "X-Fps": f"{result.fps:g}",
                 "X-Width": str(result.width),
@@ -45,7 +46,8 @@ async def generate_lipsync(request: Request):
     return LipSyncResponse(
         video_url=await artifact_url(request, result.mp4, "mp4"),
         duration_s=round(result.duration_s, 4), fps=result.fps, frames=result.frames,
-        frames_without_face=result.frames_without_face, source_frames=result.source_frames,
+        frames_without_face=result.frames_without_face, frames_as_filmed=result.frames_as_filmed,
+        source_frames=result.source_frames,
         width=result.width, height=result.height, length_policy=result.length_policy, engine=result.engine,
         device=request.app.state.device.name, timings_ms=result.timings_ms, timing_source=result.timing_source,
     )

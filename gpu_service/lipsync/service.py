@@ -24,6 +24,7 @@ from avatar_contracts.gpu import LENGTH_POLICIES, PhonemeTiming
 from gpu_service.artifacts import ArtifactStore
 from gpu_service.errors import BadMedia, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from gpu_service.lipsync.protocol import LipSyncEngine, LipSyncJob, LipSyncResult
+from gpu_service.lipsync.silence import SILENCE_MODES
 from gpu_service.metrics import GpuMetrics
 from gpu_service.registry import EngineEntry, EngineRegistry
 from gpu_service.settings import Settings
@@ -32,7 +33,7 @@ from gpu_service.speech.alignment import timings_for
 log = logging.getLogger(__name__)
 
 FILE_FIELDS = ("video", "audio")
-TEXT_FIELDS = ("audio_url", "phonemes", "text", "fps", "length_policy", "response", "engine", "face_index")
+TEXT_FIELDS = ("audio_url", "phonemes", "text", "fps", "length_policy", "response", "engine", "face_index", "silence")
 FIELD_MAX_BYTES = 1024 * 1024
 """A form field (phoneme JSON included) larger than this is refused."""
 DEFAULT_POLICY = "pingpong"
@@ -205,6 +206,9 @@ class LipSyncService:
             kind = form.fields.get("response", "").strip() or "mp4"
             if kind not in ("mp4", "json"):
                 raise ValidationFailed(f"response must be mp4 or json, got {kind!r}")
+            silence = form.fields.get("silence", "").strip() or "filmed"
+            if silence not in SILENCE_MODES:
+                raise ValidationFailed(f"silence must be one of {', '.join(SILENCE_MODES)}, got {silence[:32]!r}")
             audio_path = form.files["audio"] if has_audio else self.artifacts.audio_url_path(form.fields["audio_url"].strip())
             field_name = "audio" if has_audio else "audio_url"
             video = await asyncio.to_thread(open_video, form.files["video"], max_s=limits.max_video_s,
@@ -216,7 +220,7 @@ class LipSyncService:
             if source != "request":
                 self.metrics.observe("align", time.perf_counter() - aligning)
             job = LipSyncJob(video=video, audio=audio, sample_rate=rate, length_policy=policy, phonemes=phonemes,
-                             face_index=face_index)
+                             face_index=face_index, timing_source=source, silence=silence)
             log.info("lipsync request", extra={"video_bytes": form.sizes["video"], "size": video.size,
                                                "fps": float(video.fps), "audio_s": round(len(audio) / rate, 3),
                                                "policy": policy, "timing_source": source})

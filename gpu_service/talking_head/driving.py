@@ -9,8 +9,9 @@ dominance-weighted average of the targets of all phonemes (Cohen-Massaro coartic
 dominance easing in before its phoneme and out after it. Hard constraints are then applied as
 multiplicative gates: the lips are sealed at the centre of every m/b/p (the frame containing the
 centre reads exactly 0), a /w/ all but closes them, and inside pauses the mouth relaxes to closed
-over ~100 ms. The opening and the seals run _LIP_LEAD_S ahead of the phoneme timings, as lips run
-ahead of the sound they shape.
+over ~100 ms. The opening and the seals run _LIP_LEAD_S ahead of synthesised speech's phoneme
+timings (Piper's spans lag its sound); timings found in the audio itself sit where the lips act
+and get no lead (lip_lead).
 
 Mouth from audio alone: loudness (30 ms log energy, noise gated and normalised by percentiles)
 mixed with the level of the band where open lips radiate (1.5-3 kHz), zero-phase smoothed, and
@@ -180,6 +181,10 @@ _CLOSURE_RAMP_S = 0.06  # lips approach a bilabial closure over this
 _RELEASE_S = 0.04  # and release it faster
 _LABIAL_OPEN = 0.1  # a /w/ keeps this share of the opening around it
 _LABIAL_RAMP_S = 0.08  # approached over this (rounding starts during the consonant before it)
+# and left as slowly: a /w/ is a glide, not a burst. The kit's talkers open out of the /w/ of "white"
+# over two frames (v02 +0.029 then +0.026 face heights, v03 +0.034 then +0.022); released as fast as a
+# stop (0.04 s), v03's re-voiced mouth opened by 0.060 in one frame once its timing matched the talker's.
+_LABIAL_RELEASE_S = 0.08
 _PAUSE_RELAX_S = 0.10  # the mouth relaxes to closed over this after speech stops
 _PAUSE_PREPARE_S = 0.10  # and reopens this long before speech resumes
 # A silence between words shorter than this is no pause: a stop's closure, or the short gap a phone
@@ -194,6 +199,21 @@ _SHORT_PAUSE_S = 0.15
 # ~20 ms before its span's centre) and the mouth read one frame late; the opening and the m/b/p
 # seals lead by this much, and the frame holding each m/b/p centre is still closed exactly.
 _LIP_LEAD_S = 0.025
+# Timings found in the audio (alignment.py: forced alignment, phone recognition) are acoustic
+# boundaries, and a stop's span ends at its burst, where the filmed lips part: v02's /b/ of "by"
+# bursts at 1.16 s and v03's /p/ at 1.33 s, the recognised spans end there, and the talkers' lips
+# open between the frames either side (MediaPipe gap 0.006 -> 0.042 and 0.001 -> 0.023). With the
+# lead, the evaluator's reenact put our mouth one frame ahead of the real one on all six runs (head
+# and lip-sync of v01-v03, best lag -1); without it, at lag 0 on five. At control level (mouth_open
+# against the real gap at lag 0, mean of v01-v03), shifting recognised timings later by the lead
+# raises r from 0.68 to 0.73; on forced alignment it changes nothing (0.709 and 0.712).
+ACOUSTIC_TIMINGS = ("forced_alignment", "phone_recognition")
+
+
+def lip_lead(timing_source: Optional[str]) -> float:
+    """How far the mouth runs ahead of phoneme timings of this source (seconds): none for timings found in the audio."""
+    return 0.0 if timing_source in ACOUSTIC_TIMINGS else _LIP_LEAD_S
+
 # The jaw's and lips' top speed, in speech units (visemes.py) per second: 0 -> 1 in 135 ms, an
 # inner-lip gap changing by at most 0.026 face heights per 40 ms frame (7.4 x 0.04 x SPEECH_OPEN x 0.22). Real talkers' gaps change
 # by at most 0.017-0.049 per frame (the kit's measures; MediaPipe reads more where a moustache
@@ -245,7 +265,7 @@ def _without_short_pauses(phones: list[tuple[str, float, float]]) -> list[tuple[
 
 
 def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray,
-                         fps: float) -> tuple[np.ndarray, list[int]]:
+                         fps: float, lead: float = _LIP_LEAD_S) -> tuple[np.ndarray, list[int]]:
     """(T, 4) open/round/spread/tuck by dominance blending plus closure and pause gates, and the sealed frames."""
     phones = _without_short_pauses(phones)
     spoken = [p for p in phones if p[0] != WORD_BOUNDARY]
@@ -263,7 +283,6 @@ def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray,
     # Dominance shape: flat over the middle 60% of the phoneme, exponential decay outside,
     # with a longer tail before (anticipation) than after (carry-over). Banded: each phoneme
     # only touches frames within 8 decay constants of it (its weight beyond is < 4e-4).
-    lead = _LIP_LEAD_S
     i0 = np.clip(np.floor((start - lead - 8 * _ANTICIPATION_S) * fps - 0.5).astype(np.int64), 0, len(t))
     i1 = np.clip(np.ceil((end + 8 * _CARRYOVER_S) * fps - 0.5).astype(np.int64) + 1, 0, len(t))
     counts = np.maximum(i1 - i0, 0)
@@ -310,14 +329,15 @@ def _mouth_from_phonemes(phones: list[tuple[str, float, float]], t: np.ndarray,
     # look at, even when the phoneme is shorter than a frame. A /w/ closes its rounded lips to a
     # tenth of the opening around it the same way, approached earlier (lip rounding anticipates).
     closure = np.ones(len(t))
-    for kind, floor, ramp in (("bilabial", 0.0, _CLOSURE_RAMP_S), ("labial", _LABIAL_OPEN, _LABIAL_RAMP_S)):
+    for kind, floor, ramp, release in (("bilabial", 0.0, _CLOSURE_RAMP_S, _RELEASE_S),
+                                       ("labial", _LABIAL_OPEN, _LABIAL_RAMP_S, _LABIAL_RELEASE_S)):
         for c, h in zip(centre[kinds_arr == kind], half[kinds_arr == kind]):
             a = max(0, int(np.floor((c - lead - h - ramp) * fps)))
-            b = min(len(t), int(np.ceil((c + h + _RELEASE_S) * fps)) + 1)
+            b = min(len(t), int(np.ceil((c + h + release) * fps)) + 1)
             tt = t[a:b]
             # The seal leads with the opening; the centre frame below is closed whatever the lead.
             before = (c - lead - 0.7 * h - tt) / ramp
-            after = (tt - (c - lead + 0.7 * h)) / _RELEASE_S
+            after = (tt - (c - lead + 0.7 * h)) / release
             gate = floor + (1.0 - floor) * _smoothstep(np.maximum(before, after))
             closure[a:b] = np.minimum(closure[a:b], gate)
             k = int(np.floor(c * fps))
@@ -472,6 +492,17 @@ def _speech_runs(speech: np.ndarray, fps: float, min_on_s: float = 0.1, min_gap_
         if 0 < a and b < len(out) and b - a < min_gap_s * fps:
             out[a:b] = True
     return out
+
+
+def speech_mask(audio: np.ndarray, sample_rate: int, n_frames: int, fps: float) -> Optional[np.ndarray]:
+    """Which of n_frames (at fps, from the audio's start) hear speech, as the audio-only driving finds it;
+    None when the audio is silent throughout (nothing says when anyone speaks)."""
+    wav, sr = _mono(audio, sample_rate)
+    t = (np.arange(n_frames) + 0.5) / fps
+    _, speech = audio_envelope(wav, sr, t)
+    if not speech.any():
+        return None
+    return _speech_runs(speech, fps)
 
 
 def _mouth_from_audio(audio: np.ndarray, sr: int, t: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -796,10 +827,12 @@ def drive(
     seed: int = 0,
     head_motion: bool = True,
     avatar_key: str = "",
+    lip_lead_s: float = _LIP_LEAD_S,
 ) -> Controls:
     """Per-frame face controls for speech given as phoneme timings, audio, or both.
 
     `seed` and `avatar_key` (the avatar's id) draw the blinks, the gaze's fixations and the head's drift (motion_rng).
+    `lip_lead_s` is how far the mouth runs ahead of the phoneme timings: lip_lead(the timings' source).
     """
     t0 = time.perf_counter()
     if not (np.isfinite(duration_s) and duration_s > 0):
@@ -824,7 +857,7 @@ def drive(
     env = None
     talking = np.zeros(n, bool)
     if has_phones:
-        mouth, sealed = _mouth_from_phonemes(phones, t, fps)
+        mouth, sealed = _mouth_from_phonemes(phones, t, fps, lip_lead_s)
         spans = np.array([(s, e) for sym, s, e in phones if sym not in (PAUSE, WORD_BOUNDARY)])
         inside = np.searchsorted(spans[:, 0], t, side="right") - 1  # the last spoken phone starting before t
         talking = (inside >= 0) & (t < spans[np.maximum(inside, 0), 1])

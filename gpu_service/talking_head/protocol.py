@@ -51,6 +51,8 @@ class VideoJob:
     seed: int = 0
     head_motion: bool = True
     include_audio: bool = True
+    timing_source: Optional[str] = None
+    """Where `phonemes` came from (alignment.TimingSource): timings found in the audio drive the lips without a lead."""
 
 
 @dataclass

@@ -132,6 +132,7 @@ class TalkingHeadService:
         entry, job = await self.prepare(body)
         started = time.perf_counter()
         job.phonemes, source = await asyncio.to_thread(timings_for, job.audio, job.sample_rate, job.phonemes, job.text)
+        job.timing_source = source
         align_ms = (time.perf_counter() - started) * 1000
         # Placed now, right before the slot is taken: least-loaded reads the counts as they are.
         replica = entry.place(prefer=lambda engine: engine.is_warm(job.avatar_id))

@@ -167,6 +167,7 @@ def test_bad_inputs_get_clear_4xx(lipsync_settings, media, tmp_path):
         ({"files": {"video": ("a.mp4", a.read_bytes(), "video/mp4")}, "data": {"audio_url": "http://evil.test/a.wav"}},
          422, "audio_url must be"),
         (_files(a, wav, length_policy="bounce"), 422, "length_policy must be one of"),
+        (_files(a, wav, silence="keep"), 422, "silence must be one of filmed, rendered"),
         (_files(a, wav, fps="fast"), 422, "fps must be a number"),
         (_files(a, wav, phonemes="[{\"phoneme\": \"a\"}]"), 422, "phonemes must be"),
         (_files(a, wav, colour="red"), 422, "unknown form field"),

@@ -386,3 +386,21 @@ def test_a_gap_between_words_shorter_than_a_pause_keeps_the_mouth_speaking():
     assert mo[(t > 0.56) & (t < 0.64)].min() >= 0.5 * around, mo
     mo, t = run(0.3)
     assert mo[(t > 0.7) & (t < 0.78)].max() <= 0.02, mo
+
+
+def test_timings_found_in_the_audio_drive_the_lips_without_a_lead():
+    """Piper's spans lag its sound, so its mouth leads them; recognised and aligned spans sit where the lips act."""
+    from gpu_service.talking_head.driving import _LIP_LEAD_S, lip_lead
+
+    assert lip_lead("phone_recognition") == lip_lead("forced_alignment") == 0.0
+    assert lip_lead("request") == lip_lead(None) == _LIP_LEAD_S > 0
+    ph = [("_", 0.0, 0.3), ("a", 0.3, 0.55), ("b", 0.55, 0.65), ("a", 0.65, 0.9), ("_", 0.9, 1.3)]
+    fps = 100.0  # fine enough to see 25 ms
+    led = opening(drive(1.3, fps, phonemes=ph))
+    found = opening(drive(1.3, fps, phonemes=ph, lip_lead_s=lip_lead("phone_recognition")))
+    t = (np.arange(len(led)) + 0.5) / fps
+    # The seal's release: the first frame after the /b/'s centre whose opening is back above a tenth.
+    rel = lambda mo: t[(t > 0.6) & (mo > 0.1)][0]  # noqa: E731
+    assert rel(found) - rel(led) == pytest.approx(_LIP_LEAD_S, abs=0.011)
+    assert found[t < 0.6].argmax() > led[t < 0.6].argmax()
+

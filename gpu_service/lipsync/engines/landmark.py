@@ -19,17 +19,19 @@ from collections import deque
 from dataclasses import replace
 from typing import Iterator, Optional
 
+import cv2
 import numpy as np
 
 from gpu_service.engine import EngineHealth
 from gpu_service.errors import BadMedia
 from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
 from gpu_service.lipsync.mouth import inner_gap, refine_inner_lips
+from gpu_service.lipsync.silence import filmed_weights, source_speech, toward_filmed
 from gpu_service.lipsync.stream_io import ReadAhead, VideoSource, frames_in_order, plan_length
 from gpu_service.lipsync.tracking import FaceTracker
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
-from gpu_service.talking_head.driving import drive
+from gpu_service.talking_head.driving import drive, lip_lead, speech_mask
 from gpu_service.talking_head.encoding import (MODES, Appearance, Encoding, choose_face, encode_from_landmarks,
                                                lip_colour, measure_appearance)
 from gpu_service.talking_head.renderer import Renderer, mode_weights
@@ -58,10 +60,10 @@ _KEEP_SOURCE = ("smile", "brow", "eye_open", "blink", "gaze_x", "gaze_y", "head_
 
 
 def speech_controls(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int,
-                    phonemes: Optional[list] = None) -> Controls:
+                    phonemes: Optional[list] = None, timing_source: Optional[str] = None) -> Controls:
     """Mouth controls for n_frames of the new speech; every non-mouth control zero (the source keeps its own)."""
     ctl = drive(n_frames / float(fps), float(fps), phonemes=phonemes, audio=audio, sample_rate=sample_rate,
-                head_motion=False)
+                head_motion=False, lip_lead_s=lip_lead(timing_source))
     if ctl.n_frames != n_frames:  # rounding of duration * fps: pad with rest or cut
         full = Controls.neutral(n_frames, float(fps))
         k = min(n_frames, ctl.n_frames)
@@ -185,9 +187,11 @@ class LandmarkLipSync:
             frames.close()
 
     def _face_work(self, src: VideoSource, controls: Controls, policy: str, stats: dict, faces: int,
-                   face_index: int) -> Iterator[tuple[np.ndarray, Optional[Encoding], Optional[Controls], float]]:
-        """(frame, its mouth-only encoding, its controls, close_upper) per output frame; no encoding for a frame
-        left as filmed. Decoding and tracking run in their own thread, a few frames ahead of this."""
+                   face_index: int, filmed: Optional[np.ndarray] = None,
+                   ) -> Iterator[tuple[np.ndarray, Optional[Encoding], Optional[Controls], float, float]]:
+        """(frame, its mouth-only encoding, its controls, close_upper, share of the filmed mouth kept) per output
+        frame; no encoding for a frame left as filmed. `filmed` is silence.filmed_weights' per-frame share.
+        Decoding and tracking run in their own thread, a few frames ahead of this."""
         widths = MouthWidthReference(window=int(10 * float(src.fps)))
         prev: Optional[Encoding] = None
         with FaceTracker(float(src.fps), max_faces=faces, face_index=face_index) as tracker, \
@@ -196,13 +200,21 @@ class LandmarkLipSync:
                 stats["frames"] = i + 1
                 if lm is None:
                     stats["frames_without_face"] += 1
-                    yield frame, None, None, 0.0
+                    yield frame, None, None, 0.0, 0.0
+                    continue
+                keep = float(filmed[i]) if filmed is not None and i < len(filmed) else 0.0
+                if keep >= 1.0:  # a shared silence: the person's own mouth, as filmed
+                    stats["frames_as_filmed"] += 1
+                    yield frame, None, None, 0.0, 1.0
                     continue
                 t1 = time.perf_counter()
                 ctl = controls.slice(i, i + 1)
+                gap = inner_gap(lm)
+                if keep > 0.0 and prev is not None:
+                    ctl = toward_filmed(ctl, replace(prev, geometry=replace(prev.geometry, rest_gap=gap)), keep)
                 # Closing this frame's mouth needs the low seam and per-column closing (CLOSE_SEAM); opening
                 # it keeps the midline, where the drawn upper teeth belong to the upper lip's side.
-                closing = closes(prev, ctl, inner_gap(lm))
+                closing = closes(prev, ctl, gap)
                 try:
                     # Eyes, brows and smile stay as filmed: only the mouth's fields are built, over the window
                     # they reach (same fields, a fraction of the work).
@@ -210,15 +222,17 @@ class LandmarkLipSync:
                                                 mouth_only=True, appearance=look)
                 except BadMedia:  # face too small to animate: leave it as filmed
                     stats["frames_without_face"] += 1
-                    yield frame, None, None, 0.0
+                    yield frame, None, None, 0.0, 0.0
                     continue
                 prev = enc
                 c = _width_correction(enc, ctl, widths.update(enc))
+                if keep > 0.0:  # the filmed width comes back with the filmed mouth
+                    c = replace(c, mouth_spread=(ctl.mouth_spread + (1.0 - keep) * (c.mouth_spread - ctl.mouth_spread)))
                 stats["encode_ms"] += (time.perf_counter() - t1) * 1000
-                yield frame, enc, c, CLOSE_SEAM if closing else 0.4
+                yield frame, enc, c, CLOSE_SEAM if closing else 0.4, keep
 
     def revoice_frames(self, src: VideoSource, controls: Controls, policy: str, stats: dict,
-                       faces: int = 1, face_index: int = 0) -> Iterator[np.ndarray]:
+                       faces: int = 1, face_index: int = 0, filmed: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
         """Yield output frames: each source frame (in the policy's order) with its mouth re-rendered.
 
         With `faces` > 1 (counted on the first frame), that many are tracked and the `face_index`-th
@@ -226,14 +240,17 @@ class LandmarkLipSync:
         and (in the caller's thread, with the writes to x264) rendering. ffmpeg's pipes, MediaPipe and
         most NumPy/OpenCV work release the GIL.
         """
-        with ReadAhead(self._face_work(src, controls, policy, stats, faces, face_index), name="lipsync-face") as work:
-            for frame, enc, c, close_upper in work:
+        work_items = self._face_work(src, controls, policy, stats, faces, face_index, filmed)
+        with ReadAhead(work_items, name="lipsync-face") as work:
+            for frame, enc, c, close_upper, keep in work:
                 if enc is None:
                     yield frame
                     continue
                 t2 = time.perf_counter()
                 out = next(iter(self.renderer.frames(enc, c, head_motion=False, close_upper=close_upper)))
                 self.renderer.forget(enc)  # an encoding per frame: nothing to keep its layout for
+                if keep > 0.0:  # into or out of a shared silence: the filmed mouth fades in with its shape
+                    out = cv2.addWeighted(np.ascontiguousarray(frame), keep, np.ascontiguousarray(out), 1.0 - keep, 0.0)
                 stats["render_ms"] += (time.perf_counter() - t2) * 1000
                 yield out
 
@@ -246,11 +263,12 @@ class LandmarkLipSync:
         # The source's real frame count is known only after decoding; trim can shorten to the probed estimate.
         n_out = plan_length(max(src.estimated_frames(), 1), n_audio, job.length_policy)
         faces = _faces_on_first_frame(src, job.face_index)
-        controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes)
+        controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes, job.timing_source)
+        filmed = self._shared_silences(job, n_out)
         stats = _new_stats()
         t_drive = time.perf_counter()
         w, h = src.size
-        frames = self.revoice_frames(src, controls, job.length_policy, stats, faces, job.face_index)
+        frames = self.revoice_frames(src, controls, job.length_policy, stats, faces, job.face_index, filmed)
         mp4, facts = encode_mp4(frames, src.fps, (w, h), audio=_fit(job.audio, job.sample_rate, n_out, fps),
                                 sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
                                 x264_params=self.x264_params)
@@ -267,28 +285,40 @@ class LandmarkLipSync:
                    "encode_face": stats["encode_ms"], "render": stats["render_ms"], "encode": facts["encode_ms"],
                    "total": total}
         log.info("lipsync done", extra={"frames": n, "no_face": stats["frames_without_face"], "fps": fps,
-                                        "policy": job.length_policy, "ms": round(total)})
+                                        "as_filmed": stats["frames_as_filmed"], "policy": job.length_policy,
+                                        "ms": round(total)})
         return LipSyncResult(
             mp4=mp4, frames=n, frames_without_face=stats["frames_without_face"], fps=fps, width=w, height=h,
             duration_s=n / fps, source_frames=min(n, src.estimated_frames()) if job.length_policy == "trim" else src.estimated_frames(),
             length_policy=job.length_policy, engine=self.name, timings_ms={k: round(v, 2) for k, v in timings.items()},
-            device=self.device,
+            device=self.device, frames_as_filmed=stats["frames_as_filmed"],
         )
+
+    @staticmethod
+    def _shared_silences(job: LipSyncJob, n_out: int) -> Optional[np.ndarray]:
+        """Per output frame, the share of the filmed mouth kept (silence.filmed_weights); None to render every frame."""
+        if job.silence != "filmed":
+            return None
+        src, fps = job.video, float(job.video.fps)
+        n_source = max(src.estimated_frames(), 1)
+        return filmed_weights(speech_mask(job.audio, job.sample_rate, n_out, fps), source_speech(src, n_source),
+                              n_out, n_source, job.length_policy, fps)
 
     def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict, faces: int) -> tuple[bytes, dict]:
         """Redo a job whose source turned out shorter than probed, with the audio cut to its n frames."""
         fps = float(src.fps)
-        controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes)
+        controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes, job.timing_source)
         stats.update(_new_stats())
-        frames = self.revoice_frames(src, controls, "trim", stats, faces, job.face_index)
+        frames = self.revoice_frames(src, controls, "trim", stats, faces, job.face_index, self._shared_silences(job, n))
         return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
                           sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
                           x264_params=self.x264_params)
 
 
 def _new_stats() -> dict:
-    """A job's counters: frames, frames left as filmed, and each stage's wall milliseconds."""
-    return {"frames": 0, "frames_without_face": 0, "decode_ms": 0.0, "track_ms": 0.0, "encode_ms": 0.0, "render_ms": 0.0}
+    """A job's counters: frames, frames left as filmed (no face; a shared silence), and each stage's wall milliseconds."""
+    return {"frames": 0, "frames_without_face": 0, "frames_as_filmed": 0, "decode_ms": 0.0, "track_ms": 0.0,
+            "encode_ms": 0.0, "render_ms": 0.0}
 
 
 def _faces_on_first_frame(src: VideoSource, face_index: int) -> int:

@@ -146,7 +146,7 @@ class LandmarkTalkingHead:
 
     def generate(self, job: VideoJob) -> VideoResult:
         """Drive controls from the speech, render the frames block by block and encode the MP4 (blocking)."""
-        from gpu_service.talking_head.driving import drive
+        from gpu_service.talking_head.driving import drive, lip_lead
 
         stream = self.open_stream(job.avatar_id, job.fps, job.head_motion)
         t0 = time.perf_counter()
@@ -154,6 +154,7 @@ class LandmarkTalkingHead:
         controls = drive(
             duration, job.fps, phonemes=job.phonemes, audio=job.audio, sample_rate=job.sample_rate,
             emotion=job.emotion, text=job.text, seed=job.seed, head_motion=job.head_motion, avatar_key=job.avatar_id,
+            lip_lead_s=lip_lead(job.timing_source),
         )
         t1 = time.perf_counter()
         w, h = stream.size
