@@ -657,6 +657,22 @@ class _GazeSchedule:
         ramp = np.where(k > 0, _smoothstep((t - cur[:, 0]) / (0.021 + 0.0022 * size)), 1.0)  # 21 ms + 2.2 ms/degree
         return prev[:, 1] + (cur[:, 1] - prev[:, 1]) * ramp, prev[:, 2] + (cur[:, 2] - prev[:, 2]) * ramp
 
+    def hold(self, t0: float, t1: float, x: float, y: float) -> None:
+        """Look at (x, y) from t0 to t1 instead of what was drawn there; what was drawn for t1 resumes then."""
+        self.extend(t1 + 0.1)  # every drawn fixation that starts inside is replaced, whenever it would be drawn
+        self.fixations = _override(self.fixations, t0, t1, x, y)
+        self._array = None
+
+
+def _override(fix: list[tuple[float, float, float]], t0: float, t1: float, x: float,
+              y: float) -> list[tuple[float, float, float]]:
+    """Fixations with (x, y) from t0 to t1 in place of those starting inside, and t1's own fixation resuming at t1."""
+    starts = [f[0] for f in fix]
+    held = fix[max(bisect.bisect_right(starts, t1) - 1, 0)]  # what was drawn for t1
+    out = [f for f in fix if not (t0 <= f[0] <= t1)] + [(t0, x, y), (t1, held[1], held[2])]
+    out.sort(key=lambda f: f[0])
+    return out
+
 
 GAZE_RETURN_S = 0.5
 """A speaker looks back at the listener this long before a phrase ends (and holds it into the pause)."""
@@ -698,13 +714,8 @@ def _speech_gaze(fixations: list[tuple[float, float, float]], phrases: Sequence[
         overrides.append((max(b - GAZE_RETURN_S, a), min(b + 0.3, nxt - 0.15), float(x), float(y)))
     fix = list(fixations)
     for t0, t1, x, y in overrides:
-        if t1 <= t0 or t0 <= 0.0:
-            continue
-        starts = [f[0] for f in fix]
-        held = fix[max(bisect.bisect_right(starts, t1) - 1, 0)]  # what was drawn for t1
-        fix = [f for f in fix if not (t0 <= f[0] <= t1)]
-        fix += [(t0, x, y), (t1, held[1], held[2])]
-        fix.sort(key=lambda f: f[0])
+        if t1 > t0 > 0.0:
+            fix = _override(fix, t0, t1, x, y)
     return fix
 
 
@@ -745,11 +756,22 @@ HEAD_DRIFT = {"head_dx": 0.015, "head_dy": 0.008, "head_yaw": 0.02, "head_pitch"
 """Peak amplitude of each head control's idle drift (fractions of the face, radians)."""
 
 
+STREAM_PHRASE_GAP_S = 0.2
+"""A stream's mouth closed this long ends a phrase (stop closures inside words are shorter: _SHORT_PAUSE_S)."""
+_STREAM_TALKING = 0.05 * SPEECH_OPEN
+"""A stream's mouth open past this (mouth_open) is speaking: every vowel is, a breath or a /w/ is not."""
+
+
 class IdleMotion:
     """Blinks, gaze shifts and slow head drift for an open-ended stream of frames (no clip length known in advance).
 
     Frame k gets the same values however the frames are split into blocks: the drift is a fixed
-    function of time and blinks are drawn in order as time advances.
+    function of time and blinks are drawn in order as time advances. The gaze follows the stream's
+    speech as a clip's does (_speech_gaze), as far as a stream can know it, frame by frame from the
+    mouth it is given: a phrase that starts after a pause of STREAM_PHRASE_GAP_S or more starts with
+    a look away GAZE_PLAN_P of the time, and STREAM_PHRASE_GAP_S after a phrase's last opening the
+    eyes are back on the listener for the pause (a clip, which knows where its phrases end, looks
+    back GAZE_RETURN_S before).
     """
 
     def __init__(self, fps: float, seed: int = 0, head_motion: bool = True, avatar_key: str = "") -> None:
@@ -758,6 +780,28 @@ class IdleMotion:
         self._waves = {name: _drift_wave(amp, rng) for name, amp in HEAD_DRIFT.items()} if head_motion else {}
         self._blinks = _BlinkSchedule(rng, self.fps)
         self._gaze = _GazeSchedule(_gaze_rng(seed, avatar_key))
+        self._phrase_rng = _gaze_rng(seed, avatar_key + "\x00phrases")
+        self._talking = False
+        self._quiet_s = np.inf  # since the mouth last spoke
+
+    def _follow_speech(self, mouth_open: np.ndarray, t: np.ndarray) -> None:
+        """Lay speech's gaze pattern over the drawn fixations as phrases start and end, frame by frame."""
+        rng, dt = self._phrase_rng, 1.0 / self.fps
+        for ti, mo in zip(t.tolist(), mouth_open.tolist()):
+            if mo > _STREAM_TALKING:
+                if not self._talking and self._quiet_s >= STREAM_PHRASE_GAP_S:
+                    self._talking = True
+                    if ti >= 0.8 and rng.uniform() < GAZE_PLAN_P:  # a stream's start stays on the camera
+                        side = 1.0 if rng.uniform() < 0.5 else -1.0
+                        self._gaze.hold(ti, ti + float(rng.uniform(0.4, 1.2)), side * float(rng.uniform(*GAZE_AVERT)),
+                                        float(rng.uniform(-0.01, 0.03)))
+                self._quiet_s = 0.0
+                continue
+            self._quiet_s += dt
+            if self._talking and self._quiet_s >= STREAM_PHRASE_GAP_S:
+                self._talking = False
+                self._gaze.hold(ti, ti + float(rng.uniform(0.3, 0.8)), float(rng.normal(0.0, GAZE_JITTER)),
+                                float(rng.normal(0.0, 0.6 * GAZE_JITTER)))
 
     def apply(self, controls: Controls, start_frame: int) -> Controls:
         """The controls of frames [start_frame, start_frame + n) with blinks, gaze and head drift added."""
@@ -766,6 +810,7 @@ class IdleMotion:
         out = controls.slice(0, controls.n_frames)
         out.blink = np.maximum(out.blink, self._blinks.curve(t)).astype(np.float32)
         self._gaze.extend(float(t[-1]) + 1.0 if len(t) else 0.0)
+        self._follow_speech(controls.mouth_open, t)
         gx, gy = self._gaze.curve(t)
         out.gaze_x = (out.gaze_x + gx).astype(np.float32)
         out.gaze_y = (out.gaze_y + gy).astype(np.float32)

@@ -176,3 +176,41 @@ def test_a_phrase_after_a_pause_often_starts_with_a_look_away_where_idle_eyes_se
         spoken.append(looks_away_at_starts(c, spans))
         idle.append(looks_away_at_starts(drive(c.n_frames / FPS, FPS, seed=seed, avatar_key="grace", head_motion=False), spans))
     assert np.mean(spoken) >= 0.35 and np.mean(spoken) >= np.mean(idle) + 0.2, (np.mean(spoken), np.mean(idle))
+
+
+def _streamed(c: Controls, seed: int, blocks: list[int]) -> Controls:
+    """c's frames through a stream's IdleMotion in blocks of the given sizes (cycled), joined again."""
+    idle = IdleMotion(FPS, seed=seed, head_motion=False, avatar_key="grace")
+    parts, k, i = [], 0, 0
+    while k < c.n_frames:
+        n = blocks[i % len(blocks)]
+        parts.append(idle.apply(c.slice(k, min(k + n, c.n_frames)), k))
+        k, i = k + n, i + 1
+    return Controls(fps=FPS, **{name: np.concatenate([getattr(p, name) for p in parts]) for name in Controls.names()})
+
+
+def _speech_only(c: Controls) -> Controls:
+    """The mouth of c with every other control at rest: what a stream's driver hands the engine's stream."""
+    out = Controls.neutral(c.n_frames, FPS)
+    out.mouth_open[:] = c.mouth_open
+    return out
+
+
+def test_a_streams_gaze_follows_its_phrases_however_its_frames_are_cut():
+    ends_back, starts_away, idle_away, n_phrases = 0, 0, 0, 0
+    for seed in range(12):
+        c, spans = _phrased(seed)
+        mouth = _speech_only(c)
+        whole = _streamed(mouth, seed, [mouth.n_frames])
+        assert np.array_equal(whole.gaze_x, _streamed(mouth, seed, [1, 7, 25, 3]).gaze_x), seed
+        still = _streamed(Controls.neutral(c.n_frames, FPS), seed, [c.n_frames])
+        for a, b in spans:
+            n_phrases += 1
+            # Back on the listener into the pause (a stream learns that a phrase ended 0.2 s after its end).
+            k0, k1 = int((b + 0.25) * FPS), int((b + 0.5) * FPS)
+            ends_back += bool(np.all(np.abs(whole.gaze_x[k0:k1]) < GAZE_AVERT[0] - 1e-6))
+            k0, k1 = int(a * FPS), int((a + 0.4) * FPS)
+            starts_away += bool(np.any(np.abs(whole.gaze_x[k0:k1]) >= GAZE_AVERT[0] - 1e-6))
+            idle_away += bool(np.any(np.abs(still.gaze_x[k0:k1]) >= GAZE_AVERT[0] - 1e-6))
+    assert ends_back == n_phrases, (ends_back, n_phrases)
+    assert starts_away / n_phrases >= 0.35 and starts_away >= idle_away + 0.2 * n_phrases, (starts_away, idle_away)
