@@ -249,8 +249,11 @@ def measure_clip(path: Path, client: GpuClient, out_dir: Path, judge: Judge,
         out_path.write_bytes(mp4)
         figs, s, c = compare(ref, decode(out_path))
         rec["modes"][mode] = {"status": "ok", **figs, "video": out_path.name,
+                              # frames_as_filmed: lip-sync frames whose mouth the service kept as filmed (a shared
+                              # silence), which in self-reenactment are the real mouth itself.
                               "service": {key: answer.get(key) for key in ("frames", "fps", "duration_s", "timings_ms",
-                                                                           "engine", "length_policy", "device")}}
+                                                                           "engine", "length_policy", "device",
+                                                                           "timing_source", "frames_as_filmed")}}
         series[f"{mode}_gap"] = s["gap"]
         series[f"{mode}_lmd"] = s["lmd"]
         crops[mode] = c
