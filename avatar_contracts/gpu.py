@@ -224,6 +224,8 @@ class LipSyncResponse(BaseModel):
     frames_without_face: int = Field(description="Frames passed through unchanged: no face (or one too small) found.")
     frames_as_filmed: int = Field(0, description="Frames whose mouth was kept as filmed: a silence in both the source's "
                                                  "own soundtrack and the new speech (`silence=filmed`, the default).")
+    filmed_spans: list[tuple[int, int]] = Field(default_factory=list,
+                                                description="Those frames as [start, end) runs of output frame indices.")
     source_frames: int
     width: int
     height: int

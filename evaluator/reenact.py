@@ -169,6 +169,27 @@ def compare(ref: Reference, out: Video) -> tuple[dict, dict, list]:
     return figs, series, crops
 
 
+def rendered_only(ref: Reference, lmd: list, spans: list, figs: dict) -> dict:
+    """lmd over the frames the service rendered, leaving out those it kept as filmed (`filmed_spans`).
+
+    In self-reenactment a frame kept as filmed is the real mouth itself, so lmd_over_still counts it
+    as a perfect match; lmd_rendered_over_still is the same ratio over the other frames alone (None
+    when the output was resampled onto the real frames, or too few frames were rendered).
+    """
+    kept = np.zeros(len(ref.landmarks), bool)
+    for a, b in spans or []:
+        kept[max(int(a), 0):min(int(b), len(kept))] = True
+    out = {"frames_as_filmed": int(kept.sum()), "lmd_rendered": None, "lmd_rendered_over_still": None}
+    ours = np.array([np.nan if v is None else v for v in lmd], np.float64)
+    still = mm.still_lip_distance(ref.landmarks, ref.judge)
+    use = ~kept & np.isfinite(ours) & np.isfinite(still)
+    if figs.get("resampled") or use.sum() < 3 or len(ours) != len(kept):
+        return out
+    out["lmd_rendered"] = float(ours[use].mean())
+    out["lmd_rendered_over_still"] = float(ours[use].mean() / max(still[use].mean(), 1e-9))
+    return out
+
+
 def _jsonable(x: np.ndarray) -> list:
     return [float(v) if math.isfinite(v) else None for v in np.asarray(x, np.float64)]
 
@@ -248,9 +269,9 @@ def measure_clip(path: Path, client: GpuClient, out_dir: Path, judge: Judge,
         out_path = clip_dir / f"{mode}.mp4"
         out_path.write_bytes(mp4)
         figs, s, c = compare(ref, decode(out_path))
+        if mode == "lipsync":
+            figs.update(rendered_only(ref, s["lmd"], answer.get("filmed_spans"), figs))
         rec["modes"][mode] = {"status": "ok", **figs, "video": out_path.name,
-                              # frames_as_filmed: lip-sync frames whose mouth the service kept as filmed (a shared
-                              # silence), which in self-reenactment are the real mouth itself.
                               "service": {key: answer.get(key) for key in ("frames", "fps", "duration_s", "timings_ms",
                                                                            "engine", "length_policy", "device",
                                                                            "timing_source", "frames_as_filmed")}}
@@ -373,8 +394,8 @@ def markdown(summary: dict, with_gate: bool = True) -> str:
                      f"{fmt(ls.get('lmd'), '{:.3f}')} / {fmt(ls.get('lmd_still'), '{:.3f}')} | "
                      f"{fmt(r['real']['max_jump'], '{:.3f}')} |")
     cols = (("amp", "{:.2f}"), ("jump", "{:.3f}"), ("r", "{:.2f}"), ("lag_frames", "{:+d}"), ("r_lag0", "{:.2f}"),
-            ("lmd", "{:.3f}"), ("lmd_still", "{:.3f}"), ("lmd_over_still", "{:.2f}"), ("mouth_ssim", "{:.3f}"),
-            ("mouth_ssim_still", "{:.3f}"))
+            ("lmd", "{:.3f}"), ("lmd_still", "{:.3f}"), ("lmd_over_still", "{:.2f}"), ("frames_as_filmed", "{:d}"),
+            ("lmd_rendered_over_still", "{:.2f}"), ("mouth_ssim", "{:.3f}"), ("mouth_ssim_still", "{:.3f}"))
     lines += ["", "| clip | mode | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in summary["clips"]:
         for mode, m in r["modes"].items():

@@ -55,6 +55,8 @@ class LipSyncResult:
     """The device that rendered it (cuda:1, cpu, ...)."""
     frames_as_filmed: int = 0
     """Frames whose mouth was kept as filmed: silent in both the source's soundtrack and the new speech."""
+    filmed_spans: list = field(default_factory=list)
+    """Those frames as [start, end) runs of output frame indices."""
 
 
 @runtime_checkable

@@ -47,6 +47,7 @@ async def generate_lipsync(request: Request):
         video_url=await artifact_url(request, result.mp4, "mp4"),
         duration_s=round(result.duration_s, 4), fps=result.fps, frames=result.frames,
         frames_without_face=result.frames_without_face, frames_as_filmed=result.frames_as_filmed,
+        filmed_spans=result.filmed_spans,
         source_frames=result.source_frames,
         width=result.width, height=result.height, length_policy=result.length_policy, engine=result.engine,
         device=request.app.state.device.name, timings_ms=result.timings_ms, timing_source=result.timing_source,

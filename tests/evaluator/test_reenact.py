@@ -20,7 +20,7 @@ import pytest
 
 from evaluator.metrics.judges import MP_LIPS, dlib_model_path, get_judge
 from evaluator.metrics.sync import speech_envelope
-from evaluator.reenact import apply_gate, compare, decode, load_gate, measure_reference
+from evaluator.reenact import apply_gate, compare, decode, load_gate, measure_reference, rendered_only
 from tests.helpers import REPO, free_port, service_process
 
 CLIP = REPO / "tests" / "fixtures" / "media" / "v01_grid_swiz3n_darker_skin_moustache.mp4"
@@ -202,6 +202,10 @@ def test_reenact_end_to_end_against_the_gpu_service(tmp_path):
         for key in ("amp", "jump", "r", "r_lag0", "lmd", "lmd_still", "lmd_over_still", "mouth_ssim", "mouth_ssim_still"):
             assert isinstance(m[key], float) and math.isfinite(m[key]), (mode, key, m[key])
         assert -5 <= m["lag_frames"] <= 5 and m["frames_compared"] >= 70 and m["face_found_share"] > 0.95
+    # v01 sits silent before he speaks: the lip-sync kept those frames as filmed, and says which.
+    ls = clip["modes"]["lipsync"]
+    assert ls["frames_as_filmed"] == ls["service"]["frames_as_filmed"] > 0
+    assert math.isfinite(ls["lmd_rendered_over_still"]) and ls["service"]["timing_source"] == "phone_recognition"
     assert (res.returncode == 1) == (not summary["gate"]["passed"])
     detail = json.loads((out / clip["clip"] / "reenact.json").read_text())
     assert len(detail["series"]["real_gap"]) == len(detail["series"]["head_gap"]) == 75
@@ -231,3 +235,15 @@ def test_cross_audio_figures_catch_a_lipsync_that_passes_its_source_through(ref)
     follows = cross_figures(voice, filmed, voice, 25.0)
     assert follows["r"] == pytest.approx(1.0) and follows["margin"] > 0.3 and follows["amp"] == pytest.approx(1.0)
     assert follows["r_passthrough"] == passed["r"]
+
+
+def test_lmd_over_rendered_frames_leaves_out_the_frames_kept_as_filmed(ref, real, tmp_path):
+    # A "lip-sync" that keeps the clip's first 20 frames and holds the mouth still after: kept frames are perfect.
+    index = np.concatenate([np.arange(20), np.full(len(real.frames) - 20, 19)])
+    figs, series, _ = compare(ref, _fake(tmp_path, real, index))
+    kept = rendered_only(ref, series["lmd"], [[0, 20]], figs)
+    assert kept["frames_as_filmed"] == 20
+    lmd = np.array([np.nan if v is None else v for v in series["lmd"]])
+    assert kept["lmd_rendered"] == pytest.approx(np.nanmean(lmd[20:]))
+    assert kept["lmd_rendered_over_still"] > figs["lmd_over_still"]  # the kept frames no longer flatter it
+    assert rendered_only(ref, series["lmd"], [], figs)["lmd_rendered_over_still"] == pytest.approx(figs["lmd_over_still"])

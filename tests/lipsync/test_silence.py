@@ -122,6 +122,7 @@ def test_the_filmed_mouth_stays_where_neither_speaks(engine):
     print(res.frames_as_filmed, [round(d, 1) for d in diff[:12]], [round(d, 1) for d in diff_rendered[:12]])
     # He speaks from 0.59 s (his in-breath is heard from about 0.45 s) to 2.81 s of 3.0: the first 7 frames are his.
     assert 5 <= res.frames_as_filmed <= 12, res.frames_as_filmed
+    assert res.filmed_spans == [(0, res.frames_as_filmed)]  # all at the start, before he speaks
     assert rendered.frames_as_filmed == 0
     assert max(diff[:5]) < 2.5, diff[:5]  # as filmed, up to one more H.264 pass
     assert min(diff_rendered[:5]) > 2 * max(diff[:5]), diff_rendered[:5]  # rendered, his parted lips were closed

@@ -205,6 +205,7 @@ class LandmarkLipSync:
                 keep = float(filmed[i]) if filmed is not None and i < len(filmed) else 0.0
                 if keep >= 1.0:  # a shared silence: the person's own mouth, as filmed
                     stats["frames_as_filmed"] += 1
+                    stats["filmed"].append(i)
                     yield frame, None, None, 0.0, 1.0
                     continue
                 t1 = time.perf_counter()
@@ -291,7 +292,7 @@ class LandmarkLipSync:
             mp4=mp4, frames=n, frames_without_face=stats["frames_without_face"], fps=fps, width=w, height=h,
             duration_s=n / fps, source_frames=min(n, src.estimated_frames()) if job.length_policy == "trim" else src.estimated_frames(),
             length_policy=job.length_policy, engine=self.name, timings_ms={k: round(v, 2) for k, v in timings.items()},
-            device=self.device, frames_as_filmed=stats["frames_as_filmed"],
+            device=self.device, frames_as_filmed=stats["frames_as_filmed"], filmed_spans=_spans(stats["filmed"]),
         )
 
     @staticmethod
@@ -317,8 +318,19 @@ class LandmarkLipSync:
 
 def _new_stats() -> dict:
     """A job's counters: frames, frames left as filmed (no face; a shared silence), and each stage's wall milliseconds."""
-    return {"frames": 0, "frames_without_face": 0, "frames_as_filmed": 0, "decode_ms": 0.0, "track_ms": 0.0,
-            "encode_ms": 0.0, "render_ms": 0.0}
+    return {"frames": 0, "frames_without_face": 0, "frames_as_filmed": 0, "filmed": [], "decode_ms": 0.0,
+            "track_ms": 0.0, "encode_ms": 0.0, "render_ms": 0.0}
+
+
+def _spans(frames: list[int]) -> list[tuple[int, int]]:
+    """Ascending frame indices as [start, end) runs."""
+    out: list[tuple[int, int]] = []
+    for i in frames:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 def _faces_on_first_frame(src: VideoSource, face_index: int) -> int:
