@@ -26,12 +26,13 @@ from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 13
+ENCODING_VERSION = 14
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
 rounder jaw field and the lips' seam map; 13: a blink's lid keeps the skin's grain and its lash line is
-the portrait's own lashes; a 3/4 turn's full widest opening); older caches are re-encoded."""
+the portrait's own lashes; a 3/4 turn's full widest opening; 14: the lid as light as the skin around the
+eye); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -452,6 +453,7 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
     far = np.linalg.norm(samples - face, axis=-1)
     near = np.exp(-0.5 * ((far - far.min(axis=0)) / 12.0) ** 2)
     skin = (samples * near[..., None]).sum(axis=0) / near.sum(axis=0)[..., None]
+    skin = _lit_like_the_ring(skin, blurred[ey0:ey1, ex0:ex1], t, g, eye_map[2], g_max)
     # Its grain: the fine detail of the skin one eye opening above, moved down whole (the samples above
     # are one point per column, whose detail would streak), bounded so a hair or a crease stays faint.
     shift = np.full_like(t, g_max + 2.0)
@@ -470,6 +472,32 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 """RGB weights of luminance (Rec. 601)."""
+LID_FLUSH = np.array([1.03, 0.985, 0.995], np.float32)
+"""A shut lid's thin skin is redder than the skin around the eye (v03's talker: a* +4.6 in OpenCV's Lab)."""
+
+
+def _lit_like_the_ring(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: np.ndarray, which: np.ndarray,
+                       g_max: float) -> np.ndarray:
+    """The lid skin coloured as the skin around its eye, and a little redder (LID_FLUSH).
+
+    A shut upper lid faces the light as the skin around the eye does. On v03, the kit's GRID talker
+    who blinks (frames 27-29, 43-46), the shut lid inside the open eye's outline reads L* 109.7 (OpenCV's
+    8-bit Lab) where the 3 px ring around the eye reads 108.3; the skin above the eye that the lid is
+    sampled from lies in the socket's shadow, and the drawn lid read 92.2, a dark patch. Each eye's
+    lid takes, channel by channel, the median colour of the skin a quarter to 0.6 of an eye opening
+    above and below it (a gain on its samples: their texture stays; scaling lightness alone turned a
+    painting's brown socket shade into a saturated orange lid).
+    """
+    ring = (g > 0.0) & (((t < -0.25 * g_max) & (t > -0.6 * g_max - 2.0)) | (t > g + 0.25 * g_max))
+    lid = (g > 0.0) & (t >= 0.0) & (t <= g)
+    out = skin.copy()
+    for eye in (0.0, 1.0):
+        mine = which == eye
+        around, own = blurred[ring & mine], skin[lid & mine]
+        if len(around) >= 8 and len(own) >= 4:
+            gain = np.clip(_median_colour(around) / np.maximum(own.mean(axis=0), 1.0), 0.8, 1.4)
+            out[mine] *= gain.astype(np.float32)
+    return np.clip(out * LID_FLUSH, 0.0, 255.0)
 
 
 def dark_floor(image: np.ndarray, lm: np.ndarray) -> float:

@@ -360,6 +360,15 @@ def shade_mouth(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable,
     return alpha, mouth_colour(lay, below_up, above_lo, *jaw_motion(lay, w), enc, clamp)
 
 
+LID_TOP, LID_LOW = 0.94, 1.08
+"""A shut lid's brightness at its top and near its lashes, times its skin (Encoding.eye_skin, as light as the skin
+around the eye). Measured on v03, the kit's GRID talker who blinks: across the middle of his shut left lid the
+rows read 95 at the top, rising to 108-115 by the lash line, which dips to 60 over 2-3 rows (frames 28 and 44);
+the drawn lid was flat at 95-98, darkening towards its edge, with a one-row line."""
+LASH_WIDTH = 0.2
+"""A shut eye's lash line: half its width as a share of the eye's opening (2-3 rows of v03's 8 px eye)."""
+
+
 def shade_eyes(eye_map, lid_left, lid_right, clamp: Callable):
     """Alpha, skin brightness and lash weight of the drawn upper lid over the eye patch, for closures 0 (open) .. 1 (shut).
 
@@ -373,13 +382,16 @@ def shade_eyes(eye_map, lid_left, lid_right, clamp: Callable):
     edge = b * g
     # Shut, the lid reaches half a pixel past the lower lid, so no rim of the eye shows under its lashes.
     cover = edge + 0.5 * b
-    alpha = (smooth01(0.0, 0.12, b, clamp) * smooth01(0.0, 0.6, g, clamp)
-             * (1.0 - smooth01(cover - 0.6, cover + 0.6, t, clamp)) * smooth01(-3.5, -0.5, t, clamp))
     g_max = float(eye_map[1].max())
-    width = min(max(0.15 * g_max, 0.7), 1.4)
+    # Above the rest lid line it covers the open eye's lashes, fading into the skin over 3 px or more (a big
+    # eye's drawn lid began with a cut edge).
+    top = max(3.0, 0.12 * g_max)
+    alpha = (smooth01(0.0, 0.12, b, clamp) * smooth01(0.0, 0.6, g, clamp)
+             * (1.0 - smooth01(cover - 0.6, cover + 0.6, t, clamp)) * smooth01(-0.5 - top, -0.5, t, clamp))
+    width = min(max(LASH_WIDTH * g_max, 0.7), 2.0)
     lash = clamp(1.0 - ((t - (edge - 0.6 * width)) / width) ** 2, 0.0, 1.0) * smooth01(0.15, 0.5, b, clamp)
-    # The lid curves away from the light towards its edge: a little darker there.
-    bright = 1.0 - 0.12 * clamp((t + 1.0) / (edge + 1.0), 0.0, 1.0)
+    # A shut lid bulges over the eyeball: in the socket's shade under the brow, lit where it covers the cornea.
+    bright = LID_TOP + (LID_LOW - LID_TOP) * smooth01(0.0, 1.0, (t + 1.0) / (edge + 1.0), clamp)
     return alpha, bright, 0.9 * lash
 
 
