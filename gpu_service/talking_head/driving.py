@@ -563,9 +563,13 @@ class _BlinkSchedule:
         """Draw the blinks whose peaks fall before `until_s`."""
         rng = self._rng
         while self._peak < until_s:
-            close_s = rng.uniform(0.045, 0.06)
-            hold_s = rng.uniform(0.0, 0.02)
-            open_s = rng.uniform(0.07, 0.09)
+            # A real blink (v03, the kit's GRID talker who blinks twice in full, MediaPipe's lid opening per
+            # 40 ms frame): closed past 0.4 in one frame, held at 0.68-0.94 for three, opened over four with a
+            # tail (0.32, 0.15, 0.07 ...): 0.28-0.32 s from first movement to within 5 % of open. Ours closed
+            # in 50 ms and opened in 80: shut for a single frame, a flicker rather than a blink.
+            close_s = rng.uniform(0.06, 0.09)
+            hold_s = rng.uniform(0.03, 0.07)
+            open_s = rng.uniform(0.15, 0.21)
             # Snap the fully-closed instant to a frame centre so a rendered frame shows it closed.
             pk = (np.floor(self._peak * self._fps) + 0.5) / self._fps
             if pk - close_s >= 0.5:
@@ -574,7 +578,7 @@ class _BlinkSchedule:
             self._peak += float(np.clip(rng.gamma(8.0, 4.2 / 8.0), 2.0, 8.0))
 
     def curve(self, t: np.ndarray) -> np.ndarray:
-        """Lid closure at times t: each blink closes in ~50 ms and opens in ~80 ms."""
+        """Lid closure at times t: each blink closes in 60-90 ms, stays shut 30-70 ms and opens in 150-210 ms."""
         out = np.zeros(len(t))
         if not len(t):
             return out
