@@ -33,15 +33,16 @@ def _reference_frames(src, controls) -> tuple[list[np.ndarray], list[np.ndarray]
     """The per-frame computation of the engine before its fast path: every frame tracked, encoded whole (the
     full encoding's fields, the interior measured on that frame) and rendered, one stage after the other.
     Returns (frames, the tracked landmarks)."""
-    from gpu_service.lipsync.engines.landmark import CLOSE_SEAM, MouthWidthReference, _width_correction, closes
+    from gpu_service.lipsync.engines.landmark import CLOSE_SEAM, MouthWidthReference, TeethBank, _width_correction, closes
     from gpu_service.lipsync.mouth import inner_gap, refine_inner_lips
     from gpu_service.lipsync.stream_io import frames_in_order
     from gpu_service.lipsync.tracking import FaceTracker
-    from gpu_service.talking_head.encoding import encode_from_landmarks
+    from gpu_service.talking_head.encoding import encode_from_landmarks, measure_appearance
     from gpu_service.talking_head.renderer import Renderer
 
     renderer = Renderer("cpu")
     widths = MouthWidthReference(window=int(10 * float(src.fps)))
+    teeth = TeethBank()  # the person's own teeth colour is part of the computation, not of its speed-up
     prev, out, marks = None, [], []
     with FaceTracker(float(src.fps)) as tracker:
         for i, (_, frame) in enumerate(frames_in_order(src, controls.n_frames, "trim", 8)):
@@ -49,8 +50,10 @@ def _reference_frames(src, controls) -> tuple[list[np.ndarray], list[np.ndarray]
             marks.append(lm)
             ctl = controls.slice(i, i + 1)
             closing = closes(prev, ctl, inner_gap(lm))
-            enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing)
+            enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing,
+                                        appearance=teeth.dress(measure_appearance(frame, lm)))
             prev = enc
+            teeth.see(enc)
             c = _width_correction(enc, ctl, widths.update(enc))
             out.append(next(iter(renderer.frames(enc, c, head_motion=False,
                                                  close_upper=CLOSE_SEAM if closing else 0.4))))

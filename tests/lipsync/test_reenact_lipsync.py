@@ -86,3 +86,36 @@ def test_revoiced_with_other_speech_follows_that_speech_not_the_filmed_mouth(ref
     figs = cross_figures(gap, ref.gap, wanted.mouth_open.astype(np.float64), real.fps)
     # Measured: r 0.69 at lag 0, passthrough 0.44, r against the filmed mouth 0.34 (passing through: 1.0).
     assert figs["r"] >= 0.6 and abs(figs["lag_frames"]) <= 1 and figs["margin"] >= 0.15 and figs["r_filmed"] <= 0.5, figs
+
+
+def test_drawn_teeth_take_the_persons_own_colour_from_the_frames_that_show_them():
+    # v01's teeth are a warm yellow under GRID's light; a frame with closed lips shows none, and the drawn
+    # ones were an off-white estimated from his highlights. Re-voiced with other speech, every frame whose
+    # teeth are drawn takes the colour his own showed (TeethBank). Measured through the service on v03,
+    # whose own are greyer: the brightest inner-lip pixels over the cheek's went 1.10 -> 0.91 (real 0.94).
+    from gpu_service.lipsync.engines.landmark import LandmarkLipSync, _new_stats, speech_controls
+    from gpu_service.lipsync.stream_io import open_video
+    from gpu_service.talking_head.encoding import interior_palette
+    from tests.speech_kit import load_clip
+    import scipy.signal as ss
+
+    speech = load_clip(REPO / "tests" / "fixtures" / "media" / "a03_cmu_goforward_male.wav")
+    audio = ss.resample_poly(speech.audio, 16000, speech.sample_rate).astype(np.float32)[:3 * 16000]
+    src = open_video(CLIP, max_s=60, max_pixels=10**6)
+    engine = LandmarkLipSync()
+    engine.load("cpu")
+    controls = speech_controls(audio, 16000, float(src.fps), 75)
+    own, drawn = [], []
+    for frame, enc, _, _, _ in engine._face_work(src, controls, "trim", _new_stats(), 1, 0):
+        if enc is None:
+            continue
+        if enc.geometry.own_teeth > 0:
+            own.append(np.asarray(enc.teeth_rgb, np.float32))
+        elif own:
+            drawn.append((np.asarray(enc.teeth_rgb, np.float32), np.mean(own[-25:], axis=0),
+                          interior_palette(frame, enc.frame_landmarks)[1]))
+    assert len(own) >= 10 and len(drawn) >= 10, (len(own), len(drawn))
+    for teeth, seen, guessed in drawn:
+        assert np.abs(teeth - seen).max() < 1.0, (teeth, seen)
+    # ... which is not what the estimate alone gives
+    assert np.median([np.abs(seen - guessed).max() for _, seen, guessed in drawn]) > 10.0

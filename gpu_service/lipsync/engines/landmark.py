@@ -51,6 +51,29 @@ re-voiced with every frame closed (MediaPipe gap of the output against the sourc
 per px): 0.21 at the midline with a 0.4/0.6 split, 0.12 at this seam, 0.08 adding the visible-edge
 refinement (mouth.py), 0.01 adding `follow_gap` (each column closed by its own gap).
 """
+class TeethBank:
+    """This person's own teeth colour, from the frames where the source shows them; drawn teeth take it.
+
+    A frame whose lips are closed shows no teeth, and the drawn ones were an off-white estimated from
+    the face's highlights and eye whites (interior_palette). Where the same person's teeth showed in
+    another frame, their colour is the better guess: the mean of the last `keep` sightings.
+    """
+
+    def __init__(self, keep: int = 25) -> None:
+        self._seen: deque[np.ndarray] = deque(maxlen=keep)
+
+    def see(self, enc: Encoding) -> None:
+        """Remember this frame's teeth when they are its own (Geometry.own_teeth)."""
+        if enc.geometry.own_teeth > 0.0:
+            self._seen.append(np.asarray(enc.teeth_rgb, np.float32))
+
+    def dress(self, look: Optional[Appearance]) -> Optional[Appearance]:
+        """`look` with the remembered teeth colour, when there is one."""
+        if look is None or not self._seen:
+            return look
+        return look._replace(teeth=np.mean(self._seen, axis=0).astype(np.float32))
+
+
 APPEARANCE_EVERY_S = 0.2
 """How often the interior's colours and grain are measured on the source (seconds): a person's colouring
 and the picture's grain change slowly, and measuring them took a fifth of each frame's face work at 720p.
@@ -193,6 +216,7 @@ class LandmarkLipSync:
         frame; no encoding for a frame left as filmed. `filmed` is silence.filmed_weights' per-frame share.
         Decoding and tracking run in their own thread, a few frames ahead of this."""
         widths = MouthWidthReference(window=int(10 * float(src.fps)))
+        teeth = TeethBank()
         prev: Optional[Encoding] = None
         with FaceTracker(float(src.fps), max_faces=faces, face_index=face_index) as tracker, \
                 ReadAhead(self._tracked(src, controls.n_frames, policy, tracker, stats), name="lipsync-decode") as tracked:
@@ -220,12 +244,13 @@ class LandmarkLipSync:
                     # Eyes, brows and smile stay as filmed: only the mouth's fields are built, over the window
                     # they reach (same fields, a fraction of the work).
                     enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing,
-                                                mouth_only=True, appearance=look)
+                                                mouth_only=True, appearance=teeth.dress(look))
                 except BadMedia:  # face too small to animate: leave it as filmed
                     stats["frames_without_face"] += 1
                     yield frame, None, None, 0.0, 0.0
                     continue
                 prev = enc
+                teeth.see(enc)
                 c = _width_correction(enc, ctl, widths.update(enc))
                 if keep > 0.0:  # the filmed width comes back with the filmed mouth
                     c = replace(c, mouth_spread=(ctl.mouth_spread + (1.0 - keep) * (c.mouth_spread - ctl.mouth_spread)))
