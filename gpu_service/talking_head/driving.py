@@ -764,7 +764,8 @@ HEAD_DRIFT = {"head_dx": 0.015, "head_dy": 0.008, "head_yaw": 0.02, "head_pitch"
 STREAM_PHRASE_GAP_S = 0.2
 """A stream's mouth closed this long ends a phrase (stop closures inside words are shorter: _SHORT_PAUSE_S)."""
 _STREAM_TALKING = 0.05 * SPEECH_OPEN
-"""A stream's mouth open past this (mouth_open) is speaking: every vowel is, a breath or a /w/ is not."""
+"""A stream's mouth open past this (mouth_open) is speaking: vowels and most consonants are; a seal or a mouth at rest
+is not."""
 
 
 class IdleMotion:

@@ -51,6 +51,8 @@ re-voiced with every frame closed (MediaPipe gap of the output against the sourc
 per px): 0.21 at the midline with a 0.4/0.6 split, 0.12 at this seam, 0.08 adding the visible-edge
 refinement (mouth.py), 0.01 adding `follow_gap` (each column closed by its own gap).
 """
+
+
 class TeethBank:
     """This person's own teeth colour, from the frames where the source shows them; drawn teeth take it.
 
@@ -235,12 +237,14 @@ class LandmarkLipSync:
                 t1 = time.perf_counter()
                 ctl = controls.slice(i, i + 1)
                 gap = inner_gap(lm)
-                if keep > 0.0 and prev is not None:
-                    ctl = toward_filmed(ctl, replace(prev, geometry=replace(prev.geometry, rest_gap=gap)), keep)
-                # Closing this frame's mouth needs the low seam and per-column closing (CLOSE_SEAM); opening
-                # it keeps the midline, where the drawn upper teeth belong to the upper lip's side.
-                closing = closes(prev, ctl, gap)
                 try:
+                    if keep > 0.0:  # this frame's own opening, read off the last encoding (or, first, its own)
+                        like = prev if prev is not None else encode_from_landmarks(frame, lm, mouth_only=True,
+                                                                                   appearance=look)
+                        ctl = toward_filmed(ctl, replace(like, geometry=replace(like.geometry, rest_gap=gap)), keep)
+                    # Closing this frame's mouth needs the low seam and per-column closing (CLOSE_SEAM); opening
+                    # it keeps the midline, where the drawn upper teeth belong to the upper lip's side.
+                    closing = closes(prev, ctl, gap)
                     # Eyes, brows and smile stay as filmed: only the mouth's fields are built, over the window
                     # they reach (same fields, a fraction of the work).
                     enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing,
