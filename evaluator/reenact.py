@@ -165,11 +165,12 @@ def compare(ref: Reference, out: Video) -> tuple[dict, dict, list]:
     figs.update(frames=int(len(out.frames)), fps=out.fps,
                 resampled=bool(abs(out.fps - real.fps) > 1e-6 or len(out.frames) != len(real.frames)),
                 face_found_share=float(np.isfinite(native).all(axis=(1, 2)).mean()))
-    series = {"gap": _jsonable(gap), "lmd": _jsonable(lmd), "mouth_ssim": _jsonable(ssim)}
+    series = {"gap": _jsonable(gap), "lmd": _jsonable(lmd), "lmd_still": _jsonable(lmd_still),
+              "mouth_ssim": _jsonable(ssim)}
     return figs, series, crops
 
 
-def rendered_only(ref: Reference, lmd: list, spans: list, figs: dict) -> dict:
+def rendered_only(ref: Reference, series: dict, spans: list, figs: dict) -> dict:
     """lmd over the frames the service rendered, leaving out those it kept as filmed (`filmed_spans`).
 
     In self-reenactment a frame kept as filmed is the real mouth itself, so lmd_over_still counts it
@@ -180,8 +181,7 @@ def rendered_only(ref: Reference, lmd: list, spans: list, figs: dict) -> dict:
     for a, b in spans or []:
         kept[max(int(a), 0):min(int(b), len(kept))] = True
     out = {"frames_as_filmed": int(kept.sum()), "lmd_rendered": None, "lmd_rendered_over_still": None}
-    ours = np.array([np.nan if v is None else v for v in lmd], np.float64)
-    still = mm.still_lip_distance(ref.landmarks, ref.judge)
+    ours, still = (np.array([np.nan if v is None else v for v in series[k]], np.float64) for k in ("lmd", "lmd_still"))
     use = ~kept & np.isfinite(ours) & np.isfinite(still)
     if figs.get("resampled") or use.sum() < 3 or len(ours) != len(kept):
         return out
@@ -270,7 +270,7 @@ def measure_clip(path: Path, client: GpuClient, out_dir: Path, judge: Judge,
         out_path.write_bytes(mp4)
         figs, s, c = compare(ref, decode(out_path))
         if mode == "lipsync":
-            figs.update(rendered_only(ref, s["lmd"], answer.get("filmed_spans"), figs))
+            figs.update(rendered_only(ref, s, answer.get("filmed_spans"), figs))
         rec["modes"][mode] = {"status": "ok", **figs, "video": out_path.name,
                               "service": {key: answer.get(key) for key in ("frames", "fps", "duration_s", "timings_ms",
                                                                            "engine", "length_policy", "device",

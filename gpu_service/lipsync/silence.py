@@ -27,12 +27,11 @@ from typing import Optional
 
 import numpy as np
 
-from gpu_service.lipsync.stream_io import VideoSource, source_index
+from gpu_service.lipsync.stream_io import VideoSource, decode_pcm, source_index
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.driving import speech_mask
 from gpu_service.talking_head.encoding import Encoding
 from gpu_service.talking_head.renderer import mode_weights
-from gpu_service.talking_head.video import ffmpeg_exe
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +49,7 @@ def source_speech(src: VideoSource, n_frames: int) -> Optional[np.ndarray]:
     if src.info.audio_codec is None or n_frames < 1:
         return None
     try:
-        res = subprocess.run(
-            [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(src.path), "-vn", "-ac", "1",
-             "-ar", str(_RATE), "-f", "f32le", "pipe:1"],
-            capture_output=True, timeout=120,
-        )
+        res = decode_pcm(src.path, _RATE)
     except (OSError, subprocess.TimeoutExpired) as exc:  # the soundtrack only refines the result: never fail on it
         log.warning("source soundtrack not decoded; every frame's mouth is rendered", extra={"why": str(exc)[:200]})
         return None

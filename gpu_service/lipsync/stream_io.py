@@ -264,6 +264,16 @@ def frames_in_order(src: VideoSource, n_target: int, policy: str, chunk: int) ->
                     i += 1
 
 
+def decode_pcm(path: Path, rate: int, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """ffmpeg's decode of the audio in `path` to mono float32 at `rate` (stdout holds the samples; the caller checks
+    returncode). Raises subprocess.TimeoutExpired past `timeout_s`."""
+    return subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(path), "-vn", "-ac", "1",
+         "-ar", str(rate), "-f", "f32le", "pipe:1"],
+        capture_output=True, timeout=timeout_s,
+    )
+
+
 def decode_audio_file(path: Path, field: str = "audio", max_s: float = 600.0) -> tuple[np.ndarray, int]:
     """Any audio ffmpeg reads as mono float32 at its own rate; BadMedia when unreadable, empty or too long."""
     info = probe(path)
@@ -274,11 +284,7 @@ def decode_audio_file(path: Path, field: str = "audio", max_s: float = 600.0) ->
     if info.duration_s is not None and info.duration_s > max_s:
         raise BadMedia(f"{field} is {info.duration_s:.1f} s long; at most {max_s:g} s is accepted")
     rate = info.sample_rate or 22050
-    res = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(path), "-vn", "-ac", "1",
-         "-ar", str(rate), "-f", "f32le", "pipe:1"],
-        capture_output=True, timeout=120,
-    )
+    res = decode_pcm(path, rate)
     if res.returncode != 0:
         detail = res.stderr.decode(errors="replace").replace(str(path), field)  # the temp path stays on the server
         raise BadMedia(f"{field} could not be decoded (corrupt audio): {detail.strip()[-200:]}")

@@ -241,9 +241,9 @@ def test_lmd_over_rendered_frames_leaves_out_the_frames_kept_as_filmed(ref, real
     # A "lip-sync" that keeps the clip's first 20 frames and holds the mouth still after: kept frames are perfect.
     index = np.concatenate([np.arange(20), np.full(len(real.frames) - 20, 19)])
     figs, series, _ = compare(ref, _fake(tmp_path, real, index))
-    kept = rendered_only(ref, series["lmd"], [[0, 20]], figs)
+    kept = rendered_only(ref, series, [[0, 20]], figs)
     assert kept["frames_as_filmed"] == 20
     lmd = np.array([np.nan if v is None else v for v in series["lmd"]])
     assert kept["lmd_rendered"] == pytest.approx(np.nanmean(lmd[20:]))
     assert kept["lmd_rendered_over_still"] > figs["lmd_over_still"]  # the kept frames no longer flatter it
-    assert rendered_only(ref, series["lmd"], [], figs)["lmd_rendered_over_still"] == pytest.approx(figs["lmd_over_still"])
+    assert rendered_only(ref, series, [], figs)["lmd_rendered_over_still"] == pytest.approx(figs["lmd_over_still"])
