@@ -91,8 +91,8 @@ def test_revoiced_with_other_speech_follows_that_speech_not_the_filmed_mouth(ref
 def test_revoiced_with_silence_shows_none_of_the_filmed_speech(ref, revoice):
     # Every mouth rendered (no frame kept as filmed) and nothing said: each frame's own opening must be
     # closed away, or the old speech leaks through. v01 opens to 0.113 face heights (p95); measured
-    # through the service: p95 0.002, largest 0.012 (frame 53, where his lips part under the moustache
-    # faster than the tracker's lip filter follows). Passing the source through scores his own 0.113.
+    # through the service: p95 0.002, largest 0.012 (frame 53, as his lips start to part). Passing the
+    # source through scores his own 0.113; a tracker that reads half his opening, p95 0.064.
     real = ref.video
     hush = np.random.default_rng(0).normal(0.0, 1e-4, int(16000 * len(real.frames) / real.fps)).astype(np.float32)
     out = revoice(hush, 16000, "silent", [], silence="rendered")
