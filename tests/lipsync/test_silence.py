@@ -145,3 +145,30 @@ def test_new_speech_over_the_filmed_silence_is_rendered(engine):
     start = int(speech.words[0][1] * 16000)  # a03 from its first word: it speaks over v01's silent start
     res = _revoice(engine, CLIP, audio[start:start + 3 * 16000])
     assert res.frames_as_filmed == 0, res.frames_as_filmed
+
+
+def test_a_source_shorter_than_probed_is_redone_with_its_soundtrack_decoded_once(engine, tmp_path, monkeypatch):
+    """A file cut short (its header still says 3 s) decodes fewer frames than it probes: the job is
+    redone on the frames there are, and the source's soundtrack is decoded once for both passes."""
+    from gpu_service.lipsync import silence
+    from gpu_service.lipsync.protocol import LipSyncJob
+    from gpu_service.lipsync.stream_io import open_video
+
+    whole = tmp_path / "whole.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(CLIP), "-c", "copy", "-movflags", "+faststart", str(whole)],
+                   check=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(0.83 * whole.stat().st_size)])  # the index first, then 83% of the media
+    src = open_video(cut, max_s=60, max_pixels=10**6)
+    decodable = sum(1 for _ in src.forward())
+    assert src.estimated_frames() == 75 and 40 < decodable < 75, decodable
+    calls = []
+    real = silence.decode_pcm
+    monkeypatch.setattr(silence, "decode_pcm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    res = engine.lipsync(LipSyncJob(video=src, audio=_decode_audio(CLIP), sample_rate=16000, length_policy="trim",
+                                    silence="filmed"))
+    assert res.frames == decodable and res.duration_s == pytest.approx(decodable / FPS)
+    assert len(calls) == 1, calls
+    print(res.frames_as_filmed, res.filmed_spans)
+    # What is left of his soundtrack still says he sits silent at the start: kept as filmed on the second pass too.
+    assert 5 <= res.frames_as_filmed <= 12 and res.filmed_spans == [(0, res.frames_as_filmed)]

@@ -294,7 +294,8 @@ class LandmarkLipSync:
         n_out = plan_length(max(src.estimated_frames(), 1), n_audio, job.length_policy)
         faces = _faces_on_first_frame(src, job.face_index)
         controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes, job.timing_source)
-        filmed = self._shared_silences(job, n_out)
+        heard = self._source_speech(job)
+        filmed = self._shared_silences(job, n_out, heard)
         stats = _new_stats()
         t_drive = time.perf_counter()
         w, h = src.size
@@ -308,7 +309,7 @@ class LandmarkLipSync:
         if stats["frames_without_face"] == n:
             raise BadMedia(_why_no_face(src, n))
         if n < n_out:  # trim with a source shorter than probed: re-encode the audio to the frames we have
-            mp4, facts = self._reencode_short(job, src, n, stats, faces)
+            mp4, facts = self._reencode_short(job, src, n, stats, faces, heard)
         total = (time.perf_counter() - started) * 1000
         # Stages overlap (threads): each is the wall time of its own thread, and they can sum to more than the total.
         timings = {"drive": (t_drive - started) * 1000, "decode": stats["decode_ms"], "track": stats["track_ms"],
@@ -325,21 +326,35 @@ class LandmarkLipSync:
         )
 
     @staticmethod
-    def _shared_silences(job: LipSyncJob, n_out: int) -> Optional[np.ndarray]:
-        """Per output frame, the share of the filmed mouth kept (silence.filmed_weights); None to render every frame."""
+    def _source_speech(job: LipSyncJob) -> Optional[np.ndarray]:
+        """Which source frames hear speech on its own soundtrack (silence.source_speech), decoded once per job;
+        None when the job renders every frame (silence=rendered) or the soundtrack cannot tell."""
+        if job.silence != "filmed":
+            return None
+        return source_speech(job.video, max(job.video.estimated_frames(), 1))
+
+    @staticmethod
+    def _shared_silences(job: LipSyncJob, n_out: int, heard: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """Per output frame, the share of the filmed mouth kept (silence.filmed_weights); None to render every frame.
+
+        `heard` is _source_speech(job).
+        """
         if job.silence != "filmed":
             return None
         src, fps = job.video, float(job.video.fps)
         n_source = max(src.estimated_frames(), 1)
-        return filmed_weights(speech_mask(job.audio, job.sample_rate, n_out, fps), source_speech(src, n_source),
+        return filmed_weights(speech_mask(job.audio, job.sample_rate, n_out, fps), heard,
                               n_out, n_source, job.length_policy, fps)
 
-    def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict, faces: int) -> tuple[bytes, dict]:
-        """Redo a job whose source turned out shorter than probed, with the audio cut to its n frames."""
+    def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict, faces: int,
+                        heard: Optional[np.ndarray]) -> tuple[bytes, dict]:
+        """Redo a job whose source turned out shorter than probed, with the audio cut to its n frames
+        (`heard`: _source_speech(job), not decoded again)."""
         fps = float(src.fps)
         controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes, job.timing_source)
         stats.update(_new_stats())
-        frames = self.revoice_frames(src, controls, "trim", stats, faces, job.face_index, self._shared_silences(job, n))
+        frames = self.revoice_frames(src, controls, "trim", stats, faces, job.face_index,
+                                     self._shared_silences(job, n, heard))
         return encode_mp4(frames, src.fps, src.size, audio=_fit(job.audio, job.sample_rate, n, fps),
                           sample_rate=job.sample_rate, preset=self.x264_preset, crf=self.crf, like=src.info,
                           x264_params=self.x264_params)
