@@ -164,7 +164,8 @@ def compare(ref: Reference, out: Video) -> tuple[dict, dict, list]:
     figs = mm.figures(native_gap, out.fps, gap, ref.gap, real.fps, lmd, lmd_still, ssim, ssim_still)
     figs.update(frames=int(len(out.frames)), fps=out.fps,
                 resampled=bool(abs(out.fps - real.fps) > 1e-6 or len(out.frames) != len(real.frames)),
-                face_found_share=float(np.isfinite(native).all(axis=(1, 2)).mean()))
+                face_found_share=float(np.isfinite(native).all(axis=(1, 2)).mean()),
+                upper_share=mm.upper_share(native, judge))
     series = {"gap": _jsonable(gap), "lmd": _jsonable(lmd), "lmd_still": _jsonable(lmd_still),
               "mouth_ssim": _jsonable(ssim)}
     return figs, series, crops
@@ -243,7 +244,8 @@ def measure_clip(path: Path, client: GpuClient, out_dir: Path, judge: Judge,
         "clip": path.stem, "path": str(path), "frames": int(len(real.frames)), "fps": real.fps,
         "duration_s": float(len(real.frames) / real.fps), "judge": judge.describe(),
         "real": {"p95_gap": float(np.nanpercentile(ref.gap, 95)), "max_jump": mm.max_jump(ref.gap, real.fps),
-                 "face_found_share": float(np.isfinite(ref.gap).mean()), "portrait_frame": k,
+                 "face_found_share": float(np.isfinite(ref.gap).mean()), "upper_share": mm.upper_share(ref.landmarks, judge),
+                 "portrait_frame": k,
                  "portrait_gap_mediapipe": float(mp_gap[k]), "portrait_closed": closed, "closed_gap_threshold": closed_gap},
         "modes": {},
     }
@@ -395,7 +397,8 @@ def markdown(summary: dict, with_gate: bool = True) -> str:
                      f"{fmt(r['real']['max_jump'], '{:.3f}')} |")
     cols = (("amp", "{:.2f}"), ("jump", "{:.3f}"), ("r", "{:.2f}"), ("lag_frames", "{:+d}"), ("r_lag0", "{:.2f}"),
             ("lmd", "{:.3f}"), ("lmd_still", "{:.3f}"), ("lmd_over_still", "{:.2f}"), ("frames_as_filmed", "{:d}"),
-            ("lmd_rendered_over_still", "{:.2f}"), ("mouth_ssim", "{:.3f}"), ("mouth_ssim_still", "{:.3f}"))
+            ("lmd_rendered_over_still", "{:.2f}"), ("mouth_ssim", "{:.3f}"), ("mouth_ssim_still", "{:.3f}"),
+            ("upper_share", "{:.2f}"))
     lines += ["", "| clip | mode | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in summary["clips"]:
         for mode, m in r["modes"].items():

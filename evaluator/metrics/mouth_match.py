@@ -117,6 +117,32 @@ def lip_distance(out_lm: np.ndarray, real_lm: np.ndarray, judge: Judge) -> np.nd
     return dist
 
 
+OPEN_GAP = 0.05
+"""Inner-lip gap (face heights) from which a frame counts as open for upper_share."""
+
+
+def upper_share(lm: np.ndarray, judge: Judge, min_gap: float = OPEN_GAP) -> Optional[float]:
+    """How much of an open mouth is above the line between its corners: the upper lip's share of the opening.
+
+    Per frame whose gap is at least `min_gap`: at the midline (the judge's gap landmarks), the upper
+    inner lip's height above the corner line over the opening there; the median over those frames
+    (None with fewer than 3). A mouth that opens by its jaw alone reads near 0 (its seam already lies
+    about on the corner line); the kit's talkers read 0.21-0.41.
+    """
+    gap = judge.mouth_gap(lm)
+    use = np.isfinite(gap) & (gap >= min_gap)
+    if use.sum() < 3:
+        return None
+    pts = lm[use]
+    a, b = pts[:, judge.corners[0]], pts[:, judge.corners[1]]
+    e_u = (b - a) / np.maximum(np.linalg.norm(b - a, axis=-1, keepdims=True), 1e-6)
+    e_v = np.stack([-e_u[:, 1], e_u[:, 0]], -1)  # down the face (image y grows downwards)
+    mid = (a + b) / 2
+    up = -np.sum((pts[:, judge.gap[0]] - mid) * e_v, -1)
+    lo = np.sum((pts[:, judge.gap[1]] - mid) * e_v, -1)
+    return float(np.median(up / np.maximum(up + lo, 1e-6)))
+
+
 def still_lip_distance(real_lm: np.ndarray, judge: Judge, frame: int = 0) -> np.ndarray:
     """lip_distance of one real frame's face held still for every frame (a mouth that never moves)."""
     held = np.repeat(np.asarray(real_lm)[frame:frame + 1], len(real_lm), axis=0)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from evaluator.metrics.judges import MP_LIPS, dlib_model_path, get_judge
+from evaluator.metrics.mouth_match import upper_share
 from evaluator.metrics.sync import speech_envelope
 from evaluator.reenact import apply_gate, compare, decode, load_gate, measure_reference, rendered_only
 from tests.helpers import REPO, free_port, service_process
@@ -82,6 +83,23 @@ def test_the_clip_against_itself_is_perfect(ref):
     # A still mouth is the bar lmd is read against: it must be clearly above zero on a speaking clip.
     assert figs["lmd_still"] > 0.02 and figs["mouth_ssim_still"] < 0.9
     assert len(series["gap"]) == len(crops) == 75
+    assert figs["upper_share"] == pytest.approx(upper_share(ref.landmarks, ref.judge), abs=1e-9)
+
+
+def test_upper_share_reads_how_much_of_the_opening_the_upper_lip_makes():
+    judge = get_judge("mediapipe")
+    lm = np.zeros((4, 478, 2))
+    a, b = judge.corners
+    (up, lo), (top, bottom) = judge.gap, judge.face
+    for t, (rise, drop) in enumerate([(3.0, 7.0), (3.0, 7.0), (3.0, 7.0), (0.0, 0.5)]):
+        lm[t, a], lm[t, b] = (40.0, 100.0), (80.0, 100.0)  # the corners' line, level
+        lm[t, up], lm[t, lo] = (60.0, 100.0 - rise), (60.0, 100.0 + drop)
+        lm[t, top], lm[t, bottom] = (60.0, 20.0), (60.0, 180.0)  # face height 160: gaps 0.0625 and 0.003
+    assert upper_share(lm, judge) == pytest.approx(0.3)  # the nearly shut frame does not count
+    c, s = np.cos(0.3), np.sin(0.3)
+    rolled = (lm - 60.0) @ np.array([[c, s], [-s, c]]) + 60.0  # the head tilted: the same mouth
+    assert upper_share(rolled, judge) == pytest.approx(0.3)
+    assert upper_share(lm[:2], judge) is None  # too few open frames to tell
 
 
 def test_the_clip_re_encoded_scores_close_to_perfect(ref, real, tmp_path):
