@@ -24,6 +24,7 @@ import numpy as np
 from avatar_contracts.media import Background, check_image_header, image_has_alpha
 from gpu_service.errors import BadMedia
 from gpu_service.talking_head import landmarks as L
+from gpu_service.talking_head.controls import SPEECH_OPEN
 from gpu_service.talking_head.portrait import decode_rgb
 
 ENCODING_VERSION = 14
@@ -36,6 +37,17 @@ eye); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
+UPPER_LIP_SHARE = 0.3
+"""Share of a conversational opening (past the rest gap, at the midline) taken by the upper lip rising; the jaw takes the rest.
+
+Measured on the kit's GRID talkers (v01-v03, the frames open by more than 0.05 face heights, MediaPipe):
+at the middle of the mouth the upper inner lip sits 0.41, 0.21 and 0.35 of the opening above the line
+between the mouth corners. With 0.15 here their self-reenacted heads read 0.29, 0.04 and 0.26 (an
+opening that was nearly all jaw, a sliver of upper teeth over a dark hole); with 0.3, 0.40, 0.13 and 0.33.
+"""
+WIDE_UPPER_SHARE = 0.1
+"""The upper lip's share of an opening past conversational width (controls.SPEECH_OPEN): a yawn or a shout
+opens with the jaw, and the lip's rise stays short of the upper teeth's height."""
 JAW_LAG = 0.2
 """Share of the widest opening below the lips at which the jaw's moving region starts to widen (see encode_from_landmarks)."""
 LAT_START = 0.25
@@ -49,6 +61,17 @@ The renderer's calibration holds at the kit's smaller faces (skimage's cameraman
 WORK_FACE_MAX = 512
 """A face taller than this is animated downscaled to it, then pasted back: its fields stay within ~60 MB and its
 render time bounded (a 2000 px selfie face would need 1 GB of fields). Such a face comes out softer."""
+
+
+def upper_lip_rise(delta, g_max: float, g0: float, lift=0.0):
+    """Pixels the upper lip rises (at the midline) for an opening `delta` px past the rest gap `g0` (array; 0 where it closes).
+
+    UPPER_LIP_SHARE of the opening up to conversational width (SPEECH_OPEN of the widest, `g_max`),
+    WIDE_UPPER_SHARE past it; `lift` is added to both (a turned face keeps its chin still).
+    """
+    d = np.maximum(delta, 0.0)
+    knee = max(SPEECH_OPEN * g_max - g0, 0.0)
+    return (UPPER_LIP_SHARE + lift) * np.minimum(d, knee) + (WIDE_UPPER_SHARE + lift) * np.maximum(d - knee, 0.0)
 
 
 def smoothstep(e0: float, e1, x):
@@ -982,7 +1005,8 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     margin = 4.0
     border = smoothstep(0, margin, np.minimum(np.minimum(xs, w - 1 - xs), np.minimum(ys, h - 1 - ys)))
     # Nor outside the face oval, which on a frontal face is swept down by the chin's travel.
-    jaw_travel = 0.85 * max(0.0, 1.2 * g_max - g0) * frontal
+    widest = max(0.0, 1.2 * g_max - g0)
+    jaw_travel = (widest - float(upper_lip_rise(widest, g_max, g0))) * frontal
     face = face_mask(xs, ys, lm - off, jaw_travel * e_v, max(2.0, 0.035 * fw))
     keep = (border * face)[..., None]
     for k, r in reached.items():

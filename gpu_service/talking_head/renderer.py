@@ -15,7 +15,7 @@ import numpy as np
 from gpu_service.device import device_kind
 from gpu_service.engine import EngineHealth
 from gpu_service.talking_head.controls import Controls
-from gpu_service.talking_head.encoding import BLINK_SKIN_SHARE, MODES, Encoding
+from gpu_service.talking_head.encoding import BLINK_SKIN_SHARE, MODES, Encoding, upper_lip_rise
 from gpu_service.talking_head.shading import PreparedCache
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ def mode_weights(enc: Encoding, c: Controls, close_upper: float = 0.4) -> np.nda
     delta = g_max * open_ - g0 - press  # positive opens past the rest gap, negative closes it
     # A turned face keeps its chin still, so its upper lip takes a larger share of the opening.
     lift = 0.15 * (1.0 - geo.frontal)
-    jaw = np.where(delta > 0, (0.85 - lift) * delta, (1.0 - close_upper) * delta)
-    upper = np.where(delta > 0, -(0.15 + lift) * delta, -close_upper * delta)  # forward-down pixels of the upper lip
+    rise = upper_lip_rise(delta, g_max, g0, lift)
+    jaw = np.where(delta > 0, delta - rise, (1.0 - close_upper) * delta)
+    upper = np.where(delta > 0, -rise, -close_upper * delta)  # forward-down pixels of the upper lip
     spread = hw_m * (0.12 * c.mouth_spread - 0.2 * c.mouth_round + 0.04 * c.smile)
     smile = hw_m * 0.12 * c.smile
     tuck = np.clip(c.lip_tuck, 0, 1) * 0.6 * geo.lower_lip_height

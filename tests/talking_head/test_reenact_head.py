@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from evaluator.metrics.judges import MEDIAPIPE
+from evaluator.metrics.mouth_match import upper_share
 from evaluator.reenact import closed_frame, compare, decode, measure_reference
 from gpu_service.speech.alignment import timings_for
 from gpu_service.talking_head.driving import drive, lip_lead
@@ -36,7 +37,7 @@ SNAP = 0.01
 
 @pytest.fixture(scope="module")
 def reenacted(tmp_path_factory):
-    """(figures, the real clip's own max jump) of the head driven by v01's audio on v01's closed frame."""
+    """(figures, the real clip's own max jump, his upper-lip share of an opening) of the head driven by v01's audio on v01's closed frame."""
     real = decode(CLIP)
     ref = measure_reference(real, MEDIAPIPE)
     k, closed = closed_frame(ref.gap)
@@ -53,16 +54,16 @@ def reenacted(tmp_path_factory):
     path.write_bytes(mp4)
     figs, _, _ = compare(ref, decode(path))
     own = float(np.nanmax(np.abs(np.diff(ref.gap))))
-    return figs, own
+    return figs, own, upper_share(ref.landmarks, MEDIAPIPE)
 
 
 def test_the_head_opens_as_wide_as_the_real_talker(reenacted):
-    figs, _ = reenacted
+    figs, _, _ = reenacted
     assert AMP[0] <= figs["amp"] <= AMP[1], figs
 
 
 def test_the_head_never_moves_faster_than_real_speech(reenacted):
-    figs, own = reenacted
+    figs, own, _ = reenacted
     assert figs["jump"] <= max(JUMP, own) + SNAP, (figs["jump"], own)
 
 
@@ -72,5 +73,15 @@ def test_the_head_follows_the_talkers_mouth(reenacted):
     # run into a vowel was read as the /w/ it is (alignment._onglides): "set white" had kept the lips
     # open where his close. With the lip lead that Piper's timings need, 0.78 but a frame early (lag -1):
     # recognised timings get none (driving.lip_lead).
-    figs, _ = reenacted
+    figs, _, _ = reenacted
     assert figs["r"] >= 0.6 and figs["lag_frames"] == 0, figs
+
+
+def test_the_head_opens_with_the_upper_lip_as_the_talker_does(reenacted):
+    # Real talkers lift the upper lip as they open (the kit's v01-v03: 0.42/0.18/0.37 of the opening lies
+    # above the line between the mouth corners), which is what shows their upper teeth. When the jaw took
+    # all but 0.15 of the opening, our heads read 0.31/-0.03/0.26 there (a sliver of teeth over a dark
+    # hole); with encoding.UPPER_LIP_SHARE at 0.3, 0.41/0.09/0.35.
+    figs, _, his = reenacted
+    assert his is not None and figs["upper_share"] is not None
+    assert abs(figs["upper_share"] - his) <= 0.06, (figs["upper_share"], his)
