@@ -127,7 +127,7 @@ def upper_share(lm: np.ndarray, judge: Judge, min_gap: float = OPEN_GAP) -> Opti
     Per frame whose gap is at least `min_gap`: at the midline (the judge's gap landmarks), the upper
     inner lip's height above the corner line over the opening there; the median over those frames
     (None with fewer than 3). A mouth that opens by its jaw alone reads near 0 (its seam already lies
-    about on the corner line); the kit's talkers read 0.21-0.41.
+    about on the corner line); the kit's talkers read 0.18-0.42 (MediaPipe).
     """
     gap = judge.mouth_gap(lm)
     use = np.isfinite(gap) & (gap >= min_gap)

@@ -27,23 +27,25 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import SPEECH_OPEN
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 14
+ENCODING_VERSION = 15
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
 rounder jaw field and the lips' seam map; 13: a blink's lid keeps the skin's grain and its lash line is
 the portrait's own lashes; a 3/4 turn's full widest opening; 14: the lid as light as the skin around the
-eye); older caches are re-encoded."""
+eye; 15: the face mask swept by the jaw's share of the widest opening, now less than 0.85 of it, see
+UPPER_LIP_SHARE); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
 UPPER_LIP_SHARE = 0.3
 """Share of a conversational opening (past the rest gap, at the midline) taken by the upper lip rising; the jaw takes the rest.
 
-Measured on the kit's GRID talkers (v01-v03, the frames open by more than 0.05 face heights, MediaPipe):
-at the middle of the mouth the upper inner lip sits 0.41, 0.21 and 0.35 of the opening above the line
-between the mouth corners. With 0.15 here their self-reenacted heads read 0.29, 0.04 and 0.26 (an
-opening that was nearly all jaw, a sliver of upper teeth over a dark hole); with 0.3, 0.40, 0.13 and 0.33.
+Measured on the kit's GRID talkers by `evaluator reenact`'s upper_share (v01-v03, the frames open by
+0.05 face heights or more, MediaPipe): at the middle of the mouth 0.42, 0.18 and 0.37 of the opening lies
+above the line between the mouth corners. With 0.15 here (and no knee) their self-reenacted heads read
+0.31, -0.03 and 0.26 (an opening that was nearly all jaw, a sliver of upper teeth over a dark hole);
+with 0.3, 0.41, 0.09 and 0.35.
 """
 WIDE_UPPER_SHARE = 0.1
 """The upper lip's share of an opening past conversational width (controls.SPEECH_OPEN): a yawn or a shout
