@@ -169,6 +169,5 @@ def test_a_source_shorter_than_probed_is_redone_with_its_soundtrack_decoded_once
                                     silence="filmed"))
     assert res.frames == decodable and res.duration_s == pytest.approx(decodable / FPS)
     assert len(calls) == 1, calls
-    print(res.frames_as_filmed, res.filmed_spans)
     # What is left of his soundtrack still says he sits silent at the start: kept as filmed on the second pass too.
     assert 5 <= res.frames_as_filmed <= 12 and res.filmed_spans == [(0, res.frames_as_filmed)]

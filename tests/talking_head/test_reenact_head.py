@@ -37,7 +37,7 @@ SNAP = 0.01
 
 @pytest.fixture(scope="module")
 def reenacted(tmp_path_factory):
-    """(figures, the real clip's own max jump, his upper-lip share of an opening) of the head driven by v01's audio on v01's closed frame."""
+    """(figures, the real clip's own max jump, his upper_share) of the head driven by v01's audio on v01's closed frame."""
     real = decode(CLIP)
     ref = measure_reference(real, MEDIAPIPE)
     k, closed = closed_frame(ref.gap)
