@@ -300,11 +300,12 @@ def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable, op
 SEAM_DEPTH = 0.01
 """How far inside its own lip (face heights) an opening mouth's lip edge samples: past the closed mouth's seam line."""
 SEAM_PRESS = 3.0
-"""The lip band, in SEAM_DEPTHs from its inner edge, that an opening mouth presses into the band's outer part: sampled
-depths run from SEAM_DEPTH at the edge to this far in, so the lip keeps its own texture up to its edge. Sampling the
-one row at SEAM_DEPTH across the whole first SEAM_DEPTH (1) drew vertical streaks along both lips, and a glint on that
-row (p10's teeth between his parted lips) became a grey block on the lower lip. 3 leaves no streak visible at 4x on
-p02, p05 or p10 (2 still does); kit reenact figures before and after are in the README."""
+"""The lip band, in seam depths (seam_shift's m: SEAM_DEPTH and the portrait's blur) from its inner edge, that an opening
+mouth presses into the band's outer part: sampled depths run from one seam depth at the edge to this many in, so the
+lip keeps its own texture up to its edge. Sampling the one row at the seam depth across the whole first seam depth
+(1 here) drew vertical streaks along both lips, and a glint on that row (p10's teeth between his parted lips) became
+a grey block on the lower lip. 3 leaves no streak visible at 4x on p02, p05 or p10 (2 still does); kit reenact figures
+before and after are in the README."""
 
 
 def jaw_motion(lay: MouthLayout, w):

@@ -15,7 +15,7 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.encoding import Encoding, encode_from_landmarks, encode_image
 from gpu_service.talking_head.renderer import Renderer, mode_weights
-from gpu_service.talking_head.shading import lip_depths, mouth_alpha, mouth_layout
+from gpu_service.talking_head.shading import SEAM_DEPTH, lip_depths, mouth_alpha, mouth_layout
 
 MEDIA = Path(__file__).resolve().parents[1] / "fixtures" / "media"
 CLOSED_MOUTHS = {"p01": "p01_neutral_closed_mouth_grid_bbaf2n_f000.png", "p05": "p05_glasses_older_woman_grace_hopper.jpg",
@@ -333,7 +333,7 @@ def flat_lip_share(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> flo
     across that band is flat down each column: vertical streaks.
     """
     geo = enc.geometry
-    n = int(round(max(1.0, 0.01 * geo.face_height) + 0.5 * geo.blur))
+    n = int(round(max(1.0, SEAM_DEPTH * geo.face_height) + 0.5 * geo.blur))
     drawn = drawn_interior(enc, weights, 0.5)
     lum = frame.astype(np.float32) @ LUMA
     cols = np.nonzero(drawn.sum(0) >= 2)[0]
@@ -350,7 +350,7 @@ def flat_lip_share(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> flo
 def test_opened_lips_keep_their_texture_up_to_the_opening(closed, cpu):
     # Opening, each lip's edge samples no closer than the seam depth to the seam; sampling the one row at that
     # depth across the whole band drew vertical streaks along both lips (flat shares 0.25-0.63 on p01, p05, p06
-    # and p10 over these openings, 0.01-0.08 with the band pressed into the lip beyond; the lips deeper in, 0.00-0.17).
+    # and p10 over these openings, 0.01-0.08 with the band pressed into the lip beyond, SEAM_PRESS).
     c = Controls.neutral(3, 25.0)
     c.mouth_open[:] = [0.2, 0.36, 0.6]
     p10 = cv2.cvtColor(cv2.imread(str(MEDIA / "p10_small_face_large_frame_obama.jpg")), cv2.COLOR_BGR2RGB)
