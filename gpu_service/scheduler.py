@@ -102,8 +102,9 @@ class EngineSlots:
 
         However the consumer ends (exhausted, an error, cancelled, closed by a client that left),
         the producer stops at its next item, the generator is closed (its own `finally` runs) and
-        the slot is given back when the thread is done. The consumer waits on an asyncio queue, so
-        no thread is ever parked on its behalf.
+        the slot is given back when the thread is done: before the consumer sees the end or the
+        error, so a caller that goes on to the next call finds the slot free. The consumer waits on
+        an asyncio queue, so no thread is ever parked on its behalf.
         """
         await self._enter()
         loop = asyncio.get_running_loop()
@@ -116,7 +117,7 @@ class EngineSlots:
                 loop.call_soon_threadsafe(out.put_nowait, (kind, value))
 
         def produce() -> None:
-            items = None
+            items, last = None, ("end", None)
             try:
                 items = make_iter()
                 for item in items:
@@ -126,16 +127,17 @@ class EngineSlots:
                     if stop.is_set():
                         return
                     deliver("item", item)
-                deliver("end", None)
             except BaseException as exc:  # handed to the consumer, which re-raises it
-                deliver("error", exc)
+                last = ("error", exc)
             finally:
                 close = getattr(items, "close", None)
                 try:
                     if close is not None:
                         close()
                 finally:
+                    # The loop runs these in order: the slot is free by the time the consumer sees the last word.
                     self._leave_from_thread(loop)
+                    deliver(*last)
 
         try:
             self._threads.submit(contextvars.copy_context().run, produce)

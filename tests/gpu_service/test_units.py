@@ -163,6 +163,46 @@ def test_a_cancelled_stream_closes_its_generator_and_gives_the_slot_back():
     asyncio.run(scenario())
 
 
+def test_a_stream_gives_its_slot_back_before_its_consumer_sees_the_end_or_the_error():
+    # A caller that goes on to its next call as soon as a stream ends (or fails) must find the slot free,
+    # however long the generator takes to close. The slot used to be given back after the last word was
+    # delivered, and this test's next call was refused (Overloaded) while the producer was still closing.
+    class SlowToClose:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.n = fail, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 1:
+                return 1
+            if self.fail:
+                raise RuntimeError("second sentence failed")
+            raise StopIteration
+
+        def close(self) -> None:
+            time.sleep(0.2)
+
+    async def scenario():
+        slots = EngineSlots("t", slots=1, queue_size=0)
+        for fail in (False, True):
+            got = []
+            try:
+                async for item in slots.stream(lambda: SlowToClose(fail)):
+                    got.append(item)
+            except RuntimeError as exc:
+                assert fail and "second sentence" in str(exc)
+            else:
+                assert not fail
+            assert got == [1]
+            async with slots.acquire():  # at once: no wait for the slot
+                pass
+
+    asyncio.run(scenario())
+
+
 def _wav(seconds: float, rate: int = 16000, amp: float = 0.3) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     buf = io.BytesIO()
