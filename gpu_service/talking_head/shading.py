@@ -284,13 +284,16 @@ def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable, op
         return None
     s = 0.0
     if opening:
-        m = max(1.0, SEAM_DEPTH * geo.face_height) + 0.5 * geo.blur
+        m = seam_depth(geo)
         k = smooth01(0.0, 1.5, gap, clamp) * smooth01(0.0, 3.0 * m, below_up + above_lo, clamp)
         # Jaw side: a lip pixel d below the lower inner lip samples m + d (1 - 1/SEAM_PRESS) below it, out to
         # SEAM_PRESS m, past which nothing moves; the interior, m below the lip; the upper side the same, upwards.
         r = 1.0 / (SEAM_PRESS * m)
-        s = k * (side * (clamp(above_lo, 0.0, None) + m * clamp(1.0 + above_lo * r, 0.0, 1.0))
-                 - (1.0 - side) * (clamp(below_up, 0.0, None) + m * clamp(1.0 + below_up * r, 0.0, 1.0)))
+
+        def pressed(depth):  # the shift into its own lip of a pixel `depth` past that lip's edge (negative: inside it)
+            return clamp(depth, 0.0, None) + m * clamp(1.0 + depth * r, 0.0, 1.0)
+
+        s = k * (side * pressed(above_lo) - (1.0 - side) * pressed(below_up))
     if closing:
         k = smooth01(0.6 * geo.rest_gap, geo.rest_gap, -gap, clamp)
         s = s + k * (side * clamp(above_lo, 0.0, None) - (1.0 - side) * clamp(below_up, 0.0, None))
@@ -299,13 +302,19 @@ def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable, op
 
 SEAM_DEPTH = 0.01
 """How far inside its own lip (face heights) an opening mouth's lip edge samples: past the closed mouth's seam line."""
+
+
+def seam_depth(geo) -> float:
+    """The seam depth in pixels for a face (FaceGeometry): SEAM_DEPTH of its height, at least 1 px, plus half its blur."""
+    return max(1.0, SEAM_DEPTH * geo.face_height) + 0.5 * geo.blur
+
+
 SEAM_PRESS = 3.0
-"""The lip band, in seam depths (seam_shift's m: SEAM_DEPTH and the portrait's blur) from its inner edge, that an opening
-mouth presses into the band's outer part: sampled depths run from one seam depth at the edge to this many in, so the
-lip keeps its own texture up to its edge. Sampling the one row at the seam depth across the whole first seam depth
-(1 here) drew vertical streaks along both lips, and a glint on that row (p10's teeth between his parted lips) became
-a grey block on the lower lip. 3 leaves no streak visible at 4x on p02, p05 or p10 (2 still does); kit reenact figures
-before and after are in the README."""
+"""The lip band, in seam depths (seam_depth) from its inner edge, that an opening mouth presses into the band's outer
+part: sampled depths run from one seam depth at the edge to this many in, so the lip keeps its own texture up to its
+edge. Sampling the one row at the seam depth across the whole first seam depth (1 here) drew vertical streaks along
+both lips, and a glint on that row (p10's teeth between his parted lips) became a grey block on the lower lip. 3 leaves
+no streak visible at 4x on p02, p05 or p10 (2 still does); kit reenact figures before and after are in the README."""
 
 
 def jaw_motion(lay: MouthLayout, w):

@@ -15,7 +15,7 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
 from gpu_service.talking_head.encoding import Encoding, encode_from_landmarks, encode_image
 from gpu_service.talking_head.renderer import Renderer, mode_weights
-from gpu_service.talking_head.shading import SEAM_DEPTH, lip_depths, mouth_alpha, mouth_layout
+from gpu_service.talking_head.shading import lip_depths, mouth_alpha, mouth_layout, seam_depth
 
 MEDIA = Path(__file__).resolve().parents[1] / "fixtures" / "media"
 CLOSED_MOUTHS = {"p01": "p01_neutral_closed_mouth_grid_bbaf2n_f000.png", "p05": "p05_glasses_older_woman_grace_hopper.jpg",
@@ -285,6 +285,20 @@ def test_an_opened_closed_mouth_shows_teeth_tongue_and_a_shaded_throat(closed, c
             assert teeth.sum() / columns > 0.007 * fh, (name, teeth.sum() / columns / fh)
 
 
+def opened_columns(enc: Encoding, frame: np.ndarray, weights: np.ndarray, min_rows: int):
+    """(top row, bottom row, luminance column) of the half-opaque drawn interior, per column across its middle half.
+
+    Only columns where at least `min_rows` rows are drawn count towards the interior's extent.
+    """
+    drawn = drawn_interior(enc, weights, 0.5)
+    lum = frame.astype(np.float32) @ LUMA
+    cols = np.nonzero(drawn.sum(0) >= min_rows)[0]
+    mid, half = (cols.min() + cols.max()) / 2, (cols.max() - cols.min()) / 2
+    for x in cols[np.abs(cols - mid) < 0.5 * half]:
+        rows = np.nonzero(drawn[:, x])[0]
+        yield rows.min(), rows.max(), lum[:, x]
+
+
 def inner_lip_rings(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
     """How much darker than both its sides the frame gets along the opened inner lips (grey levels; 0: no dark ring).
 
@@ -300,14 +314,8 @@ def inner_lip_rings(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> tu
     darker inner margin reads against it. Sampling one row across the band read at most 8.3 (12.6 at 0.8),
     and drew vertical streaks along the lips.
     """
-    drawn = drawn_interior(enc, weights, 0.5)
-    lum = frame.astype(np.float32) @ LUMA
-    cols = np.nonzero(drawn.sum(0) >= 4)[0]
-    mid, half = (cols.min() + cols.max()) / 2, (cols.max() - cols.min()) / 2
     up, lo = [], []
-    for x in cols[np.abs(cols - mid) < 0.5 * half]:
-        rows = np.nonzero(drawn[:, x])[0]
-        top, bot, col = rows.min(), rows.max(), lum[:, x]
+    for top, bot, col in opened_columns(enc, frame, weights, 4):
         up.append(min(np.median(col[top - 5:top - 2]), col[top:top + 4].max()) - col[top - 2:top + 2].min())
         lo.append(min(np.median(col[bot + 3:bot + 6]), np.median(col[bot - 2:bot])) - col[bot - 1:bot + 3].min())
     return float(np.median(up)), float(np.median(lo))
@@ -332,16 +340,9 @@ def flat_lip_share(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> flo
     seam_shift) just outside each inner lip, averaged over both lips. A lip that samples one row
     across that band is flat down each column: vertical streaks.
     """
-    geo = enc.geometry
-    n = int(round(max(1.0, SEAM_DEPTH * geo.face_height) + 0.5 * geo.blur))
-    drawn = drawn_interior(enc, weights, 0.5)
-    lum = frame.astype(np.float32) @ LUMA
-    cols = np.nonzero(drawn.sum(0) >= 2)[0]
-    mid, half = (cols.min() + cols.max()) / 2, (cols.max() - cols.min()) / 2
+    n = int(round(seam_depth(enc.geometry)))
     flat = []
-    for x in cols[np.abs(cols - mid) < 0.5 * half]:
-        rows = np.nonzero(drawn[:, x])[0]
-        top, bot, col = rows.min(), rows.max(), lum[:, x]
+    for top, bot, col in opened_columns(enc, frame, weights, 2):
         flat.append((np.abs(np.diff(col[top - 2 - n:top - 1])) < 0.5).mean())
         flat.append((np.abs(np.diff(col[bot + 2:bot + 3 + n])) < 0.5).mean())
     return float(np.mean(flat))
