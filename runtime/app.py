@@ -600,10 +600,12 @@ async def _prune_forever(rt: Runtime, every_s: float = 600.0) -> None:
 
 
 async def _reap_forever(rt: Runtime) -> None:
-    """Every lease period, re-send jobs whose worker vanished without recording an outcome."""
+    """Every lease period, re-send jobs whose worker vanished without recording an outcome, and remove
+    chunk files that finished jobs left behind."""
     while True:
         await asyncio.sleep(rt.settings.job_lease_s)
         try:
             await asyncio.to_thread(rt.reap)
+            await asyncio.to_thread(rt.sweep_scratch)
         except Exception:  # noqa: BLE001 - the sweep must survive a locked or briefly missing DB
             log.exception("reaper sweep failed")

@@ -99,6 +99,8 @@ jobs = Table(
     Column("updated_at", Float, nullable=False),
     Column("started_at", Float),
     Column("finished_at", Float),
+    # when the job ended with chunk files left in the output store to remove (NULL: none left)
+    Column("scratch_at", Float),
     CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed')", name="jobs_status_check"),
 )
 Index("jobs_status", jobs.c.status)
@@ -215,9 +217,17 @@ def _m2_request_id(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE jobs ADD COLUMN request_id TEXT"))
 
 
+def _m3_scratch_at(conn: Connection) -> None:
+    """Finished jobs say whether chunk files are left to remove (`scratch_at`), so that chunks a runtime
+    did not remove (it died between recording the success and removing them) are removed by another."""
+    if "scratch_at" not in [c["name"] for c in inspect(conn).get_columns("jobs")]:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN scratch_at FLOAT"))  # double precision on PostgreSQL
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs table with idempotency keys unique per owner", _m1_owned_idempotency),
     (2, "jobs remember the request id that made them", _m2_request_id),
+    (3, "finished jobs say whether chunk files are left to remove", _m3_scratch_at),
 ]
 """(version, description, step) in order: step N brings a database at version N-1 to version N."""
 
@@ -464,7 +474,25 @@ class JobStore:
         now = time.time()
         return self._changed(update(jobs).where(self._ours(job_id, owner)).values(
             status="succeeded", result_json=json.dumps(result), chunks_done=jobs.c.chunks_total, detail=None,
-            lease_owner=None, lease_until=None, updated_at=now, finished_at=now))
+            lease_owner=None, lease_until=None, updated_at=now, finished_at=now, scratch_at=now))
+
+    def scratch_left(self, job_id: str) -> bool:
+        """Note that a succeeded job may have chunk files in the store again (an attempt that lost the job
+        wrote some after it had succeeded); False when the job has not succeeded."""
+        return self._changed(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "succeeded")
+                             .values(scratch_at=time.time()))
+
+    def scratch_removed(self, job_id: str, listed_at: float) -> None:
+        """Forget the job's chunk files, removed by a listing of the store that began at `listed_at`; a note
+        made after that (chunk files written since) stays."""
+        self._write(update(jobs).where(jobs.c.id == job_id, jobs.c.scratch_at <= listed_at).values(scratch_at=None))
+
+    def with_scratch(self, before: float, limit: int = 100) -> list[str]:
+        """Finished jobs noted (before `before`) as having chunk files left that nobody has removed since."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.id).where(jobs.c.scratch_at < before)
+                                .order_by(jobs.c.scratch_at).limit(limit))
+            return [r[0] for r in rows]
 
     def fail(self, job_id: str, reason: str, error_type: str, owner: Optional[str] = None) -> bool:
         """Mark an unfinished job failed with its reason (ours, or any unfinished one when owner is None)."""

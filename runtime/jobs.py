@@ -158,6 +158,32 @@ class Runtime:
             log.warning("re-sent stalled jobs", extra={"jobs": len(stalled)})
         return len(stalled)
 
+    def sweep_scratch(self) -> int:
+        """Remove the chunk files that finished jobs left in the output store; how many jobs were tidied.
+
+        The runtime that records a success removes its chunks at once; this catches the rest: a runtime
+        that died between recording the success and removing them, a store that did not answer then, or
+        an attempt that lost its lease and wrote a chunk after the job had succeeded elsewhere. A job
+        is swept once its note is a lease period old, so the runtime that noted it goes first; two
+        runtimes removing the same files is harmless.
+        """
+        tidied = sum(self._drop_scratch(job_id) for job_id in self.store.with_scratch(time.time() - self.settings.job_lease_s))
+        if tidied:
+            log.info("removed chunk files finished jobs left", extra={"jobs": tidied})
+        return tidied
+
+    def _drop_scratch(self, job_id: str) -> bool:
+        """Remove a finished job's chunk files and say so in its record; False (the record still noting them,
+        for the next sweep) when the store or the record did not answer."""
+        listed_at = time.time()
+        try:
+            pipeline.drop_scratch(self.outputs, job_id)
+            self.store.scratch_removed(job_id, listed_at)
+            return True
+        except (StoreUnavailable, SQLAlchemyError) as exc:
+            log.warning("chunk files left for a later sweep", extra={"job_id": job_id, "why": type(exc).__name__})
+            return False
+
     def enqueue(self, job_id: str) -> None:
         """Send a job to the workers."""
         self.run_job.send(job_id)
@@ -238,14 +264,15 @@ class Runtime:
         # the id of the request that made the job: on every log line of this attempt and every GPU-service call
         bound = REQUEST_ID.set(claimed.get("request_id") or job_id)
         log.info("job started", extra={"job_id": job_id, "attempt": claimed["attempts"], "owner": self.owner})
+        recorded = False
         try:
             result = pipeline.run(self.gpu, self.settings, job_id, json.loads(claimed["request_json"]), progress,
                                   self.outputs, observe=self.metrics.observe_stage)
             result["timings_ms"]["queue"] = round(max(0.0, (claimed["started_at"] - claimed["created_at"]) * 1000), 1)
             result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)
             if self.store.succeed(job_id, self.owner, result):
-                with contextlib.suppress(StoreUnavailable):  # left-over chunks then go with the job at expiry
-                    pipeline.drop_scratch(self.outputs, job_id)
+                recorded = True
+                self._drop_scratch(job_id)  # a crash before this leaves them to another runtime's sweep
                 log.info("job succeeded", extra={"job_id": job_id, "duration_s": result["duration_s"]})
                 self._notify(job_id)
         except (GPUServiceError, StoreUnavailable) as exc:
@@ -269,6 +296,10 @@ class Runtime:
             self._fail(job_id, f"internal error while generating ({type(exc).__name__}: {exc})"[:500], "internal_error")
         finally:
             stop.set()
+            if not recorded:  # the job may have succeeded in another attempt after this one wrote a chunk
+                with contextlib.suppress(SQLAlchemyError):
+                    if self.store.scratch_left(job_id):
+                        self._drop_scratch(job_id)
             REQUEST_ID.reset(bound)
 
     def _fail(self, job_id: str, reason: str, error_type: str) -> None:

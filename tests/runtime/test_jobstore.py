@@ -217,6 +217,69 @@ def test_a_lease_held_by_a_dead_runtime_is_taken_over_once_it_lapses(db_url, tmp
         alive.stop()
 
 
+def _job_files(outputs, job_id: str, names: list[str]) -> None:
+    files = outputs.open_job(job_id)
+    for name in names:
+        files.put(name, name.encode())
+    files.close()
+
+
+CHUNK = ["chunk_0000.wav", "chunk_0000.mp4", "chunk_0000.json"]
+OUTPUT_FILES = sorted(["video.mp4", "captions.vtt", "timing.json", "thumbnail.jpg"])
+
+
+def test_chunks_left_by_a_runtime_killed_after_recording_a_success_are_swept_by_another(db_url, s3, tmp_path):
+    from runtime.jobs import Runtime
+
+    def runtime(name: str) -> Runtime:  # two runtimes, one job record and one bucket
+        return Runtime(Settings(data_dir=tmp_path / name, database_url=db_url, run_worker=False, job_lease_s=2, **s3))
+
+    dead, alive = runtime("dead"), runtime("alive")
+    try:
+        job = "f" * 32
+        dead.store.create(job, {"text": "x"}, None)
+        assert dead.store.claim(job, dead.owner, lease_s=2)
+        _job_files(dead.outputs, job, CHUNK + OUTPUT_FILES)
+        assert dead.store.succeed(job, dead.owner, {"duration_s": 1.0})  # ... and it dies before removing its chunks
+        dead.stop()
+        assert alive.sweep_scratch() == 0  # not yet: the runtime that recorded it goes first
+        time.sleep(2.1)
+        assert alive.sweep_scratch() == 1
+        assert alive.outputs.names(job) == OUTPUT_FILES and alive.store.get(job)["scratch_at"] is None
+        assert alive.sweep_scratch() == 0  # once
+    finally:
+        alive.stop()
+
+
+def test_an_attempt_that_lost_its_job_removes_the_chunk_it_wrote_after_the_job_succeeded(db_url, tmp_path, monkeypatch):
+    from runtime import jobs, pipeline
+    from runtime.jobs import Runtime
+
+    rt = Runtime(Settings(data_dir=tmp_path, database_url=db_url, run_worker=False, job_lease_s=30))
+    job = "c" * 32
+
+    def slow_attempt(gpu, settings, job_id, body, progress, outputs, observe):
+        # while this attempt makes its chunk, the job is taken over, finished and tidied by another worker
+        assert rt.store.take_stalled(lapsed_before=time.time() + 60, queued_before=0)
+        assert rt.store.claim(job_id, "other-worker", 30)
+        _job_files(outputs, job_id, OUTPUT_FILES)
+        assert rt.store.succeed(job_id, "other-worker", {"duration_s": 1.0})
+        pipeline.drop_scratch(outputs, job_id)
+        rt.store.scratch_removed(job_id, time.time())
+        _job_files(outputs, job_id, CHUNK)  # then this attempt's chunk lands
+        progress(1, 1, "joining chunks")  # and it learns the job is not its own any more
+        raise AssertionError("progress() let an attempt that lost its lease go on")
+
+    monkeypatch.setattr(jobs.pipeline, "run", slow_attempt)
+    try:
+        rt.store.create(job, {"text": "x"}, None)
+        rt._run_job(job)
+        assert rt.store.get(job)["status"] == "succeeded"
+        assert rt.outputs.names(job) == OUTPUT_FILES and rt.store.get(job)["scratch_at"] is None
+    finally:
+        rt.stop()
+
+
 # -- start-up refusals --------------------------------------------------------------------------
 
 
