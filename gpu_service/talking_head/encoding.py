@@ -27,14 +27,15 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import SPEECH_OPEN
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 15
+ENCODING_VERSION = 16
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
 rounder jaw field and the lips' seam map; 13: a blink's lid keeps the skin's grain and its lash line is
 the portrait's own lashes; a 3/4 turn's full widest opening; 14: the lid as light as the skin around the
 eye; 15: the face mask swept by the jaw's share of the widest opening, now less than 0.85 of it, see
-UPPER_LIP_SHARE); older caches are re-encoded."""
+UPPER_LIP_SHARE; 16: a black-and-white photo's shut lids grey, not flushed pink, see lid_flush); older caches
+are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -522,7 +523,21 @@ def _lit_like_the_ring(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: 
         if len(around) >= 8 and len(own) >= 4:
             gain = np.clip(_median_colour(around) / np.maximum(own.mean(axis=0), 1.0), 0.8, 1.4)
             out[mine] *= gain.astype(np.float32)
-    return np.clip(out * LID_FLUSH, 0.0, 255.0)
+    return np.clip(out * lid_flush(blurred[ring]), 0.0, 255.0)
+
+
+def lid_flush(around: np.ndarray) -> np.ndarray:
+    """LID_FLUSH as strong as the skin around the eyes is colourful: none on a black-and-white photo (whose
+    lids were drawn pink), all of it once the skin's channels differ by FLUSH_CHROMA or more."""
+    if len(around) == 0:
+        return np.ones(3, np.float32)
+    colour = _median_colour(np.asarray(around, np.float32).reshape(-1, 3))
+    share = float(np.clip((colour.max() - colour.min()) / FLUSH_CHROMA, 0.0, 1.0))
+    return (1.0 + share * (LID_FLUSH - 1.0)).astype(np.float32)
+
+
+FLUSH_CHROMA = 20.0
+"""The skin colourfulness (largest channel minus smallest, 8-bit) from which a shut lid gets all of LID_FLUSH."""
 
 
 def dark_floor(image: np.ndarray, lm: np.ndarray) -> float:

@@ -574,6 +574,20 @@ def test_a_shut_lid_keeps_the_skins_grain(cpu):
         assert lid.sum() > 100 and fine[lid].mean() >= 6.0, fine[lid].mean()
 
 
+def test_a_black_and_white_photos_shut_lid_is_grey(cpu):
+    # p05 as a black-and-white photo (the kit's p04 is one): the lid's flush (LID_FLUSH, a colour portrait's
+    # redder lid skin) drew its lids pink, a tint of 3.8 levels on the kit's p04 where its skin has none.
+    grey = np.repeat(cv2.cvtColor(kit_portrait("p05"), cv2.COLOR_RGB2GRAY)[..., None], 3, axis=-1)
+    enc = encode_image(grey)
+    c = Controls.neutral(2, 25.0)
+    c.blink[:] = [0.0, 1.0]
+    open_, shut = (f.astype(np.int16) for f in cpu.render(enc, c, head_motion=False))
+    lid = np.abs(shut - open_).max(-1) > 8  # where the blink drew
+    assert lid.sum() > 100
+    tint = shut.max(-1) - shut.min(-1)
+    assert tint[lid].max() <= 1, (float(tint[lid].mean()), int(tint[lid].max()))
+
+
 def test_speech_driven_clip_keeps_the_rest_of_the_face(astro, cpu, piper_engine):
     from gpu_service.talking_head.driving import drive
 
