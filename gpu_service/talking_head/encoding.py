@@ -27,15 +27,15 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import SPEECH_OPEN
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 16
+ENCODING_VERSION = 17
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
 rounder jaw field and the lips' seam map; 13: a blink's lid keeps the skin's grain and its lash line is
 the portrait's own lashes; a 3/4 turn's full widest opening; 14: the lid as light as the skin around the
 eye; 15: the face mask swept by the jaw's share of the widest opening, now less than 0.85 of it, see
-UPPER_LIP_SHARE; 16: a black-and-white photo's shut lids grey, not flushed pink, see lid_flush); older caches
-are re-encoded."""
+UPPER_LIP_SHARE; 16: a black-and-white photo's shut lids grey, not flushed pink, see lid_flush; 17: a shut lid
+one colour per eye with the skin's grain copied whole, see LID_GRAIN_BOUND); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -480,11 +480,19 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
     near = np.exp(-0.5 * ((far - far.min(axis=0)) / 12.0) ** 2)
     skin = (samples * near[..., None]).sum(axis=0) / near.sum(axis=0)[..., None]
     skin = _lit_like_the_ring(skin, blurred[ey0:ey1, ex0:ex1], t, g, eye_map[2], g_max)
+    # One colour per eye, its lid's mean: the samples of each column carried the socket's crease and shade
+    # into the lid as dark bands, where v03's shut lids are even (rows 92-102 and 104-109 from top to lashes).
+    lid = (g > 0.0) & (t >= 0.0) & (t <= g)
+    for eye in (0.0, 1.0):
+        mine = eye_map[2] == eye
+        if (lid & mine).sum() >= 4:
+            skin[mine] = skin[lid & mine].mean(axis=0)
     # Its grain: the fine detail of the skin one eye opening above, moved down whole (the samples above
-    # are one point per column, whose detail would streak), bounded so a hair or a crease stays faint.
-    shift = np.full_like(t, g_max + 2.0)
-    detail = above(shift, sharp) - above(shift, blurred)
-    bound = 2.0 * float(np.median(np.abs(detail))) + 1.0
+    # are one point per column, whose detail would streak) by whole pixels, so it is copied, not
+    # interpolated (a fractional shift halved it), and bounded so a hair or a crease stays faint.
+    step_x, step_y = (int(round(-(g_max + 2.0) * float(c))) for c in e_v)
+    detail = (sharp - blurred)[np.clip(ys + step_y, 0, h - 1).astype(np.int64), np.clip(xs + step_x, 0, w - 1).astype(np.int64)]
+    bound = LID_GRAIN_BOUND * float(np.median(np.abs(detail))) + 1.0
     skin = np.clip(skin + np.clip(detail, -bound, bound), 0.0, 255.0)
     # The lashes: the darkest of the rest lid line and the pixel on either side of it.
     line = np.stack([above(t + k, sharp) for k in (-1.0, 0.0, 1.0)])
@@ -498,6 +506,10 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 """RGB weights of luminance (Rec. 601)."""
+LID_GRAIN_BOUND = 3.0
+"""The shut lid's grain is clipped at this many times its median magnitude (plus one level). With the grain
+interpolated and clipped at 2, the kit's drawn lids had 0.37-0.68 of the fine texture (high-pass at 1.5 px) of
+the skin above their eyes, a smooth sticker on a grainy photo (p02); copied and clipped at 3, 0.53-0.88."""
 LID_FLUSH = np.array([1.03, 0.985, 0.995], np.float32)
 """A shut lid's thin skin is redder than the skin around the eye (v03's talker: a* +4.6 in OpenCV's Lab)."""
 

@@ -385,8 +385,21 @@ LID_TOP, LID_LOW = 0.94, 1.08
 around the eye). Measured on v03, the kit's GRID talker who blinks: across the middle of his shut left lid the
 rows read 95 at the top, rising to 108-115 by the lash line, which dips to 60 over 2-3 rows (frames 28 and 44);
 the drawn lid was flat at 95-98, darkening towards its edge, with a one-row line."""
-LASH_WIDTH = 0.2
-"""A shut eye's lash line: half its width as a share of the eye's opening (2-3 rows of v03's 8 px eye)."""
+LASH_WIDTH = 0.25
+"""A shut eye's lash line: half its width as a share of the eye's opening (at most 3 px), centred 0.4 of that
+above the lid's edge, which fades over LID_EDGE pixels either side. On v03 (the kit's GRID talker who blinks,
+frames 44-45 aligned to his open frame 20) the shut lid's rows run 100, 90, 72, 68, 78, 91 across its lashes: a
+soft band 4-5 rows deep; at 0.2 of the opening, 0.6 up and a 0.6 px fade the drawn band was 2 rows, 93, 74, 76,
+99, and at a big eye's 4 px it read as a pen line (p02, p04, p08)."""
+LASH_WEIGHT = 0.7
+"""How far the lash colour (the portrait's own lashes, Encoding.eye_lash) takes over at the band's middle: the
+wider band at 0.9 made the shut eye darker than v03's (L* over the ring around the eye 0.84-0.85, his 0.86-1.02)."""
+LID_EDGE = 1.0
+"""Half the width, in pixels, of the shut lid's fade into the eye at its lash line."""
+LID_FOLD = 0.6
+"""How far above the rest lid line (a share of the column's opening, times the closure) a shutting lid covers
+the fold: across v03's eyes the 6 rows above his lid line lighten from 67-98 open to 83-108 shut as the fold
+unfolds, where the drawn lid left them at 82-93 (84-95 with the fold covered)."""
 
 
 def shade_eyes(eye_map, lid_left, lid_right, clamp: Callable):
@@ -404,15 +417,15 @@ def shade_eyes(eye_map, lid_left, lid_right, clamp: Callable):
     cover = edge + 0.5 * b
     g_max = float(eye_map[1].max())
     # Above the rest lid line it covers the open eye's lashes, fading into the skin over 3 px or more (a big
-    # eye's drawn lid began with a cut edge).
-    top = max(3.0, 0.12 * g_max)
+    # eye's drawn lid began with a cut edge), and, as it shuts, the fold above them (LID_FOLD).
+    top = max(3.0, 0.12 * g_max) + LID_FOLD * g * b
     alpha = (smooth01(0.0, 0.12, b, clamp) * smooth01(0.0, 0.6, g, clamp)
-             * (1.0 - smooth01(cover - 0.6, cover + 0.6, t, clamp)) * smooth01(-0.5 - top, -0.5, t, clamp))
-    width = min(max(LASH_WIDTH * g_max, 0.7), 2.0)
-    lash = clamp(1.0 - ((t - (edge - 0.6 * width)) / width) ** 2, 0.0, 1.0) * smooth01(0.15, 0.5, b, clamp)
+             * (1.0 - smooth01(cover - LID_EDGE, cover + LID_EDGE, t, clamp)) * smooth01(-0.5 - top, -0.5, t, clamp))
+    width = min(max(LASH_WIDTH * g_max, 0.7), 3.0)
+    lash = clamp(1.0 - ((t - (edge - 0.4 * width)) / width) ** 2, 0.0, 1.0) * smooth01(0.15, 0.5, b, clamp)
     # A shut lid bulges over the eyeball: in the socket's shade under the brow, lit where it covers the cornea.
     bright = LID_TOP + (LID_LOW - LID_TOP) * smooth01(0.0, 1.0, (t + 1.0) / (edge + 1.0), clamp)
-    return alpha, bright, 0.9 * lash
+    return alpha, bright, LASH_WEIGHT * lash
 
 
 class PreparedCache:

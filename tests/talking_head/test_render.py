@@ -574,6 +574,25 @@ def test_a_shut_lid_keeps_the_skins_grain(cpu):
         assert lid.sum() > 100 and fine[lid].mean() >= 6.0, fine[lid].mean()
 
 
+@pytest.mark.parametrize("name", ["p01", "p05", "p06"])
+def test_a_shut_lids_skin_is_as_grainy_as_the_skin_above_the_eye(name):
+    # The skin a blink draws (Encoding.eye_skin) over the middle of the eye, against the portrait's skin 0.3-1
+    # eye openings above it, in fine texture (RGB high-pass at 1.5 px): with its grain interpolated and clipped
+    # at twice its median, 0.39-0.44 on these portraits (0.37-0.68 over the kit), a smooth sticker on a grainy
+    # photo; copied whole and clipped at three times, 0.61-0.70 (0.52-0.88 over the kit).
+    enc = encode_image(kit_portrait(name))
+    t, g, _ = enc.eye_map
+    ex0, ey0, ex1, ey1 = enc.eye_patch
+    cx0, cy0 = enc.crop[0], enc.crop[1]
+    portrait = enc.image[cy0 + ey0:cy0 + ey1, cx0 + ex0:cx0 + ex1].astype(np.float32)
+    fine = lambda im: im - cv2.GaussianBlur(im, (0, 0), 1.5)  # noqa: E731
+    middle = g > 0.6 * g.max()
+    lid = middle & (t > 1) & (t < g - 1)
+    skin = middle & (t < -0.3 * g.max()) & (t > -1.0 * g.max())
+    ratio = fine(enc.eye_skin.astype(np.float32))[lid].std(0).mean() / fine(portrait)[skin].std(0).mean()
+    assert lid.sum() > 40 and skin.sum() > 40 and ratio >= 0.55, (name, ratio)
+
+
 def test_a_black_and_white_photos_shut_lid_is_grey(cpu):
     # p05 as a black-and-white photo (the kit's p04 is one): the lid's flush (LID_FLUSH, a colour portrait's
     # redder lid skin) drew its lids pink, a tint of 3.8 levels on the kit's p04 where its skin has none.
