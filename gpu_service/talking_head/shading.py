@@ -392,8 +392,9 @@ frames 44-45 aligned to his open frame 20) the shut lid's rows run 100, 90, 72, 
 soft band 4-5 rows deep; at 0.2 of the opening, 0.6 up and a 0.6 px fade the drawn band was 2 rows, 93, 74, 76,
 99, and at a big eye's 4 px it read as a pen line (p02, p04, p08)."""
 LASH_WEIGHT = 0.7
-"""How far the lash colour (the portrait's own lashes, Encoding.eye_lash) takes over at the band's middle: the
-wider band at 0.9 made the shut eye darker than v03's (L* over the ring around the eye 0.84-0.85, his 0.86-1.02)."""
+"""How far the lash colour (the portrait's own lashes, Encoding.eye_lash) takes over at the band's middle. A wider
+band made the shut eye darker than v03's (L* over the ring around the eye: 0.84-0.85 with a band 0.3 of the
+opening at 0.8, his own 0.86-1.02); this band reads 0.88 on his frame (the narrow one at 0.9 read 0.86-0.87)."""
 LID_EDGE = 1.0
 """Half the width, in pixels, of the shut lid's fade into the eye at its lash line."""
 LID_FOLD = 0.6
