@@ -216,18 +216,6 @@ class _Untimed:
         return type(result)(audio=result.audio, sample_rate=result.sample_rate, voice=result.voice, phonemes=[])
 
 
-@pytest.fixture(scope="module")
-def still_piper():
-    """The real Piper engine with all its sampling noise off, durations and audio: the aligner hears the same speech
-    in every run. With the audio still sampled (the session's piper_engine), the worst word start below moved
-    between 0.10 and 0.16 s from run to run (20 runs, and one CI run past the bound), with the same durations."""
-    from gpu_service.speech.engines.piper import PiperEngine
-
-    engine = PiperEngine(noise_scale=0.0, noise_w_scale=0.0)
-    engine.load("cpu")
-    return engine
-
-
 def test_speech_without_timings_is_aligned_to_its_text_and_piper_judges_it(still_piper, tmp_path):
     """Piper's own timings (exact: they are its durations) are the reference here: no circularity."""
     from avatar_contracts import TTSRequest

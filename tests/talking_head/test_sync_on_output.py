@@ -24,18 +24,6 @@ SECOND = "Mom bought a map of Bombay, and I am happy about it."
 PAUSE_S = 0.6
 
 
-@pytest.fixture(scope="module")
-def still_piper():
-    """The real Piper engine with all its sampling noise off, durations and audio: every run measures the same
-    speech. With its audio sampled (the session's piper_engine), the share of vowels read open moved between
-    0.77 and 0.87 over 10 runs, against a bound of 0.75 that one run in a full session failed."""
-    from gpu_service.speech.engines.piper import PiperEngine
-
-    engine = PiperEngine(noise_scale=0.0, noise_w_scale=0.0)
-    engine.load("cpu")
-    return engine
-
-
 def _speech(piper_engine):
     """Two real Piper sentences with a real 0.6 s pause between them, and their phoneme timings."""
     from gpu_service.speech.protocol import SpeechRequest
