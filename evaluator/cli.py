@@ -22,6 +22,8 @@ EXIT_OK, EXIT_GATE, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from evaluator.metrics.judges import JUDGES
+
     p = argparse.ArgumentParser(prog="python -m evaluator", description="Benchmark and quality evaluation of the avatar stack.")
     sub = p.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run a suite against live services and write the summary and report")
@@ -54,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     ree.add_argument("clips", type=Path, nargs="+", help="real clips of a person speaking (video with its own audio)")
     ree.add_argument("--gpu-url", default=os.environ.get("GPU_SERVICE_URL", "http://127.0.0.1:8001"))
     ree.add_argument("--out", type=Path, default=Path(os.environ.get("EVAL_OUT_DIR", "eval_reports")) / "reenact")
-    ree.add_argument("--judge", choices=("dlib", "mediapipe"), default=None,
-                     help="landmark model (default mediapipe; dlib is independent of the renderer)")
+    ree.add_argument("--judge", choices=JUDGES, default=None,
+                     help="landmark model (default mediapipe; mediapipe-468 is the unrefined mesh the realism issue measured with; dlib is independent of the renderer)")
     ree.add_argument("--modes", default="head,lipsync", help="comma-separated: head, lipsync")
     ree.add_argument("--cross", action="store_true",
                      help="also re-voice each clip with the next clip's audio (catches a lip-sync that passes its source through)")

