@@ -477,9 +477,9 @@ class JobStore:
             lease_owner=None, lease_until=None, updated_at=now, finished_at=now, scratch_at=now))
 
     def scratch_left(self, job_id: str) -> bool:
-        """Note that a succeeded job may have chunk files in the store again (an attempt that lost the job
-        wrote some after it had succeeded); False when the job has not succeeded."""
-        return self._changed(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "succeeded")
+        """Note that a finished job may have chunk files in the store (an attempt that failed it, or one that
+        lost the job and wrote some after it had finished); False when the job has not finished."""
+        return self._changed(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(TERMINAL))
                              .values(scratch_at=time.time()))
 
     def scratch_removed(self, job_id: str, listed_at: float) -> None:
@@ -502,7 +502,7 @@ class JobStore:
             where = and_(where, jobs.c.lease_owner == owner)
         return self._changed(update(jobs).where(where).values(
             status="failed", reason=reason, error_type=error_type, detail=None, lease_owner=None, lease_until=None,
-            updated_at=now, finished_at=now))
+            updated_at=now, finished_at=now, scratch_at=now))
 
     def webhook_state(self, job_id: str, state: str, attempts: int) -> None:
         """Record how the job's webhook delivery went (pending, delivered, gave_up)."""

@@ -161,9 +161,10 @@ class Runtime:
     def sweep_scratch(self) -> int:
         """Remove the chunk files that finished jobs left in the output store; how many jobs were tidied.
 
-        The runtime that records a success removes its chunks at once; this catches the rest: a runtime
-        that died between recording the success and removing them, a store that did not answer then, or
-        an attempt that lost its lease and wrote a chunk after the job had succeeded elsewhere. A job
+        The runtime that records a success or a failure removes its chunks at once (nothing resumes a
+        finished job); this catches the rest: a runtime that died between recording the end and removing
+        them, a store that did not answer then, or an attempt that lost its lease and wrote a chunk after
+        the job had finished elsewhere. A job
         is swept once its note is a lease period old, so the runtime that noted it goes first; two
         runtimes removing the same files is harmless.
         """
@@ -296,7 +297,7 @@ class Runtime:
             self._fail(job_id, f"internal error while generating ({type(exc).__name__}: {exc})"[:500], "internal_error")
         finally:
             stop.set()
-            if not recorded:  # the job may have succeeded in another attempt after this one wrote a chunk
+            if not recorded:  # failed here, or finished by another attempt after this one wrote a chunk
                 with contextlib.suppress(SQLAlchemyError):
                     if self.store.scratch_left(job_id):
                         self._drop_scratch(job_id)

@@ -280,6 +280,40 @@ def test_an_attempt_that_lost_its_job_removes_the_chunk_it_wrote_after_the_job_s
         rt.stop()
 
 
+def test_a_failed_jobs_chunks_are_removed_and_a_runtime_killed_before_that_leaves_them_to_the_sweep(db_url, tmp_path,
+                                                                                                   monkeypatch):
+    from runtime import jobs
+    from runtime.errors import GPUServiceError
+    from runtime.jobs import Runtime
+
+    rt = Runtime(Settings(data_dir=tmp_path, database_url=db_url, run_worker=False, job_lease_s=2))
+
+    def failing_attempt(gpu, settings, job_id, body, progress, outputs, observe):
+        _job_files(outputs, job_id, CHUNK)  # the first chunk is made, then the second is refused for good
+        raise GPUServiceError("the voice 'nobody' is not loaded", transient=False, status=422, error_type="unknown_voice")
+
+    monkeypatch.setattr(jobs.pipeline, "run", failing_attempt)
+    try:
+        job = "d" * 32
+        rt.store.create(job, {"text": "x"}, None)
+        rt._run_job(job)
+        row = rt.store.get(job)
+        assert row["status"] == "failed" and row["error_type"] == "unknown_voice"
+        assert rt.outputs.names(job) == [] and row["scratch_at"] is None  # nothing resumes a failed job
+        # a runtime that recorded the failure and died before removing the chunk: the sweep removes it
+        other = "e" * 32
+        rt.store.create(other, {"text": "x"}, None)
+        assert rt.store.claim(other, "dead-worker", lease_s=2)
+        _job_files(rt.outputs, other, CHUNK)
+        assert rt.store.fail(other, "refused", "unknown_voice", owner="dead-worker")
+        assert rt.sweep_scratch() == 0  # not yet: the runtime that recorded it goes first
+        time.sleep(2.1)
+        assert rt.sweep_scratch() == 1
+        assert rt.outputs.names(other) == [] and rt.store.get(other)["scratch_at"] is None
+    finally:
+        rt.stop()
+
+
 # -- start-up refusals --------------------------------------------------------------------------
 
 
