@@ -31,7 +31,11 @@ class ArtifactStore:
         """Store bytes and return the artifact id (`<hex>.<ext>`)."""
         art_id = f"{secrets.token_hex(16)}.{ext}"
         tmp = self.root / f".{art_id}.tmp"
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except FileNotFoundError:  # the folder was removed under a running service (a tmp cleaner): make it again
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
         os.replace(tmp, self.root / art_id)
         self.prune()
         return art_id

@@ -85,6 +85,15 @@ def test_artifacts_expire_and_respect_the_size_budget(tmp_path):
         store.path("../../etc/passwd")
 
 
+def test_an_artifact_folder_removed_under_a_running_service_is_made_again(tmp_path):
+    import shutil
+
+    store = ArtifactStore(tmp_path / "artifacts", max_bytes=10_000, ttl_s=3600)
+    shutil.rmtree(tmp_path / "artifacts")  # a tmp cleaner, or a person tidying DATA_DIR
+    art = store.put(b"RIFF", "wav")
+    assert store.read(art) == b"RIFF"
+
+
 def test_redact_paths_names_the_service_directories_by_their_settings(tmp_path):
     s = Settings(data_dir=tmp_path / "data", avatar_model_dir=tmp_path / "models")
     text = f"cannot open {tmp_path / 'data' / 'tmp' / 'v.upload'}; weights in {tmp_path / 'models' / 'xtts_v2'}"
