@@ -27,7 +27,7 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import SPEECH_OPEN
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 17
+ENCODING_VERSION = 18
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
@@ -487,6 +487,7 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
         mine = eye_map[2] == eye
         if (lid & mine).sum() >= 4:
             skin[mine] = skin[lid & mine].mean(axis=0)
+    skin = _lit_across(skin, blurred[ey0:ey1, ex0:ex1], t, g, eye_map[2], g_max)
     # Its grain: the fine detail of the skin one eye opening above, moved down whole (the samples above
     # are one point per column, whose detail would streak) by whole pixels, so it is copied, not
     # interpolated (a fractional shift halved it), and bounded so a hair or a crease stays faint.
@@ -536,6 +537,54 @@ def _lit_like_the_ring(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: 
             gain = np.clip(_median_colour(around) / np.maximum(own.mean(axis=0), 1.0), 0.8, 1.4)
             out[mine] *= gain.astype(np.float32)
     return np.clip(out * lid_flush(blurred[ring]), 0.0, 255.0)
+
+
+LID_ACROSS = 0.85
+"""How far a shut lid follows, column by column, the light on the skin under its eye (an exponent on the ratio:
+1 in proportion, 0 one colour per lid). v03's lids vary 1.7 and 1.2 times as much as the skin under them, so any
+value up to 1 errs flat; at 1 the astronaut's shut eyes, their inner corners darkened like her skin by the nose,
+read 0.51 of their opening to MediaPipe (test_blink_closes_the_eyes holds them under 0.5)."""
+
+
+def _lit_across(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: np.ndarray, which: np.ndarray,
+                g_max: float) -> np.ndarray:
+    """The lid skin brightened and darkened across the eye as the skin under it is lit, column by column.
+
+    A shut lid is lit as the face around it is: on v03, the kit's GRID talker who blinks (frame 44),
+    his shut lids run from 135-139 at the outer corners to 67-75 by the nose (8-bit luma, half way
+    down the lid), and that profile follows the skin 0.3-0.8 openings under the open eye column by
+    column (r 0.93 and 0.89). One colour per eye drew them flat at 98-107 from corner to corner, a pale
+    almond on a side-lit face (p04, p07): across his lids at 0.3, 0.5 and 0.7 of the way down, the drawn
+    ones correlated with his by 0.17-0.88 and missed by 19.5 levels on average; now 0.90-0.98 and 15.6
+    (most of what is left is the whole lid 7-20 levels darker than his; his frame 44 is also a little
+    brighter than the open frame 20 drawn from).
+    The ratio is the luminance per column of the skin under the eye (from a quarter of its opening below
+    the lower lid to the patch's edge; above the eye the crease and the lashes are darkest at the middle
+    and bent the lid with them), smoothed across the eye, over its mean along the lid, to the power
+    LID_ACROSS, clipped to 0.6-1.4.
+    """
+    if LID_ACROSS <= 0.0:
+        return skin
+    below = (g > 0.0) & (t > g + 0.25 * g_max)
+    lid = (g > 0.0) & (t >= 0.0) & (t <= g)
+    lum = blurred @ LUMA
+    out = skin.copy()
+    cols = np.arange(skin.shape[1])
+    for eye in (0.0, 1.0):
+        mine = which == eye
+        on_below, on_lid = below & mine, lid & mine
+        lid_cols = np.flatnonzero(on_lid.any(axis=0))
+        have = np.flatnonzero(on_below.sum(axis=0) >= 2)
+        if len(lid_cols) < 3 or len(have) < 3:
+            continue
+        prof = np.array([np.median(lum[on_below[:, c], c]) for c in have], np.float32)
+        across = np.interp(cols, have, prof).astype(np.float32)
+        width = max(len(lid_cols), 3)
+        across = cv2.GaussianBlur(across[None, :], (0, 0), max(1.0, 0.12 * width), borderType=cv2.BORDER_REPLICATE)[0]
+        ratio = across / max(float(np.mean(across[lid_cols])), 1.0)
+        ratio = np.clip(ratio ** LID_ACROSS, 0.6, 1.4)
+        out[mine] *= ratio[None, :].repeat(skin.shape[0], 0)[mine][:, None]
+    return np.clip(out, 0.0, 255.0)
 
 
 def lid_flush(around: np.ndarray) -> np.ndarray:

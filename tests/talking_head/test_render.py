@@ -13,7 +13,7 @@ from skimage.metrics import structural_similarity
 from gpu_service.speech.protocol import SpeechRequest
 from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import Controls
-from gpu_service.talking_head.encoding import Encoding, encode_from_landmarks, encode_image
+from gpu_service.talking_head.encoding import Encoding, encode_from_landmarks, encode_image, find_landmarks
 from gpu_service.talking_head.renderer import Renderer, mode_weights
 from gpu_service.talking_head.shading import lip_depths, mouth_alpha, mouth_layout, seam_depth
 
@@ -591,6 +591,41 @@ def test_a_shut_lids_skin_is_as_grainy_as_the_skin_above_the_eye(name):
     skin = middle & (t < -0.3 * g.max()) & (t > -1.0 * g.max())
     ratio = fine(enc.eye_skin.astype(np.float32))[lid].std(0).mean() / fine(portrait)[skin].std(0).mean()
     assert lid.sum() > 40 and skin.sum() > 40 and ratio >= 0.55, (name, ratio)
+
+
+def test_a_shut_lid_is_lit_across_the_eye_as_the_skin_around_it():
+    # p01 lit from one side (a ramp of 0.4 -> 1.0 across the face, as a window beside the sitter) against
+    # p01 as it is: across each eye, the lid's lit third over its other third must rise with the light (by
+    # 0.9 and 0.5 of the light's own rise; one colour per eye drew the first 0.12 of it). A
+    # real shut lid is lit as the skin around its eye (v03's, frame 44: 135-139 at his outer corners, 67-75
+    # by the nose, following the skin under the eye column by column, r 0.93 and 0.89). One colour per eye
+    # drew each lid flat from corner to corner whatever the light: a pale almond on the shaded side.
+    image = kit_portrait("p01").astype(np.float32)
+    lm = find_landmarks(image.astype(np.uint8))
+    x0, x1 = lm[L.FACE_OVAL][:, 0].min(), lm[L.FACE_OVAL][:, 0].max()
+    ramp = np.clip(0.4 + 0.6 * (np.arange(image.shape[1]) - x0) / (x1 - x0), 0.3, 1.0).astype(np.float32)
+
+    def across(img: np.ndarray) -> tuple[list[float], list[float]]:
+        """Per eye, the lid's right third over its left third (luma of Encoding.eye_skin), and the ramp's."""
+        enc = encode_image(img)
+        t, g, which = enc.eye_map
+        lum = enc.eye_skin.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        lid = (g > 0.5 * g.max()) & (t > 1) & (t < g - 1)
+        lids, lights = [], []
+        for eye in (0.0, 1.0):
+            mine = lid & (which == eye)
+            cols = np.flatnonzero(mine.any(axis=0))
+            assert len(cols) > 12
+            left, right = cols[: len(cols) // 3], cols[-(len(cols) // 3):]
+            lids.append(float(lum[:, right][mine[:, right]].mean() / lum[:, left][mine[:, left]].mean()))
+            xs = enc.crop.x0 + enc.eye_patch.x0 + np.array([left.mean(), right.mean()])
+            lights.append(float(np.interp(xs[1], np.arange(len(ramp)), ramp) / np.interp(xs[0], np.arange(len(ramp)), ramp)))
+        return lids, lights
+
+    even, _ = across(image.astype(np.uint8))
+    lit, light = across(np.clip(image * ramp[None, :, None], 0, 255).astype(np.uint8))
+    for eye in (0, 1):
+        assert lit[eye] / even[eye] >= 1.0 + 0.4 * (light[eye] - 1.0), (eye, round(lit[eye] / even[eye], 3), round(light[eye], 3))
 
 
 def test_a_black_and_white_photos_shut_lid_is_grey(cpu):
