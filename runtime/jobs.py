@@ -164,9 +164,8 @@ class Runtime:
         The runtime that records a success or a failure removes its chunks at once (nothing resumes a
         finished job); this catches the rest: a runtime that died between recording the end and removing
         them, a store that did not answer then, or an attempt that lost its lease and wrote a chunk after
-        the job had finished elsewhere. A job
-        is swept once its note is a lease period old, so the runtime that noted it goes first; two
-        runtimes removing the same files is harmless.
+        the job had finished elsewhere. A job is swept once its note is a lease period old, so the runtime
+        that noted it goes first; two runtimes removing the same files is harmless.
         """
         tidied = sum(self._drop_scratch(job_id) for job_id in self.store.with_scratch(time.time() - self.settings.job_lease_s))
         if tidied:

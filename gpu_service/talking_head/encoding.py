@@ -583,7 +583,7 @@ def _lit_across(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: np.ndar
         across = cv2.GaussianBlur(across[None, :], (0, 0), max(1.0, 0.12 * width), borderType=cv2.BORDER_REPLICATE)[0]
         ratio = across / max(float(np.mean(across[lid_cols])), 1.0)
         ratio = np.clip(ratio ** LID_ACROSS, 0.6, 1.4)
-        out[mine] *= ratio[None, :].repeat(skin.shape[0], 0)[mine][:, None]
+        out[mine] *= np.broadcast_to(ratio, mine.shape)[mine][:, None]
     return np.clip(out, 0.0, 255.0)
 
 
