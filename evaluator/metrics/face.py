@@ -79,6 +79,7 @@ class FaceMeasurer:
     def __init__(self, static_image_mode: bool = False, min_confidence: float = 0.3, refine: bool = True) -> None:
         import mediapipe as mp
 
+        self.n_landmarks = N_LANDMARKS if refine else 468  # without refinement there are no iris points
         self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static_image_mode,
             max_num_faces=1,
@@ -88,18 +89,16 @@ class FaceMeasurer:
         )
 
     def landmarks(self, frame: np.ndarray) -> np.ndarray:
-        """(478, 3) pixel landmarks of one RGB uint8 frame, NaN if no face."""
+        """(n_landmarks, 3) pixel landmarks of one RGB uint8 frame, NaN if no face."""
         img = np.ascontiguousarray(frame)
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"frames must be RGB uint8 HxWx3, got {img.dtype} {img.shape}")
         h, w = img.shape[:2]
         res = self._mesh.process(img)
         if not res.multi_face_landmarks:
-            return np.full((N_LANDMARKS, 3), np.nan)
+            return np.full((self.n_landmarks, 3), np.nan)
         pts = res.multi_face_landmarks[0].landmark
-        out = np.full((N_LANDMARKS, 3), np.nan)  # without refinement the 10 iris points stay NaN
-        out[:len(pts)] = [(p.x * w, p.y * h, p.z * w) for p in pts]
-        return out
+        return np.array([(p.x * w, p.y * h, p.z * w) for p in pts], dtype=np.float64)
 
     def close(self) -> None:
         """Release the graph."""

@@ -111,9 +111,8 @@ def _mediapipe_track(frames: Iterable[np.ndarray], refine: bool = True) -> np.nd
     with FaceMeasurer(refine=refine) as fm:
         if frames:
             fm.landmarks(frames[0])
-        n = 478 if refine else 468  # without refinement there are no iris points
-        lms = [fm.landmarks(f)[:n, :2] for f in frames]
-    return np.stack(lms) if lms else np.zeros((0, n, 2))
+        lms = [fm.landmarks(f)[:, :2] for f in frames]
+        return np.stack(lms) if lms else np.zeros((0, fm.n_landmarks, 2))
 
 
 def dlib_model_path() -> Optional[str]:

@@ -482,7 +482,7 @@ def _eye_layers(crop: np.ndarray, lm: np.ndarray, eye_t: np.ndarray, eye_g: np.n
     skin = _lit_like_the_ring(skin, blurred[ey0:ey1, ex0:ex1], t, g, eye_map[2], g_max)
     # One colour per eye, its lid's mean: the samples of each column carried the socket's crease and shade
     # into the lid as dark bands, where v03's shut lids are even (rows 92-102 and 104-109 from top to lashes).
-    lid = (g > 0.0) & (t >= 0.0) & (t <= g)
+    lid = _lid_bands(t, g, g_max)[0]
     for eye in (0.0, 1.0):
         mine = eye_map[2] == eye
         if (lid & mine).sum() >= 4:
@@ -515,6 +515,14 @@ LID_FLUSH = np.array([1.03, 0.985, 0.995], np.float32)
 """A shut lid's thin skin is redder than the skin around the eye (v03's talker: a* +4.6 in OpenCV's Lab)."""
 
 
+def _lid_bands(t: np.ndarray, g: np.ndarray, g_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the lid, the skin a quarter to 0.6 of an eye opening above it, the skin from a quarter of one below the
+    lower lid) over the eye patch, from its lid geometry (t below the rest lid line, g the column's opening)."""
+    eye = g > 0.0
+    return (eye & (t >= 0.0) & (t <= g), eye & (t < -0.25 * g_max) & (t > -0.6 * g_max - 2.0),
+            eye & (t > g + 0.25 * g_max))
+
+
 def _lit_like_the_ring(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: np.ndarray, which: np.ndarray,
                        g_max: float) -> np.ndarray:
     """The lid skin coloured as the skin around its eye, and a little redder (LID_FLUSH).
@@ -527,8 +535,8 @@ def _lit_like_the_ring(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: 
     above and below it (a gain on its samples: their texture stays; scaling lightness alone turned a
     painting's brown socket shade into a saturated orange lid).
     """
-    ring = (g > 0.0) & (((t < -0.25 * g_max) & (t > -0.6 * g_max - 2.0)) | (t > g + 0.25 * g_max))
-    lid = (g > 0.0) & (t >= 0.0) & (t <= g)
+    lid, above, below = _lid_bands(t, g, g_max)
+    ring = above | below
     out = skin.copy()
     for eye in (0.0, 1.0):
         mine = which == eye
@@ -563,10 +571,7 @@ def _lit_across(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: np.ndar
     and bent the lid with them), smoothed across the eye, over its mean along the lid, to the power
     LID_ACROSS, clipped to 0.6-1.4.
     """
-    if LID_ACROSS <= 0.0:
-        return skin
-    below = (g > 0.0) & (t > g + 0.25 * g_max)
-    lid = (g > 0.0) & (t >= 0.0) & (t <= g)
+    lid, _, below = _lid_bands(t, g, g_max)
     lum = blurred @ LUMA
     out = skin.copy()
     cols = np.arange(skin.shape[1])
@@ -579,8 +584,7 @@ def _lit_across(skin: np.ndarray, blurred: np.ndarray, t: np.ndarray, g: np.ndar
             continue
         prof = np.array([np.median(lum[on_below[:, c], c]) for c in have], np.float32)
         across = np.interp(cols, have, prof).astype(np.float32)
-        width = max(len(lid_cols), 3)
-        across = cv2.GaussianBlur(across[None, :], (0, 0), max(1.0, 0.12 * width), borderType=cv2.BORDER_REPLICATE)[0]
+        across = cv2.GaussianBlur(across[None, :], (0, 0), max(1.0, 0.12 * len(lid_cols)), borderType=cv2.BORDER_REPLICATE)[0]
         ratio = across / max(float(np.mean(across[lid_cols])), 1.0)
         ratio = np.clip(ratio ** LID_ACROSS, 0.6, 1.4)
         out[mine] *= np.broadcast_to(ratio, mine.shape)[mine][:, None]

