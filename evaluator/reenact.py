@@ -12,7 +12,8 @@ real clip's frame times and measured against it frame by frame (evaluator.metric
 with one landmark judge (evaluator.metrics.judges): MediaPipe by default, which is the renderer's
 own landmark model, as the JSON says; ``--judge dlib`` for one the renderer does not use.
 A clip compared with itself scores amp 1, r 1, lmd 0; a still mouth scores amp ~0 and r ~0 and
-its lmd is ``lmd_still``. Per clip: ``<clip>/reenact.json``, ``<clip>/contact_sheet.png`` and
+its lmd is ``lmd_still``; the open mouth's interior is compared down its midline
+(``interior_over_flat``: below 1 it has the real interior's layout of teeth and throat). Per clip: ``<clip>/reenact.json``, ``<clip>/contact_sheet.png`` and
 the outputs; for the run: ``reenact_summary.json`` and ``reenact_summary.md``. ``--gate`` applies
 the ``reenact`` section of evaluator/config/quality_gate.yaml and exits 1 on a miss.
 """
@@ -124,6 +125,10 @@ class Reference:
     landmarks: np.ndarray
     gap: np.ndarray
     judge: Judge
+    open_range: tuple[float, float] = (float("nan"), float("nan"))
+    """The gaps (face heights) of the frames an interior profile averages (mouth_match.PROFILE_OPEN of the p95)."""
+    profiles: Optional[np.ndarray] = None
+    """(T, S) the real mouth's interior profile per frame (mouth_match.interior_profiles), NaN where not open."""
 
 
 def measure_reference(video: Video, judge: Judge) -> Reference:
@@ -131,7 +136,10 @@ def measure_reference(video: Video, judge: Judge) -> Reference:
     lm = judge.track(video.frames)
     if not np.isfinite(lm).all(axis=(1, 2)).any():
         raise ValueError("no face found in the real clip")
-    return Reference(video, lm, judge.mouth_gap(lm), judge)
+    gap = judge.mouth_gap(lm)
+    p95 = float(np.nanpercentile(gap, 95))
+    lo, hi = (share * p95 for share in mm.PROFILE_OPEN)
+    return Reference(video, lm, gap, judge, (lo, hi), mm.interior_profiles(video.frames, lm, judge, lo, hi))
 
 
 def compare(ref: Reference, out: Video) -> tuple[dict, dict, list]:
@@ -162,12 +170,16 @@ def compare(ref: Reference, out: Video) -> tuple[dict, dict, list]:
     lmd = mm.lip_distance(lm, ref.landmarks, judge)
     lmd_still = mm.still_lip_distance(ref.landmarks, judge)
     figs = mm.figures(native_gap, out.fps, gap, ref.gap, real.fps, lmd, lmd_still, ssim, ssim_still)
+    rows = mm.interior_profiles(out.frames, native, judge, *ref.open_range)[pick]  # on the real frames
+    figs.update(mm.interior_figures(rows, ref.profiles))
+    both = np.isfinite(rows).all(1) & np.isfinite(ref.profiles).all(1)
+    profile = mm.mean_profile(rows[both])
     figs.update(frames=int(len(out.frames)), fps=out.fps,
                 resampled=bool(abs(out.fps - real.fps) > 1e-6 or len(out.frames) != len(real.frames)),
                 face_found_share=float(np.isfinite(native).all(axis=(1, 2)).mean()),
                 upper_share=mm.upper_share(native, judge))
     series = {"gap": _jsonable(gap), "lmd": _jsonable(lmd), "lmd_still": _jsonable(lmd_still),
-              "mouth_ssim": _jsonable(ssim)}
+              "mouth_ssim": _jsonable(ssim), "interior_profile": _profile_json(profile)}
     return figs, series, crops
 
 
@@ -189,6 +201,10 @@ def rendered_only(ref: Reference, series: dict, spans: list, figs: dict) -> dict
     out["lmd_rendered"] = float(ours[use].mean())
     out["lmd_rendered_over_still"] = float(ours[use].mean() / max(still[use].mean(), 1e-9))
     return out
+
+
+def _profile_json(profile: Optional[np.ndarray]) -> Optional[list]:
+    return None if profile is None else _jsonable(profile)
 
 
 def _jsonable(x: np.ndarray) -> list:
@@ -246,7 +262,8 @@ def measure_clip(path: Path, client: GpuClient, out_dir: Path, judge: Judge,
         "real": {"p95_gap": float(np.nanpercentile(ref.gap, 95)), "max_jump": mm.max_jump(ref.gap, real.fps),
                  "face_found_share": float(np.isfinite(ref.gap).mean()),
                  "upper_share": mm.upper_share(ref.landmarks, judge), "portrait_frame": k,
-                 "portrait_gap_mediapipe": float(mp_gap[k]), "portrait_closed": closed, "closed_gap_threshold": closed_gap},
+                 "portrait_gap_mediapipe": float(mp_gap[k]), "portrait_closed": closed, "closed_gap_threshold": closed_gap,
+                 "interior_open_range": [float(x) for x in ref.open_range]},
         "modes": {},
     }
     if not closed:
@@ -256,7 +273,8 @@ def measure_clip(path: Path, client: GpuClient, out_dir: Path, judge: Judge,
         ok = np.isfinite(mp_gap) & np.isfinite(ref.gap)
         rec["real"]["gap_r_vs_mediapipe"] = float(np.corrcoef(mp_gap[ok], ref.gap[ok])[0, 1]) if ok.sum() > 2 else None
     wav = wav_bytes(real.audio, real.sample_rate)
-    series = {"real_gap": _jsonable(ref.gap)}
+    series = {"real_gap": _jsonable(ref.gap), "interior_t": list(mm.PROFILE_T),
+              "real_interior_profile": _profile_json(mm.mean_profile(ref.profiles))}
     crops = {"real": real_crops(ref)}
     cv2.imwrite(str(clip_dir / "portrait.png"), cv2.cvtColor(real.frames[k], cv2.COLOR_RGB2BGR))
     for mode in modes:
@@ -279,6 +297,7 @@ def measure_clip(path: Path, client: GpuClient, out_dir: Path, judge: Judge,
                                                                            "timing_source", "frames_as_filmed")}}
         series[f"{mode}_gap"] = s["gap"]
         series[f"{mode}_lmd"] = s["lmd"]
+        series[f"{mode}_interior_profile"] = s["interior_profile"]
         crops[mode] = c
     rec["contact_sheet"] = contact_sheet(rec, ref, series, crops, clip_dir / "contact_sheet.png").name
     (clip_dir / "reenact.json").write_text(_dumps({**rec, "series": series}))
@@ -323,7 +342,7 @@ def contact_sheet(rec: dict, ref: Reference, series: dict, crops: dict, path: Pa
                 big = cv2.resize(crop, (cw, ch), interpolation=cv2.INTER_NEAREST)
                 sheet[y:y + ch, label_w + j * cw:label_w + (j + 1) * cw] = big
     width_in = sheet.shape[1] / 100.0
-    fig, ax = plt.subplots(figsize=(width_in, 2.6), dpi=100)
+    fig, (ax, ax_in) = plt.subplots(1, 2, figsize=(width_in, 2.6), dpi=100, gridspec_kw={"width_ratios": (3, 1)})
     t = np.arange(len(ref.gap)) / ref.video.fps
     ax.plot(t, ref.gap, color="black", lw=2, label=f"real (max jump {rec['real']['max_jump']:.3f})")
     for mode, color in (("head", "tab:red"), ("lipsync", "tab:blue")):
@@ -338,6 +357,7 @@ def contact_sheet(rec: dict, ref: Reference, series: dict, crops: dict, path: Pa
     ax.set_ylabel("inner-lip gap / face height")
     ax.set_title(f"{rec['clip']} (judge: {rec['judge']['name']}); shaded: the frames above", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
+    _interior_panel(ax_in, rec, series)
     fig.tight_layout()
     fig.canvas.draw()
     plot = np.asarray(fig.canvas.buffer_rgba())[:, :, :3]
@@ -347,6 +367,24 @@ def contact_sheet(rec: dict, ref: Reference, series: dict, crops: dict, path: Pa
                           interpolation=cv2.INTER_AREA)
     cv2.imwrite(str(path), cv2.cvtColor(np.vstack([sheet, plot]), cv2.COLOR_RGB2BGR))
     return path
+
+
+def _interior_panel(ax, rec: dict, series: dict) -> None:
+    """The interior profiles (mouth_match.interior_profile): real in black, each output in its colour."""
+    ts = series.get("interior_t") or []
+    for name, key, color in (("real", "real_interior_profile", "black"), ("head", "head_interior_profile", "tab:red"),
+                             ("lipsync", "lipsync_interior_profile", "tab:blue")):
+        prof = series.get(key)
+        if prof is None:
+            continue
+        label = name if name == "real" else f"{name}: {fmt(rec['modes'][name].get('interior_over_flat'), '{:.2f}')} of flat"
+        ax.plot(ts, [np.nan if v is None else v for v in prof], color=color, lw=2 if name == "real" else 1.3, label=label)
+    ax.axvspan(0.0, 1.0, color="0.92", zorder=0)
+    ax.set_xlabel("down the midline (0 upper inner lip, 1 lower)", fontsize=7)
+    ax.set_ylabel("luminance", fontsize=7)
+    ax.set_title("open mouth's interior", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, loc="lower right")
 
 
 # -- summary and gate ----------------------------------------------------------------------------
@@ -398,7 +436,8 @@ def markdown(summary: dict, with_gate: bool = True) -> str:
     cols = (("amp", "{:.2f}"), ("jump", "{:.3f}"), ("r", "{:.2f}"), ("lag_frames", "{:+d}"), ("r_lag0", "{:.2f}"),
             ("lmd", "{:.3f}"), ("lmd_still", "{:.3f}"), ("lmd_over_still", "{:.2f}"), ("frames_as_filmed", "{:d}"),
             ("lmd_rendered_over_still", "{:.2f}"), ("mouth_ssim", "{:.3f}"), ("mouth_ssim_still", "{:.3f}"),
-            ("upper_share", "{:.2f}"))
+            ("upper_share", "{:.2f}"), ("interior_mae", "{:.1f}"), ("interior_flat_mae", "{:.1f}"),
+            ("interior_over_flat", "{:.2f}"))
     lines += ["", "| clip | mode | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in summary["clips"]:
         for mode, m in r["modes"].items():

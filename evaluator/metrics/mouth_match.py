@@ -10,7 +10,13 @@ output, the output already put on the real clip's frame times (resample_landmark
 - ``lmd``: mean lip-landmark distance to the real frame after a similarity fit on the upper
   face, over the real inter-ocular distance; ``lmd_still`` is the same for the first real
   frame's lips held still, the score of a mouth that does not move at all;
-- ``mouth_ssim``: SSIM of the grey mouth crop of the aligned output against the real one.
+- ``mouth_ssim``: SSIM of the grey mouth crop of the aligned output against the real one;
+- ``interior_mae``: what an open mouth shows between the lips, against the real one: the luminance
+  down the mouth's midline, from the upper inner lip to the lower (upper teeth, the dark between
+  the rows, lower teeth or tongue), frame by frame over the frames open by 0.5-1.1 of the real p95
+  gap in both, as 8-bit levels. ``interior_flat_mae`` is each real frame's profile against its own
+  mean (a mouth of the right colour and no teeth or throat), and ``interior_over_flat`` their ratio:
+  below 1 the drawn interior has the real one's layout, above 1 a flat-coloured opening would match better.
 """
 
 from __future__ import annotations
@@ -115,6 +121,69 @@ def lip_distance(out_lm: np.ndarray, real_lm: np.ndarray, judge: Judge) -> np.nd
         moved = _apply(m, o[lips])
         dist[t] = float(np.linalg.norm(moved - r[lips], axis=1).mean() / judge.inter_ocular(r))
     return dist
+
+
+PROFILE_T = tuple(float(t) for t in np.round(np.linspace(-0.4, 1.4, 19), 2))
+"""Where the interior profile samples the midline: 0 at the upper inner lip, 1 at the lower, past both into the lips."""
+PROFILE_OPEN = (0.5, 1.1)
+"""A frame counts for the profile when its gap is within these shares of the real clip's p95 gap."""
+PROFILE_BAND = 0.12
+"""Each sample is the mean over +-this many mouth widths across the mouth (the incisors, not the corners)."""
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def interior_profiles(frames, lm: np.ndarray, judge: Judge, lo: float, hi: float) -> np.ndarray:
+    """(T, len(PROFILE_T)) luminance at PROFILE_T down each frame's midline; NaN rows where the gap is not in [lo, hi].
+
+    `frames` are RGB (T, H, W, 3) and `lm` their own landmarks (an output's native ones, not resampled).
+    """
+    gap = judge.mouth_gap(lm)
+    ts = np.asarray(PROFILE_T, np.float32)
+    across = np.linspace(-1.0, 1.0, 5, dtype=np.float32)
+    out = np.full((len(gap), len(ts)), np.nan)
+    for t in np.flatnonzero(np.isfinite(gap) & (gap >= lo) & (gap <= hi)):
+        pts = lm[t]
+        up, low = pts[judge.gap[0]], pts[judge.gap[1]]
+        a, b = pts[judge.corners[0]], pts[judge.corners[1]]
+        width = float(np.linalg.norm(b - a))
+        e_u = (b - a) / max(width, 1e-6)
+        line = up[None, :] + ts[:, None] * (low - up)[None, :]  # (S, 2) down the midline
+        grid = line[:, None, :] + (PROFILE_BAND * width * across)[None, :, None] * e_u[None, None, :]
+        grey = (frames[t].astype(np.float32) @ _LUMA).astype(np.float32)
+        val = cv2.remap(grey, grid[..., 0].astype(np.float32), grid[..., 1].astype(np.float32), cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+        out[t] = val.mean(1)
+    return out
+
+
+MIN_INTERIOR_FRAMES = 3
+
+
+def interior_figures(out_rows: np.ndarray, real_rows: np.ndarray) -> dict:
+    """interior_mae, interior_flat_mae, interior_over_flat and interior_frames (module docstring).
+
+    Rows are per-frame profiles (interior_profiles), the output's already paired with the real frames;
+    only the frames open in both count, and only the samples between the lips. The flat baseline is
+    each real frame's own interior mean: a mouth of the right colour, frame by frame, with no layout.
+    """
+    o, r = np.atleast_2d(np.asarray(out_rows, np.float64)), np.atleast_2d(np.asarray(real_rows, np.float64))
+    both = np.isfinite(o).all(1) & np.isfinite(r).all(1)
+    none = {"interior_mae": None, "interior_flat_mae": None, "interior_over_flat": None, "interior_frames": int(both.sum())}
+    if both.sum() < MIN_INTERIOR_FRAMES:
+        return none
+    inside = (np.asarray(PROFILE_T) >= 0.0) & (np.asarray(PROFILE_T) <= 1.0)
+    o, r = o[both][:, inside], r[both][:, inside]
+    mae = float(np.abs(o - r).mean())
+    flat = float(np.abs(r - r.mean(1, keepdims=True)).mean())
+    return {"interior_mae": mae, "interior_flat_mae": flat, "interior_over_flat": mae / flat if flat > 0 else None,
+            "interior_frames": int(both.sum())}
+
+
+def mean_profile(rows: np.ndarray) -> Optional[np.ndarray]:
+    """The mean of the finite rows (for the contact sheet's plot), None when there are none."""
+    rows = np.asarray(rows, np.float64)
+    ok = np.isfinite(rows).all(1)
+    return rows[ok].mean(0) if ok.any() else None
 
 
 OPEN_GAP = 0.05

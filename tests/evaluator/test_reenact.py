@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from evaluator.metrics.judges import MP_LIPS, dlib_model_path, get_judge
-from evaluator.metrics.mouth_match import max_jump, upper_share
+from evaluator.metrics.mouth_match import PROFILE_T, interior_figures, max_jump, upper_share
 from evaluator.metrics.sync import speech_envelope
 from evaluator.reenact import apply_gate, compare, decode, load_gate, measure_reference, rendered_only
 from tests.helpers import REPO, free_port, service_process
@@ -85,6 +85,10 @@ def test_the_clip_against_itself_is_perfect(ref):
     assert figs["lmd_still"] > 0.02 and figs["mouth_ssim_still"] < 0.9
     assert len(series["gap"]) == len(crops) == 75
     assert figs["upper_share"] == pytest.approx(upper_share(ref.landmarks, ref.judge), abs=1e-9)
+    # The open mouth's interior against its own: no error, and the real interior has a layout to miss.
+    assert figs["interior_mae"] == pytest.approx(0.0, abs=1e-9) and figs["interior_over_flat"] == pytest.approx(0.0)
+    assert figs["interior_flat_mae"] > 8.0 and figs["interior_frames"] >= 10
+    assert len(series["interior_profile"]) == len(PROFILE_T)
 
 
 def test_the_unrefined_mesh_reproduces_the_realism_issues_own_figures(real):
@@ -121,6 +125,62 @@ def test_the_clip_re_encoded_scores_close_to_perfect(ref, real, tmp_path):
     assert figs["r"] > 0.9 and abs(figs["lag_frames"]) <= 1
     assert figs["lmd"] < 0.35 * figs["lmd_still"]
     assert figs["mouth_ssim"] > 0.9
+
+
+def test_a_flat_coloured_or_pasted_strip_interior_scores_no_better_than_flat(ref, real, tmp_path):
+    # The real frames with everything between the inner lips painted over: once with one colour (the
+    # interior's mean, a mouth with no teeth or throat), once with a white strip under the upper lip
+    # over black (a drawn interior's cliché). Neither may read as the real interior; re-encoding the
+    # clip itself must.
+    import cv2
+
+    from gpu_service.talking_head import landmarks as L
+
+    inner = L.INNER_UPPER + L.INNER_LOWER[::-1]
+    base = np.nanmean(ref.profiles[:, (np.asarray(PROFILE_T) >= 0) & (np.asarray(PROFILE_T) <= 1)])
+
+    def painted(strip: bool) -> np.ndarray:
+        out = real.frames.copy()
+        for f, lm in zip(out, ref.landmarks):
+            if not np.isfinite(lm).all():
+                continue
+            mask = np.zeros(f.shape[:2], np.uint8)
+            cv2.fillPoly(mask, [np.round(lm[inner]).astype(np.int32)], 1)
+            if strip:
+                top = np.zeros_like(mask)
+                shifted = lm[inner].copy()
+                shifted[len(L.INNER_UPPER):, 1] = lm[L.INNER_UPPER[::-1], 1] + 0.35 * (lm[14, 1] - lm[13, 1])
+                cv2.fillPoly(top, [np.round(shifted).astype(np.int32)], 1)
+                f[mask > 0] = 20
+                f[(top > 0) & (mask > 0)] = 235
+            else:
+                f[mask > 0] = int(round(base))
+        return out
+
+    same, _, _ = compare(ref, _fake(tmp_path, real, np.arange(len(real.frames))))
+    scores = {}
+    for strip in (False, True):
+        frames = painted(strip)
+        figs, _, _ = compare(ref, decode(write_mp4(tmp_path / "painted.mp4", frames, real.fps, real.audio, real.sample_rate)))
+        scores[strip] = figs["interior_over_flat"]
+    assert same["interior_over_flat"] < 0.35
+    # The fill leaves the real teeth the mesh's inner lips do not reach (and the lips' blur) at the ends.
+    assert scores[False] > 0.6 and scores[False] > 2.5 * same["interior_over_flat"]
+    assert scores[True] > 1.0
+
+
+def test_interior_figures_compare_each_frame_between_the_lips_only():
+    t = np.asarray(PROFILE_T)
+    inside = (t >= 0) & (t <= 1)
+    real = np.stack([np.where(inside, 100.0 + k * 10.0 + 40.0 * np.sin(np.pi * t), 90.0) for k in range(4)])
+    ours = real + np.where(inside, 5.0, 60.0)  # the lips' rows outside do not count
+    ours[3] = np.nan  # a frame the output does not open: left out
+    figs = interior_figures(ours, real)
+    assert figs["interior_mae"] == pytest.approx(5.0) and figs["interior_frames"] == 3
+    # The flat baseline is each frame's own mean: the frames' different brightness is not structure.
+    flat = float(np.abs(real[0, inside] - real[0, inside].mean()).mean())
+    assert figs["interior_flat_mae"] == pytest.approx(flat) and figs["interior_over_flat"] == pytest.approx(5.0 / flat)
+    assert interior_figures(ours[:2], real[:2])["interior_over_flat"] is None  # too few frames to tell
 
 
 def test_a_still_mouth_has_no_motion_no_correlation_and_the_still_mouth_distance(ref, real, tmp_path):
@@ -187,8 +247,10 @@ def test_a_moved_and_zoomed_copy_is_aligned_back_onto_the_clip(ref, real, tmp_pa
 
 def test_the_gate_fails_a_still_mouth_and_holds_the_issue_targets(ref, real, tmp_path):
     section = load_gate()
-    assert section["head"] == {"amp": {"min": 0.7, "max": 1.4}, "jump": {"max": 0.05}, "r": {"min": 0.6}}
+    assert section["head"] == {"amp": {"min": 0.7, "max": 1.4}, "jump": {"max": 0.05}, "r": {"min": 0.6},
+                               "interior_over_flat": {"max": 1.0}}
     assert section["lipsync"]["lmd_over_still"] == {"max": 0.8}
+    assert section["lipsync"]["interior_over_flat"] == {"max": 1.0}
     still, _, _ = compare(ref, _fake(tmp_path, real, np.zeros(len(real.frames), int)))
     itself, _, _ = compare(ref, decode(CLIP))
     records = [{"clip": "still", "modes": {"lipsync": {"status": "ok", **still}}},
