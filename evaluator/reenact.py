@@ -13,8 +13,8 @@ with one landmark judge (evaluator.metrics.judges): MediaPipe by default, which 
 own landmark model, as the JSON says; ``--judge dlib`` for one the renderer does not use.
 A clip compared with itself scores amp 1, r 1, lmd 0; a still mouth scores amp ~0 and r ~0 and
 its lmd is ``lmd_still``; the open mouth's interior is compared down its midline
-(``interior_over_flat``: below 1 it has the real interior's layout of teeth and throat). Per clip: ``<clip>/reenact.json``, ``<clip>/contact_sheet.png`` and
-the outputs; for the run: ``reenact_summary.json`` and ``reenact_summary.md``. ``--gate`` applies
+(``interior_over_flat``: below 1 it has the real interior's layout of teeth and throat). Per clip:
+``<clip>/reenact.json``, ``<clip>/contact_sheet.png`` and the outputs; for the run: ``reenact_summary.json`` and ``reenact_summary.md``. ``--gate`` applies
 the ``reenact`` section of evaluator/config/quality_gate.yaml and exits 1 on a miss.
 """
 
@@ -126,9 +126,10 @@ class Reference:
     gap: np.ndarray
     judge: Judge
     open_range: tuple[float, float] = (float("nan"), float("nan"))
-    """The gaps (face heights) of the frames an interior profile averages (mouth_match.PROFILE_OPEN of the p95)."""
+    """The gaps (face heights) of the frames whose interiors are compared (mouth_match.PROFILE_OPEN of the p95)."""
     profiles: Optional[np.ndarray] = None
-    """(T, S) the real mouth's interior profile per frame (mouth_match.interior_profiles), NaN where not open."""
+    """(T, S) the real mouth's interior profile per frame (mouth_match.interior_profiles), NaN where not open;
+    None: not measured, and no interior figures."""
 
 
 def measure_reference(video: Video, judge: Judge) -> Reference:
@@ -170,10 +171,11 @@ def compare(ref: Reference, out: Video) -> tuple[dict, dict, list]:
     lmd = mm.lip_distance(lm, ref.landmarks, judge)
     lmd_still = mm.still_lip_distance(ref.landmarks, judge)
     figs = mm.figures(native_gap, out.fps, gap, ref.gap, real.fps, lmd, lmd_still, ssim, ssim_still)
-    rows = mm.interior_profiles(out.frames, native, judge, *ref.open_range)[pick]  # on the real frames
-    figs.update(mm.interior_figures(rows, ref.profiles))
-    both = np.isfinite(rows).all(1) & np.isfinite(ref.profiles).all(1)
-    profile = mm.mean_profile(rows[both])
+    profile = None
+    if ref.profiles is not None:
+        rows = mm.interior_profiles(out.frames, native, judge, *ref.open_range)[pick]  # on the real frames
+        figs.update(mm.interior_figures(rows, ref.profiles))
+        profile = mm.mean_profile(rows[np.isfinite(rows).all(1) & np.isfinite(ref.profiles).all(1)])
     figs.update(frames=int(len(out.frames)), fps=out.fps,
                 resampled=bool(abs(out.fps - real.fps) > 1e-6 or len(out.frames) != len(real.frames)),
                 face_found_share=float(np.isfinite(native).all(axis=(1, 2)).mean()),
@@ -274,7 +276,7 @@ def measure_clip(path: Path, client: GpuClient, out_dir: Path, judge: Judge,
         rec["real"]["gap_r_vs_mediapipe"] = float(np.corrcoef(mp_gap[ok], ref.gap[ok])[0, 1]) if ok.sum() > 2 else None
     wav = wav_bytes(real.audio, real.sample_rate)
     series = {"real_gap": _jsonable(ref.gap), "interior_t": list(mm.PROFILE_T),
-              "real_interior_profile": _profile_json(mm.mean_profile(ref.profiles))}
+              "real_interior_profile": None if ref.profiles is None else _profile_json(mm.mean_profile(ref.profiles))}
     crops = {"real": real_crops(ref)}
     cv2.imwrite(str(clip_dir / "portrait.png"), cv2.cvtColor(real.frames[k], cv2.COLOR_RGB2BGR))
     for mode in modes:
@@ -370,7 +372,7 @@ def contact_sheet(rec: dict, ref: Reference, series: dict, crops: dict, path: Pa
 
 
 def _interior_panel(ax, rec: dict, series: dict) -> None:
-    """The interior profiles (mouth_match.interior_profile): real in black, each output in its colour."""
+    """The mean interior profiles (mouth_match.interior_profiles): real in black, each output in its colour."""
     ts = series.get("interior_t") or []
     for name, key, color in (("real", "real_interior_profile", "black"), ("head", "head_interior_profile", "tab:red"),
                              ("lipsync", "lipsync_interior_profile", "tab:blue")):
