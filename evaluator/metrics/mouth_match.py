@@ -14,9 +14,10 @@ output, the output already put on the real clip's frame times (resample_landmark
 - ``interior_mae``: what an open mouth shows between the lips, against the real one: the luminance
   down the mouth's midline, from the upper inner lip to the lower (upper teeth, the dark between
   the rows, lower teeth or tongue), frame by frame over the frames open by 0.5-1.1 of the real p95
-  gap in both, as 8-bit levels. ``interior_flat_mae`` is each real frame's profile against its own
-  mean (a mouth of the right colour and no teeth or throat), and ``interior_over_flat`` their ratio:
-  below 1 the drawn interior has the real one's layout, above 1 a flat-coloured opening would match better.
+  gap in both, as 8-bit levels. ``interior_flat_mae`` is the same frames' real profiles against their
+  mean (an opening of one colour, the real interior's average, with no teeth or throat), and
+  ``interior_over_flat`` their ratio: below 1 the drawn interior has the real one's layout, above 1 a
+  flat-coloured opening would match better.
 """
 
 from __future__ import annotations
@@ -163,8 +164,9 @@ def interior_figures(out_rows: np.ndarray, real_rows: np.ndarray) -> dict:
     """interior_mae, interior_flat_mae, interior_over_flat and interior_frames (module docstring).
 
     Rows are per-frame profiles (interior_profiles), the output's already paired with the real frames;
-    only the frames open in both count, and only the samples between the lips. The flat baseline is
-    each real frame's own interior mean: a mouth of the right colour, frame by frame, with no layout.
+    only the frames open in both count, and only the samples between the lips. The flat baseline is one
+    colour for every frame, the mean of those real samples: the right colour and no layout (a colour per
+    frame would also know how each real frame's light changed, which no renderer does).
     """
     o, r = np.atleast_2d(np.asarray(out_rows, np.float64)), np.atleast_2d(np.asarray(real_rows, np.float64))
     both = np.isfinite(o).all(1) & np.isfinite(r).all(1)
@@ -174,7 +176,7 @@ def interior_figures(out_rows: np.ndarray, real_rows: np.ndarray) -> dict:
     inside = (np.asarray(PROFILE_T) >= 0.0) & (np.asarray(PROFILE_T) <= 1.0)
     o, r = o[both][:, inside], r[both][:, inside]
     mae = float(np.abs(o - r).mean())
-    flat = float(np.abs(r - r.mean(1, keepdims=True)).mean())
+    flat = float(np.abs(r - r.mean()).mean())
     return {"interior_mae": mae, "interior_flat_mae": flat, "interior_over_flat": mae / flat if flat > 0 else None,
             "interior_frames": int(both.sum())}
 

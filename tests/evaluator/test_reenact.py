@@ -177,8 +177,8 @@ def test_interior_figures_compare_each_frame_between_the_lips_only():
     ours[3] = np.nan  # a frame the output does not open: left out
     figs = interior_figures(ours, real)
     assert figs["interior_mae"] == pytest.approx(5.0) and figs["interior_frames"] == 3
-    # The flat baseline is each frame's own mean: the frames' different brightness is not structure.
-    flat = float(np.abs(real[0, inside] - real[0, inside].mean()).mean())
+    # The flat baseline is one colour for all the frames compared: their mean.
+    flat = float(np.abs(real[:3, inside] - real[:3, inside].mean()).mean())
     assert figs["interior_flat_mae"] == pytest.approx(flat) and figs["interior_over_flat"] == pytest.approx(5.0 / flat)
     assert interior_figures(ours[:2], real[:2])["interior_over_flat"] is None  # too few frames to tell
 
