@@ -27,7 +27,7 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import SPEECH_OPEN
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 19
+ENCODING_VERSION = 18
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
@@ -35,8 +35,7 @@ rounder jaw field and the lips' seam map; 13: a blink's lid keeps the skin's gra
 the portrait's own lashes; a 3/4 turn's full widest opening; 14: the lid as light as the skin around the
 eye; 15: the face mask swept by the jaw's share of the widest opening, now less than 0.85 of it, see
 UPPER_LIP_SHARE; 16: a black-and-white photo's shut lids grey, not flushed pink, see lid_flush; 17: a shut lid
-one colour per eye with the skin's grain copied whole, see LID_GRAIN_BOUND; 18: a shut lid lit across the eye
-as the skin below it; 19: drawn teeth no brighter than lit eye whites, see EYE_LIT); older caches are re-encoded."""
+one colour per eye with the skin's grain copied whole, see LID_GRAIN_BOUND); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
@@ -665,21 +664,6 @@ def _lips_and_skin(crop: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.nda
     return 0.85 * (_median_colour(skin_pix) if len(skin_pix) else np.full(3, 160.0, np.float32)), skin_pix
 
 
-EYE_LIT = 0.65
-"""The eye whites' brightest (98th percentile of the eyes' pixels) over the skin's (99.5th) from which the
-eyes count as lit, and drawn teeth are held to the whites' brightness (interior_palette).
-
-Measured by `evaluator reenact` (interior_over_flat, the open mouth's midline against the real one's): the
-kit's GRID talkers' real teeth peak at 0.59-0.82 of their skin's highlight, and ours, as bright as the
-highlight, at 0.70-0.83: 25-30 levels too bright on v02 and v03. Their eye whites reach 142-149, as even as
-their shared studio light (the skin's highlight 167-209). Held to the whites, head interior_over_flat went
-1.33/1.46/1.58 -> 1.37/1.20/1.04 (mediapipe), 1.23/1.81/1.59 -> 1.26/1.28/0.93 (mediapipe-468); v01's own
-teeth are brighter than his whites and stay too dim. Eyes in their brows' shadow (p02, p10, p11: 0.44-0.57)
-leave the skin's rule alone (a catchlight or a glasses' glare can only raise the bound)."""
-EYE_MIN_PIXELS = 40
-"""Fewer eye pixels than this (a small or turned face) say nothing about the light on the whites."""
-
-
 def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0,
                      lips_and_skin: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Mouth-interior colours (cavity at the lips, throat, tongue), drawn-teeth colour and dark floor, from the portrait.
@@ -688,8 +672,8 @@ def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0,
     its own black (dark_floor) and its lips, so the interior has the photo's hue and
     colourfulness: a grey photo gets a grey mouth, a warm one a warm one. The throat sits above
     the floor by enough that its `grain` (interior_texture) does not pile up there. The teeth are
-    an off-white as bright as the face's lit highlights but no brighter than lit eye whites (EYE_LIT),
-    with the colour cast of the eye whites (the white balance) or, when the eyes show none, of the skin. `lm` are the landmarks in
+    an off-white as bright as the face's lit highlights, with the colour cast of the eye whites
+    (the white balance) or, when the eyes show none, of the skin. `lm` are the landmarks in
     `crop`'s pixel coordinates; `lips_and_skin` is `_lips_and_skin(crop, lm)` when the caller has it.
     """
     lip, skin_pix = _lips_and_skin(crop, lm) if lips_and_skin is None else lips_and_skin
@@ -722,11 +706,6 @@ def interior_palette(crop: np.ndarray, lm: np.ndarray, grain: float = 0.0,
     # paper-white strip in a dim face reads as pasted on.
     level = float(np.clip(0.95 * np.percentile(skin_lum, 99.5), 1.1 * lip_l,
                           min(238.0, max(1.6 * float(np.median(skin_lum)), 1.1 * lip_l))))
-    # Where the eyes show lit whites, teeth (as white as they are, and lit through the lips) are no
-    # brighter than they: a face's highlights measure its skin's shine as much as its light.
-    eye_top = float(np.percentile(eye_pix @ LUMA, 98)) if len(eye_pix) >= EYE_MIN_PIXELS else 0.0
-    if eye_top >= EYE_LIT * float(np.percentile(skin_lum, 99.5)):
-        level = min(level, max(eye_top, 1.1 * lip_l))
     if white is not None and _chroma(white) < 0.3:
         cast = white
     else:

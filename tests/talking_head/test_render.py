@@ -468,37 +468,6 @@ def test_teeth_in_shadow_take_the_mouths_warm_light(closed, name):
     assert lab[dark, 1].mean() <= lit[1] + 0.5 * (cavity[1] - lit[1]), (lab[dark, 1].mean(), lit[1], cavity[1])
 
 
-def _eyes_and_highlight(enc: Encoding) -> tuple[float, float]:
-    """(the eye pixels' 98th-percentile luminance, the face's 99.5th) of an encoding's own image."""
-    from gpu_service.talking_head.encoding import _box_around, _lips_and_skin, _polygon_mask
-
-    lm, img = enc.landmarks, enc.image
-    eyes = [lm[L.EYE_LEFT_UPPER + L.EYE_LEFT_LOWER[::-1]], lm[L.EYE_RIGHT_UPPER + L.EYE_RIGHT_LOWER[::-1]]]
-    box, off = _box_around(img, np.concatenate(eyes))
-    pix = box[_polygon_mask(box.shape[:2], eyes[0], off) | _polygon_mask(box.shape[:2], eyes[1], off)].astype(np.float32)
-    skin = _lips_and_skin(img, lm)[1] @ LUMA
-    return float(np.percentile(pix @ LUMA, 98)), float(np.percentile(skin, 99.5))
-
-
-def test_drawn_teeth_are_no_brighter_than_lit_eye_whites(closed):
-    # GRID's talkers under one studio light: their eye whites read 142-157, their skin's highlights
-    # 167-209 with its shine, and their real teeth at most the whites' level; teeth as bright as the
-    # highlights read 25-30 levels too bright in self-reenactment (EYE_LIT).
-    from gpu_service.talking_head.encoding import EYE_LIT
-
-    for name in ("p01", "p06"):
-        enc = closed[name]
-        eye_top, highlight = _eyes_and_highlight(enc)
-        assert eye_top >= EYE_LIT * highlight  # his or her eyes are lit
-        assert float(enc.teeth_rgb @ LUMA) <= eye_top + 5.0, (name, enc.teeth_rgb, eye_top)  # + the yellow tint
-    assert _eyes_and_highlight(closed["p01"])[1] * 0.95 > _eyes_and_highlight(closed["p01"])[0] + 20  # the old rule's level
-    # Eyes in their brows' shadow say nothing about the light on the mouth: the skin's rule stays.
-    shaded = encode_image(cv2.cvtColor(cv2.imread(str(MEDIA / "p10_small_face_large_frame_obama.jpg")), cv2.COLOR_BGR2RGB))
-    eye_top, highlight = _eyes_and_highlight(shaded)
-    assert eye_top < EYE_LIT * highlight
-    assert float(shaded.teeth_rgb @ LUMA) > eye_top + 30.0, (shaded.teeth_rgb, eye_top)
-
-
 def test_blink_closes_the_eyes(astro, cpu):
     c = rest_controls(astro, 2)
     c.blink[:] = [0.0, 1.0]
