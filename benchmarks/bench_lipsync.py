@@ -16,7 +16,7 @@ encode (blocked handing frames to x264 plus finishing the MP4). With stages in t
 overlap, so they sum to more than the wall time. A pass-through (the same decode and encode, no
 face work) of this tree is measured in the same rounds as the floor.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_lipsync.py [--runs 5] [--baseline main] [--clip MP4] [--audio WAV]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_lipsync.py [--runs 5] [--baseline main] [--clip MP4] [--audio WAV] [--soundtrack]
     PYTHONPATH=. .venv/bin/python benchmarks/bench_lipsync.py --runs 1 --long-s 60   # plus peak memory on a long clip
 """
 
@@ -158,8 +158,9 @@ def _job(tree: Path, video: Path, audio: Path, policy: str = "trim", mode: str =
     return json.loads(lines[-1])
 
 
-def make_clip(clip: Path, audio: Path, out: Path, size: tuple[int, int] = (1280, 720)) -> None:
-    """`clip` scaled to fit `size` (padded at the sides or top), looped to cover the audio, H.264 CRF 18, no audio."""
+def make_clip(clip: Path, audio: Path, out: Path, size: tuple[int, int] = (1280, 720), soundtrack: bool = False) -> None:
+    """`clip` scaled to fit `size` (padded at the sides or top), looped to cover the audio, H.264 CRF 18; no audio,
+    or with `soundtrack` its own (looped with it), as a filmed talker's clip comes."""
     import soundfile as sf
 
     from gpu_service.talking_head.video import ffmpeg_exe
@@ -169,8 +170,8 @@ def make_clip(clip: Path, audio: Path, out: Path, size: tuple[int, int] = (1280,
     vf = (f"scale={w}:{h}:force_original_aspect_ratio=decrease:flags=lanczos,"
           f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2,setsar=1")
     subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(clip),
-                    "-t", f"{seconds:.2f}", "-an", "-vf", vf, "-c:v", "libx264", "-preset", "fast", "-crf", "18",
-                    "-pix_fmt", "yuv420p", str(out)], check=True)
+                    "-t", f"{seconds:.2f}", *(["-c:a", "aac"] if soundtrack else ["-an"]), "-vf", vf,
+                    "-c:v", "libx264", "-preset", "fast", "-crf", "18", "-pix_fmt", "yuv420p", str(out)], check=True)
 
 
 def _baseline_tree(ref: str, root: Path) -> Path:
@@ -199,6 +200,8 @@ def main() -> None:
     ap.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
     ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO)
     ap.add_argument("--long-s", type=float, default=0.0, help="also measure peak memory on a clip this long (new code)")
+    ap.add_argument("--soundtrack", action="store_true",
+                    help="keep the clip's own audio: the shared silences and the speaker's own opening are then measured too")
     ap.add_argument("--worker", nargs=3)
     ap.add_argument("--passthrough", nargs=3)
     args = ap.parse_args()
@@ -211,12 +214,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_lipsync_"))
     clip = tmp / "clip720.mp4"
-    make_clip(args.clip, args.audio, clip)
+    make_clip(args.clip, args.audio, clip, soundtrack=args.soundtrack)
     trees = {"new": REPO}
     if args.baseline:
         trees = {"baseline": _baseline_tree(args.baseline, tmp), "new": REPO}
     load = os.getloadavg()[0]
-    print(f"machine: {os.cpu_count()} cores, load {load:.1f}; clip {args.clip.name} -> 1280x720, audio {args.audio.name}; "
+    print(f"machine: {os.cpu_count()} cores, load {load:.1f}; clip {args.clip.name} -> 1280x720"
+          f"{' with its soundtrack' if args.soundtrack else ''}, audio {args.audio.name}; "
           f"baseline {args.baseline or 'none'}; work dir {tmp}")
     results: dict[str, list[dict]] = {k: [] for k in trees}
     floor: list[dict] = []

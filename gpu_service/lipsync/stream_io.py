@@ -110,6 +110,10 @@ class VideoSource:
         """Every frame, first to last."""
         yield from self._frames()
 
+    def first(self, n_frames: int) -> Iterator[np.ndarray]:
+        """The first n_frames frames (fewer if the video is shorter); the decoder stops there."""
+        yield from self._frames(0.0, max(1, int(n_frames)))
+
     def backward(self, n_frames: int, first: int, last: int, chunk: int) -> Iterator[np.ndarray]:
         """Frames `last` down to `first` (inclusive), decoded `chunk` frames at a time from the end."""
         stop = last + 1

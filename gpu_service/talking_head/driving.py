@@ -879,11 +879,14 @@ def drive(
     head_motion: bool = True,
     avatar_key: str = "",
     lip_lead_s: float = _LIP_LEAD_S,
+    amplitude: float = 1.0,
 ) -> Controls:
     """Per-frame face controls for speech given as phoneme timings, audio, or both.
 
     `seed` and `avatar_key` (the avatar's id) draw the blinks, the gaze's fixations and the head's drift (motion_rng).
     `lip_lead_s` is how far the mouth runs ahead of the phoneme timings: lip_lead(the timings' source).
+    `amplitude` scales the opening for a speaker who opens wider (> 1) or less than the population's
+    SPEECH_OPEN (lip-sync reads it off the filmed person: lipsync/speaker.py); the jaw's speed cap still holds.
     """
     t0 = time.perf_counter()
     if not (np.isfinite(duration_s) and duration_s > 0):
@@ -935,7 +938,9 @@ def drive(
         stress, sealed = [], []
         mode = "idle"
 
-    opening = _limit_speed(np.clip(mouth[:, 0] * scale, 0.0, 1.0), _JAW_SPEED / fps, sealed)
+    if not (np.isfinite(amplitude) and 0.0 < amplitude <= 2.0):
+        raise ValidationFailed(f"amplitude must be within (0, 2], got {amplitude!r}")
+    opening = _limit_speed(np.clip(mouth[:, 0] * (scale * amplitude), 0.0, amplitude), _JAW_SPEED / fps, sealed)
     ctl.mouth_open[:] = opening * SPEECH_OPEN
     ctl.mouth_round[:] = np.clip(mouth[:, 1], 0.0, 1.0)
     ctl.mouth_spread[:] = np.clip(mouth[:, 2], 0.0, 1.0)

@@ -1,10 +1,10 @@
 """Landmark lip-sync engine: re-voices a video by re-rendering each frame's mouth with the talking head.
 
 Per output frame: track the face (smoothed mesh), encode that frame as a talking-head avatar
-(`encode_from_landmarks`), and render it with controls driven from the NEW speech. Because the
-renderer maps absolute controls onto each avatar's own rest state, a per-frame encoding makes
-mouth_open=0 mean "close this frame's mouth, however open it is": the source's mouth motion is
-replaced, not added to. The source's mouth width is neutralised the same way (see
+(`encode_from_landmarks`), and render it with controls driven from the NEW speech, opened as wide as
+this person opens when they talk (speaker.py). Because the renderer maps absolute controls onto each
+avatar's own rest state, a per-frame encoding makes mouth_open=0 mean "close this frame's mouth,
+however open it is": the source's mouth motion is replaced, not added to. The source's mouth width is neutralised the same way (see
 `_width_correction`). Head motion is the source's own (no synthetic head motion); eyes, brows and
 expression are left as filmed. Frames without a usable face pass through untouched and are counted.
 """
@@ -24,6 +24,7 @@ import numpy as np
 
 from gpu_service.engine import EngineHealth
 from gpu_service.errors import BadMedia
+from gpu_service.lipsync import speaker
 from gpu_service.lipsync.protocol import LipSyncJob, LipSyncResult
 from gpu_service.lipsync.mouth import inner_gap, refine_inner_lips
 from gpu_service.lipsync.silence import filmed_weights, source_speech, toward_filmed
@@ -85,10 +86,13 @@ _KEEP_SOURCE = ("smile", "brow", "eye_open", "blink", "gaze_x", "gaze_y", "head_
 
 
 def speech_controls(audio: np.ndarray, sample_rate: int, fps: float, n_frames: int,
-                    phonemes: Optional[list] = None, timing_source: Optional[str] = None) -> Controls:
-    """Mouth controls for n_frames of the new speech; every non-mouth control zero (the source keeps its own)."""
+                    phonemes: Optional[list] = None, timing_source: Optional[str] = None,
+                    amplitude: float = 1.0) -> Controls:
+    """Mouth controls for n_frames of the new speech; every non-mouth control zero (the source keeps its own).
+
+    `amplitude` is the filmed speaker's own opening over the population's (speaker.amplitude)."""
     ctl = drive(n_frames / float(fps), float(fps), phonemes=phonemes, audio=audio, sample_rate=sample_rate,
-                head_motion=False, lip_lead_s=lip_lead(timing_source))
+                head_motion=False, lip_lead_s=lip_lead(timing_source), amplitude=amplitude)
     if ctl.n_frames != n_frames:  # rounding of duration * fps: pad with rest or cut
         full = Controls.neutral(n_frames, float(fps))
         k = min(n_frames, ctl.n_frames)
@@ -295,7 +299,14 @@ class LandmarkLipSync:
         faces = _faces_on_first_frame(src, job.face_index)
         controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes, job.timing_source)
         heard = self._source_speech(job)
-        filmed = self._shared_silences(job, n_out, heard)
+        new_speech = speech_mask(job.audio, job.sample_rate, n_out, fps)
+        # The filmed person opens as wide as they do when they talk (speaker.py), not as the population does.
+        t_speaker = time.perf_counter()
+        gain = speaker.amplitude(speaker.speaking_gap(src, heard, faces, job.face_index), controls, new_speech)
+        speaker_ms = (time.perf_counter() - t_speaker) * 1000
+        if gain != 1.0:
+            controls = speech_controls(job.audio, job.sample_rate, fps, n_out, job.phonemes, job.timing_source, gain)
+        filmed = self._shared_silences(job, n_out, heard, new_speech)
         stats = _new_stats()
         t_drive = time.perf_counter()
         w, h = src.size
@@ -309,15 +320,17 @@ class LandmarkLipSync:
         if stats["frames_without_face"] == n:
             raise BadMedia(_why_no_face(src, n))
         if n < n_out:  # trim with a source shorter than probed: re-encode the audio to the frames we have
-            mp4, facts = self._reencode_short(job, src, n, stats, faces, heard)
+            mp4, facts = self._reencode_short(job, src, n, stats, faces, heard, gain)
         total = (time.perf_counter() - started) * 1000
         # Stages overlap (threads): each is the wall time of its own thread, and they can sum to more than the total.
-        timings = {"drive": (t_drive - started) * 1000, "decode": stats["decode_ms"], "track": stats["track_ms"],
+        # "drive" includes "speaker" (the filmed person's own opening, measured before the main pass).
+        timings = {"drive": (t_drive - started) * 1000, "speaker": speaker_ms, "decode": stats["decode_ms"],
+                   "track": stats["track_ms"],
                    "encode_face": stats["encode_ms"], "render": stats["render_ms"], "encode": facts["encode_ms"],
                    "total": total}
         log.info("lipsync done", extra={"frames": n, "no_face": stats["frames_without_face"], "fps": fps,
                                         "as_filmed": stats["frames_as_filmed"], "policy": job.length_policy,
-                                        "ms": round(total)})
+                                        "speaker_amplitude": round(gain, 3), "ms": round(total)})
         return LipSyncResult(
             mp4=mp4, frames=n, frames_without_face=stats["frames_without_face"], fps=fps, width=w, height=h,
             duration_s=n / fps, source_frames=min(n, src.estimated_frames()) if job.length_policy == "trim" else src.estimated_frames(),
@@ -327,31 +340,31 @@ class LandmarkLipSync:
 
     @staticmethod
     def _source_speech(job: LipSyncJob) -> Optional[np.ndarray]:
-        """Which source frames hear speech on its own soundtrack (silence.source_speech), decoded once per job;
-        None when the job renders every frame (silence=rendered) or the soundtrack cannot tell."""
-        if job.silence != "filmed":
-            return None
+        """Which source frames hear speech on its own soundtrack (silence.source_speech), decoded once per job
+        (for the shared silences and the speaker's own opening); None when the soundtrack cannot tell."""
         return source_speech(job.video, max(job.video.estimated_frames(), 1))
 
     @staticmethod
-    def _shared_silences(job: LipSyncJob, n_out: int, heard: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    def _shared_silences(job: LipSyncJob, n_out: int, heard: Optional[np.ndarray],
+                         new_speech: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
         """Per output frame, the share of the filmed mouth kept (silence.filmed_weights); None to render every frame.
 
-        `heard` is _source_speech(job).
+        `heard` is _source_speech(job), `new_speech` speech_mask of the job's audio over the n_out frames.
         """
         if job.silence != "filmed":
             return None
         src, fps = job.video, float(job.video.fps)
         n_source = max(src.estimated_frames(), 1)
-        return filmed_weights(speech_mask(job.audio, job.sample_rate, n_out, fps), heard,
-                              n_out, n_source, job.length_policy, fps)
+        if new_speech is None:
+            new_speech = speech_mask(job.audio, job.sample_rate, n_out, fps)
+        return filmed_weights(new_speech, heard, n_out, n_source, job.length_policy, fps)
 
     def _reencode_short(self, job: LipSyncJob, src: VideoSource, n: int, stats: dict, faces: int,
-                        heard: Optional[np.ndarray]) -> tuple[bytes, dict]:
+                        heard: Optional[np.ndarray], gain: float = 1.0) -> tuple[bytes, dict]:
         """Redo a job whose source turned out shorter than probed, with the audio cut to its n frames
-        (`heard`: _source_speech(job), not decoded again)."""
+        (`heard`: _source_speech(job), not decoded again; `gain`: the speaker's amplitude, not measured again)."""
         fps = float(src.fps)
-        controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes, job.timing_source)
+        controls = speech_controls(job.audio, job.sample_rate, fps, n, job.phonemes, job.timing_source, gain)
         stats.update(_new_stats())
         frames = self.revoice_frames(src, controls, "trim", stats, faces, job.face_index,
                                      self._shared_silences(job, n, heard))
