@@ -42,6 +42,9 @@ SAMPLES = 16
 """Source frames tracked for the estimate, at most."""
 STEP = 3
 """Every STEP-th speaking frame is sampled (neighbouring frames say almost the same)."""
+WINDOW_S = 10.0
+"""Only speaking frames within the source's first WINDOW_S seconds are sampled: the frames before the
+last one sampled are decoded once more, and a long clip whose person starts speaking late must not be."""
 MIN_SAMPLES = 6
 """Fewer speaking frames with a face than this: no estimate, amplitude 1."""
 SHRINK = 0.5
@@ -53,13 +56,15 @@ FRONTAL_MAX_GAP = 0.22
 
 
 def speaking_gap(src: VideoSource, heard: Optional[np.ndarray], faces: int = 1, face_index: int = 0) -> Optional[float]:
-    """p95 of the source's own inner-lip gap (face heights) over sampled frames its soundtrack speaks in; None without enough.
+    """p95 of the source's own inner-lip gap (face heights) over sampled frames its soundtrack speaks in (in its
+    first WINDOW_S); None without enough.
 
     `heard` is silence.source_speech's per-source-frame mask (None: the soundtrack cannot tell).
     """
     if heard is None:
         return None
-    picked = np.flatnonzero(heard)[::STEP][:SAMPLES]
+    window = int(round(WINDOW_S * float(src.fps)))
+    picked = np.flatnonzero(np.asarray(heard, bool)[:window])[::STEP][:SAMPLES]
     if len(picked) < MIN_SAMPLES:
         return None
     want = set(int(i) for i in picked)

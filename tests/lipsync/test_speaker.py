@@ -46,6 +46,10 @@ def test_the_speakers_own_opening_is_read_off_the_frames_he_speaks_in(clip):
     few[np.flatnonzero(heard)[:speaker.STEP * (speaker.MIN_SAMPLES - 1)]] = True
     assert speaker.speaking_gap(src, few) is None
     assert speaker.speaking_gap(src, None) is None
+    # Speech only after the window (a long clip whose person starts late): not decoded for, no estimate.
+    late = np.zeros(int(speaker.WINDOW_S * float(src.fps)) + 200, bool)
+    late[-150:] = True
+    assert speaker.speaking_gap(src, late) is None
 
 
 def test_a_wide_opener_gets_a_wider_mouth_within_bounds(clip):
