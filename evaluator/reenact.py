@@ -14,8 +14,9 @@ own landmark model, as the JSON says; ``--judge dlib`` for one the renderer does
 A clip compared with itself scores amp 1, r 1, lmd 0; a still mouth scores amp ~0 and r ~0 and
 its lmd is ``lmd_still``; the open mouth's interior is compared down its midline
 (``interior_over_flat``: below 1 it has the real interior's layout of teeth and throat). Per clip:
-``<clip>/reenact.json``, ``<clip>/contact_sheet.png`` and the outputs; for the run: ``reenact_summary.json`` and ``reenact_summary.md``. ``--gate`` applies
-the ``reenact`` section of evaluator/config/quality_gate.yaml and exits 1 on a miss.
+``<clip>/reenact.json``, ``<clip>/contact_sheet.png`` and the outputs; for the run:
+``reenact_summary.json`` and ``reenact_summary.md``. ``--gate`` applies the ``reenact`` section of
+evaluator/config/quality_gate.yaml and exits 1 on a miss.
 """
 
 from __future__ import annotations

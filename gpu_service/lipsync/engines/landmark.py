@@ -5,8 +5,9 @@ Per output frame: track the face (smoothed mesh), encode that frame as a talking
 this person opens when they talk (speaker.py). Because the renderer maps absolute controls onto each
 avatar's own rest state, a per-frame encoding makes mouth_open=0 mean "close this frame's mouth,
 however open it is": the source's mouth motion is replaced, not added to. The source's mouth width
-is neutralised the same way (see `_width_correction`). Head motion is the source's own (no synthetic head motion); eyes, brows and
-expression are left as filmed. Frames without a usable face pass through untouched and are counted.
+is neutralised the same way (see `_width_correction`). Head motion is the source's own (no synthetic
+head motion); eyes, brows and expression are left as filmed. Frames without a usable face pass
+through untouched and are counted.
 """
 
 from __future__ import annotations
