@@ -27,7 +27,7 @@ from gpu_service.talking_head import landmarks as L
 from gpu_service.talking_head.controls import SPEECH_OPEN
 from gpu_service.talking_head.portrait import decode_rgb
 
-ENCODING_VERSION = 18
+ENCODING_VERSION = 20
 """Bumped whenever the encoding or its npz layout changes (10: transparent portraits composited on a background,
 faces outside WORK_FACE_MIN..MAX animated at a working resolution and pasted back; 11: gaze fields and the
 eye width; 12: a mouth interior of deeper, redder shadows, teeth no brighter than a dim face allows, the
@@ -35,10 +35,23 @@ rounder jaw field and the lips' seam map; 13: a blink's lid keeps the skin's gra
 the portrait's own lashes; a 3/4 turn's full widest opening; 14: the lid as light as the skin around the
 eye; 15: the face mask swept by the jaw's share of the widest opening, now less than 0.85 of it, see
 UPPER_LIP_SHARE; 16: a black-and-white photo's shut lids grey, not flushed pink, see lid_flush; 17: a shut lid
-one colour per eye with the skin's grain copied whole, see LID_GRAIN_BOUND); older caches are re-encoded."""
+one colour per eye with the skin's grain copied whole, see LID_GRAIN_BOUND; 18: a shut lid lit across the eye
+as the skin below it; 19: a reverted teeth bound, whose caches must not load; 20: the interior's edge reaches
+over a portrait's parting lips, see EDGE_OVERLAP); older caches are re-encoded."""
 MODES = ("jaw", "upper", "spread", "smile", "tuck", "blink_l", "blink_r", "brow", "gaze_x", "gaze_y")
 BLINK_SKIN_SHARE = 0.3
 """Share of a blink's lid travel done by warping the skin; the rest is the drawn lid (see shading.shade_eyes)."""
+EDGE_OVERLAP = 0.35
+"""How far a portrait's drawn interior straddles its lips as they part (FaceGeometry.edge_overlap, in shares of
+the interior's edge width). At 0 the edge ramp started just inside both lips, so its middle sat half a ramp
+(1.1-1.9 px on the kit's GRID faces) inside each: a 5-9 px conversational opening showed mostly lip colour
+smeared inwards and hid the lower teeth. 0.5 centres the ramp on the lips, as a blurred photo's edge is, but
+moves the lips' darker inner margin into the first rows of teeth (test_an_opened_closed_mouth_has_no_dark_ring,
+p01 wide open: 14.6 grey levels, the bound 13); 0.35 reads at most 12.6 on p01, p05 and p06 and keeps most
+of the gain (head amp 0.78/0.88/0.84 -> 0.85/0.89/0.93 on v01-v03 with the teeth changes of that round,
+shading.LOWER_SHARE and TEETH_LIT_SHUT; test_a_narrow_opening_shows_its_interior_across_its_height).
+Lip-sync's frames keep 0: their lips are the filmed ones, and there (at 0.5) it brought the re-voiced mouth
+further from the real one (r 0.75/0.82/0.90 -> 0.67/0.79/0.87)."""
 UPPER_LIP_SHARE = 0.3
 """Share of a conversational opening (past the rest gap, at the midline) taken by the upper lip rising; the jaw takes the rest.
 
@@ -161,6 +174,9 @@ class FaceGeometry:
     """Luminance of the portrait's own darkest (pupils, lashes): no pixel of the interior is darker."""
     eye_width: float = 0.0
     """Mean corner-to-corner width of the eyes along the eye line: the gaze controls are in these units."""
+    edge_overlap: float = 0.0
+    """How far the drawn interior's edge reaches over the lips as they part, in shares of its width
+    (shading.mouth_alpha): EDGE_OVERLAP for a portrait, 0 for lip-sync's filmed frames."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -815,7 +831,8 @@ MOUTH_MODES = ("jaw", "upper", "spread", "tuck")
 
 
 def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, follow_gap: bool = False, *,
-                          mouth_only: bool = False, appearance: Optional[Appearance] = None) -> Encoding:
+                          mouth_only: bool = False, appearance: Optional[Appearance] = None,
+                          edge_overlap: Optional[float] = None) -> Encoding:
     """Build the encoding of `image` for face landmarks `lm` (478x2), e.g. for one video frame.
 
     `seam` is where the jaw's pixels begin, as a fraction of the inner-lip gap down from the upper
@@ -829,6 +846,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
     and brow fields are zero, so is the head mask (the head moves as filmed), and the eye patch is
     an empty 1x1, so blinks draw no lid on such an encoding. `appearance` (measure_appearance of
     this or a recent frame) is used instead of measuring the interior's colours and texture again.
+    `edge_overlap` is FaceGeometry.edge_overlap (EDGE_OVERLAP unless given; lip-sync gives 0).
     """
     image = np.ascontiguousarray(image, dtype=np.uint8)
     lm = np.asarray(lm, np.float32)
@@ -1152,7 +1170,7 @@ def encode_from_landmarks(image: np.ndarray, lm: np.ndarray, seam: float = 0.5, 
             mouth_u=u_mid, yaw=yaw, frontal=frontal, landmark_mouth_half_width=hw_lm,
             teeth_mid_u=float(np.clip(uv[L.INNER_UPPER_MID[0], 0], c_left + 0.3 * hw_m, c_right - 0.3 * hw_m)),
             grain=grain, blur=blur, dark_floor=dark_floor,
-            eye_width=eye_width,
+            eye_width=eye_width, edge_overlap=EDGE_OVERLAP if edge_overlap is None else edge_overlap,
         ),
         patch_mask=np.ascontiguousarray(face[py0 - sy0:py1 - sy0, px0 - sx0:px1 - sx0], dtype=np.float32),
         eye_patch=eye_patch,

@@ -244,17 +244,43 @@ def lip_depths(xs, ys, side, enc: Encoding, lay: MouthLayout, w, lut: Callable, 
 def mouth_alpha(below_up, above_lo, enc: Encoding, clamp: Callable, mask=None):
     """Opacity of the drawn interior: inside both inner lips (past the portrait's own teeth), edges as soft as the portrait's.
 
-    `mask` (the encoding's patch_mask) keeps it inside the face.
+    `mask` (the encoding's patch_mask) keeps it inside the face. Shut, nothing is drawn: the ramp starts
+    just inside both lips. Opening, it moves out to straddle them by up to the geometry's edge_overlap of
+    its width (half the local opening past the rest gap at most), so a narrow opening shows its interior
+    across its whole height instead of its lips' colour smeared over it.
     """
-    own = enc.geometry.own_teeth
+    geo = enc.geometry
+    own = geo.own_teeth
     e0 = own + 0.1
-    e1 = e0 + _soft(2.0, enc.geometry.blur)
+    width = _soft(2.0, geo.blur)
+    e1 = e0 + width
+    if geo.edge_overlap > 0.0 and own <= 0.0:
+        # As the lips part past their rest gap, the edge slides out to straddle them, as a blurred photo's
+        # edge does (EDGE_OVERLAP). Not next to a portrait's own teeth: they, not the lips, border the drawing.
+        reach = clamp(0.5 * (below_up + above_lo - geo.rest_gap), 0.0, geo.edge_overlap * width)
+        below_up, above_lo = below_up + reach, above_lo + reach
     alpha = smooth01(e0, e1, below_up, clamp) * smooth01(e0, e1, above_lo, clamp)
     return alpha if mask is None else alpha * mask
 
 
 LOWER_SHOW = 0.045
-"""How far the lower teeth's top rises above the lower lip at the widest opening, in face heights."""
+"""How far the lower teeth's top rises above the lower lip at most, in face heights."""
+LOWER_SHARE = 0.3
+"""The share of the opening that the lower teeth show above the lower lip (up to LOWER_SHOW): in speech the jaw
+drops less than the lips part, so both rows of teeth fill most of a conversational opening with a dark band
+between them, as the kit's three GRID talkers show at every opening: down the midline, upper teeth, a dark
+band, lower teeth (evaluator reenact's interior profile). At 0.2 of the opening, ramped in only past 0.12 of
+the widest, the lower teeth barely showed and a conversational opening was upper teeth over a dark throat."""
+TEETH_LIT_SHUT = 0.6
+"""The share of its light a tooth gets in a mouth just parted: the light reaches the teeth through the opening
+and under the upper lip, so they brighten as it widens, fully lit at TEETH_LIT_OPEN of the face height. The
+kit's GRID talkers' teeth at 0.035 face heights are 0.85-0.9 as bright as at 0.06 (v01, v03), and v02's do
+not show at all; ours, as bright at every opening, made the heads' interiors further from the real ones than
+one flat colour (interior_over_flat 1.46/1.58 on v02/v03; 0.98/1.01 with this and LOWER_SHARE)."""
+TEETH_LIT_OPEN = 0.12
+"""The opening, in face heights, from which the teeth are fully lit (see TEETH_LIT_SHUT)."""
+LIP_SHADOW = 0.3
+"""How much darker the upper teeth are just under the upper lip (its shadow, over an eighth of the gap)."""
 
 
 def seam_shift(below_up, above_lo, side, gap, enc: Encoding, clamp: Callable, opening: bool = True, closing: bool = True):
@@ -330,16 +356,14 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
     `gap` and `drop` the jaw's motion (jaw_motion); `lay` may be a window of the patch.
     """
     geo = enc.geometry
-    g_max, fh = geo.max_gap, geo.face_height
+    fh = geo.face_height
     gap = gap + geo.rest_gap
-    opened = clamp(gap * (1.0 / g_max), 0.0, 1.0)
     ew = _soft(1.0, geo.blur)
     own = geo.own_teeth > 0.0  # the portrait's own teeth move with its lips: none are drawn
     # The lower teeth ride on the jaw; their top rises above the lower lip as the jaw drops (the lip is
     # drawn down off them). The tongue's back shows above them, more as the mouth opens. A portrait's
     # own lower teeth end where the lips met at rest, moved down with the jaw.
-    # (At most a fifth of the opening: a turned face's small opening is not filled with teeth.)
-    show = clamp(0.2 * gap, 0.0, LOWER_SHOW * fh) * smooth01(0.12, 0.75, opened, clamp)
+    show = clamp(LOWER_SHARE * gap, 0.0, LOWER_SHOW * fh)
     teeth_top = drop if own else drop - show  # below the rest contact line
     on_jaw = lay.below_contact - teeth_top  # > 0 below the lower teeth's top
     tongue_h = clamp(0.4 * gap - 0.01 * fh, 0.0, 0.06 * fh) * lay.dome  # none while the mouth barely parts
@@ -353,11 +377,18 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
     # the tongue catch the light coming in over the lower lip.
     deep = (lay.throat * clamp(below_up * (1.0 / (0.3 * gap + 1.0)), 0.0, 1.0)
             * clamp(above_lo * (1.0 / (0.7 * gap + 1.0)), 0.0, 1.0))
-    lip_shadow = 1.0 - 0.3 * (1.0 - smooth01(0.0, 0.125 * gap + 0.5, below_up, clamp))
+    lip_shadow = 1.0 - LIP_SHADOW * (1.0 - smooth01(0.0, 0.125 * gap + 0.5, below_up, clamp))
+    # Teeth in a narrow opening are in the lips' shadow (TEETH_LIT_SHUT): dimmer, and what light still reaches them
+    # has bounced inside the mouth, so their hue moves towards the cavity's by the share they lose (at half that
+    # move p05's shadowed teeth went grey-green against her warm skin).
+    shut = 1.0 - (TEETH_LIT_SHUT + (1.0 - TEETH_LIT_SHUT) * smooth01(0.0, TEETH_LIT_OPEN * fh, gap, clamp))
     if not own:
         lower = lay.lower_cover * smooth01(0.0, ew, on_jaw - lay.lower_notch, clamp)
         upper = lay.upper_cover
     cavity, back, _ = (tuple(float(x) for x in row) for row in enc.palette)
+    # Per channel, the bounced light's colour over the teeth's (as in mouth_layout's shaded teeth).
+    warm = np.asarray(cavity, np.float32) * (float(np.dot(enc.teeth_rgb, LUMA)) / max(float(np.dot(cavity, LUMA)), 1.0))
+    warm = [float(x) for x in warm / np.maximum(np.asarray(enc.teeth_rgb, np.float32), 1.0) - 1.0]
     # The floor keeps the throat's hue: each channel stops where the throat colour has the floor's luminance.
     low = [c * geo.dark_floor / max(float(np.dot(back, LUMA)), 1.0) for c in back]
     # Grain is fainter in the dark, as a photo's noise and a painting's cracks are.
@@ -367,8 +398,9 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
         col = cavity[ch] + (back[ch] - cavity[ch]) * deep
         col = col + (back[ch] + (lay.tongue_rgb[ch] - back[ch]) * tongue_shade - col) * tongue
         if not own:
-            col = col + (lay.lower_rgb[ch] - col) * lower
-            col = col + (lay.upper_rgb[ch] * lip_shadow - col) * upper
+            lit = (1.0 - shut) * (1.0 + warm[ch] * shut)
+            col = col + (lay.lower_rgb[ch] * lit - col) * lower
+            col = col + (lay.upper_rgb[ch] * (lip_shadow * lit) - col) * upper
         rgb.append(clamp(col + lay.grain * (g_dark + g_rate * col), low[ch], 255.0))
     return rgb
 

@@ -51,7 +51,7 @@ def _reference_frames(src, controls) -> tuple[list[np.ndarray], list[np.ndarray]
             ctl = controls.slice(i, i + 1)
             closing = closes(prev, ctl, inner_gap(lm))
             enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing,
-                                        appearance=teeth.dress(measure_appearance(frame, lm)))
+                                        appearance=teeth.dress(measure_appearance(frame, lm)), edge_overlap=0.0)
             prev = enc
             teeth.see(enc)
             c = _width_correction(enc, ctl, widths.update(enc))

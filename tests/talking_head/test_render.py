@@ -12,7 +12,7 @@ from skimage.metrics import structural_similarity
 
 from gpu_service.speech.protocol import SpeechRequest
 from gpu_service.talking_head import landmarks as L
-from gpu_service.talking_head.controls import Controls
+from gpu_service.talking_head.controls import SPEECH_OPEN, Controls
 from gpu_service.talking_head.encoding import Encoding, encode_from_landmarks, encode_image, find_landmarks
 from gpu_service.talking_head.renderer import Renderer, mode_weights
 from gpu_service.talking_head.shading import lip_depths, mouth_alpha, mouth_layout, seam_depth
@@ -283,6 +283,50 @@ def test_an_opened_closed_mouth_shows_teeth_tongue_and_a_shaded_throat(closed, c
             teeth = r["lower"] & (lum > (throat + upper) / 2) & (sat < np.median(sat[r["upper"] & (lum > (throat + upper) / 2)]) + 0.1)
             columns = r["lower"].any(0).sum()
             assert teeth.sum() / columns > 0.007 * fh, (name, teeth.sum() / columns / fh)
+
+
+
+def lower_teeth_height(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> float:
+    """Mean height (face heights) of teeth-bright, teeth-pale pixels in the lower half of the opening, per column across its middle."""
+    lum = frame.astype(np.float32) @ LUMA
+    sat = (frame.max(-1).astype(np.float32) - frame.min(-1)) / np.maximum(frame.max(-1), 1)
+    r = interior_regions(enc, frame, weights)
+    throat, upper = float(np.median(lum[r["throat"]])), float(np.percentile(lum[r["upper"]], 90))
+    lit = lum > (throat + upper) / 2
+    teeth = r["lower"] & lit & (sat < np.median(sat[r["upper"] & lit]) + 0.1)
+    return float(teeth.sum() / r["lower"].any(0).sum() / enc.geometry.face_height)
+
+
+def test_a_conversational_opening_shows_both_rows_of_teeth(closed, cpu):
+    # In speech the jaw drops less than the lips part: the kit's GRID talkers show upper teeth, a dark band
+    # and lower teeth down every opening (shading.LOWER_SHARE). Drawn at 0.2 of the opening and ramped in only
+    # past 0.12 of the widest, no lower tooth showed at the widest conversational opening (0.000 on all three;
+    # 0.0014-0.0142 face heights now; the darker skin's dimmer teeth are the least).
+    c = Controls.neutral(1, 25.0)
+    c.mouth_open[:] = [SPEECH_OPEN]
+    for name, enc in closed.items():
+        frame, w = cpu.render(enc, c, head_motion=False)[0], mode_weights(enc, c)[0]
+        assert lower_teeth_height(enc, frame, w) > 0.001, (name, lower_teeth_height(enc, frame, w))
+
+
+def test_a_narrow_opening_shows_its_interior_across_its_height(closed):
+    # The interior's soft edge straddles the parting lips (encoding.EDGE_OVERLAP) instead of starting inside
+    # both: a narrow opening is not its lips' colour smeared inwards. Across the middle of the mouth, at 0.4 and
+    # 0.6 of the widest conversational opening (4.6-10.3 px here), the drawn interior (at least half opaque)
+    # spans on average 0.76-0.87 of the renderer's own inner-lip gap; 0.37-0.68 with the edge inside both lips.
+    for name, enc in closed.items():
+        shares = []
+        for opening in (0.4, 0.6):
+            c = Controls.neutral(1, 25.0)
+            c.mouth_open[:] = [opening * SPEECH_OPEN]
+            w = mode_weights(enc, c)[0]
+            drawn, poly = drawn_interior(enc, w, 0.5), inner_lip_polygon(enc, w)
+            k = len(poly) // 2
+            for i in range(k // 2 - 3, k // 2 + 4):  # the middle columns: upper point i, lower point mirrored
+                up, lo = poly[i], poly[len(poly) - 1 - i]
+                gap = float(lo[1] - up[1]) - 3.0  # the polygon sits 1.5 px into each lip
+                shares.append(drawn[:, int(round((up[0] + lo[0]) / 2))].sum() / gap)
+        assert np.mean(shares) > 0.72, (name, np.mean(shares))
 
 
 def opened_columns(enc: Encoding, frame: np.ndarray, weights: np.ndarray, min_rows: int):

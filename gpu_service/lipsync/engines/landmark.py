@@ -245,15 +245,16 @@ class LandmarkLipSync:
                 try:
                     if keep > 0.0:  # this frame's own opening, read off the last encoding (or, first, its own)
                         like = prev if prev is not None else encode_from_landmarks(frame, lm, mouth_only=True,
-                                                                                   appearance=look)
+                                                                                   appearance=look, edge_overlap=0.0)
                         ctl = toward_filmed(ctl, replace(like, geometry=replace(like.geometry, rest_gap=gap)), keep)
                     # Closing this frame's mouth needs the low seam and per-column closing (CLOSE_SEAM); opening
                     # it keeps the midline, where the drawn upper teeth belong to the upper lip's side.
                     closing = closes(prev, ctl, gap)
                     # Eyes, brows and smile stay as filmed: only the mouth's fields are built, over the window
                     # they reach (same fields, a fraction of the work).
+                    # The filmed lips keep their own edge (encoding.EDGE_OVERLAP: 0 here).
                     enc = encode_from_landmarks(frame, lm, seam=CLOSE_SEAM if closing else 0.5, follow_gap=closing,
-                                                mouth_only=True, appearance=teeth.dress(look))
+                                                mouth_only=True, appearance=teeth.dress(look), edge_overlap=0.0)
                 except BadMedia:  # face too small to animate: leave it as filmed
                     stats["frames_without_face"] += 1
                     yield frame, None, None, 0.0, 0.0
