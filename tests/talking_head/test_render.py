@@ -253,6 +253,17 @@ def drawn_interior(enc: Encoding, weights: np.ndarray, opacity: float = 0.99) ->
     return out
 
 
+def lower_teeth_height(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> float:
+    """Mean height (face heights) of teeth-bright, teeth-pale pixels in the lower half of the opening, per column across its middle."""
+    lum = frame.astype(np.float32) @ LUMA
+    sat = (frame.max(-1).astype(np.float32) - frame.min(-1)) / np.maximum(frame.max(-1), 1)
+    r = interior_regions(enc, frame, weights)
+    throat, upper = float(np.median(lum[r["throat"]])), float(np.percentile(lum[r["upper"]], 90))
+    lit = lum > (throat + upper) / 2
+    teeth = r["lower"] & lit & (sat < np.median(sat[r["upper"] & lit]) + 0.1)
+    return float(teeth.sum() / r["lower"].any(0).sum() / enc.geometry.face_height)
+
+
 @pytest.mark.parametrize("name", list(CLOSED_MOUTHS))
 def test_an_opened_closed_mouth_shows_teeth_tongue_and_a_shaded_throat(closed, cpu, name):
     enc = closed[name]
@@ -261,12 +272,10 @@ def test_an_opened_closed_mouth_shows_teeth_tongue_and_a_shaded_throat(closed, c
     c.mouth_open[:] = [0.5, 1.0]  # a mid opening and a wide-open vowel
     weights = mode_weights(enc, c)
     frames = cpu.render(enc, c, head_motion=False)
-    fh = enc.geometry.face_height
     for frame, w, opening in zip(frames, weights, c.mouth_open):
         lum = frame.astype(np.float32) @ LUMA
-        sat = (frame.max(-1).astype(np.float32) - frame.min(-1)) / np.maximum(frame.max(-1), 1)
         r = interior_regions(enc, frame, w)
-        throat, upper = float(np.median(lum[r["throat"]])), float(np.percentile(lum[r["upper"]], 90))
+        throat = float(np.median(lum[r["throat"]]))
         # Not a flat hole: the opening spans dark throat to lit teeth, and the throat carries grain.
         inside = lum[r["all"]]
         assert np.percentile(inside, 90) - np.percentile(inside, 10) > 30, (name, opening)
@@ -280,21 +289,7 @@ def test_an_opened_closed_mouth_shows_teeth_tongue_and_a_shaded_throat(closed, c
             assert grain_level(lum, r["throat"]) > 0.4, name
             # Lower teeth show above the lower lip: teeth-bright, teeth-pale pixels low in the opening,
             # over 0.7 % of the face height on average across its middle (a thin line along the lip is not teeth).
-            teeth = r["lower"] & (lum > (throat + upper) / 2) & (sat < np.median(sat[r["upper"] & (lum > (throat + upper) / 2)]) + 0.1)
-            columns = r["lower"].any(0).sum()
-            assert teeth.sum() / columns > 0.007 * fh, (name, teeth.sum() / columns / fh)
-
-
-
-def lower_teeth_height(enc: Encoding, frame: np.ndarray, weights: np.ndarray) -> float:
-    """Mean height (face heights) of teeth-bright, teeth-pale pixels in the lower half of the opening, per column across its middle."""
-    lum = frame.astype(np.float32) @ LUMA
-    sat = (frame.max(-1).astype(np.float32) - frame.min(-1)) / np.maximum(frame.max(-1), 1)
-    r = interior_regions(enc, frame, weights)
-    throat, upper = float(np.median(lum[r["throat"]])), float(np.percentile(lum[r["upper"]], 90))
-    lit = lum > (throat + upper) / 2
-    teeth = r["lower"] & lit & (sat < np.median(sat[r["upper"] & lit]) + 0.1)
-    return float(teeth.sum() / r["lower"].any(0).sum() / enc.geometry.face_height)
+            assert lower_teeth_height(enc, frame, w) > 0.007, (name, lower_teeth_height(enc, frame, w))
 
 
 def test_a_conversational_opening_shows_both_rows_of_teeth(closed, cpu):
