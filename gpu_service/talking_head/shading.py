@@ -114,6 +114,13 @@ TEETH_BOUNCE = 0.5
 """How far a fully shadowed tooth takes the cavity's hue (scaled by how dark it is): light bounced inside the mouth."""
 
 
+def bounce_colour(enc: Encoding) -> np.ndarray:
+    """(3,) the light bounced inside the mouth as it falls on the teeth: the cavity's hue at the drawn teeth's luminance."""
+    cavity = np.asarray(enc.palette[0], np.float32)
+    teeth = np.asarray(enc.teeth_rgb, np.float32)
+    return cavity * (float(teeth @ LUMA) / max(float(cavity @ LUMA), 1.0))
+
+
 def mouth_layout(enc: Encoding) -> MouthLayout:
     """The interior's per-pixel layout of an encoding's mouth patch (NumPy; see MouthLayout)."""
     geo = enc.geometry
@@ -174,8 +181,7 @@ def mouth_layout(enc: Encoding) -> MouthLayout:
     # Teeth in shadow are lit by the mouth around them: the light bounced off the cheeks and tongue
     # warms them towards the cavity's hue as they darken (scaled teeth alone went a cold grey that read
     # bluish against a warm face and interior: p05, p07).
-    cavity = np.asarray(enc.palette[0], np.float32)[:, None, None]
-    bounce = cavity * (float(teeth[:, 0, 0] @ LUMA) / max(float(cavity[:, 0, 0] @ LUMA), 1.0))
+    bounce = bounce_colour(enc)[:, None, None]
 
     def shaded(light: np.ndarray) -> np.ndarray:
         return (teeth + (bounce - teeth) * (TEETH_BOUNCE * (1.0 - light))[None]) * light[None]
@@ -386,9 +392,8 @@ def mouth_colour(lay: MouthLayout, below_up, above_lo, gap, drop, enc: Encoding,
         lower = lay.lower_cover * smooth01(0.0, ew, on_jaw - lay.lower_notch, clamp)
         upper = lay.upper_cover
     cavity, back, _ = (tuple(float(x) for x in row) for row in enc.palette)
-    # Per channel, the bounced light's colour over the teeth's (as in mouth_layout's shaded teeth).
-    warm = np.asarray(cavity, np.float32) * (float(np.dot(enc.teeth_rgb, LUMA)) / max(float(np.dot(cavity, LUMA)), 1.0))
-    warm = [float(x) for x in warm / np.maximum(np.asarray(enc.teeth_rgb, np.float32), 1.0) - 1.0]
+    # Per channel, the bounced light's colour over the teeth's, less one (as in mouth_layout's shaded teeth).
+    warm = [float(x) for x in bounce_colour(enc) / np.maximum(np.asarray(enc.teeth_rgb, np.float32), 1.0) - 1.0]
     # The floor keeps the throat's hue: each channel stops where the throat colour has the floor's luminance.
     low = [c * geo.dark_floor / max(float(np.dot(back, LUMA)), 1.0) for c in back]
     # Grain is fainter in the dark, as a photo's noise and a painting's cracks are.
